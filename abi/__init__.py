@@ -1,0 +1,57 @@
+"""sluice's proxy-wasm host on wasmtime.
+
+Public API (the only names `proxy` and tests import)::
+
+    runtime = Runtime(cache_dir=Path(".sluice-cache"))       # one per process
+    module = runtime.compile(path)        # CompiledModule; safe to run in a worker thread
+    plugin = runtime.load(spec, host, module=module)           # VM + root context, vm_start, configure
+    stream = plugin.new_stream(StreamInfo(...), callbacks)     # one per HTTP request
+    stream.request_headers(headers, end_of_stream) -> FilterStatus
+    ...
+    stream.complete()
+    plugin.retire()                       # stop ticks; VM released when its last stream completes
+
+`runtime.load` raises `PluginLoadError` (file + reason) when the module is not wasm, has no ABI
+marker, fails to instantiate, or `proxy_on_vm_start` / `proxy_on_configure` reject it.
+Nothing raised inside wasm ever escapes a stream method: traps, deadlines and `proc_exit` apply
+the plugin's failure policy instead.
+"""
+
+from .api import (
+    CallResponse,
+    Cancellable,
+    Host,
+    LocalReply,
+    PluginLoadError,
+    PluginSpec,
+    StreamCallbacks,
+    StreamInfo,
+)
+from .headers import HeaderMap
+from .plugin import HttpStream, Plugin, PluginStats
+from .runtime import CompiledModule, Runtime
+from .shared import InMemorySharedData, SharedData
+from .types import FailurePolicy, FilterStatus, LogLevel, MetricType
+
+__all__ = [
+    "CallResponse",
+    "Cancellable",
+    "CompiledModule",
+    "FailurePolicy",
+    "FilterStatus",
+    "HeaderMap",
+    "Host",
+    "HttpStream",
+    "InMemorySharedData",
+    "LocalReply",
+    "LogLevel",
+    "MetricType",
+    "Plugin",
+    "PluginLoadError",
+    "PluginSpec",
+    "PluginStats",
+    "Runtime",
+    "SharedData",
+    "StreamCallbacks",
+    "StreamInfo",
+]

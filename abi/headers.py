@@ -1,0 +1,164 @@
+"""`HeaderMap`, the one header representation shared by the host and the proxy, and the
+proxy-wasm "pairs" wire format (reference section 4.1).
+
+Names are stored lower-case (Envoy's `LowerCaseString`); HTTP/2-style pseudo-headers
+(`:method`, `:path`, `:authority`, `:scheme`, `:status`) come first. Values are `str`; bytes that
+are not UTF-8 survive a round trip through ``surrogateescape``.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterable, Iterator
+
+MAX_PAIRS = 1024
+MAX_PAIRS_BYTES = 1 << 20
+
+_U32 = struct.Struct("<I")
+_U32x2 = struct.Struct("<II")
+
+
+def _enc(text: str) -> bytes:
+    return text.encode("utf-8", "surrogateescape")
+
+
+def _dec(data: bytes) -> str:
+    return data.decode("utf-8", "surrogateescape")
+
+
+class HeaderMap:
+    """An ordered multimap of lower-cased header names to values."""
+
+    __slots__ = ("_items",)
+
+    def __init__(self, items: Iterable[tuple[str, str]] = ()) -> None:
+        self._items: list[tuple[str, str]] = [(k.lower(), v) for k, v in items]
+
+    # -- reading -----------------------------------------------------------------------------
+    def get(self, name: str, default: str | None = None) -> str | None:
+        """The first value of `name` (Envoy's `get_header_map_value` returns only the first)."""
+        name = name.lower()
+        for k, v in self._items:
+            if k == name:
+                return v
+        return default
+
+    def get_all(self, name: str) -> list[str]:
+        name = name.lower()
+        return [v for k, v in self._items if k == name]
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and self.get(name) is not None
+
+    def items(self) -> list[tuple[str, str]]:
+        return list(self._items)
+
+    def __iter__(self) -> Iterator[tuple[str, str]]:
+        return iter(self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, HeaderMap) and self._items == other._items
+
+    def __repr__(self) -> str:
+        return f"HeaderMap({self._items!r})"
+
+    def byte_size(self) -> int:
+        """Sum of name and value bytes: what Envoy reports as a map's size."""
+        return sum(len(_enc(k)) + len(_enc(v)) for k, v in self._items)
+
+    def regular(self) -> list[tuple[str, str]]:
+        """The entries that are not pseudo-headers, in order."""
+        return [(k, v) for k, v in self._items if not k.startswith(":")]
+
+    # -- writing -----------------------------------------------------------------------------
+    def add(self, name: str, value: str) -> None:
+        name = name.lower()
+        if name.startswith(":"):
+            # Pseudo-headers stay in front, in arrival order.
+            idx = 0
+            while idx < len(self._items) and self._items[idx][0].startswith(":"):
+                idx += 1
+            self._items.insert(idx, (name, value))
+        else:
+            self._items.append((name, value))
+
+    def set(self, name: str, value: str) -> None:
+        """Replace every entry of `name` with one; keep the position of the first one."""
+        name = name.lower()
+        for i, (k, _) in enumerate(self._items):
+            if k == name:
+                self._items[i] = (name, value)
+                self._items[i + 1 :] = [kv for kv in self._items[i + 1 :] if kv[0] != name]
+                return
+        self.add(name, value)
+
+    def remove(self, name: str) -> None:
+        name = name.lower()
+        self._items = [kv for kv in self._items if kv[0] != name]
+
+    def replace_all(self, items: Iterable[tuple[str, str]]) -> None:
+        self._items = [(k.lower(), v) for k, v in items]
+
+    def copy(self) -> HeaderMap:
+        clone = HeaderMap()
+        clone._items = list(self._items)
+        return clone
+
+    # -- wire format -------------------------------------------------------------------------
+    def serialize(self) -> bytes:
+        return serialize_pairs(self._items)
+
+    @classmethod
+    def deserialize(cls, data: bytes) -> HeaderMap:
+        clone = cls()
+        clone._items = [(k.lower(), v) for k, v in deserialize_pairs(data)]
+        return clone
+
+
+def serialize_pairs(items: Iterable[tuple[str, str]] | Iterable[tuple[bytes, bytes]]) -> bytes:
+    """Encode pairs: u32 count, (u32 key_len, u32 value_len) each, then key NUL value NUL each."""
+    encoded = [
+        (k if isinstance(k, bytes) else _enc(k), v if isinstance(v, bytes) else _enc(v)) for k, v in items
+    ]
+    if not encoded:
+        return b""
+    parts = [_U32.pack(len(encoded))]
+    parts.extend(_U32x2.pack(len(k), len(v)) for k, v in encoded)
+    for k, v in encoded:
+        parts.append(k)
+        parts.append(b"\0")
+        parts.append(v)
+        parts.append(b"\0")
+    return b"".join(parts)
+
+
+def deserialize_pairs_bytes(data: bytes) -> list[tuple[bytes, bytes]]:
+    """Decode pairs strictly, like cpp-host: any violation yields an empty list, never an error."""
+    size = len(data)
+    if size < 4 or size > MAX_PAIRS_BYTES:
+        return []
+    (count,) = _U32.unpack_from(data, 0)
+    if count > MAX_PAIRS:
+        return []
+    pos = 4 + 8 * count
+    if pos > size:
+        return []
+    out: list[tuple[bytes, bytes]] = []
+    for i in range(count):
+        klen, vlen = _U32x2.unpack_from(data, 4 + 8 * i)
+        kend = pos + klen
+        vend = kend + 1 + vlen
+        if vend + 1 > size or data[kend] != 0 or data[vend] != 0:
+            return []
+        out.append((data[pos:kend], data[kend + 1 : vend]))
+        pos = vend + 1
+    if pos != size:
+        return []
+    return out
+
+
+def deserialize_pairs(data: bytes) -> list[tuple[str, str]]:
+    return [(_dec(k), _dec(v)) for k, v in deserialize_pairs_bytes(data)]
