@@ -1,0 +1,597 @@
+"""The `env` host functions of the proxy-wasm ABI (reference section 1).
+
+Each function receives its wasm arguments as plain ints (pointers and sizes already unsigned),
+validates every pointer against linear memory, and answers a `WasmResult`; nothing raises into
+wasm except a deliberate trap (`HostTrap`). The union of all ABI versions is defined; behaviour
+that differs by version switches on `vm.abi_version`.
+"""
+
+from __future__ import annotations
+
+import struct
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from . import wasi
+from .api import LocalReply
+from .fastcall import HostFunction, HostTrap
+from .headers import HeaderMap, deserialize_pairs, serialize_pairs
+from .properties import encode, lookup, split_path
+from .types import BufferType, LogLevel, MapType, StreamType, WasmResult
+
+if TYPE_CHECKING:
+    from .vm import WasmVM
+
+OK = WasmResult.OK
+NOT_FOUND = WasmResult.NOT_FOUND
+BAD_ARGUMENT = WasmResult.BAD_ARGUMENT
+INVALID_MEMORY_ACCESS = WasmResult.INVALID_MEMORY_ACCESS
+UNIMPLEMENTED = WasmResult.UNIMPLEMENTED
+
+FOREIGN_KEYS = b"sluice_shared_data_keys"
+FOREIGN_DELETE = b"sluice_shared_data_delete"
+
+I = "I"  # noqa: E741 - an unsigned i32 parameter
+
+
+def _dec(data: bytes) -> str:
+    return data.decode("utf-8", "surrogateescape")
+
+
+class ProxyHostCalls:
+    """Implementations of `env.*` for one VM."""
+
+    def __init__(self, vm: WasmVM) -> None:
+        self.vm = vm
+
+    # The memory object exists only after instantiation; host calls made by a start section
+    # look it up lazily.
+    @property
+    def _mem(self) -> Any:
+        return self.vm.memory
+
+    # -- 1.1 logging, time, ticks, configuration, status ----------------------------------------
+    def proxy_log(self, level: int, ptr: int, size: int) -> int:
+        if level < 0 or level > 5:
+            return BAD_ARGUMENT
+        data = self._mem.read(ptr, size)
+        if data is None:
+            return INVALID_MEMORY_ACCESS
+        self.vm.log(LogLevel(level), _dec(data))
+        return OK
+
+    def proxy_get_log_level(self, out: int) -> int:
+        return OK if self._mem.write_u32(out, int(self.vm.log_level())) else INVALID_MEMORY_ACCESS
+
+    def proxy_get_current_time_nanoseconds(self, out: int) -> int:
+        return OK if self._mem.write_u64(out, time.time_ns()) else INVALID_MEMORY_ACCESS
+
+    def proxy_set_tick_period_milliseconds(self, period: int) -> int:
+        root = self.vm.acting_root()
+        if root is not None:
+            self.vm.runtime_hooks.set_tick_period(root, period)
+        return OK
+
+    def proxy_get_configuration(self, out_ptr: int, out_size: int) -> int:
+        frame = self.vm.frames[-1]
+        spec = self.vm.spec
+        data = spec.configuration if frame.configuring else spec.vm_configuration
+        return self.vm.return_bytes(data, out_ptr, out_size)
+
+    def proxy_get_status(self, code_ptr: int, msg_ptr: int, msg_size: int) -> int:
+        root = self.vm.acting_root()
+        code, message = root.status if root is not None else (0, b"")
+        if not self._mem.write_u32(code_ptr, code):
+            return INVALID_MEMORY_ACCESS
+        return self.vm.return_bytes(message, msg_ptr, msg_size)
+
+    # -- 1.2 buffers ------------------------------------------------------------------------------
+    def _buffer(self, btype: int) -> bytes | bytearray | None:
+        vm = self.vm
+        if btype == BufferType.HTTP_REQUEST_BODY or btype == BufferType.HTTP_RESPONSE_BODY:
+            ctx = vm.acting_stream()
+            if ctx is None:
+                return b""
+            body = ctx.stream.bodies[btype]
+            return b"" if body is None else body
+        if btype == BufferType.HTTP_CALL_RESPONSE_BODY:
+            root = vm.acting_root()
+            if root is None or root.call_response is None:
+                return None
+            return root.call_response.body
+        if btype == BufferType.VM_CONFIGURATION:
+            return vm.spec.vm_configuration
+        if btype == BufferType.PLUGIN_CONFIGURATION:
+            # Envoy has no plugin-configuration buffer when the configuration is empty: the read
+            # answers NOT_FOUND (the AssemblyScript SDK's default onConfigure then traps).
+            return vm.spec.configuration if vm.frames[-1].configuring and vm.spec.configuration else None
+        if btype == BufferType.FOREIGN_FUNCTION_ARGUMENTS:
+            return vm.frames[-1].foreign_args
+        return None  # downstream/upstream data and gRPC messages: no TCP or gRPC streams here
+
+    def proxy_get_buffer_bytes(self, btype: int, start: int, max_size: int, out_ptr: int, out_size: int) -> int:
+        if btype > 8:
+            return BAD_ARGUMENT
+        buf = self._buffer(btype)
+        if buf is None:
+            return NOT_FOUND
+        size = len(buf)
+        # SDKs pass huge max_size values (u32::MAX, MaxInt32): treat both as unsigned and clamp.
+        end = size if start + max_size > size else start + max_size
+        data = bytes(buf[start:end]) if start < size else b""
+        return self.vm.return_bytes(data, out_ptr, out_size)
+
+    def proxy_set_buffer_bytes(self, btype: int, start: int, size: int, ptr: int, length: int) -> int:
+        if btype > 8:
+            return BAD_ARGUMENT
+        data = self._mem.read(ptr, length)
+        if data is None:
+            return INVALID_MEMORY_ACCESS
+        if btype not in (BufferType.HTTP_REQUEST_BODY, BufferType.HTTP_RESPONSE_BODY):
+            return BAD_ARGUMENT if self._buffer(btype) is not None else NOT_FOUND
+        ctx = self.vm.acting_stream()
+        if ctx is None:
+            return NOT_FOUND
+        body = ctx.stream.bodies[btype]
+        if body is None:
+            return NOT_FOUND
+        # The general splice is a superset of Envoy's (prepend at 0,0; replace at 0,len; append).
+        length_now = len(body)
+        start = min(start, length_now)
+        end = min(start + size, length_now)
+        body[start:end] = data
+        return OK
+
+    def proxy_get_buffer_status(self, btype: int, out_len: int, out_flags: int) -> int:
+        if btype > 8:
+            return BAD_ARGUMENT
+        buf = self._buffer(btype)
+        if buf is None:
+            return NOT_FOUND
+        if self._mem.write_u32(out_len, len(buf)) and self._mem.write_u32(out_flags, 0):
+            return OK
+        return INVALID_MEMORY_ACCESS
+
+    # -- 1.3 header maps --------------------------------------------------------------------------
+    def _map(self, mtype: int, write: bool = False) -> HeaderMap | None:
+        vm = self.vm
+        if mtype <= MapType.HTTP_RESPONSE_TRAILERS:
+            ctx = vm.acting_stream()
+            if ctx is None:
+                return None
+            stream = ctx.stream
+            if write and stream.in_log:
+                return None
+            return stream.maps[mtype]
+        if mtype in (MapType.HTTP_CALL_RESPONSE_HEADERS, MapType.HTTP_CALL_RESPONSE_TRAILERS) and not write:
+            root = vm.acting_root()
+            if root is None or root.call_response is None:
+                return None
+            response = root.call_response
+            return response.headers if mtype == MapType.HTTP_CALL_RESPONSE_HEADERS else response.trailers
+        return None
+
+    def proxy_get_header_map_pairs(self, mtype: int, out_ptr: int, out_size: int) -> int:
+        if mtype > 7:
+            return BAD_ARGUMENT
+        hmap = self._map(mtype)
+        data = hmap.serialize() if hmap is not None else b""
+        return self.vm.return_bytes(data, out_ptr, out_size)
+
+    def proxy_set_header_map_pairs(self, mtype: int, ptr: int, size: int) -> int:
+        if mtype > 7:
+            return BAD_ARGUMENT
+        data = self._mem.read(ptr, size)
+        if data is None:
+            return INVALID_MEMORY_ACCESS
+        hmap = self._map(mtype, write=True)
+        if hmap is None:
+            return BAD_ARGUMENT
+        hmap.replace_all(deserialize_pairs(data))
+        return OK
+
+    def proxy_get_header_map_value(self, mtype: int, kptr: int, klen: int, out_ptr: int, out_size: int) -> int:
+        if mtype > 7:
+            return BAD_ARGUMENT
+        key = self._mem.read(kptr, klen)
+        if key is None:
+            return INVALID_MEMORY_ACCESS
+        hmap = self._map(mtype)
+        legacy = self.vm.abi_version == "0.1.0"
+        if hmap is None:
+            if self.vm.acting_stream() is not None and self.vm.acting_stream().stream.in_log:  # type: ignore[union-attr]
+                return self.vm.return_bytes(b"", out_ptr, out_size) if legacy else NOT_FOUND
+            return BAD_ARGUMENT
+        value = hmap.get(_dec(key))
+        if value is None:
+            # 0.1.0 answers OK with an empty value for a missing header.
+            return self.vm.return_bytes(b"", out_ptr, out_size) if legacy else NOT_FOUND
+        return self.vm.return_bytes(value.encode("utf-8", "surrogateescape"), out_ptr, out_size)
+
+    def _key_value(self, kptr: int, klen: int, vptr: int, vlen: int) -> tuple[str, str] | None:
+        mem = self._mem
+        key = mem.read(kptr, klen)
+        value = mem.read(vptr, vlen)
+        if key is None or value is None:
+            return None
+        return _dec(key), _dec(value)
+
+    def proxy_add_header_map_value(self, mtype: int, kptr: int, klen: int, vptr: int, vlen: int) -> int:
+        if mtype > 7:
+            return BAD_ARGUMENT
+        kv = self._key_value(kptr, klen, vptr, vlen)
+        if kv is None:
+            return INVALID_MEMORY_ACCESS
+        hmap = self._map(mtype, write=True)
+        if hmap is None:
+            return BAD_ARGUMENT
+        hmap.add(*kv)
+        return OK
+
+    def proxy_replace_header_map_value(self, mtype: int, kptr: int, klen: int, vptr: int, vlen: int) -> int:
+        if mtype > 7:
+            return BAD_ARGUMENT
+        kv = self._key_value(kptr, klen, vptr, vlen)
+        if kv is None:
+            return INVALID_MEMORY_ACCESS
+        hmap = self._map(mtype, write=True)
+        if hmap is None:
+            return BAD_ARGUMENT
+        hmap.set(*kv)
+        return OK
+
+    def proxy_remove_header_map_value(self, mtype: int, kptr: int, klen: int) -> int:
+        if mtype > 7:
+            return BAD_ARGUMENT
+        key = self._mem.read(kptr, klen)
+        if key is None:
+            return INVALID_MEMORY_ACCESS
+        hmap = self._map(mtype, write=True)
+        if hmap is None:
+            return BAD_ARGUMENT
+        hmap.remove(_dec(key))
+        return OK
+
+    def proxy_get_header_map_size(self, mtype: int, out: int) -> int:
+        if mtype > 7:
+            return BAD_ARGUMENT
+        hmap = self._map(mtype)
+        if hmap is None:
+            return BAD_ARGUMENT
+        # Envoy reports HeaderMap::byteSize() (keys + values), not the serialized size.
+        return OK if self._mem.write_u32(out, hmap.byte_size()) else INVALID_MEMORY_ACCESS
+
+    # -- 1.4 properties ---------------------------------------------------------------------------
+    def proxy_get_property(self, pptr: int, plen: int, out_ptr: int, out_size: int) -> int:
+        raw = self._mem.read(pptr, plen)
+        if raw is None:
+            return INVALID_MEMORY_ACCESS
+        value = lookup(split_path(raw), self.vm.spec, self.vm.stream_info())
+        if value is None:
+            return NOT_FOUND
+        return self.vm.return_bytes(encode(value), out_ptr, out_size)
+
+    def proxy_set_property(self, pptr: int, plen: int, vptr: int, vlen: int) -> int:
+        mem = self._mem
+        raw = mem.read(pptr, plen)
+        value = mem.read(vptr, vlen)
+        if raw is None or value is None:
+            return INVALID_MEMORY_ACCESS
+        info = self.vm.stream_info()
+        if info is None:
+            return NOT_FOUND  # Envoy: no stream info from a root context
+        segments = split_path(raw)
+        if not segments:
+            return BAD_ARGUMENT
+        info.filter_state["\0".join(segments)] = value
+        return OK
+
+    # -- 1.5 stream control and local responses ---------------------------------------------------
+    def _stream_action(self, stype: int, what: str) -> int:
+        if stype > StreamType.UPSTREAM:
+            return BAD_ARGUMENT
+        ctx = self.vm.acting_stream()
+        if ctx is None:
+            return NOT_FOUND
+        if stype == StreamType.UPSTREAM and what == "continue":
+            return UNIMPLEMENTED  # as Envoy
+        if stype >= StreamType.DOWNSTREAM:
+            return OK if what == "close" else UNIMPLEMENTED  # no TCP filters here
+        stream = ctx.stream
+        if what == "continue":
+            action = stream.resume_request if stype == StreamType.HTTP_REQUEST else stream.resume_response
+        else:
+            action = stream.reset
+        self.vm.deferred.append(action)
+        return OK
+
+    def proxy_continue_stream(self, stype: int) -> int:
+        return self._stream_action(stype, "continue")
+
+    def proxy_close_stream(self, stype: int) -> int:
+        return self._stream_action(stype, "close")
+
+    def proxy_continue_request(self) -> int:
+        return self._stream_action(StreamType.HTTP_REQUEST, "continue")
+
+    def proxy_continue_response(self) -> int:
+        return self._stream_action(StreamType.HTTP_RESPONSE, "continue")
+
+    def proxy_clear_route_cache(self) -> int:
+        return OK  # routes are matched after the request-headers phase, so nothing is cached
+
+    def proxy_send_local_response(
+        self, status: int, dptr: int, dlen: int, bptr: int, blen: int, hptr: int, hlen: int, grpc: int
+    ) -> int:
+        mem = self._mem
+        details = mem.read(dptr, dlen)
+        body = mem.read(bptr, blen)
+        headers = mem.read(hptr, hlen)
+        if details is None or body is None or headers is None:
+            return INVALID_MEMORY_ACCESS
+        ctx = self.vm.acting_stream()
+        if ctx is None:
+            return NOT_FOUND
+        reply = LocalReply(
+            status=status,
+            body=body,
+            headers=tuple(deserialize_pairs(headers)),
+            details=_dec(details).replace(" ", "_"),
+            grpc_status=grpc if 0 <= grpc <= 16 else None,
+        )
+        frame = self.vm.frames[-1]
+        if frame.context is ctx:
+            frame.local_reply_sent = True
+        stream = ctx.stream
+        self.vm.deferred.append(lambda: stream.reply_locally(reply))
+        return OK
+
+    # -- 1.6 HTTP callouts ------------------------------------------------------------------------
+    def proxy_http_call(
+        self, uptr: int, ulen: int, hptr: int, hlen: int, bptr: int, blen: int,
+        tptr: int, tlen: int, timeout_ms: int, out_token: int,
+    ) -> int:
+        mem = self._mem
+        upstream = mem.read(uptr, ulen)
+        headers = mem.read(hptr, hlen)
+        body = mem.read(bptr, blen)
+        trailers = mem.read(tptr, tlen)
+        if upstream is None or headers is None or body is None or trailers is None:
+            return INVALID_MEMORY_ACCESS
+        if not mem.write_u32(out_token, 0):
+            return INVALID_MEMORY_ACCESS
+        hmap = HeaderMap.deserialize(headers)
+        if not (hmap.get(":method") and hmap.get(":path") and hmap.get(":authority")):
+            return BAD_ARGUMENT
+        if timeout_ms > 0x7FFFFFFF:
+            return BAD_ARGUMENT  # a negative i32
+        root = self.vm.acting_root()
+        if root is None:
+            return BAD_ARGUMENT
+        token = self.vm.new_token()
+        accepted = self.vm.runtime_hooks.http_call(
+            root, token, _dec(upstream), hmap, body, HeaderMap.deserialize(trailers),
+            timeout_ms / 1000 if timeout_ms else None,
+        )
+        if not accepted:
+            return BAD_ARGUMENT
+        mem.write_u32(out_token, token)
+        return OK
+
+    # -- 1.7 gRPC: not offered ----------------------------------------------------------------------
+    def proxy_grpc_call(self, *_: int) -> int:
+        return UNIMPLEMENTED
+
+    def proxy_grpc_stream(self, *_: int) -> int:
+        return UNIMPLEMENTED
+
+    def proxy_grpc_send(self, *_: int) -> int:
+        return UNIMPLEMENTED
+
+    def proxy_grpc_cancel(self, *_: int) -> int:
+        return UNIMPLEMENTED
+
+    def proxy_grpc_close(self, *_: int) -> int:
+        return UNIMPLEMENTED
+
+    # -- 1.8 shared data ---------------------------------------------------------------------------
+    def proxy_get_shared_data(self, kptr: int, klen: int, out_ptr: int, out_size: int, out_cas: int) -> int:
+        key = self._mem.read(kptr, klen)
+        if key is None:
+            return INVALID_MEMORY_ACCESS
+        entry = self.vm.runtime.shared_data.get(self.vm.spec.vm_id, key)
+        if entry is None:
+            return NOT_FOUND
+        value, cas = entry
+        if not self._mem.write_u32(out_cas, cas):
+            return INVALID_MEMORY_ACCESS
+        return self.vm.return_bytes(value, out_ptr, out_size)
+
+    def proxy_set_shared_data(self, kptr: int, klen: int, vptr: int, vlen: int, cas: int) -> int:
+        kv = self._mem.read(kptr, klen), self._mem.read(vptr, vlen)
+        if kv[0] is None or kv[1] is None:
+            return INVALID_MEMORY_ACCESS
+        return self.vm.runtime.shared_data.set(self.vm.spec.vm_id, kv[0], kv[1], cas)
+
+    # -- 1.9 shared queues -------------------------------------------------------------------------
+    def proxy_register_shared_queue(self, nptr: int, nlen: int, out_token: int) -> int:
+        name = self._mem.read(nptr, nlen)
+        if name is None:
+            return INVALID_MEMORY_ACCESS
+        root = self.vm.acting_root()
+        if root is None:
+            return BAD_ARGUMENT
+        token = self.vm.runtime_hooks.register_queue(root, name)
+        return OK if self._mem.write_u32(out_token, token) else INVALID_MEMORY_ACCESS
+
+    def proxy_resolve_shared_queue(self, vptr: int, vlen: int, nptr: int, nlen: int, out_token: int) -> int:
+        vm_id = self._mem.read(vptr, vlen)
+        name = self._mem.read(nptr, nlen)
+        if vm_id is None or name is None:
+            return INVALID_MEMORY_ACCESS
+        token = self.vm.runtime.queues.resolve(_dec(vm_id) or self.vm.spec.vm_id, name)
+        if token is None:
+            return NOT_FOUND
+        return OK if self._mem.write_u32(out_token, token) else INVALID_MEMORY_ACCESS
+
+    def proxy_enqueue_shared_queue(self, token: int, ptr: int, size: int) -> int:
+        data = self._mem.read(ptr, size)
+        if data is None:
+            return INVALID_MEMORY_ACCESS
+        return self.vm.runtime.queues.enqueue(token, data)
+
+    def proxy_dequeue_shared_queue(self, token: int, out_ptr: int, out_size: int) -> int:
+        item = self.vm.runtime.queues.dequeue(token)
+        if isinstance(item, WasmResult):
+            return item
+        return self.vm.return_bytes(item, out_ptr, out_size)
+
+    # -- 1.10 metrics ------------------------------------------------------------------------------
+    def proxy_define_metric(self, mtype: int, nptr: int, nlen: int, out_id: int) -> int:
+        name = self._mem.read(nptr, nlen)
+        if name is None:
+            return INVALID_MEMORY_ACCESS
+        metric_id = self.vm.metrics.define(mtype, _dec(name))
+        if metric_id is None:
+            return BAD_ARGUMENT
+        return OK if self._mem.write_u32(out_id, metric_id) else INVALID_MEMORY_ACCESS
+
+    def proxy_increment_metric(self, metric_id: int, offset: int) -> int:
+        return self.vm.metrics.increment(metric_id, offset)
+
+    def proxy_record_metric(self, metric_id: int, value: int) -> int:
+        return self.vm.metrics.record(metric_id, value)
+
+    def proxy_get_metric(self, metric_id: int, out: int) -> int:
+        value = self.vm.metrics.get(metric_id)
+        if isinstance(value, WasmResult):
+            return value
+        return OK if self._mem.write_u64(out, value) else INVALID_MEMORY_ACCESS
+
+    # -- 1.11 context control, FFI -----------------------------------------------------------------
+    def proxy_set_effective_context(self, context_id: int) -> int:
+        ctx = self.vm.contexts.get(context_id)
+        if ctx is None or ctx.deleted:
+            return BAD_ARGUMENT
+        self.vm.frames[-1].effective = ctx
+        return OK
+
+    def proxy_done(self) -> int:
+        root = self.vm.acting_root()
+        if root is None or not root.pending_done:
+            return NOT_FOUND
+        self.vm.deferred.append(lambda: self.vm.runtime_hooks.finish_root(root))
+        return OK
+
+    def proxy_call_foreign_function(
+        self, nptr: int, nlen: int, aptr: int, alen: int, out_ptr: int, out_size: int
+    ) -> int:
+        mem = self._mem
+        name = mem.read(nptr, nlen)
+        args = mem.read(aptr, alen)
+        if name is None or args is None:
+            return INVALID_MEMORY_ACCESS
+        shared = self.vm.runtime.shared_data
+        vm_id = self.vm.spec.vm_id
+        if name == FOREIGN_KEYS:
+            keys = shared.keys(vm_id, args)
+            result = serialize_pairs([(k, b"") for k in keys])
+            if out_ptr == 0 and out_size == 0:
+                return OK
+            return self.vm.return_bytes(result, out_ptr, out_size)
+        if name == FOREIGN_DELETE:
+            if len(args) < 4:
+                return BAD_ARGUMENT
+            (cas,) = struct.unpack_from("<I", args, 0)
+            status = shared.delete(vm_id, args[4:], cas)
+            if status == OK and not (out_ptr == 0 and out_size == 0):
+                return self.vm.return_bytes(b"", out_ptr, out_size)
+            return status
+        return NOT_FOUND
+
+    # -- 1.12 other env imports --------------------------------------------------------------------
+    def emscripten_notify_memory_growth(self, _index: int) -> None:
+        return None
+
+    def pthread_equal(self, a: int, b: int) -> int:
+        return 1 if a == b else 0
+
+    def abort(self, msg: int, file: int, line: int, column: int) -> None:
+        # AssemblyScript's default abort handler (modules not built with --use abort=...).
+        raise HostTrap(f"abort called at line {line}:{column}")
+
+    def seed(self) -> float:
+        return float(time.time_ns() & 0xFFFFFFFFFFFF)
+
+    def trace(self, ptr: int, n: int, *values: float) -> None:
+        return None
+
+
+# Every env import sluice provides: (name, params, results). "I" = unsigned i32 (pointer, size,
+# id), "i" = signed i32, "q"/"Q" = signed/unsigned i64, "d" = f64.
+ENV_FUNCTIONS: list[tuple[str, str, str]] = [
+    ("proxy_log", "iII", "i"),
+    ("proxy_get_log_level", "I", "i"),
+    ("proxy_get_current_time_nanoseconds", "I", "i"),
+    ("proxy_set_tick_period_milliseconds", "I", "i"),
+    ("proxy_get_configuration", "II", "i"),
+    ("proxy_get_status", "III", "i"),
+    ("proxy_get_buffer_bytes", "IIIII", "i"),
+    ("proxy_set_buffer_bytes", "IIIII", "i"),
+    ("proxy_get_buffer_status", "III", "i"),
+    ("proxy_get_header_map_pairs", "III", "i"),
+    ("proxy_set_header_map_pairs", "III", "i"),
+    ("proxy_get_header_map_value", "IIIII", "i"),
+    ("proxy_add_header_map_value", "IIIII", "i"),
+    ("proxy_replace_header_map_value", "IIIII", "i"),
+    ("proxy_remove_header_map_value", "III", "i"),
+    ("proxy_get_header_map_size", "II", "i"),
+    ("proxy_get_property", "IIII", "i"),
+    ("proxy_set_property", "IIII", "i"),
+    ("proxy_continue_stream", "I", "i"),
+    ("proxy_close_stream", "I", "i"),
+    ("proxy_continue_request", "", "i"),
+    ("proxy_continue_response", "", "i"),
+    ("proxy_clear_route_cache", "", "i"),
+    ("proxy_send_local_response", "IIIIIIIi", "i"),
+    ("proxy_http_call", "IIIIIIIIII", "i"),
+    ("proxy_grpc_call", "IIIIIIIIIIII", "i"),
+    ("proxy_grpc_stream", "IIIIIIIII", "i"),
+    ("proxy_grpc_send", "IIII", "i"),
+    ("proxy_grpc_cancel", "I", "i"),
+    ("proxy_grpc_close", "I", "i"),
+    ("proxy_get_shared_data", "IIIII", "i"),
+    ("proxy_set_shared_data", "IIIII", "i"),
+    ("proxy_register_shared_queue", "III", "i"),
+    ("proxy_resolve_shared_queue", "IIIII", "i"),
+    ("proxy_enqueue_shared_queue", "III", "i"),
+    ("proxy_dequeue_shared_queue", "III", "i"),
+    ("proxy_define_metric", "IIII", "i"),
+    ("proxy_increment_metric", "Iq", "i"),
+    ("proxy_record_metric", "IQ", "i"),
+    ("proxy_get_metric", "II", "i"),
+    ("proxy_set_effective_context", "I", "i"),
+    ("proxy_done", "", "i"),
+    ("proxy_call_foreign_function", "IIIIII", "i"),
+    ("emscripten_notify_memory_growth", "i", ""),
+    ("pthread_equal", "ii", "i"),
+    ("abort", "IIII", ""),
+    ("seed", "", "d"),
+    ("trace", "IIddddd", ""),
+]
+
+HOST_FUNCTIONS: list[HostFunction] = [HostFunction("env", n, p, r) for n, p, r in ENV_FUNCTIONS] + [
+    HostFunction(module, n, p, r) for module in wasi.MODULES for n, p, r in wasi.FUNCTIONS
+]
+
+
+def bind_host_functions(vm: WasmVM) -> list[Callable[..., Any]]:
+    """The VM's implementations, in `HOST_FUNCTIONS` order."""
+    proxy = ProxyHostCalls(vm)
+    system = wasi.Wasi(vm)
+    impls: list[Callable[..., Any]] = [getattr(proxy, n) for n, _, _ in ENV_FUNCTIONS]
+    for _module in wasi.MODULES:
+        impls.extend(getattr(system, n) for n, _, _ in wasi.FUNCTIONS)
+    return impls
+

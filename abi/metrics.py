@@ -1,0 +1,97 @@
+"""Metrics a filter defines through the ABI (counter, gauge, histogram), with Envoy's semantics.
+
+Metric ids carry the type in their low 2 bits (counters 4, 8...; gauges 5, 9...; histograms 6,
+10...). Defining a name twice returns a new id for the same underlying metric. `record` on a
+counter *adds* (Envoy; the spec says "sets").
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from .types import MetricType, WasmResult
+
+HISTOGRAM_BOUNDS: tuple[float, ...] = (
+    1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 25000, 50000, 100000,
+)
+
+
+@dataclasses.dataclass
+class Metric:
+    name: str
+    type: MetricType
+    value: int = 0
+    """Counter/gauge value; for histograms the number of samples."""
+    sum: int = 0
+    buckets: list[int] = dataclasses.field(default_factory=list)
+    """Histogram counts per `HISTOGRAM_BOUNDS` entry (cumulative counts are computed on export)."""
+
+
+class MetricRegistry:
+    """The metrics of one plugin. Lives in the plugin, so values survive a VM reload."""
+
+    def __init__(self) -> None:
+        self.by_name: dict[tuple[str, MetricType], Metric] = {}
+        self._ids: dict[int, Metric] = {}
+        self._next = 0
+
+    def define(self, mtype: int, name: str) -> int | None:
+        if mtype not in (0, 1, 2):
+            return None
+        kind = MetricType(mtype)
+        metric = self.by_name.get((name, kind))
+        if metric is None:
+            metric = Metric(name, kind)
+            if kind is MetricType.HISTOGRAM:
+                metric.buckets = [0] * (len(HISTOGRAM_BOUNDS) + 1)
+            self.by_name[(name, kind)] = metric
+        self._next += 1
+        metric_id = (self._next << 2) | mtype
+        self._ids[metric_id] = metric
+        return metric_id
+
+    def increment(self, metric_id: int, offset: int) -> WasmResult:
+        metric = self._ids.get(metric_id)
+        if metric is None:
+            return WasmResult.NOT_FOUND
+        if metric.type is MetricType.COUNTER:
+            if offset <= 0:
+                return WasmResult.BAD_ARGUMENT
+            metric.value += offset
+        elif metric.type is MetricType.GAUGE:
+            metric.value += offset
+        else:
+            return WasmResult.BAD_ARGUMENT
+        return WasmResult.OK
+
+    def record(self, metric_id: int, value: int) -> WasmResult:
+        metric = self._ids.get(metric_id)
+        if metric is None:
+            return WasmResult.NOT_FOUND
+        if metric.type is MetricType.COUNTER:
+            metric.value += value
+        elif metric.type is MetricType.GAUGE:
+            metric.value = value
+        else:
+            metric.value += 1
+            metric.sum += value
+            idx = 0
+            while idx < len(HISTOGRAM_BOUNDS) and value > HISTOGRAM_BOUNDS[idx]:
+                idx += 1
+            metric.buckets[idx] += 1
+        return WasmResult.OK
+
+    def get(self, metric_id: int) -> int | WasmResult:
+        metric = self._ids.get(metric_id)
+        if metric is None:
+            return WasmResult.NOT_FOUND
+        if metric.type is MetricType.HISTOGRAM:
+            return WasmResult.BAD_ARGUMENT
+        return metric.value
+
+    def values(self) -> dict[str, int]:
+        """Counter and gauge values, and histogram sample counts, by name."""
+        return {m.name: m.value for m in self.by_name.values()}
+
+    def all(self) -> list[Metric]:
+        return list(self.by_name.values())

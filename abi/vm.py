@@ -1,0 +1,313 @@
+"""One wasm instance of a proxy-wasm module: its store, memory, exports, contexts and call frames.
+
+A VM is driven by `Plugin` (root context, failure policy) and `HttpStream` (stream callbacks).
+Rules from cpp-host that this module enforces (reference 1.0, 2.1, 2.4):
+
+* Every call into wasm runs under a frame naming the context whose callback runs; the effective
+  context set by `proxy_set_effective_context` lasts until that callback returns.
+* Side effects that re-enter the proxy (continue, local reply, reset, deferred deletes) are queued
+  and run after the *outermost* callback returns, never from inside wasm.
+* Every call into wasm is armed with the plugin's CPU deadline (epoch interruption).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Protocol
+
+import wasmtime
+
+from . import fastcall
+from .api import CallResponse, Cancellable, Host, PluginSpec, StreamInfo
+from .headers import HeaderMap
+from .fastcall import LinearMemory, StoreHandle, WasmFunction, WasmTrap
+from .metrics import MetricRegistry
+from .types import LogLevel, WasmResult
+
+if TYPE_CHECKING:
+    from .plugin import HttpStream
+    from .runtime import CompiledModule, Runtime
+
+# Callbacks sluice calls, with the wasm signature each must have (params, results). An export with
+# another signature is treated as absent, like cpp-host's wasmtime runtime does. Header callbacks
+# are checked separately: 0.1.0 modules export them with 2 parameters.
+CALLBACKS: dict[str, tuple[str, str]] = {
+    "proxy_on_context_create": ("ii", ""),
+    "proxy_on_vm_start": ("ii", "i"),
+    "proxy_on_configure": ("ii", "i"),
+    "proxy_on_tick": ("i", ""),
+    "proxy_on_queue_ready": ("ii", ""),
+    "proxy_on_foreign_function": ("iii", ""),
+    "proxy_on_request_body": ("iii", "i"),
+    "proxy_on_request_trailers": ("ii", "i"),
+    "proxy_on_response_body": ("iii", "i"),
+    "proxy_on_response_trailers": ("ii", "i"),
+    "proxy_on_http_call_response": ("iiiii", ""),
+    "proxy_on_done": ("i", "i"),
+    "proxy_on_log": ("i", ""),
+    "proxy_on_delete": ("i", ""),
+    "_initialize": ("", ""),
+    "_start": ("", ""),
+    "main": ("ii", "i"),
+    "__main_void": ("", "i"),
+    "malloc": ("i", "i"),
+    "proxy_on_memory_allocate": ("i", "i"),
+}
+HEADER_CALLBACKS = ("proxy_on_request_headers", "proxy_on_response_headers")
+START_DEADLINE_MS = 1000.0
+
+
+@dataclasses.dataclass(eq=False)
+class RootContext:
+    id: int
+    tick_period_ms: int = 0
+    tick_timer: Cancellable | None = None
+    calls: dict[int, Cancellable | None] = dataclasses.field(default_factory=dict)
+    """Outstanding HTTP callouts by token."""
+    call_response: CallResponse | None = None
+    """The callout response being delivered (maps 6/7, buffer 4), only during that callback."""
+    status: tuple[int, bytes] = (0, b"")
+    pending_done: bool = False
+    deleted: bool = False
+    vm: Any = None
+    """The WasmVM this root lives in."""
+
+
+@dataclasses.dataclass(eq=False)
+class StreamContext:
+    id: int
+    root: RootContext
+    stream: HttpStream
+    deleted: bool = False
+
+
+Context = RootContext | StreamContext
+
+
+class VMOwner(Protocol):
+    """What a VM needs from the plugin that owns it: services whose state outlives one VM."""
+
+    spec: PluginSpec
+    host: Host
+    metric_registry: MetricRegistry
+
+    def get_log_level(self) -> LogLevel: ...
+
+    def set_tick_period(self, root: RootContext, period_ms: int) -> None: ...
+
+    def http_call(
+        self, root: RootContext, token: int, upstream: str, headers: HeaderMap, body: bytes,
+        trailers: HeaderMap, timeout_s: float | None,
+    ) -> bool: ...
+
+    def register_queue(self, root: RootContext, name: bytes) -> int: ...
+
+    def finish_root(self, root: RootContext) -> None: ...
+
+
+@dataclasses.dataclass(eq=False)
+class Frame:
+    context: Context | None
+    effective: Context | None = None
+    configuring: bool = False
+    """Inside proxy_on_configure: the plugin configuration buffer is readable."""
+    local_reply_sent: bool = False
+    foreign_args: bytes | None = None
+
+
+class WasmVM:
+    """A live instance. Not thread-safe: all calls happen on the proxy's thread."""
+
+    def __init__(self, runtime: Runtime, module: CompiledModule, owner: VMOwner) -> None:
+        from .hostcalls import bind_host_functions
+
+        self.runtime = runtime
+        self.module = module
+        self.runtime_hooks = owner
+        self.spec = owner.spec
+        self.host = owner.host
+        self.metrics = owner.metric_registry
+        self.log_level = owner.get_log_level
+        self.abi_version = module.abi_version
+        self.contexts: dict[int, Context] = {}
+        self._next_context = 0
+        self._next_token = 0
+        self.frames: list[Frame] = []
+        self.deferred: list[Callable[[], None]] = []
+        self.dead: str | None = None
+        """Why the VM may not be entered any more (proc_exit), or None."""
+        self.nested_trap: WasmTrap | None = None
+        self.host_impls: list[Callable[..., Any]] = bind_host_functions(self)
+
+        self.store = wasmtime.Store(runtime.engine)
+        self.store.set_limits(memory_size=self.spec.memory_limit)
+        self.handle = StoreHandle(self.store, self.spec.cpu_deadline_ms)
+        self.frames.append(Frame(None))
+        fastcall.ACTIVE.append(self)
+        try:
+            # Start-up code (language runtimes' initialisers) gets a longer, fixed budget.
+            self.handle.arm_deadline_ms(START_DEADLINE_MS)
+            try:
+                instance = module.instance_pre.instantiate(self.store)
+            except wasmtime.WasmtimeError as exc:
+                raise WasmTrap(_first_line(str(exc))) from None
+            exports = instance.exports(self.store)
+            memory = exports.get("memory") if "memory" in exports else None
+            if not isinstance(memory, wasmtime.Memory):
+                raise WasmTrap("module exports no memory named 'memory'")
+            self.memory = LinearMemory(self.handle, memory)
+            self.fn: dict[str, WasmFunction] = {}
+            for name, (params, results) in CALLBACKS.items():
+                self._bind_export(exports, name, {(params, results)})
+            for name in HEADER_CALLBACKS:
+                self._bind_export(exports, name, {("iii", "i"), ("ii", "i")})
+            self.allocator = self.fn.get("malloc") or self.fn.get("proxy_on_memory_allocate")
+            if self.allocator is None:
+                raise WasmTrap("module exports no allocator (malloc or proxy_on_memory_allocate)")
+            self._run_start()
+        finally:
+            fastcall.ACTIVE.pop()
+            self.frames.pop()
+
+    def _bind_export(self, exports: Any, name: str, accepted: set[tuple[str, str]]) -> None:
+        if name not in exports:
+            return
+        item = exports[name]
+        if not isinstance(item, wasmtime.Func):
+            return
+        try:
+            sig = fastcall.export_signature(item.type(self.store))
+        except ValueError:
+            return
+        if sig in accepted:
+            self.fn[name] = WasmFunction(self.handle, name, item, *sig)
+
+    def _run_start(self) -> None:
+        # cpp-host: _initialize (+ main(0,0) or __main_void), else _start.
+        if "_initialize" in self.fn:
+            self.fn["_initialize"]()
+            if "main" in self.fn:
+                self.fn["main"](0, 0)
+            elif "__main_void" in self.fn:
+                self.fn["__main_void"]()
+        elif "_start" in self.fn:
+            self.fn["_start"]()
+
+    # -- contexts -----------------------------------------------------------------------------
+    def new_context_id(self) -> int:
+        self._next_context += 1
+        return self._next_context
+
+    def new_token(self) -> int:
+        self._next_token += 1
+        return self._next_token << 2  # HTTP-call ids: low 2 bits 0, like cpp-host
+
+    def acting(self) -> Context | None:
+        frame = self.frames[-1]
+        return frame.effective or frame.context
+
+    def acting_root(self) -> RootContext | None:
+        ctx = self.acting()
+        if isinstance(ctx, StreamContext):
+            return ctx.root
+        return ctx
+
+    def acting_stream(self) -> StreamContext | None:
+        ctx = self.acting()
+        return ctx if isinstance(ctx, StreamContext) else None
+
+    # -- calls into wasm ----------------------------------------------------------------------
+    def has(self, name: str) -> bool:
+        return name in self.fn
+
+    def call(self, name: str, context: Context | None, *args: int, configuring: bool = False) -> Any:
+        """Call a callback under a frame for `context`; run deferred actions afterwards.
+
+        Raises WasmTrap. Returns the callback's result, or None if the module does not export it.
+        """
+        fn = self.fn.get(name)
+        if fn is None:
+            return None
+        if self.dead is not None:
+            raise WasmTrap(f"VM is no longer usable: {self.dead}")
+        frame = Frame(context, configuring=configuring)
+        frames = self.frames
+        outermost = not frames
+        frames.append(frame)
+        fastcall.ACTIVE.append(self)
+        if outermost:
+            self.handle.arm_deadline()
+        try:
+            result = fn(*args)
+        except WasmTrap as exc:
+            nested, self.nested_trap = self.nested_trap, None
+            if nested is not None:
+                exc = nested
+            if exc.exit_code is not None:
+                self.dead = f"proc_exit({exc.exit_code})"
+            self.deferred.clear()
+            raise exc from None
+        finally:
+            fastcall.ACTIVE.pop()
+            frames.pop()
+        if frame.local_reply_sent and fn.results:
+            result = 1  # a local reply overrides the callback's return value to "stop"
+        if outermost and self.deferred:
+            self.run_deferred()
+        return result
+
+    def run_deferred(self) -> None:
+        while self.deferred:
+            actions, self.deferred = self.deferred, []
+            for action in actions:
+                action()
+
+    def allocate(self, size: int) -> int:
+        """Call the module's allocator (nested inside a host call). 0 = failure."""
+        assert self.allocator is not None
+        self.frames.append(Frame(None))
+        try:
+            return int(self.allocator(size)) & 0xFFFFFFFF
+        except WasmTrap as exc:
+            self.nested_trap = exc
+            raise
+        finally:
+            self.frames.pop()
+
+    def return_bytes(self, data: bytes, ptr_ptr: int, size_ptr: int) -> int:
+        """The returned-buffer protocol (reference 4.2)."""
+        size = len(data)
+        mem = self.memory
+        if size == 0:
+            if mem.write_u32(ptr_ptr, 0) and mem.write_u32(size_ptr, 0):
+                return WasmResult.OK
+            return WasmResult.INVALID_MEMORY_ACCESS
+        ptr = self.allocate(size)
+        if ptr == 0 or not mem.write(ptr, data):
+            return WasmResult.INVALID_MEMORY_ACCESS
+        if mem.write_u32(ptr_ptr, ptr) and mem.write_u32(size_ptr, size):
+            return WasmResult.OK
+        return WasmResult.INVALID_MEMORY_ACCESS
+
+    # -- logging ------------------------------------------------------------------------------
+    def log(self, level: LogLevel, message: str) -> None:
+        if level >= self.log_level():
+            self.host.log(self.spec.name, level, message)
+
+    def stream_info(self) -> StreamInfo | None:
+        stream = self.acting_stream()
+        return stream.stream.info if stream is not None else None
+
+    def memory_bytes(self) -> int:
+        return self.memory.size if self.dead is None else 0
+
+
+def _first_line(text: str) -> str:
+    lines = [ln for ln in text.strip().splitlines() if ln.strip()]
+    if not lines:
+        return text
+    # wasmtime puts the cause last ("Caused by: ..."); keep the first line and the cause.
+    if len(lines) > 1 and any(ln.strip().startswith("Caused by") for ln in lines):
+        return f"{lines[0].strip()} ({lines[-1].strip()})"
+    return lines[0].strip()
