@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
+import re
 import struct
 import threading
 from collections.abc import Callable, Sequence
@@ -234,15 +235,33 @@ def _raise_call_failure(err: int, trap: int) -> None:
         code = getattr(error, "code", None)
         if isinstance(error, wasmtime.ExitTrap):
             raise WasmTrap(f"proc_exit({code})", exit_code=code)
-        raise WasmTrap(str(error))
+        text = summarize_trap(str(error))
+        match = _PROC_EXIT.search(text)
+        deadline = text.endswith("interrupt")
+        raise WasmTrap("cpu deadline exceeded" if deadline else text, deadline=deadline,
+                       exit_code=int(match.group(1)) if match else None)
     t = wasmtime.Trap._from_ptr(ctypes.cast(trap, ctypes.POINTER(ffi.wasm_trap_t)))
     trap_code = t.trap_code
     deadline = trap_code is not None and trap_code.name == "INTERRUPT"
-    message = t.message
+    message = summarize_trap(t.message)
     exit_code = None
-    if message.startswith("proc_exit("):
-        exit_code = int(message[len("proc_exit(") : message.index(")")])
+    match = _PROC_EXIT.search(message)
+    if match:
+        exit_code = int(match.group(1))
     raise WasmTrap("cpu deadline exceeded" if deadline else message, deadline=deadline, exit_code=exit_code)
+
+
+_PROC_EXIT = re.compile(r"proc_exit\((\d+)\)")
+
+
+def summarize_trap(message: str) -> str:
+    """wasmtime's trap text is a backtrace followed by "Caused by: <reason>"; keep the reason."""
+    lines = [ln.strip() for ln in message.strip().splitlines() if ln.strip()]
+    if "Caused by:" in lines:
+        cause = lines[lines.index("Caused by:") + 1 :]
+        if cause:
+            return " ".join(cause).removeprefix("wasm trap: ")
+    return (lines[0] if lines else message).removeprefix("wasm trap: ")
 
 
 class WasmFunction:
