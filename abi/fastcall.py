@@ -55,16 +55,11 @@ _HOST_CALLBACK = ctypes.CFUNCTYPE(ctypes.c_size_t, ctypes.c_void_p, ctypes.c_voi
 _FINALIZER = ctypes.CFUNCTYPE(None, ctypes.c_void_p)
 
 _SLOT = 16  # sizeof(wasmtime_val_raw_t)
-_string_at = ctypes.string_at
-_c_int32 = ctypes.c_int32
-_c_int64 = ctypes.c_int64
-_c_double = ctypes.c_double
 
 # Value kinds in signatures: i = i32 (signed), I = i32 read as unsigned, q = i64, Q = i64 unsigned, d = f64.
 _WASM_TYPE = {"i": wasmtime.ValType.i32(), "I": wasmtime.ValType.i32(), "q": wasmtime.ValType.i64(),
               "Q": wasmtime.ValType.i64(), "d": wasmtime.ValType.f64()}
 _PACK = {"i": "i12x", "I": "I12x", "q": "q8x", "Q": "Q8x", "d": "d8x"}
-_WRITE = {"i": _c_int32, "I": ctypes.c_uint32, "q": _c_int64, "Q": ctypes.c_uint64, "d": _c_double}
 
 
 class WasmTrap(Exception):
@@ -158,20 +153,30 @@ class HostFunction:
 _KEEPALIVE: list[Any] = []  # ctypes callbacks must outlive every linker that uses them
 
 
+# The arguments of a host call sit in an array wasmtime owns, at an address that changes per call.
+# One view over the whole user address space reads them with `struct.unpack_from` and writes the
+# result with `pack_into`, creating no ctypes object per call (~0.25 µs saved per host call). Only
+# addresses wasmtime hands us are ever touched through it.
+_ADDRESS_SPACE = memoryview((ctypes.c_ubyte * (1 << 47)).from_address(0))
+_RESULT = {"i": struct.Struct("<i"), "I": struct.Struct("<I"), "q": struct.Struct("<q"),
+           "Q": struct.Struct("<Q"), "d": struct.Struct("<d")}
+
+
 def _trampoline(index: int, fn: HostFunction) -> Any:
     fmt = _signature_format(fn.params)
-    size = fmt.size
-    unpack = fmt.unpack
-    writer = _WRITE[fn.results] if fn.results else None
+    unpack_from = fmt.unpack_from
+    has_args = fmt.size > 0
+    write = _RESULT[fn.results].pack_into if fn.results else None
+    space = _ADDRESS_SPACE
     active = ACTIVE
     label = f"{fn.module}.{fn.name}"
 
     def callback(_env: int, _caller: int, args: int, _nargs: int) -> int:
         try:
-            vals = unpack(_string_at(args, size)) if size else ()
+            vals = unpack_from(space, args) if has_args else ()
             result = active[-1].host_impls[index](*vals)
-            if writer is not None:
-                writer.from_address(args).value = result
+            if write is not None:
+                write(space, args, result)
             return 0
         except HostTrap as exc:
             msg = str(exc).encode()
@@ -183,7 +188,7 @@ def _trampoline(index: int, fn: HostFunction) -> Any:
     return _HOST_CALLBACK(callback)
 
 
-_NO_FINALIZER = ctypes.cast(None, _FINALIZER)
+_NO_FINALIZER = _FINALIZER()  # a NULL function pointer: nothing to finalize
 
 
 def define_host_functions(linker: wasmtime.Linker, functions: Sequence[HostFunction]) -> None:
@@ -382,3 +387,24 @@ class LinearMemory:
         if not self._fits(ptr, 4):
             return None
         return int(struct.unpack_from("<I", self.view, ptr)[0])
+
+
+class NoMemory:
+    """Stands in for LinearMemory before an instance exists: every access is out of bounds."""
+
+    size = 0
+
+    def read(self, ptr: int, length: int) -> bytes | None:
+        return None
+
+    def write(self, ptr: int, data: bytes) -> bool:
+        return False
+
+    def write_u32(self, ptr: int, value: int) -> bool:
+        return False
+
+    def write_u64(self, ptr: int, value: int) -> bool:
+        return False
+
+    def read_u32(self, ptr: int) -> int | None:
+        return None

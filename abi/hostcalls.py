@@ -15,10 +15,11 @@ from typing import TYPE_CHECKING, Any
 
 from . import wasi
 from .api import LocalReply
-from .fastcall import HostFunction, HostTrap
+from .fastcall import HostFunction, HostTrap, LinearMemory, NoMemory
 from .headers import HeaderMap, deserialize_pairs, serialize_pairs
 from .properties import encode, lookup, split_path
 from .types import BufferType, LogLevel, MapType, StreamType, WasmResult
+from .vm import StreamContext
 
 if TYPE_CHECKING:
     from .vm import WasmVM
@@ -44,17 +45,18 @@ class ProxyHostCalls:
 
     def __init__(self, vm: WasmVM) -> None:
         self.vm = vm
-
-    # The memory object exists only after instantiation; host calls made by a start section
-    # look it up lazily.
-    @property
-    def _mem(self) -> Any:
-        return self.vm.memory
+        # Until the instance exists (host calls from a start section) every access fails cleanly.
+        self._mem: LinearMemory | NoMemory = NoMemory()
 
     # -- 1.1 logging, time, ticks, configuration, status ----------------------------------------
     def proxy_log(self, level: int, ptr: int, size: int) -> int:
         if level < 0 or level > 5:
             return BAD_ARGUMENT
+        if level < self.vm.log_level():
+            # Below the filter's level: SDKs log chattily at debug, so answer before any copy.
+            # The pointer is still validated, as cpp-host does.
+            return OK if ptr + size <= self._mem.size or self._mem.read(ptr, size) is not None \
+                else INVALID_MEMORY_ACCESS
         data = self._mem.read(ptr, size)
         if data is None:
             return INVALID_MEMORY_ACCESS
@@ -192,22 +194,26 @@ class ProxyHostCalls:
         return OK
 
     def proxy_get_header_map_value(self, mtype: int, kptr: int, klen: int, out_ptr: int, out_size: int) -> int:
+        # The hottest host call (SDKs read headers one by one): kept flat on purpose.
         if mtype > 7:
             return BAD_ARGUMENT
-        key = self._mem.read(kptr, klen)
+        mem = self._mem
+        key = mem.read(kptr, klen)
         if key is None:
             return INVALID_MEMORY_ACCESS
-        hmap = self._map(mtype)
-        legacy = self.vm.abi_version == "0.1.0"
+        vm = self.vm
+        frame = vm.frames[-1]
+        ctx = frame.effective or frame.context
+        hmap = ctx.stream.maps[mtype] if mtype <= 3 and type(ctx) is StreamContext else self._map(mtype)
         if hmap is None:
-            if self.vm.acting_stream() is not None and self.vm.acting_stream().stream.in_log:  # type: ignore[union-attr]
-                return self.vm.return_bytes(b"", out_ptr, out_size) if legacy else NOT_FOUND
+            if type(ctx) is StreamContext and ctx.stream.in_log:
+                return vm.return_bytes(b"", out_ptr, out_size) if vm.abi_version == "0.1.0" else NOT_FOUND
             return BAD_ARGUMENT
-        value = hmap.get(_dec(key))
+        value = hmap.get(key.decode("utf-8", "surrogateescape"))
         if value is None:
             # 0.1.0 answers OK with an empty value for a missing header.
-            return self.vm.return_bytes(b"", out_ptr, out_size) if legacy else NOT_FOUND
-        return self.vm.return_bytes(value.encode("utf-8", "surrogateescape"), out_ptr, out_size)
+            return vm.return_bytes(b"", out_ptr, out_size) if vm.abi_version == "0.1.0" else NOT_FOUND
+        return vm.return_bytes(value.encode("utf-8", "surrogateescape"), out_ptr, out_size)
 
     def _key_value(self, kptr: int, klen: int, vptr: int, vlen: int) -> tuple[str, str] | None:
         mem = self._mem
@@ -220,13 +226,20 @@ class ProxyHostCalls:
     def proxy_add_header_map_value(self, mtype: int, kptr: int, klen: int, vptr: int, vlen: int) -> int:
         if mtype > 7:
             return BAD_ARGUMENT
-        kv = self._key_value(kptr, klen, vptr, vlen)
-        if kv is None:
+        mem = self._mem
+        key = mem.read(kptr, klen)
+        value = mem.read(vptr, vlen)
+        if key is None or value is None:
             return INVALID_MEMORY_ACCESS
-        hmap = self._map(mtype, write=True)
+        frame = self.vm.frames[-1]
+        ctx = frame.effective or frame.context
+        if mtype <= 3 and type(ctx) is StreamContext and not ctx.stream.in_log:
+            hmap = ctx.stream.maps[mtype]
+        else:
+            hmap = self._map(mtype, write=True)
         if hmap is None:
             return BAD_ARGUMENT
-        hmap.add(*kv)
+        hmap.add(key.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape"))
         return OK
 
     def proxy_replace_header_map_value(self, mtype: int, kptr: int, klen: int, vptr: int, vlen: int) -> int:
@@ -586,12 +599,16 @@ HOST_FUNCTIONS: list[HostFunction] = [HostFunction("env", n, p, r) for n, p, r i
 ]
 
 
-def bind_host_functions(vm: WasmVM) -> list[Callable[..., Any]]:
-    """The VM's implementations, in `HOST_FUNCTIONS` order."""
+def bind_host_functions(vm: WasmVM) -> tuple[list[Callable[..., Any]], Callable[[LinearMemory], None]]:
+    """The VM's implementations, in `HOST_FUNCTIONS` order, and a setter for its memory."""
     proxy = ProxyHostCalls(vm)
     system = wasi.Wasi(vm)
     impls: list[Callable[..., Any]] = [getattr(proxy, n) for n, _, _ in ENV_FUNCTIONS]
     for _module in wasi.MODULES:
         impls.extend(getattr(system, n) for n, _, _ in wasi.FUNCTIONS)
-    return impls
+
+    def bind_memory(memory: LinearMemory) -> None:
+        proxy._mem = memory
+
+    return impls, bind_memory
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import time
+from time import perf_counter
 from typing import TYPE_CHECKING
 
 from .api import CallResponse, Host, LocalReply, PluginLoadError, PluginSpec, StreamCallbacks, StreamInfo
@@ -49,10 +50,23 @@ class PluginStats:
     reloads: int = 0
     reload_failures: int = 0
 
+    pending: list[float] = dataclasses.field(default_factory=list)
+    """Durations not yet bucketed: appending is cheaper than bucketing on the request path."""
+
     def observe(self, seconds: float) -> None:
-        self.callbacks += 1
-        self.callback_seconds_sum += seconds
-        self.callback_buckets[bisect.bisect_left(CALLBACK_BOUNDS_S, seconds)] += 1
+        pending = self.pending
+        pending.append(seconds)
+        if len(pending) >= 512:
+            self.flush()
+
+    def flush(self) -> None:
+        """Fold pending durations into the histogram (also called before reading it)."""
+        pending, self.pending = self.pending, []
+        buckets = self.callback_buckets
+        for seconds in pending:
+            buckets[bisect.bisect_left(CALLBACK_BOUNDS_S, seconds)] += 1
+        self.callbacks += len(pending)
+        self.callback_seconds_sum += sum(pending)
 
 
 class Plugin:
@@ -214,7 +228,9 @@ class Plugin:
         if self._replace_pending and time.monotonic() >= self._next_reload:
             self._replace_vm()
         vm = self.vm
-        if vm is None or vm.dead is not None:
+        # A retired plugin's roots are done: a stream started now (a race with a hot swap) gets
+        # the failure policy rather than callbacks into a deleted root.
+        if vm is None or vm.dead is not None or self.retired:
             mode = BYPASS if self.spec.failure_policy is FailurePolicy.FAIL_OPEN else FAILED
             if mode is FAILED:
                 self.stats.fail_closed += 1
@@ -280,6 +296,8 @@ class Plugin:
             reason = f"trapped in {where}: {exc}"
         self.last_error = reason
         self.host.log(self.spec.name, LogLevel.ERROR, f"filter {self.spec.name} {reason}")
+        if vm.dead is not None:
+            self._fail_paused_streams(vm)  # nothing will ever resume them
         if vm is self.vm and (vm.dead is not None or self.spec.failure_policy is FailurePolicy.RELOAD):
             self._replace_pending = True
             if time.monotonic() >= self._next_reload:
@@ -309,7 +327,7 @@ class Plugin:
         """A root callback trapped: streams waiting on it would hang, so fail them now."""
         for ctx in list(vm.contexts.values()):
             if isinstance(ctx, StreamContext) and ctx.stream.paused:
-                ctx.stream.fail("the filter failed while the stream was paused")
+                ctx.stream.fail(None)  # keep last_error: it names the callback that failed
 
     # -- reporting ---------------------------------------------------------------------------------
     def metrics(self) -> dict[str, int]:
@@ -350,7 +368,7 @@ class HttpStream:
     """One HTTP stream through one filter. Methods mirror Envoy's filter callbacks."""
 
     __slots__ = ("plugin", "vm", "info", "callbacks", "mode", "ctx", "maps", "bodies", "in_log",
-                 "paused", "completed", "_header_args3")
+                 "paused", "completed", "_request_args3", "_response_args3", "_stats")
 
     def __init__(
         self, plugin: Plugin, vm: WasmVM | None, info: StreamInfo, callbacks: StreamCallbacks, mode: str
@@ -367,27 +385,31 @@ class HttpStream:
         self.in_log = False
         self.paused = False
         self.completed = False
-        self._header_args3 = vm is not None and vm.fn.get("proxy_on_request_headers") is not None and len(
-            vm.fn["proxy_on_request_headers"].params) == 3
+        self._request_args3 = vm is not None and vm.request_headers_args3
+        self._response_args3 = vm is not None and vm.response_headers_args3
+        self._stats = plugin.stats
 
     # -- calls -------------------------------------------------------------------------------------
     def _call(self, name: str, *args: int) -> int | None:
         """Call a stream callback; a failure applies the plugin's failure policy and returns None."""
         vm = self.vm
         assert vm is not None
+        fn = vm.fn.get(name)
+        if fn is None:
+            return None  # not exported: the default, continue
         ctx = self.ctx
         if ctx is None:
             ctx = self._create_context()
             if ctx is None:
                 return None
-        started = time.perf_counter()
+        started = perf_counter()
         try:
-            result: int | None = vm.call(name, ctx, ctx.id, *args)
+            result: int | None = vm.invoke(fn, ctx, (ctx.id, *args))
         except WasmTrap as exc:
             self.plugin._on_trap(vm, exc, name)
             self.fail(None)
             return None
-        self.plugin.stats.observe(time.perf_counter() - started)
+        self._stats.observe(perf_counter() - started)
         return result
 
     def _create_context(self) -> StreamContext | None:
@@ -402,7 +424,8 @@ class HttpStream:
         vm.contexts[ctx.id] = ctx
         self.ctx = ctx
         try:
-            vm.call("proxy_on_context_create", ctx, ctx.id, root.id)
+            if vm.on_context_create is not None:
+                vm.invoke(vm.on_context_create, ctx, (ctx.id, root.id))
         except WasmTrap as exc:
             plugin._on_trap(vm, exc, "proxy_on_context_create")
             self.fail(None)
@@ -443,7 +466,7 @@ class HttpStream:
         self.maps[0] = headers
         if self.mode != WASM:
             return self._entry_status()
-        if self._header_args3:
+        if self._request_args3:
             r = self._call("proxy_on_request_headers", len(headers), 1 if end_of_stream else 0)
         else:
             r = self._call("proxy_on_request_headers", len(headers))
@@ -470,7 +493,7 @@ class HttpStream:
         self.maps[2] = headers
         if self.mode != WASM:
             return CONTINUE  # a failed filter is skipped on the way back (Envoy)
-        if self._header_args3:
+        if self._response_args3:
             r = self._call("proxy_on_response_headers", len(headers), 1 if end_of_stream else 0)
         else:
             r = self._call("proxy_on_response_headers", len(headers))
@@ -516,11 +539,12 @@ class HttpStream:
                 ctx = self.ctx
                 if ctx is not None and self.mode == WASM:
                     self.in_log = True
-                    for name in ("proxy_on_log", "proxy_on_done", "proxy_on_delete"):
+                    args = (ctx.id,)
+                    for fn in vm.end_of_stream:
                         try:
-                            vm.call(name, ctx, ctx.id)
+                            vm.invoke(fn, ctx, args)
                         except WasmTrap as exc:
-                            self.plugin._on_trap(vm, exc, name)
+                            self.plugin._on_trap(vm, exc, fn.name)
                             break
             if self.ctx is not None:
                 self.ctx.deleted = True

@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Callable
-from typing import Union
 
 from .api import PluginSpec, StreamInfo
 from .headers import HeaderMap, serialize_pairs
 
-Value = Union[str, bytes, int, bool, dict[str, str], None]
+Value = str | bytes | int | bool | dict[str, str] | None
 
 
 def split_path(raw: bytes) -> list[str]:

@@ -40,7 +40,8 @@ class LogLevel(enum.IntEnum):
         try:
             return cls[key]
         except KeyError:
-            raise ValueError(f"unknown log level {name!r} (one of: {', '.join(m.name.lower() for m in cls)})")
+            choices = ", ".join(m.name.lower() for m in cls)
+            raise ValueError(f"unknown log level {name!r} (one of: {choices})") from None
 
 
 class MapType(enum.IntEnum):

@@ -13,6 +13,7 @@ Rules from cpp-host that this module enforces (reference 1.0, 2.1, 2.4):
 from __future__ import annotations
 
 import dataclasses
+import struct
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -20,8 +21,9 @@ import wasmtime
 
 from . import fastcall
 from .api import CallResponse, Cancellable, Host, PluginSpec, StreamInfo
-from .headers import HeaderMap
+from .fastcall import ACTIVE as _ACTIVE
 from .fastcall import LinearMemory, StoreHandle, WasmFunction, WasmTrap
+from .headers import HeaderMap
 from .metrics import MetricRegistry
 from .types import LogLevel, WasmResult
 
@@ -56,6 +58,7 @@ CALLBACKS: dict[str, tuple[str, str]] = {
 }
 HEADER_CALLBACKS = ("proxy_on_request_headers", "proxy_on_response_headers")
 START_DEADLINE_MS = 1000.0
+_U32x2 = struct.Struct("<II")
 
 
 @dataclasses.dataclass(eq=False)
@@ -74,12 +77,14 @@ class RootContext:
     """The WasmVM this root lives in."""
 
 
-@dataclasses.dataclass(eq=False)
 class StreamContext:
-    id: int
-    root: RootContext
-    stream: HttpStream
-    deleted: bool = False
+    __slots__ = ("id", "root", "stream", "deleted")
+
+    def __init__(self, context_id: int, root: RootContext, stream: HttpStream) -> None:
+        self.id = context_id
+        self.root = root
+        self.stream = stream
+        self.deleted = False
 
 
 Context = RootContext | StreamContext
@@ -106,14 +111,18 @@ class VMOwner(Protocol):
     def finish_root(self, root: RootContext) -> None: ...
 
 
-@dataclasses.dataclass(eq=False)
 class Frame:
-    context: Context | None
-    effective: Context | None = None
-    configuring: bool = False
-    """Inside proxy_on_configure: the plugin configuration buffer is readable."""
-    local_reply_sent: bool = False
-    foreign_args: bytes | None = None
+    """One callback in progress: the context it runs for and what it may see."""
+
+    __slots__ = ("context", "effective", "configuring", "local_reply_sent", "foreign_args")
+
+    def __init__(self, context: Context | None, configuring: bool = False) -> None:
+        self.context = context
+        self.effective: Context | None = None
+        self.configuring = configuring
+        """Inside proxy_on_configure: the plugin configuration buffer is readable."""
+        self.local_reply_sent = False
+        self.foreign_args: bytes | None = None
 
 
 class WasmVM:
@@ -138,13 +147,13 @@ class WasmVM:
         self.dead: str | None = None
         """Why the VM may not be entered any more (proc_exit), or None."""
         self.nested_trap: WasmTrap | None = None
-        self.host_impls: list[Callable[..., Any]] = bind_host_functions(self)
+        self.host_impls, bind_memory = bind_host_functions(self)
 
         self.store = wasmtime.Store(runtime.engine)
         self.store.set_limits(memory_size=self.spec.memory_limit)
         self.handle = StoreHandle(self.store, self.spec.cpu_deadline_ms)
         self.frames.append(Frame(None))
-        fastcall.ACTIVE.append(self)
+        _ACTIVE.append(self)
         try:
             # Start-up code (language runtimes' initialisers) gets a longer, fixed budget.
             self.handle.arm_deadline_ms(START_DEADLINE_MS)
@@ -157,17 +166,29 @@ class WasmVM:
             if not isinstance(memory, wasmtime.Memory):
                 raise WasmTrap("module exports no memory named 'memory'")
             self.memory = LinearMemory(self.handle, memory)
+            bind_memory(self.memory)
             self.fn: dict[str, WasmFunction] = {}
             for name, (params, results) in CALLBACKS.items():
                 self._bind_export(exports, name, {(params, results)})
             for name in HEADER_CALLBACKS:
                 self._bind_export(exports, name, {("iii", "i"), ("ii", "i")})
             self.allocator = self.fn.get("malloc") or self.fn.get("proxy_on_memory_allocate")
+            self.on_context_create = self.fn.get("proxy_on_context_create")
+            # Current Envoy order at the end of a stream: log, done, delete.
+            self.end_of_stream = tuple(
+                self.fn[n] for n in ("proxy_on_log", "proxy_on_done", "proxy_on_delete") if n in self.fn
+            )
+            # 0.1.0 header callbacks take 2 arguments, 0.2.x take 3; some binaries mix them, so
+            # each callback is called with its own arity.
+            request_cb = self.fn.get("proxy_on_request_headers")
+            response_cb = self.fn.get("proxy_on_response_headers")
+            self.request_headers_args3 = request_cb is None or len(request_cb.params) == 3
+            self.response_headers_args3 = response_cb is None or len(response_cb.params) == 3
             if self.allocator is None:
                 raise WasmTrap("module exports no allocator (malloc or proxy_on_memory_allocate)")
             self._run_start()
         finally:
-            fastcall.ACTIVE.pop()
+            _ACTIVE.pop()
             self.frames.pop()
 
     def _bind_export(self, exports: Any, name: str, accepted: set[tuple[str, str]]) -> None:
@@ -229,33 +250,41 @@ class WasmVM:
         fn = self.fn.get(name)
         if fn is None:
             return None
+        return self.invoke(fn, context, args, configuring)
+
+    def invoke(self, fn: WasmFunction, context: Context | None, args: tuple[int, ...],
+               configuring: bool = False) -> Any:
+        """`call` for a function already looked up (the per-request path)."""
         if self.dead is not None:
             raise WasmTrap(f"VM is no longer usable: {self.dead}")
-        frame = Frame(context, configuring=configuring)
+        frame = Frame(context, configuring)
         frames = self.frames
         outermost = not frames
         frames.append(frame)
-        fastcall.ACTIVE.append(self)
+        _ACTIVE.append(self)
         if outermost:
             self.handle.arm_deadline()
         try:
             result = fn(*args)
         except WasmTrap as exc:
-            nested, self.nested_trap = self.nested_trap, None
-            if nested is not None:
-                exc = nested
-            if exc.exit_code is not None:
-                self.dead = f"proc_exit({exc.exit_code})"
-            self.deferred.clear()
-            raise exc from None
+            raise self._trapped(exc) from None
         finally:
-            fastcall.ACTIVE.pop()
+            _ACTIVE.pop()
             frames.pop()
-        if frame.local_reply_sent and fn.results:
+        if frame.local_reply_sent and result is not None:
             result = 1  # a local reply overrides the callback's return value to "stop"
         if outermost and self.deferred:
             self.run_deferred()
         return result
+
+    def _trapped(self, exc: WasmTrap) -> WasmTrap:
+        nested, self.nested_trap = self.nested_trap, None
+        if nested is not None:
+            exc = nested  # the allocator trapped inside a host call: report the real cause
+        if exc.exit_code is not None:
+            self.dead = f"proc_exit({exc.exit_code})"
+        self.deferred.clear()
+        return exc
 
     def run_deferred(self) -> None:
         while self.deferred:
@@ -264,16 +293,16 @@ class WasmVM:
                 action()
 
     def allocate(self, size: int) -> int:
-        """Call the module's allocator (nested inside a host call). 0 = failure."""
-        assert self.allocator is not None
-        self.frames.append(Frame(None))
+        """Call the module's allocator (nested inside a host call). 0 = failure.
+
+        No frame is pushed: the allocator runs on behalf of the host call that needs the buffer,
+        and the only host call allocators make in practice is proxy_log.
+        """
         try:
-            return int(self.allocator(size)) & 0xFFFFFFFF
+            return int(self.allocator(size)) & 0xFFFFFFFF  # type: ignore[misc]
         except WasmTrap as exc:
             self.nested_trap = exc
             raise
-        finally:
-            self.frames.pop()
 
     def return_bytes(self, data: bytes, ptr_ptr: int, size_ptr: int) -> int:
         """The returned-buffer protocol (reference 4.2)."""
@@ -286,6 +315,9 @@ class WasmVM:
         ptr = self.allocate(size)
         if ptr == 0 or not mem.write(ptr, data):
             return WasmResult.INVALID_MEMORY_ACCESS
+        if size_ptr == ptr_ptr + 4:  # the usual layout: one write for both
+            return WasmResult.OK if mem.write(ptr_ptr, _U32x2.pack(ptr, size)) else \
+                WasmResult.INVALID_MEMORY_ACCESS
         if mem.write_u32(ptr_ptr, ptr) and mem.write_u32(size_ptr, size):
             return WasmResult.OK
         return WasmResult.INVALID_MEMORY_ACCESS
@@ -300,7 +332,10 @@ class WasmVM:
         return stream.stream.info if stream is not None else None
 
     def memory_bytes(self) -> int:
-        return self.memory.size if self.dead is None else 0
+        if self.dead is not None:
+            return 0
+        self.memory.refresh()  # the module may have grown its memory itself since we last looked
+        return self.memory.size
 
 
 def _first_line(text: str) -> str:

@@ -78,7 +78,7 @@ class RigHost:
                 for k, v in resp.headers.items():
                     hmap.add(k, v)
                 response = abi.CallResponse(hmap, payload)
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+        except (TimeoutError, aiohttp.ClientError, OSError):
             response = None
         on_response(response)
 
@@ -121,7 +121,7 @@ class _Events:
         self._waiter = self.loop.create_future()
         try:
             return await asyncio.wait_for(self._waiter, timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return None
         finally:
             self._waiter = None
@@ -257,10 +257,12 @@ class FilterRig:
 
         async def run(name: str, call: Callable[[], FilterStatus], resume: str) -> bool:
             """Run a phase; True if the stream goes on, False if it ended in a reply or reset."""
+            seen = len(events.log)
             status = call()
             label = "continue" if status is FilterStatus.CONTINUE else "stop"
             if status is FilterStatus.STOP and events.local_reply is None and not events.reset_called:
-                got = await events.wait(wait)
+                # The filter may already have resumed from inside the callback that stopped.
+                got = resume if resume in events.log[seen:] else await events.wait(wait)
                 if got == resume:
                     label = "stop→resumed"
             phases.append(Phase(name, label))

@@ -1,0 +1,37 @@
+# The two commands a newcomer needs (see README.md):
+#   make demo   sluice with its built-in filters in front of a demo upstream, with lines to try
+#   make test   the whole test suite
+# Both create .venv and install sluice into it on first use.
+
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+
+.PHONY: demo test lint check-built bench
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev,build]'
+	touch $@
+
+demo: $(VENV)/.installed
+	$(PY) examples/demo.py
+
+test: $(VENV)/.installed
+	$(PY) -m pytest
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
+
+# The committed .wasm files must be what their sources build to (needs Node.js/npm for the
+# AssemblyScript ones; the Zig toolchain comes from PyPI).
+check-built: $(VENV)/.installed
+	$(PY) filters/build.py --check
+	$(PY) tests/fixtures/as/build.py --check
+	$(PY) tests/fixtures/as/build.py --project examples/assemblyscript --check
+
+bench: $(VENV)/.installed
+	$(PY) bench/bench_abi.py
+	$(PY) bench/bench_proxy.py

@@ -1,0 +1,43 @@
+;; A lean headers-only proxy-wasm filter (ABI 0.2.1) for bench/bench_abi.py: exactly the lifecycle
+;; the issue names — request headers: 4 header reads and 1 write; response headers: 1 add;
+;; log, done, delete — with no SDK overhead, so the figure is the host's own cost.
+(module
+  (import "env" "proxy_get_header_map_value" (func $get (param i32 i32 i32 i32 i32) (result i32)))
+  (import "env" "proxy_add_header_map_value" (func $add (param i32 i32 i32 i32 i32) (result i32)))
+  (memory (export "memory") 2)
+  ;; names
+  (data (i32.const 0)   ":path")
+  (data (i32.const 16)  ":method")
+  (data (i32.const 32)  ":authority")
+  (data (i32.const 48)  "user-agent")
+  (data (i32.const 64)  "x-seen")
+  (data (i32.const 80)  "yes")
+  (data (i32.const 96)  "x-filter")
+  (data (i32.const 112) "headers")
+  ;; 128..136: out pointer and out size of returned buffers
+  (global $heap (mut i32) (i32.const 4096))
+  (func (export "proxy_abi_version_0_2_1"))
+  ;; bump allocator over a 60 KiB ring: returned buffers are never freed by this filter
+  (func (export "proxy_on_memory_allocate") (param $size i32) (result i32) (local $p i32)
+    (if (i32.gt_u (i32.add (global.get $heap) (local.get $size)) (i32.const 65536))
+      (then (global.set $heap (i32.const 4096))))
+    (local.set $p (global.get $heap))
+    (global.set $heap (i32.add (global.get $heap) (local.get $size)))
+    (local.get $p))
+  (func (export "proxy_on_vm_start") (param i32 i32) (result i32) (i32.const 1))
+  (func (export "proxy_on_configure") (param i32 i32) (result i32) (i32.const 1))
+  (func (export "proxy_on_context_create") (param i32 i32))
+  (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32)
+    (drop (call $get (i32.const 0) (i32.const 0) (i32.const 5) (i32.const 128) (i32.const 132)))
+    (drop (call $get (i32.const 0) (i32.const 16) (i32.const 7) (i32.const 128) (i32.const 132)))
+    (drop (call $get (i32.const 0) (i32.const 32) (i32.const 10) (i32.const 128) (i32.const 132)))
+    (drop (call $get (i32.const 0) (i32.const 48) (i32.const 10) (i32.const 128) (i32.const 132)))
+    (drop (call $add (i32.const 0) (i32.const 64) (i32.const 6) (i32.const 80) (i32.const 3)))
+    (i32.const 0))
+  (func (export "proxy_on_response_headers") (param i32 i32 i32) (result i32)
+    (drop (call $add (i32.const 2) (i32.const 96) (i32.const 8) (i32.const 112) (i32.const 7)))
+    (i32.const 0))
+  (func (export "proxy_on_log") (param i32))
+  (func (export "proxy_on_done") (param i32) (result i32) (i32.const 1))
+  (func (export "proxy_on_delete") (param i32))
+)

@@ -1,0 +1,625 @@
+"""`FilterChain`: the per-request filter manager, as a sans-I/O state machine.
+
+Events go in (request/response headers, data and trailers from the sockets, and the asynchronous
+continue/local-reply/reset events the filters raise through their `abi.StreamCallbacks`); actions
+come out (`take_actions()`), for the server to perform. No socket, no event loop, no clock, so it
+is tested by feeding events and looking at actions.
+
+Semantics follow Envoy's filter manager (reference sections 2.3-2.4):
+
+* decoding runs the filters in order, encoding in reverse order;
+* STOP on headers holds the stream at that filter; body that arrives meanwhile is held too and
+  delivered to that filter as one accumulated buffer once it continues;
+* STOP on a body callback means "buffer": chunks keep being appended to the same `bytearray` and
+  the filter is called again with everything so far (and end_of_stream once it comes);
+* a body held beyond `max_body_buffer` ends the request with a local reply: 413 while decoding,
+  500 while encoding (or a reset when the response has already started);
+* a local reply from filter i while decoding is encoded by filters i, i-1, ..., 0 (the replying
+  filter sees its own reply) and the upstream is never used; once encoding has started it replaces
+  the response directly if nothing was sent yet, else the stream can only be reset;
+* `complete()` finishes every filter stream exactly once.
+
+Filter callbacks may arrive re-entrantly (from inside a stream method, after the VM returned) or
+later from the event loop; both go through one event queue, so the machine never runs a filter
+while another filter call of the same chain is still on the stack.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import logging
+from collections import deque
+from collections.abc import Callable, Sequence
+from typing import Protocol
+
+from abi import FilterStatus, HeaderMap, LocalReply, StreamCallbacks
+
+from .http import local_reply_headers
+
+log = logging.getLogger("sluice.chain")
+
+CONTINUE = FilterStatus.CONTINUE
+
+
+class FilterStream(Protocol):
+    """The part of `abi.HttpStream` the chain drives (tests may pass look-alikes)."""
+
+    def request_headers(self, headers: HeaderMap, end_of_stream: bool) -> FilterStatus: ...
+
+    def request_body(self, body: bytearray, end_of_stream: bool) -> FilterStatus: ...
+
+    def request_trailers(self, trailers: HeaderMap) -> FilterStatus: ...
+
+    def response_headers(self, headers: HeaderMap, end_of_stream: bool) -> FilterStatus: ...
+
+    def response_body(self, body: bytearray, end_of_stream: bool) -> FilterStatus: ...
+
+    def response_trailers(self, trailers: HeaderMap) -> FilterStatus: ...
+
+    def complete(self) -> None: ...
+
+
+StreamFactory = Callable[[StreamCallbacks], FilterStream]
+"""Creates one filter's stream given the callbacks it must use (`plugin.new_stream(info, cbs)`)."""
+
+
+# -- actions -----------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True, slots=True)
+class ForwardRequestHeaders:
+    """All filters continued: route on these headers and start the upstream request."""
+
+    headers: HeaderMap
+    end_of_stream: bool
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ForwardRequestData:
+    data: bytes
+    end_of_stream: bool
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ForwardRequestTrailers:
+    trailers: HeaderMap
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class SendResponseHeaders:
+    """Response headers for the client (`:status` first)."""
+
+    headers: HeaderMap
+    end_of_stream: bool
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class SendResponseData:
+    data: bytes
+    end_of_stream: bool
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class SendResponseTrailers:
+    trailers: HeaderMap
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class AbortUpstream:
+    """A local reply took over: stop (or never start) the upstream exchange, drop request body."""
+
+    reply: LocalReply
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ResetStream:
+    """Abort both connections without a (further) response."""
+
+    reason: str
+
+
+Action = (
+    ForwardRequestHeaders
+    | ForwardRequestData
+    | ForwardRequestTrailers
+    | SendResponseHeaders
+    | SendResponseData
+    | SendResponseTrailers
+    | AbortUpstream
+    | ResetStream
+)
+
+
+class ChainError(Exception):
+    """An event that contradicts HTTP message order (a bug in the caller, not in a filter)."""
+
+
+# -- one direction -----------------------------------------------------------------------------
+class _Phase(enum.Enum):
+    WAITING = 0  # headers have not reached this filter
+    READY = 1  # headers arrived, filter not called yet
+    STOPPED = 2  # filter returned STOP on headers
+    OPEN = 3  # headers continued past this filter
+
+
+class _Slot:
+    """What is queued at one filter of one direction.
+
+    Defaults live on the class so that creating a slot costs nothing until something is written
+    (a chain makes one per filter and direction for every request).
+    """
+
+    phase = _Phase.WAITING
+    body: bytearray | None = None
+    body_eos = False
+    body_dirty = False  # something arrived since the filter last saw the body
+    body_stopped = False  # filter asked to buffer
+    body_done = False  # filter saw end_of_stream (or trailers passed)
+    trailers: HeaderMap | None = None
+    trailers_stopped = False
+
+    def holding(self) -> bool:
+        return self.phase is _Phase.STOPPED or self.body_stopped or self.trailers_stopped
+
+
+class _Direction:
+    """Headers, body and trailers flowing through `order` (filter indices) to a sink."""
+
+    def __init__(self, chain: FilterChain, order: list[int], decoding: bool) -> None:
+        self.chain = chain
+        self.order = order
+        self.decoding = decoding
+        self.slots = [_Slot() for _ in order]
+        self.headers: HeaderMap | None = None
+        self.headers_eos = False
+        self.finished = False  # end of stream reached the sink
+        self.aborted = False
+        self.sink_started = False  # headers reached the sink
+
+    # -- input at the head of the direction --------------------------------------------------
+    def on_headers(self, headers: HeaderMap, end_of_stream: bool) -> None:
+        if self.headers is not None:
+            raise ChainError("headers twice")
+        self.headers = headers
+        self.headers_eos = end_of_stream
+        self._arrive_headers(0)
+
+    def on_data(self, data: bytes | bytearray, end_of_stream: bool) -> None:
+        if self.headers is None or self.headers_eos:
+            raise ChainError("data without headers or after end of stream")
+        self._arrive_data(0, data, end_of_stream)
+
+    def on_trailers(self, trailers: HeaderMap) -> None:
+        if self.headers is None or self.headers_eos:
+            raise ChainError("trailers without headers or after end of stream")
+        self._arrive_trailers(0, trailers)
+
+    # -- propagation ----------------------------------------------------------------------------
+    def _arrive_headers(self, pos: int) -> None:
+        if pos == len(self.order):
+            self.sink_started = True
+            if self.headers_eos:
+                self.finished = True
+            assert self.headers is not None
+            self.chain._sink_headers(self, self.headers, self.headers_eos)
+            return
+        self.slots[pos].phase = _Phase.READY
+        self._pump(pos)
+
+    def _arrive_data(self, pos: int, data: bytes | bytearray, end_of_stream: bool) -> None:
+        if pos == len(self.order):
+            if end_of_stream:
+                self.finished = True
+            self.chain._sink_data(self, bytes(data), end_of_stream)
+            return
+        slot = self.slots[pos]
+        if slot.body is None:
+            # Hand the buffer over without copying when the previous filter is done with it.
+            slot.body = data if isinstance(data, bytearray) else bytearray(data)
+        else:
+            slot.body += data
+        slot.body_eos = slot.body_eos or end_of_stream
+        slot.body_dirty = True
+        if slot.holding() and len(slot.body) > self.chain.max_body_buffer:
+            self.chain._overflow(self, pos)
+            return
+        self._pump(pos)
+
+    def _arrive_trailers(self, pos: int, trailers: HeaderMap) -> None:
+        if pos == len(self.order):
+            self.finished = True
+            self.chain._sink_trailers(self, trailers)
+            return
+        self.slots[pos].trailers = trailers
+        self._pump(pos)
+
+    def _pump(self, pos: int) -> None:
+        """Run filter `pos` on whatever is queued for it, passing results on."""
+        if self.aborted or self.chain._halted:
+            return
+        slot = self.slots[pos]
+        index = self.order[pos]
+        if slot.phase is _Phase.WAITING or slot.phase is _Phase.STOPPED:
+            return
+        if slot.phase is _Phase.READY:
+            assert self.headers is not None
+            status = self.chain._call_headers(self, index, self.headers, self.headers_eos)
+            if self.aborted or self.chain._halted:
+                return
+            if status is not CONTINUE:
+                slot.phase = _Phase.STOPPED
+                return
+            slot.phase = _Phase.OPEN
+            self._arrive_headers(pos + 1)
+            if self.aborted or self.chain._halted:
+                return
+        # Body: call the filter only when something new arrived for it.
+        if slot.body is not None and slot.body_dirty and not slot.body_done:
+            slot.body_dirty = False
+            body = slot.body
+            status = self.chain._call_body(self, index, body, slot.body_eos)
+            if self.aborted or self.chain._halted:
+                return
+            if status is CONTINUE:
+                self._release_body(pos)
+                if self.aborted or self.chain._halted:
+                    return
+            else:
+                slot.body_stopped = True
+                if len(body) > self.chain.max_body_buffer:
+                    self.chain._overflow(self, pos)
+                    return
+        if slot.trailers is None or slot.trailers_stopped:
+            return
+        # Trailers reach the filter even while it buffers body (Envoy calls decodeTrailers then);
+        # continuing them releases the buffered body first.
+        status = self.chain._call_trailers(self, index, slot.trailers)
+        if self.aborted or self.chain._halted:
+            return
+        if status is not CONTINUE:
+            slot.trailers_stopped = True
+            return
+        if slot.body is not None:
+            self._release_body(pos)
+        self._release_trailers(pos)
+
+    def _release_body(self, pos: int) -> None:
+        slot = self.slots[pos]
+        body, eos = slot.body, slot.body_eos
+        slot.body = None
+        slot.body_stopped = False
+        if eos:
+            slot.body_done = True
+        if body is not None:
+            self._arrive_data(pos + 1, body, eos)
+
+    def _release_trailers(self, pos: int) -> None:
+        slot = self.slots[pos]
+        trailers = slot.trailers
+        slot.trailers = None
+        slot.trailers_stopped = False
+        slot.body_done = True
+        if trailers is not None:
+            self._arrive_trailers(pos + 1, trailers)
+
+    def resume(self, index: int) -> None:
+        """The filter at `index` continued (after STOP on headers, body or trailers)."""
+        if self.aborted or index not in self.order:
+            return
+        pos = self.order.index(index)
+        slot = self.slots[pos]
+        if slot.phase is _Phase.STOPPED:
+            slot.phase = _Phase.OPEN
+            self._arrive_headers(pos + 1)
+            # Body held while the filter sat on the headers is now delivered to it, as one buffer.
+            self._pump(pos)
+        elif slot.body_stopped:
+            self._release_body(pos)
+            self._pump(pos)
+        elif slot.trailers_stopped:
+            if slot.body is not None:
+                # The filter buffered body until trailers and now releases both.
+                self._release_body(pos)
+            self._release_trailers(pos)
+        # Otherwise the filter was not holding anything: a stale or duplicate continue.
+
+    def frontier(self) -> int:
+        """Highest filter index that has seen this direction's headers, or -1."""
+        seen = [self.order[p] for p, s in enumerate(self.slots) if s.phase is not _Phase.WAITING]
+        return max(seen, default=-1)
+
+
+# -- the chain ---------------------------------------------------------------------------------
+class _Callbacks:
+    """The `abi.StreamCallbacks` handed to filter `index`: everything becomes a queued event."""
+
+    __slots__ = ("_chain", "_index")
+
+    def __init__(self, chain: FilterChain, index: int) -> None:
+        self._chain = chain
+        self._index = index
+
+    def continue_request(self) -> None:
+        self._chain._post(("continue", True, self._index))
+
+    def continue_response(self) -> None:
+        self._chain._post(("continue", False, self._index))
+
+    def send_local_reply(self, reply: LocalReply) -> None:
+        self._chain._post(("local_reply", self._index, reply))
+
+    def reset(self) -> None:
+        self._chain._post(("reset", self._index, None))
+
+
+_Event = tuple[str, object, object]
+
+
+class FilterChain:
+    """One request's trip through the filters. Create, feed events, drain `take_actions()`."""
+
+    def __init__(
+        self,
+        factories: Sequence[tuple[str, StreamFactory]],
+        *,
+        max_body_buffer: int = 1 << 20,
+    ) -> None:
+        self.max_body_buffer = max_body_buffer
+        self.names = [name for name, _ in factories]
+        self._actions: list[Action] = []
+        self._queue: deque[_Event] = deque()
+        self._running = False
+        self._halted = False  # reset: nothing more happens
+        self._completed = False
+        self.local_reply: LocalReply | None = None
+        """The local reply that answered this request, if any (for stats and logs)."""
+        self.reset_reason: str | None = None
+        self.on_actions: Callable[[], None] | None = None
+        """Called when actions became available (the I/O side wakes its action loop)."""
+        self.streams: list[FilterStream] = []
+        for index, (_name, factory) in enumerate(factories):
+            self.streams.append(factory(_Callbacks(self, index)))
+        n = len(self.streams)
+        self._dec = _Direction(self, list(range(n)), decoding=True)
+        self._enc: _Direction | None = None
+        self._response_started = False  # response headers went to the client
+
+    # -- public events -----------------------------------------------------------------------
+    def request_headers(self, headers: HeaderMap, end_of_stream: bool) -> None:
+        self._post(("req_headers", headers, end_of_stream))
+
+    def request_data(self, data: bytes, end_of_stream: bool) -> None:
+        self._post(("req_data", data, end_of_stream))
+
+    def request_trailers(self, trailers: HeaderMap) -> None:
+        self._post(("req_trailers", trailers, None))
+
+    def response_headers(self, headers: HeaderMap, end_of_stream: bool) -> None:
+        self._post(("resp_headers", headers, end_of_stream))
+
+    def response_data(self, data: bytes, end_of_stream: bool) -> None:
+        self._post(("resp_data", data, end_of_stream))
+
+    def response_trailers(self, trailers: HeaderMap) -> None:
+        self._post(("resp_trailers", trailers, None))
+
+    def send_local_reply(self, reply: LocalReply) -> None:
+        """A reply from the proxy itself, after the filters (Envoy's router: 404, 502, 504...)."""
+        self._post(("local_reply", len(self.streams) - 1, reply))
+
+    def reset(self, reason: str = "reset") -> None:
+        """The client or the upstream went away: stop everything (no action is produced)."""
+        self._halted = True
+        self.reset_reason = self.reset_reason or reason
+        self._queue.clear()
+
+    def take_actions(self) -> list[Action]:
+        actions, self._actions = self._actions, []
+        return actions
+
+    def complete(self) -> None:
+        """Finish every filter stream exactly once (log, done, delete in the VM)."""
+        if self._completed:
+            return
+        self._completed = True
+        self._halted = True
+        self._queue.clear()
+        for index, stream in enumerate(self.streams):
+            try:
+                stream.complete()
+            except Exception:
+                log.exception("filter %s: complete() failed", self.names[index])
+
+    # -- state queries -----------------------------------------------------------------------
+    @property
+    def request_forwarded(self) -> bool:
+        """Request headers passed every filter (the upstream may be contacted)."""
+        return self._dec.sink_started and self.local_reply is None
+
+    @property
+    def request_complete(self) -> bool:
+        return self._dec.finished
+
+    @property
+    def response_started(self) -> bool:
+        return self._response_started
+
+    @property
+    def response_complete(self) -> bool:
+        return self._enc is not None and self._enc.finished
+
+    @property
+    def halted(self) -> bool:
+        return self._halted
+
+    # -- event loop ----------------------------------------------------------------------------
+    def _post(self, event: _Event) -> None:
+        if self._halted:
+            return
+        if self._running:
+            # Raised from inside a filter call: handled once the current dispatch unwinds.
+            self._queue.append(event)
+            return
+        self._running = True
+        try:
+            self._dispatch(event)
+            while self._queue and not self._halted:
+                self._dispatch(self._queue.popleft())
+        finally:
+            self._running = False
+        if self._actions and self.on_actions is not None:
+            self.on_actions()
+
+    def _dispatch(self, event: _Event) -> None:
+        kind, a, b = event
+        if kind == "req_headers":
+            assert isinstance(a, HeaderMap) and isinstance(b, bool)
+            self._dec.on_headers(a, b)
+        elif kind == "req_data":
+            assert isinstance(a, bytes | bytearray) and isinstance(b, bool)
+            if not self._dec.aborted:
+                self._dec.on_data(a, b)
+        elif kind == "req_trailers":
+            assert isinstance(a, HeaderMap)
+            if not self._dec.aborted:
+                self._dec.on_trailers(a)
+        elif kind == "resp_headers":
+            assert isinstance(a, HeaderMap) and isinstance(b, bool)
+            if self._enc is not None:
+                return  # a local reply already answered; the upstream response is moot
+            self._enc = _Direction(self, list(reversed(range(len(self.streams)))), decoding=False)
+            self._enc.on_headers(a, b)
+        elif kind == "resp_data":
+            assert isinstance(a, bytes | bytearray) and isinstance(b, bool)
+            if self._enc is not None and not self._enc.aborted and self.local_reply is None:
+                self._enc.on_data(a, b)
+        elif kind == "resp_trailers":
+            assert isinstance(a, HeaderMap)
+            if self._enc is not None and not self._enc.aborted and self.local_reply is None:
+                self._enc.on_trailers(a)
+        elif kind == "continue":
+            assert isinstance(b, int)
+            direction = self._dec if a else self._enc
+            if direction is not None:
+                direction.resume(b)
+        elif kind == "local_reply":
+            assert isinstance(a, int) and isinstance(b, LocalReply)
+            self._local_reply(a, b)
+        elif kind == "reset":
+            assert isinstance(a, int)
+            self._reset(f"reset by filter {self.names[a]}")
+
+    # -- filter calls ----------------------------------------------------------------------------
+    # A Python exception out of a stream method is a host bug; the request fails like a filter
+    # failure instead of taking the proxy down.
+    def _call_headers(self, d: _Direction, index: int, headers: HeaderMap, eos: bool) -> FilterStatus:
+        stream = self.streams[index]
+        try:
+            if d.decoding:
+                status = stream.request_headers(headers, eos)
+            else:
+                status = stream.response_headers(headers, eos)
+        except Exception:
+            return self._filter_crashed(index)
+        return self._overridden(index, status)
+
+    def _call_body(self, d: _Direction, index: int, body: bytearray, eos: bool) -> FilterStatus:
+        stream = self.streams[index]
+        try:
+            status = stream.request_body(body, eos) if d.decoding else stream.response_body(body, eos)
+        except Exception:
+            return self._filter_crashed(index)
+        return self._overridden(index, status)
+
+    def _call_trailers(self, d: _Direction, index: int, trailers: HeaderMap) -> FilterStatus:
+        stream = self.streams[index]
+        try:
+            status = stream.request_trailers(trailers) if d.decoding else stream.response_trailers(trailers)
+        except Exception:
+            return self._filter_crashed(index)
+        return self._overridden(index, status)
+
+    def _overridden(self, index: int, status: FilterStatus) -> FilterStatus:
+        # A filter that replied or reset during its callback stops there whatever it returned
+        # (cpp-host overrides the return value the same way).
+        if status is CONTINUE and self._queue:
+            for kind, who, _ in self._queue:
+                if who == index and kind in ("local_reply", "reset"):
+                    return FilterStatus.STOP
+        return status
+
+    def _filter_crashed(self, index: int) -> FilterStatus:
+        log.exception("filter %s: stream callback raised", self.names[index])
+        self._queue.appendleft(
+            ("local_reply", index, LocalReply(503, b"filter failure\n", details="filter_exception"))
+        )
+        return FilterStatus.STOP
+
+    # -- sinks ---------------------------------------------------------------------------------
+    def _sink_headers(self, d: _Direction, headers: HeaderMap, eos: bool) -> None:
+        if d.decoding:
+            self._actions.append(ForwardRequestHeaders(headers, eos))
+        else:
+            self._response_started = True
+            self._actions.append(SendResponseHeaders(headers, eos))
+
+    def _sink_data(self, d: _Direction, data: bytes, eos: bool) -> None:
+        if d.decoding:
+            self._actions.append(ForwardRequestData(data, eos))
+        else:
+            self._actions.append(SendResponseData(data, eos))
+
+    def _sink_trailers(self, d: _Direction, trailers: HeaderMap) -> None:
+        if d.decoding:
+            self._actions.append(ForwardRequestTrailers(trailers))
+        else:
+            self._actions.append(SendResponseTrailers(trailers))
+
+    # -- local replies and resets --------------------------------------------------------------
+    def _overflow(self, d: _Direction, pos: int) -> None:
+        if d.decoding:
+            reply = LocalReply(413, b"request body too large\n", details="request_payload_too_large")
+            self._local_reply(d.order[pos], reply)
+        else:
+            reply = LocalReply(500, b"response body too large\n", details="response_payload_too_large")
+            self._local_reply(-1, reply)
+
+    def _local_reply(self, index: int, reply: LocalReply) -> None:
+        if self._halted:
+            return
+        if self._response_started:
+            # Envoy cannot replace a response that is already on the wire either.
+            self._reset(f"local reply {reply.status} after response start")
+            return
+        first = self.local_reply is None
+        self.local_reply = reply
+        self._dec.aborted = True
+        if first:
+            self._actions.append(AbortUpstream(reply))
+        headers = local_reply_headers(reply.status, reply.body, reply.headers)
+        if reply.grpc_status is not None:
+            headers.set("grpc-status", str(reply.grpc_status))
+        eos = not reply.body
+        if self._enc is not None:
+            # Encoding already began (upstream response, or a reply to a reply): send directly,
+            # so a filter replying from its own response callback cannot loop.
+            self._enc.aborted = True
+            self._response_started = True
+            self._actions.append(SendResponseHeaders(headers, eos))
+            if not eos:
+                self._actions.append(SendResponseData(reply.body, True))
+            self._enc.finished = True
+            return
+        # Only filters that saw the request headers see the reply: index, index-1, ..., 0.
+        last = min(index, self._dec.frontier()) if index >= 0 else -1
+        self._enc = _Direction(self, list(range(last, -1, -1)), decoding=False)
+        self._enc.on_headers(headers, eos)
+        if not eos and not self._enc.aborted and not self._halted:
+            self._enc.on_data(reply.body, True)
+
+    def _reset(self, reason: str) -> None:
+        if self._halted:
+            return
+        self.reset_reason = reason
+        self._actions.append(ResetStream(reason))
+        self._halted = True
+        self._queue.clear()

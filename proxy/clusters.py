@@ -1,0 +1,165 @@
+"""`ClusterPool`: the connections to one cluster's endpoints.
+
+* round-robin over endpoints, skipping the ones that recently failed to connect (passive health:
+  5 s after the first failure, doubling up to 60 s; a success clears it). When every endpoint is
+  marked down the least recently failed one is tried anyway, like Envoy's panic mode: a wrong
+  guess costs one connect attempt, refusing would cost the request.
+* keep-alive: finished connections wait in a per-endpoint idle list, newest first.
+* `max_connections` bounds the connections in use at once; further requests wait for one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+
+from .config import ClusterConfig
+from .upstream import ConnectFailed, UpstreamConnection, open_connection
+
+DOWN_FIRST_S = 5.0
+DOWN_MAX_S = 60.0
+MAX_IDLE_PER_ENDPOINT = 256
+
+
+class Endpoint:
+    __slots__ = ("host", "port", "label", "failures", "down_until", "idle")
+
+    def __init__(self, host: str, port: int) -> None:
+        self.host = host
+        self.port = port
+        self.label = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        self.failures = 0
+        self.down_until = 0.0
+        self.idle: list[UpstreamConnection] = []
+
+    def healthy(self, now: float) -> bool:
+        return now >= self.down_until
+
+
+class ClusterPool:
+    def __init__(
+        self,
+        name: str,
+        endpoints: list[tuple[str, int]],
+        *,
+        timeout: float = 15.0,
+        connect_timeout: float = 2.0,
+        host_rewrite: str | None = None,
+        max_connections: int = 256,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if not endpoints:
+            raise ValueError(f"cluster {name}: no endpoints")
+        self.name = name
+        self.endpoints = [Endpoint(host, port) for host, port in endpoints]
+        self.timeout = timeout
+        self.connect_timeout = connect_timeout
+        self.host_rewrite = host_rewrite
+        self.max_connections = max_connections
+        self._clock = clock
+        self._next = 0
+        self._slots = asyncio.Semaphore(max_connections)
+        self._closed = False
+        self.connects = 0
+        self.connect_failures = 0
+        self.reuses = 0
+
+    @classmethod
+    def from_config(cls, name: str, config: ClusterConfig) -> ClusterPool:
+        return cls(
+            name,
+            [(hp.host, hp.port) for hp in config.endpoints],
+            timeout=config.timeout,
+            connect_timeout=config.connect_timeout,
+            host_rewrite=config.host_rewrite,
+            max_connections=config.max_connections,
+        )
+
+    # -- endpoint choice ---------------------------------------------------------------------
+    def pick(self, exclude: Endpoint | None = None) -> Endpoint:
+        now = self._clock()
+        count = len(self.endpoints)
+        for step in range(count):
+            endpoint = self.endpoints[(self._next + step) % count]
+            if endpoint is not exclude and endpoint.healthy(now):
+                self._next = (self._next + step + 1) % count
+                return endpoint
+        others = [e for e in self.endpoints if e is not exclude] or self.endpoints
+        return min(others, key=lambda e: e.down_until)
+
+    def _mark_failed(self, endpoint: Endpoint) -> None:
+        endpoint.failures += 1
+        backoff = min(DOWN_FIRST_S * (2 ** (endpoint.failures - 1)), DOWN_MAX_S)
+        endpoint.down_until = self._clock() + backoff
+        # Idle connections to a host that refuses new ones are likely dead too.
+        for conn in endpoint.idle:
+            conn.close()
+        endpoint.idle.clear()
+
+    # -- leases --------------------------------------------------------------------------------
+    async def acquire(self, *, retry: bool = False, fresh: bool = False) -> UpstreamConnection:
+        """A connection ready for one exchange; `release()` it afterwards, always.
+
+        `retry`: after a connect failure, try once more on another endpoint (idempotent requests).
+        `fresh`: do not reuse an idle connection (a retry after a stale keep-alive connection).
+        Raises ConnectFailed.
+        """
+        if self._closed:
+            raise ConnectFailed(f"cluster {self.name} is shut down")
+        await self._slots.acquire()
+        try:
+            endpoint = self.pick()
+            try:
+                return await self._connect(endpoint, fresh)
+            except ConnectFailed:
+                if not retry or len(self.endpoints) < 2:
+                    raise
+                return await self._connect(self.pick(exclude=endpoint), fresh)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    async def _connect(self, endpoint: Endpoint, fresh: bool) -> UpstreamConnection:
+        if not fresh:
+            while endpoint.idle:
+                conn = endpoint.idle.pop()
+                if not conn.closed:
+                    conn.reset_for_next()
+                    self.reuses += 1
+                    return conn
+        self.connects += 1
+        try:
+            conn = await open_connection(endpoint.host, endpoint.port, self.connect_timeout)
+        except ConnectFailed:
+            self.connect_failures += 1
+            self._mark_failed(endpoint)
+            raise
+        endpoint.failures = 0
+        endpoint.down_until = 0.0
+        return conn
+
+    def release(self, conn: UpstreamConnection) -> None:
+        """Give a connection back: kept for reuse if the exchange ended cleanly, else closed."""
+        self._slots.release()
+        if self._closed or not conn.reusable:
+            conn.close()
+            return
+        for endpoint in self.endpoints:
+            if endpoint.label == conn.endpoint:
+                if len(endpoint.idle) < MAX_IDLE_PER_ENDPOINT:
+                    endpoint.idle.append(conn)
+                    return
+                break
+        conn.close()
+
+    def idle_connections(self) -> int:
+        return sum(len(e.idle) for e in self.endpoints)
+
+    def close(self) -> None:
+        """Close idle connections now; leased ones close when released."""
+        self._closed = True
+        for endpoint in self.endpoints:
+            for conn in endpoint.idle:
+                conn.close()
+            endpoint.idle.clear()

@@ -1,0 +1,203 @@
+"""HTTP/1.1 proxy duties that do not depend on any I/O library (RFC 9110 section 7).
+
+Everything here works on `abi.HeaderMap`, the header representation the filters see, so the
+server and the upstream client agree on one shape: lower-case names, pseudo-headers in front.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+
+from abi import HeaderMap
+
+VIA = "1.1 sluice"
+
+# RFC 9110 7.6.1 plus the legacy ones every proxy strips (RFC 2068 Keep-Alive, Proxy-Connection).
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "proxy-authenticate",
+        "proxy-authorization",
+    }
+)
+
+# Headers a server or client library computes from the framing it actually uses; forwarding the
+# peer's value would contradict that framing after a filter changed the body.
+FRAMING = frozenset({"content-length", "transfer-encoding"})
+
+IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
+
+
+def connection_tokens(headers: HeaderMap) -> set[str]:
+    """Header names listed in `Connection` (each is hop-by-hop for this hop only)."""
+    tokens: set[str] = set()
+    for value in headers.get_all("connection"):
+        for token in value.split(","):
+            token = token.strip().lower()
+            if token:
+                tokens.add(token)
+    return tokens
+
+
+def is_upgrade(headers: HeaderMap) -> bool:
+    """True for an HTTP/1.1 protocol switch request (WebSocket and friends)."""
+    return "upgrade" in connection_tokens(headers) and bool(headers.get("upgrade"))
+
+
+def strip_hop_by_hop(headers: HeaderMap) -> None:
+    """Remove hop-by-hop headers in place, including every header named by `Connection`."""
+    found = False
+    for name, _ in headers:
+        if name in HOP_BY_HOP:
+            found = True
+            break
+    if not found:
+        return  # the common case for responses: one scan, no copy
+    drop = HOP_BY_HOP | connection_tokens(headers)
+    headers.replace_all([(k, v) for k, v in headers if k not in drop])
+
+
+class RequestIds:
+    """UUID-shaped request ids: a random per-process prefix and a counter.
+
+    Unique within the process and unpredictable across processes, at a fraction of uuid4's cost
+    (no syscall, no UUID object): this runs for every request without an x-request-id.
+    """
+
+    def __init__(self) -> None:
+        raw = os.urandom(10).hex()
+        self._prefix = f"{raw[:8]}-{raw[8:12]}-4{raw[12:15]}-{'89ab'[int(raw[15], 16) & 3]}{raw[16:19]}-"
+        self._next = int.from_bytes(os.urandom(4), "big")
+
+    def next(self) -> str:
+        self._next = (self._next + 1) & 0xFFFFFFFFFFFF
+        return f"{self._prefix}{self._next:012x}"
+
+
+def downstream_request_headers(
+    method: str,
+    path: str,
+    fields: Iterable[tuple[str, str]],
+    client_ip: str,
+    scheme: str,
+    request_ids: RequestIds | None,
+) -> tuple[HeaderMap, str | None]:
+    """The request headers the filters see, built in one pass from what the client sent.
+
+    `Host` becomes `:authority` (as in Envoy), hop-by-hop headers are dropped, x-request-id is
+    added when absent, X-Forwarded-For/-Proto/-Host and Via are added. Returns the map and the
+    protocol named by `Upgrade` when the request asks for one (WebSocket), else None.
+    """
+    authority = ""
+    regular: list[tuple[str, str]] = []
+    connection: list[str] = []
+    upgrade: str | None = None
+    xff: list[str] = []
+    via: list[str] = []
+    has_id = has_proto = has_host = False
+    for name, value in fields:
+        name = name.lower()
+        if name in HOP_BY_HOP:
+            if name == "connection":
+                connection.append(value)
+            elif name == "upgrade":
+                upgrade = value
+            continue
+        if name == "host":
+            authority = value
+            continue
+        if name == "x-forwarded-for":
+            xff.append(value)
+            continue
+        if name == "via":
+            via.append(value)
+            continue
+        if name == "x-request-id":
+            has_id = True
+        elif name == "x-forwarded-proto":
+            has_proto = True
+        elif name == "x-forwarded-host":
+            has_host = True
+        regular.append((name, value))
+    tokens: set[str] = set()
+    if connection:
+        for value in connection:
+            tokens.update(t.strip().lower() for t in value.split(","))
+        tokens.discard("")
+        if tokens - HOP_BY_HOP:
+            regular = [(k, v) for k, v in regular if k not in tokens]
+    if "upgrade" not in tokens:
+        upgrade = None
+    headers = HeaderMap()
+    items = [(":method", method), (":path", path), (":authority", authority), (":scheme", scheme)]
+    items.extend(regular)
+    if not has_id and request_ids is not None:
+        items.append(("x-request-id", request_ids.next()))
+    xff.append(client_ip)
+    items.append(("x-forwarded-for", ", ".join(xff)))
+    if not has_proto:
+        items.append(("x-forwarded-proto", scheme))
+    if not has_host and authority:
+        items.append(("x-forwarded-host", authority))
+    via.append(VIA)
+    items.append(("via", ", ".join(via)))
+    headers.replace_all(items)
+    return headers, upgrade
+
+
+def append_value(headers: HeaderMap, name: str, value: str) -> None:
+    """Append to a comma-separated list header, keeping one line (what most peers expect)."""
+    current = headers.get_all(name)
+    if current:
+        headers.set(name, ", ".join([*current, value]))
+    else:
+        headers.add(name, value)
+
+
+def add_forwarding(headers: HeaderMap, client_ip: str, scheme: str) -> None:
+    """X-Forwarded-For/-Proto/-Host and Via on a request going upstream.
+
+    X-Forwarded-Proto and -Host are set only when absent: a proxy in front of us knows better what
+    the original client used.
+    """
+    append_value(headers, "x-forwarded-for", client_ip)
+    if "x-forwarded-proto" not in headers:
+        headers.add("x-forwarded-proto", scheme)
+    if "x-forwarded-host" not in headers:
+        host = headers.get(":authority")
+        if host:
+            headers.add("x-forwarded-host", host)
+    append_value(headers, "via", VIA)
+
+
+def request_target(headers: HeaderMap) -> tuple[str, str, str]:
+    """(method, path, authority) of request headers, with defaults for malformed maps."""
+    return (headers.get(":method") or "GET", headers.get(":path") or "/", headers.get(":authority") or "")
+
+
+def path_only(path: str) -> str:
+    """The path of a request target without its query string (what prefixes match against)."""
+    cut = path.find("?")
+    return path if cut < 0 else path[:cut]
+
+
+def local_reply_headers(status: int, body: bytes, extra: tuple[tuple[str, str], ...] = ()) -> HeaderMap:
+    """Response headers of a generated reply, the way Envoy builds them for a local reply."""
+    headers = HeaderMap([(":status", str(status))])
+    if body:
+        headers.add("content-type", "text/plain")
+    headers.add("content-length", str(len(body)))
+    for name, value in extra:
+        name = name.lower()
+        if name in ("content-type", "content-length"):
+            headers.set(name, value)
+        else:
+            headers.add(name, value)
+    return headers

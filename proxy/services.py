@@ -1,0 +1,163 @@
+"""`Services`: the `abi.Host` the proxy gives every filter (callouts, timers, logs).
+
+Callouts (`proxy_http_call`) go through the same `ClusterPool`s as proxied traffic, looked up in
+the generation that is current when the call starts. An upstream that is not a cluster name but
+`host:port` (filters written for hosts that take addresses) gets a pool of its own, created on
+first use and kept for the life of the process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from abi import CallResponse, Cancellable, HeaderMap, LogLevel
+
+from .clusters import ClusterPool
+from .upstream import UpstreamError
+
+if TYPE_CHECKING:
+    from .app import Generation
+
+log = logging.getLogger("sluice.services")
+
+_LEVELS = {
+    LogLevel.TRACE: 5,
+    LogLevel.DEBUG: logging.DEBUG,
+    LogLevel.INFO: logging.INFO,
+    LogLevel.WARN: logging.WARNING,
+    LogLevel.ERROR: logging.ERROR,
+    LogLevel.CRITICAL: logging.CRITICAL,
+}
+
+MAX_CALL_RESPONSE = 16 << 20  # a callout answer is held in memory whole; bound it
+
+
+def _parse_host_port(text: str) -> tuple[str, int] | None:
+    if text.startswith("["):
+        host, sep, port = text[1:].partition("]:")
+    else:
+        host, sep, port = text.rpartition(":")
+        if ":" in host:
+            return None
+    if not sep or not host or not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
+        return None
+    return host, int(port)
+
+
+class Services:
+    """The proxy's `abi.Host`. All methods run on the event loop thread."""
+
+    def __init__(self, current: Callable[[], Generation | None], loop: asyncio.AbstractEventLoop) -> None:
+        self._current = current
+        self._loop = loop
+        self._adhoc: dict[str, ClusterPool] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.calls = 0
+        self.call_failures = 0
+
+    # -- abi.Host ------------------------------------------------------------------------------
+    def http_call(
+        self,
+        upstream: str,
+        headers: HeaderMap,
+        body: bytes,
+        trailers: HeaderMap,
+        timeout_s: float | None,
+        on_response: Callable[[CallResponse | None], None],
+    ) -> bool:
+        pool = self._pool_for(upstream)
+        if pool is None:
+            return False
+        self.calls += 1
+        task = self._loop.create_task(self._call(pool, headers, body, timeout_s, on_response))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return True
+
+    def call_later(self, delay_s: float, callback: Callable[[], None]) -> Cancellable:
+        def run() -> None:
+            try:
+                callback()
+            except Exception:
+                log.exception("timer callback failed")
+
+        return self._loop.call_later(max(delay_s, 0.0), run)
+
+    def log(self, plugin: str, level: LogLevel, message: str) -> None:
+        logging.getLogger(f"sluice.filter.{plugin}").log(_LEVELS.get(level, logging.INFO), "%s", message)
+
+    # -- internals -----------------------------------------------------------------------------
+    def _pool_for(self, upstream: str) -> ClusterPool | None:
+        gen = self._current()
+        if gen is not None:
+            pool = gen.clusters.get(upstream)
+            if pool is not None:
+                return pool
+        pool = self._adhoc.get(upstream)
+        if pool is not None:
+            return pool
+        address = _parse_host_port(upstream)
+        if address is None:
+            return None
+        pool = ClusterPool(upstream, [address], timeout=15.0, connect_timeout=2.0, max_connections=64)
+        self._adhoc[upstream] = pool
+        return pool
+
+    async def _call(
+        self,
+        pool: ClusterPool,
+        headers: HeaderMap,
+        body: bytes,
+        timeout_s: float | None,
+        on_response: Callable[[CallResponse | None], None],
+    ) -> None:
+        try:
+            timeout = timeout_s if timeout_s else None
+            response = await asyncio.wait_for(self._exchange(pool, headers, body), timeout)
+        except (UpstreamError, OSError, TimeoutError) as exc:
+            self.call_failures += 1
+            log.info("callout to %s failed: %s", pool.name, exc or type(exc).__name__)
+            response = None
+        try:
+            on_response(response)
+        except Exception:
+            log.exception("callout response handler failed")
+
+    async def _exchange(self, pool: ClusterPool, headers: HeaderMap, body: bytes) -> CallResponse:
+        method = headers.get(":method") or "GET"
+        path = headers.get(":path") or "/"
+        authority = pool.host_rewrite or headers.get(":authority") or pool.name
+        fields = [("host", authority)]
+        fields.extend((k, v) for k, v in headers if k[0] != ":" and k not in ("host", "content-length"))
+        retry = not body and method in ("GET", "HEAD", "OPTIONS", "PUT", "DELETE")
+        conn = await pool.acquire(retry=retry)
+        try:
+            conn.start_request(method, path, fields, body=bool(body), content_length=len(body))
+            if body:
+                await conn.write_body(body, True)
+            head = await conn.read_head(pool.timeout)
+            chunks: list[bytes] = []
+            size = 0
+            while True:
+                data = await conn.read_body()
+                if data is None:
+                    break
+                size += len(data)
+                if size > MAX_CALL_RESPONSE:
+                    raise UpstreamError(f"callout response larger than {MAX_CALL_RESPONSE} bytes")
+                chunks.append(data)
+            return CallResponse(
+                headers=head.headers, body=b"".join(chunks), trailers=conn.response_trailers or HeaderMap()
+            )
+        finally:
+            pool.release(conn)
+
+    def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        for pool in self._adhoc.values():
+            pool.close()
+        self._adhoc.clear()
