@@ -329,29 +329,38 @@ class _Direction:
 
 
 # -- the chain ---------------------------------------------------------------------------------
+_Event = tuple[str, object, object]
+
+
 class _Callbacks:
     """The `abi.StreamCallbacks` handed to filter `index`: everything becomes a queued event."""
 
     __slots__ = ("_chain", "_index")
 
     def __init__(self, chain: FilterChain, index: int) -> None:
-        self._chain = chain
+        self._chain: FilterChain | None = chain
         self._index = index
 
+    def _post(self, event: _Event) -> None:
+        # After complete() the chain is gone: a late event (a callout answering after the client
+        # left) has nothing to act on.
+        if self._chain is not None:
+            self._chain._post(event)
+
+    def detach(self) -> None:
+        self._chain = None
+
     def continue_request(self) -> None:
-        self._chain._post(("continue", True, self._index))
+        self._post(("continue", True, self._index))
 
     def continue_response(self) -> None:
-        self._chain._post(("continue", False, self._index))
+        self._post(("continue", False, self._index))
 
     def send_local_reply(self, reply: LocalReply) -> None:
-        self._chain._post(("local_reply", self._index, reply))
+        self._post(("local_reply", self._index, reply))
 
     def reset(self) -> None:
-        self._chain._post(("reset", self._index, None))
-
-
-_Event = tuple[str, object, object]
+        self._post(("reset", self._index, None))
 
 
 class FilterChain:
@@ -376,8 +385,9 @@ class FilterChain:
         self.on_actions: Callable[[], None] | None = None
         """Called when actions became available (the I/O side wakes its action loop)."""
         self.streams: list[FilterStream] = []
-        for index, (_name, factory) in enumerate(factories):
-            self.streams.append(factory(_Callbacks(self, index)))
+        self._callbacks = [_Callbacks(self, index) for index in range(len(factories))]
+        for (_name, factory), callbacks in zip(factories, self._callbacks, strict=True):
+            self.streams.append(factory(callbacks))
         n = len(self.streams)
         self._dec = _Direction(self, list(range(n)), decoding=True)
         self._enc: _Direction | None = None
@@ -428,6 +438,17 @@ class FilterChain:
                 stream.complete()
             except Exception:
                 log.exception("filter %s: complete() failed", self.names[index])
+        # Break the reference cycles (chain <-> directions, chain -> streams -> callbacks -> chain,
+        # chain -> I/O side -> chain) so that a finished request is freed by reference counting
+        # at once: left to the cycle collector, requests pile up and collections become pauses.
+        self.on_actions = None
+        self.streams = []
+        for callbacks in self._callbacks:
+            callbacks.detach()
+        for direction in (self._dec, self._enc):
+            if direction is not None:
+                direction.slots = []
+                del direction.chain
 
     # -- state queries -----------------------------------------------------------------------
     @property

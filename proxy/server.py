@@ -659,6 +659,7 @@ class Exchange:
             self.conn = None
             if self.pool is not None:
                 self.pool.release(conn)
+        self._tasks.clear()
         if self.chain is not None:
             self.info.duration_ns = time.monotonic_ns() - self._start
             self.chain.complete()
