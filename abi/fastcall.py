@@ -25,6 +25,7 @@ import re
 import struct
 import threading
 from collections.abc import Callable, Sequence
+from time import monotonic as _monotonic
 from typing import Any, Protocol
 
 import wasmtime
@@ -220,17 +221,31 @@ def _context_ptr(store: wasmtime.Store) -> ctypes.c_void_p:
 class StoreHandle:
     """The raw context of one store, and its per-call epoch deadline."""
 
-    __slots__ = ("store", "ctx", "_ticks")
+    __slots__ = ("store", "ctx", "_ticks", "_armed_at")
 
     def __init__(self, store: wasmtime.Store, deadline_ms: float) -> None:
         self.store = store
         self.ctx = _context_ptr(store)
-        self._ticks = ctypes.c_uint64(deadline_ticks(deadline_ms))
+        # One tick more than the deadline needs, so that a deadline armed less than a tick ago
+        # still leaves every callback its full budget (see arm_deadline).
+        self._ticks = ctypes.c_uint64(deadline_ticks(deadline_ms) + 1)
+        self._armed_at = -1.0
 
     def arm_deadline(self) -> None:
+        """Give the next call into wasm its CPU deadline.
+
+        Callbacks come in bursts (a request runs several in a row), so re-arming is skipped when
+        the deadline was armed less than one epoch tick ago: at most one tick has passed since,
+        and the extra tick in `_ticks` covers it.
+        """
+        now = _monotonic()
+        if now - self._armed_at < EPOCH_TICK_S:
+            return
+        self._armed_at = now
         _set_epoch_deadline(self.ctx, self._ticks)
 
     def arm_deadline_ms(self, deadline_ms: float) -> None:
+        self._armed_at = -1.0
         _set_epoch_deadline(self.ctx, ctypes.c_uint64(deadline_ticks(deadline_ms)))
 
 

@@ -100,7 +100,9 @@ class Plugin:
             root.tick_timer.cancel()
             root.tick_timer = None
         root.tick_period_ms = period_ms
-        if period_ms > 0 and not root.deleted:
+        # A retired plugin (replaced by a hot reload) does not tick again, even if a stream still
+        # running on its VM asks for it.
+        if period_ms > 0 and not root.deleted and not self.retired:
             root.tick_timer = self.host.call_later(period_ms / 1000, lambda: self._tick(root))
 
     def _tick(self, root: RootContext) -> None:
@@ -539,13 +541,11 @@ class HttpStream:
                 ctx = self.ctx
                 if ctx is not None and self.mode == WASM:
                     self.in_log = True
-                    args = (ctx.id,)
-                    for fn in vm.end_of_stream:
-                        try:
-                            vm.invoke(fn, ctx, args)
-                        except WasmTrap as exc:
-                            self.plugin._on_trap(vm, exc, fn.name)
-                            break
+                    try:
+                        vm.invoke_each(vm.end_of_stream, ctx, (ctx.id,))
+                    except WasmTrap as exc:
+                        failed = vm.failed_fn
+                        self.plugin._on_trap(vm, exc, failed.name if failed else "proxy_on_log")
             if self.ctx is not None:
                 self.ctx.deleted = True
                 vm.contexts.pop(self.ctx.id, None)

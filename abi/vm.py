@@ -147,6 +147,7 @@ class WasmVM:
         self.dead: str | None = None
         """Why the VM may not be entered any more (proc_exit), or None."""
         self.nested_trap: WasmTrap | None = None
+        self.failed_fn: WasmFunction | None = None
         self.host_impls, bind_memory = bind_host_functions(self)
 
         self.store = wasmtime.Store(runtime.engine)
@@ -277,6 +278,35 @@ class WasmVM:
             self.run_deferred()
         return result
 
+    def invoke_each(self, fns: tuple[WasmFunction, ...], context: Context, args: tuple[int, ...]) -> None:
+        """Several void callbacks in a row for one context (end of stream: log, done, delete).
+
+        Each still gets a fresh effective context; raises WasmTrap naming nothing: the caller
+        knows which function it was from `self.failed_fn`.
+        """
+        if self.dead is not None:
+            raise WasmTrap(f"VM is no longer usable: {self.dead}")
+        frame = Frame(context)
+        frames = self.frames
+        outermost = not frames
+        frames.append(frame)
+        _ACTIVE.append(self)
+        fn = None
+        try:
+            for fn in fns:
+                if outermost:
+                    self.handle.arm_deadline()
+                frame.effective = None
+                fn(*args)
+        except WasmTrap as exc:
+            self.failed_fn = fn
+            raise self._trapped(exc) from None
+        finally:
+            _ACTIVE.pop()
+            frames.pop()
+        if outermost and self.deferred:
+            self.run_deferred()
+
     def _trapped(self, exc: WasmTrap) -> WasmTrap:
         nested, self.nested_trap = self.nested_trap, None
         if nested is not None:
@@ -292,27 +322,23 @@ class WasmVM:
             for action in actions:
                 action()
 
-    def allocate(self, size: int) -> int:
-        """Call the module's allocator (nested inside a host call). 0 = failure.
-
-        No frame is pushed: the allocator runs on behalf of the host call that needs the buffer,
-        and the only host call allocators make in practice is proxy_log.
-        """
-        try:
-            return int(self.allocator(size)) & 0xFFFFFFFF  # type: ignore[misc]
-        except WasmTrap as exc:
-            self.nested_trap = exc
-            raise
-
     def return_bytes(self, data: bytes, ptr_ptr: int, size_ptr: int) -> int:
-        """The returned-buffer protocol (reference 4.2)."""
+        """The returned-buffer protocol (reference 4.2): allocate in the module, copy, report.
+
+        The allocator runs nested inside the host call that needs the buffer, on its frame (the
+        only host call allocators make in practice is proxy_log).
+        """
         size = len(data)
         mem = self.memory
         if size == 0:
             if mem.write_u32(ptr_ptr, 0) and mem.write_u32(size_ptr, 0):
                 return WasmResult.OK
             return WasmResult.INVALID_MEMORY_ACCESS
-        ptr = self.allocate(size)
+        try:
+            ptr = self.allocator(size) & 0xFFFFFFFF  # type: ignore[misc]
+        except WasmTrap as exc:
+            self.nested_trap = exc  # the outer call reports this cause, not "host call failed"
+            raise
         if ptr == 0 or not mem.write(ptr, data):
             return WasmResult.INVALID_MEMORY_ACCESS
         if size_ptr == ptr_ptr + 4:  # the usual layout: one write for both

@@ -19,13 +19,19 @@ import itertools
 import logging
 import signal
 import sys
+import time
+import weakref
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import abi
 
+from .admin import AdminServer
 from .clusters import ClusterPool
 from .config import FilterConfig, SluiceConfig
+from .logs import variant_header
+from .reload import Reloader
 from .routing import Router
 from .server import ProxyServer, ProxyStats
 from .services import Services
@@ -47,6 +53,14 @@ class LoadedFilter:
     @property
     def match(self) -> str | None:
         return self.config.match
+
+
+_loaded: weakref.WeakKeyDictionary[abi.Plugin, tuple[int, float]] = weakref.WeakKeyDictionary()
+
+
+def loaded_in(plugin: abi.Plugin) -> tuple[int, float] | None:
+    """(generation number, time.time()) of the generation that first served `plugin` (admin API)."""
+    return _loaded.get(plugin)
 
 
 class Generation:
@@ -71,6 +85,11 @@ class Generation:
         self._keep: frozenset[int] = frozenset()
         self._unfiltered = not any(f.match for f in filters)
         self.on_disposed: Callable[[Generation], None] | None = None
+        self.variant_header = variant_header(config.chain)
+        """The request header the access log reports as `variant` (proxy/logs.py)."""
+        now = time.time()
+        for f in filters:
+            _loaded.setdefault(f.plugin, (number, now))  # a plugin carried over keeps its first
 
     def filters_for(self, path: str) -> list[LoadedFilter]:
         """The chain entries whose `match` prefix covers `path` (all of them when none has one)."""
@@ -126,10 +145,26 @@ class Gateway:
         self._numbers = itertools.count(1)
         self.retiring: set[Generation] = set()
         self.services: Services | None = None
-        self.server = ProxyServer(
-            self._current, self.stats, max_request_header_size=config.max_request_header_size
-        )
+        self.server = ProxyServer(self._current, self.stats, max_request_header_size=config.max_request_header_size)
         self.address: tuple[str, int] | None = None
+        self.draining = False
+        self.on_drain: Callable[[], None] | None = None
+        """Begins shutdown; `sluice run` sets it to what SIGTERM does. `drain()` (admin) calls it."""
+        self.admin: Any = None
+        """The admin listener (`proxy.admin.AdminServer`) when one runs."""
+        self.reloader: Reloader | None = None
+        """Hot reload (proxy/reload.py): runs when the config came from a file (`watch=True`)."""
+        self.watch = config.source_path is not None
+
+    def current_generation(self) -> Generation | None:
+        """The generation serving new requests, or None before `start()`."""
+        return self._generation
+
+    def drain(self) -> None:
+        """Begin graceful shutdown (`POST /drain`): /ready answers 503 from now on."""
+        self.draining = True
+        if self.on_drain is not None:
+            self.on_drain()
 
     # -- generations -----------------------------------------------------------------------------
     @property
@@ -147,11 +182,13 @@ class Gateway:
             self._runtime = abi.Runtime(cache_dir=self.config.cache_dir)
         return self._runtime
 
-    async def build_generation(self, config: SluiceConfig) -> Generation:
+    async def build_generation(self, config: SluiceConfig, previous: Generation | None = None) -> Generation:
         """Compile and load every filter of `config` (raises abi.PluginLoadError, naming the file).
 
         Compilation runs in worker threads (CPU-heavy, cached on disk); loading runs here because
-        it starts VMs that call back into `Services` on this loop.
+        it starts VMs that call back into `Services` on this loop. A filter of `previous` whose
+        entry and module bytes (sha256) are unchanged keeps its Plugin (hot reload: its VM state,
+        e.g. counters in linear memory, survives); `install` then does not retire it.
         """
         assert self.services is not None, "start() first"
         filters: list[LoadedFilter] = []
@@ -162,13 +199,26 @@ class Gateway:
             modules = await asyncio.gather(
                 *(loop.run_in_executor(None, runtime.compile, f.module_path) for f in config.chain)
             )
+            reusable = {} if previous is None else {f.name: f for f in previous.filters}
+            carried: set[int] = set()
             try:
                 for entry, module in zip(config.chain, modules, strict=True):
-                    plugin = runtime.load(entry.to_plugin_spec(), self.services, module=module)
+                    old = reusable.get(entry.name)
+                    if (
+                        old is not None
+                        and old.config == entry
+                        and old.plugin.module.sha256 == module.sha256
+                        and not old.plugin.retired
+                    ):
+                        plugin = old.plugin
+                        carried.add(id(plugin))
+                    else:
+                        plugin = runtime.load(entry.to_plugin_spec(), self.services, module=module)
                     filters.append(LoadedFilter(entry, plugin))
             except BaseException:
                 for f in filters:
-                    f.plugin.retire()
+                    if id(f.plugin) not in carried:
+                        f.plugin.retire()
                 raise
         clusters = {name: ClusterPool.from_config(name, c) for name, c in config.clusters.items()}
         return Generation(next(self._numbers), config, filters, Router(config.routes), clusters)
@@ -184,6 +234,41 @@ class Gateway:
             old.retire(keep)
         return old
 
+    def snapshot(self) -> dict[str, Any]:
+        """Everything an admin endpoint shows: counters, clusters, filters, generations."""
+        gen = self._generation
+        out: dict[str, Any] = {"stats": self.stats.snapshot(), "generation": None}
+        if gen is None:
+            return out
+        out["generation"] = {"number": gen.number, "active_requests": gen.active}
+        out["retiring_generations"] = [{"number": g.number, "active_requests": g.active} for g in self.retiring]
+        out["clusters"] = {
+            name: {
+                "connects": pool.connects,
+                "connect_failures": pool.connect_failures,
+                "reuses": pool.reuses,
+                "idle_connections": pool.idle_connections(),
+                "endpoints": [
+                    {"address": e.label, "failures": e.failures, "healthy": e.healthy(time.monotonic())}
+                    for e in pool.endpoints
+                ],
+            }
+            for name, pool in gen.clusters.items()
+        }
+        out["filters"] = [
+            {
+                "name": f.name,
+                "match": f.match,
+                "state": f.plugin.state,
+                "active_streams": f.plugin.active_streams,
+                "vm_count": f.plugin.vm_count,
+            }
+            for f in gen.filters
+        ]
+        if self.services is not None:
+            out["callouts"] = {"calls": self.services.calls, "failures": self.services.call_failures}
+        return out
+
     # -- lifecycle -------------------------------------------------------------------------------
     async def start(self, host: str | None = None, port: int | None = None) -> tuple[str, int]:
         """Load the config's filters and listen (default: `config.listen`; port 0 = any)."""
@@ -193,6 +278,9 @@ class Gateway:
         listen_host = host if host is not None else self.config.listen.host
         listen_port = port if port is not None else self.config.listen.port
         self.address = await self.server.start(listen_host, listen_port)
+        if self.watch and self.config.source_path is not None and self.reloader is None:
+            self.reloader = Reloader(self, self.config.source_path)
+            await self.reloader.start()
         return self.address
 
     @property
@@ -202,6 +290,9 @@ class Gateway:
 
     async def stop(self, drain_timeout: float | None = None) -> None:
         """Stop accepting, let in-flight requests finish (up to `drain_timeout`), release all."""
+        self.draining = True
+        if self.reloader is not None:
+            await self.reloader.stop()
         timeout = self.config.drain_timeout if drain_timeout is None else drain_timeout
         await self.server.shutdown(timeout)
         if self._generation is not None:
@@ -218,9 +309,7 @@ class Gateway:
 
 
 def _setup_logging(config: SluiceConfig) -> None:
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
-    )
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     access = logging.getLogger("sluice.access")
     access.propagate = False
     if config.access_log is None:
@@ -250,18 +339,26 @@ async def _run(config: SluiceConfig) -> int:
     except OSError as exc:
         log.error("cannot listen on %s: %s", config.listen, exc.strerror or exc)
         return 1
+    gateway.on_drain = stop.set  # POST /drain takes the SIGTERM path
+    admin = AdminServer(gateway)
+    try:
+        admin_host, admin_port = await admin.start()
+    except OSError as exc:
+        log.error("cannot listen on %s (admin): %s", config.admin.listen, exc.strerror or exc)
+        await gateway.stop(0)
+        return 1
+    log.info("admin API on http://%s:%d/", admin_host, admin_port)
     # Everything loaded so far (config, modules, VMs) lives until shutdown: keep it out of the
     # collector's scans, and collect young objects less often (requests allocate a lot of
     # short-lived ones). Both cut tail latency, not throughput.
     gc.collect()
     gc.freeze()
     gc.set_threshold(20_000, 50, 100)
-    log.info(
-        "sluice listening on %s:%d (%d filters, %d routes)", host, port, len(config.chain), len(config.routes)
-    )
+    log.info("sluice listening on %s:%d (%d filters, %d routes)", host, port, len(config.chain), len(config.routes))
     await stop.wait()
     log.info("shutting down: draining in-flight requests (up to %gs)", config.drain_timeout)
     await gateway.stop(config.drain_timeout)
+    await admin.stop()
     log.info("stopped")
     return 0
 

@@ -357,9 +357,13 @@ class _Callbacks:
         self._post(("continue", False, self._index))
 
     def send_local_reply(self, reply: LocalReply) -> None:
+        if self._chain is not None:
+            self._chain.acted |= 1 << self._index
         self._post(("local_reply", self._index, reply))
 
     def reset(self) -> None:
+        if self._chain is not None:
+            self._chain.acted |= 1 << self._index
         self._post(("reset", self._index, None))
 
 
@@ -382,6 +386,8 @@ class FilterChain:
         self.local_reply: LocalReply | None = None
         """The local reply that answered this request, if any (for stats and logs)."""
         self.reset_reason: str | None = None
+        self.acted = 0
+        """Bit i set: filter i paused the stream, replied, reset or changed headers (access log)."""
         self.on_actions: Callable[[], None] | None = None
         """Called when actions became available (the I/O side wakes its action loop)."""
         self.streams: list[FilterStream] = []
@@ -472,6 +478,11 @@ class FilterChain:
     def halted(self) -> bool:
         return self._halted
 
+    def acted_filters(self) -> list[str]:
+        """Names of the filters that paused, replied locally, reset or changed headers."""
+        acted = self.acted
+        return [name for i, name in enumerate(self.names) if acted >> i & 1]
+
     # -- event loop ----------------------------------------------------------------------------
     def _post(self, event: _Event) -> None:
         if self._halted:
@@ -534,13 +545,13 @@ class FilterChain:
     # failure instead of taking the proxy down.
     def _call_headers(self, d: _Direction, index: int, headers: HeaderMap, eos: bool) -> FilterStatus:
         stream = self.streams[index]
+        before = headers.items()  # a shallow list copy: cheap, and how "changed headers" is seen
         try:
-            if d.decoding:
-                status = stream.request_headers(headers, eos)
-            else:
-                status = stream.response_headers(headers, eos)
+            status = stream.request_headers(headers, eos) if d.decoding else stream.response_headers(headers, eos)
         except Exception:
             return self._filter_crashed(index)
+        if status is not CONTINUE or headers.items() != before:
+            self.acted |= 1 << index
         return self._overridden(index, status)
 
     def _call_body(self, d: _Direction, index: int, body: bytearray, eos: bool) -> FilterStatus:
@@ -549,6 +560,8 @@ class FilterChain:
             status = stream.request_body(body, eos) if d.decoding else stream.response_body(body, eos)
         except Exception:
             return self._filter_crashed(index)
+        if status is not CONTINUE:
+            self.acted |= 1 << index
         return self._overridden(index, status)
 
     def _call_trailers(self, d: _Direction, index: int, trailers: HeaderMap) -> FilterStatus:
@@ -557,6 +570,8 @@ class FilterChain:
             status = stream.request_trailers(trailers) if d.decoding else stream.response_trailers(trailers)
         except Exception:
             return self._filter_crashed(index)
+        if status is not CONTINUE:
+            self.acted |= 1 << index
         return self._overridden(index, status)
 
     def _overridden(self, index: int, status: FilterStatus) -> FilterStatus:
@@ -569,10 +584,9 @@ class FilterChain:
         return status
 
     def _filter_crashed(self, index: int) -> FilterStatus:
+        self.acted |= 1 << index
         log.exception("filter %s: stream callback raised", self.names[index])
-        self._queue.appendleft(
-            ("local_reply", index, LocalReply(503, b"filter failure\n", details="filter_exception"))
-        )
+        self._queue.appendleft(("local_reply", index, LocalReply(503, b"filter failure\n", details="filter_exception")))
         return FilterStatus.STOP
 
     # -- sinks ---------------------------------------------------------------------------------

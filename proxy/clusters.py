@@ -17,6 +17,11 @@ from collections.abc import Callable
 from .config import ClusterConfig
 from .upstream import ConnectFailed, UpstreamConnection, open_connection
 
+
+class PoolExhausted(ConnectFailed):
+    """`max_connections` were in use for longer than the connect timeout."""
+
+
 DOWN_FIRST_S = 5.0
 DOWN_MAX_S = 60.0
 MAX_IDLE_PER_ENDPOINT = 256
@@ -64,6 +69,7 @@ class ClusterPool:
         self.connects = 0
         self.connect_failures = 0
         self.reuses = 0
+        self.overflows = 0
 
     @classmethod
     def from_config(cls, name: str, config: ClusterConfig) -> ClusterPool:
@@ -107,7 +113,17 @@ class ClusterPool:
         """
         if self._closed:
             raise ConnectFailed(f"cluster {self.name} is shut down")
-        await self._slots.acquire()
+        if self._slots.locked():
+            # Every connection is busy: wait for one like for a connect, then give up (503).
+            try:
+                await asyncio.wait_for(self._slots.acquire(), self.connect_timeout)
+            except TimeoutError:
+                self.overflows += 1
+                raise PoolExhausted(
+                    f"cluster {self.name}: all {self.max_connections} connections busy for {self.connect_timeout:g}s"
+                ) from None
+        else:
+            await self._slots.acquire()
         try:
             endpoint = self.pick()
             try:

@@ -15,7 +15,7 @@ import dataclasses
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
@@ -38,7 +38,7 @@ from .chain import (
     SendResponseHeaders,
     SendResponseTrailers,
 )
-from .clusters import ClusterPool
+from .clusters import ClusterPool, PoolExhausted
 from .http import (
     IDEMPOTENT_METHODS,
     VIA,
@@ -48,6 +48,8 @@ from .http import (
     path_only,
     strip_hop_by_hop,
 )
+from .logs import access_line, access_record
+from .metrics import TrafficStats
 from .upstream import ConnectFailed, UpstreamConnection, UpstreamError, UpstreamReset, UpstreamTimeout
 
 if TYPE_CHECKING:
@@ -58,7 +60,7 @@ access_log = logging.getLogger("sluice.access")
 
 BODYLESS_METHODS_NEEDING_LENGTH = frozenset({"POST", "PUT", "PATCH"})
 _PROXY_REASONS = frozenset(
-    {"no_route", "no_cluster", "upstream_connect_failure", "upstream_timeout", "upstream_reset"}
+    {"no_route", "no_cluster", "upstream_connect_failure", "upstream_overflow", "upstream_timeout", "upstream_reset"}
 )
 
 
@@ -79,6 +81,8 @@ class ProxyStats:
     websocket_upgrades: int = 0
     bytes_received: int = 0
     bytes_sent: int = 0
+    traffic: TrafficStats = dataclasses.field(default_factory=TrafficStats)
+    """Requests by route, cluster and status class; upstream latency per cluster (proxy/metrics.py)."""
 
     def snapshot(self) -> dict[str, Any]:
         return {
@@ -193,6 +197,11 @@ class Exchange:
         self._request_head: tuple[str, str, list[tuple[str, str]], bool, int | None] | None = None
         self._start = time.monotonic_ns()
 
+    @property
+    def started_ns(self) -> int:
+        """time.monotonic_ns() when the exchange began."""
+        return self._start
+
     # -- entry ---------------------------------------------------------------------------------
     async def run(self) -> web.StreamResponse:
         request = self.request
@@ -221,7 +230,7 @@ class Exchange:
         try:
             chain.request_headers(headers, not has_body)
             if has_body:
-                self._spawn(self._read_client_body())
+                self._spawn(self._read_client_body)
             await self._action_loop()
         except asyncio.CancelledError:
             # aiohttp cancels the handler when the client goes away.
@@ -315,9 +324,20 @@ class Exchange:
             self._reset_reason = action.reason
             self.stats.resets["filter"] += 1
 
-    def _spawn(self, coro: Any) -> None:
-        task = asyncio.get_running_loop().create_task(coro)
+    def _spawn(self, feeder: Callable[[], Coroutine[Any, Any, None]]) -> None:
+        task = asyncio.get_running_loop().create_task(self._guarded(feeder))
         self._tasks.append(task)
+
+    async def _guarded(self, feeder: Callable[[], Coroutine[Any, Any, None]]) -> None:
+        # A bug in a feeder must end the request, not leave the action loop waiting forever.
+        # (The coroutine is made here, so a task cancelled before it ran leaves none behind.)
+        try:
+            await feeder()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("request %s: internal error", self.request.raw_path)
+            self._fail("internal error", "internal_error")
 
     async def _caught_up(self) -> None:
         """Wait until the action loop has performed everything produced so far."""
@@ -355,6 +375,11 @@ class Exchange:
         assert chain is not None
         content = self.request.content
         try:
+            expect = self.request.headers.get("expect", "")
+            if expect.lower() == "100-continue" and self.request.version >= (1, 1):
+                # aiohttp's low-level server leaves this to the application. The filters and the
+                # upstream see the body as it streams, so there is nothing to wait for.
+                await self.request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
             while not chain.halted and not self._finished:
                 await self._caught_up()
                 chunk = await content.readany()
@@ -389,7 +414,7 @@ class Exchange:
         fields: list[tuple[str, str]] = [("host", authority)]
         content_length: int | None = None
         for name, value in headers:
-            if name[0] == ":" or name == "host":
+            if name[0] == ":" or name == "host" or name == "expect":
                 continue
             if name == "content-length":
                 if value.isdigit():
@@ -405,7 +430,13 @@ class Exchange:
         self._request_head = (method, target, fields, not eos, content_length)
         if not await self._connect(fresh=False):
             return
-        self._spawn(self._read_upstream())
+        if eos and not chain.streams:
+            # Nothing else can happen to this request until the upstream answers (the request
+            # is complete and there is no filter that could raise an event meanwhile), so the
+            # head is awaited right here instead of in a task of its own.
+            await self._read_upstream(inline=True)
+        else:
+            self._spawn(self._read_upstream)
 
     async def _connect(self, *, fresh: bool) -> bool:
         pool = self.pool
@@ -413,6 +444,10 @@ class Exchange:
         method, target, fields, body, content_length = self._request_head
         try:
             conn = await pool.acquire(retry=self._retryable, fresh=fresh)
+        except PoolExhausted as exc:
+            log.info("%s", exc)
+            self._local("upstream_overflow", 503, b"upstream overflow\n")
+            return False
         except ConnectFailed as exc:
             log.info("cluster %s: %s", pool.name, exc)
             self._local("upstream_connect_failure", 502, b"upstream connect error\n")
@@ -442,7 +477,7 @@ class Exchange:
             log.debug("upstream %s: request body: %r", conn.endpoint, exc)
 
     # -- response side ---------------------------------------------------------------------------
-    async def _read_upstream(self) -> None:
+    async def _read_upstream(self, inline: bool = False) -> None:
         chain = self.chain
         pool = self.pool
         assert chain is not None and pool is not None
@@ -486,6 +521,20 @@ class Exchange:
         chain.response_headers(headers, eos)
         if eos:
             return
+        if inline:
+            # Usually the whole body came with the head; anything more streams from a task,
+            # since the action loop (our caller) must be free to forward it.
+            if conn.response_complete_after_buffered():
+                data = await conn.read_body()
+                chain.response_data(data or b"", True)
+            else:
+                self._spawn(self._read_upstream_body)
+            return
+        await self._read_upstream_body()
+
+    async def _read_upstream_body(self) -> None:
+        chain, pool, conn = self.chain, self.pool, self.conn
+        assert chain is not None and pool is not None and conn is not None
         try:
             while not chain.halted and not self._finished:
                 await self._caught_up()
@@ -493,6 +542,7 @@ class Exchange:
                 if data is None:
                     trailers = conn.response_trailers
                     if trailers is not None:
+                        self.info.response_trailers = trailers
                         chain.response_trailers(trailers)
                     else:
                         chain.response_data(b"", True)
@@ -718,19 +768,38 @@ class ProxyServer:
         finally:
             stats.requests_active -= 1
             gen.release()
+            info = exchange.info
+            latency = info.backend_latency_ns
+            stats.traffic.observe(
+                info.route_name, info.cluster_name, info.response_code, latency / 1e9 if latency else None
+            )
             if self.access_log:
-                info = exchange.info
-                access_log.info(
-                    '%s "%s %s" %d %d %d %s %.1fms',
-                    info.source_address,
-                    request.method,
-                    request.raw_path,
-                    info.response_code,
-                    info.request_size,
-                    info.response_size,
-                    info.upstream_address or "-",
-                    info.duration_ns / 1e6,
-                )
+                self._log_access(exchange, gen)
+
+    @staticmethod
+    def _log_access(exchange: Exchange, gen: Generation) -> None:
+        info = exchange.info
+        request = exchange.request
+        chain = exchange.chain
+        headers = info.request_headers
+        local = chain.local_reply if chain is not None else None
+        record = access_record(
+            start_ns=info.start_time_ns,
+            method=request.method,
+            path=request.raw_path,
+            status=info.response_code,
+            bytes_sent=info.response_size,
+            bytes_received=info.request_size,
+            duration_ns=info.duration_ns or time.monotonic_ns() - exchange.started_ns,
+            upstream=info.upstream_address,
+            cluster=info.cluster_name,
+            route=info.route_name,
+            variant=headers.get(gen.variant_header) if headers is not None else None,
+            filters=chain.acted_filters() if chain is not None else (),
+            source=info.source_address,
+            local_reply=(local.details or "filter") if local is not None else None,
+        )
+        access_log.info("%s", access_line(record))
 
     async def stop_accepting(self) -> None:
         self._draining = True

@@ -16,21 +16,13 @@ from typing import TYPE_CHECKING
 from abi import CallResponse, Cancellable, HeaderMap, LogLevel
 
 from .clusters import ClusterPool
+from .logs import FilterLogs
 from .upstream import UpstreamError
 
 if TYPE_CHECKING:
     from .app import Generation
 
 log = logging.getLogger("sluice.services")
-
-_LEVELS = {
-    LogLevel.TRACE: 5,
-    LogLevel.DEBUG: logging.DEBUG,
-    LogLevel.INFO: logging.INFO,
-    LogLevel.WARN: logging.WARNING,
-    LogLevel.ERROR: logging.ERROR,
-    LogLevel.CRITICAL: logging.CRITICAL,
-}
 
 MAX_CALL_RESPONSE = 16 << 20  # a callout answer is held in memory whole; bound it
 
@@ -57,6 +49,8 @@ class Services:
         self._tasks: set[asyncio.Task[None]] = set()
         self.calls = 0
         self.call_failures = 0
+        self.filter_logs = FilterLogs(call_later=loop.call_later)
+        """Filter log lines, rate-limited per filter (proxy/logs.py)."""
 
     # -- abi.Host ------------------------------------------------------------------------------
     def http_call(
@@ -87,7 +81,7 @@ class Services:
         return self._loop.call_later(max(delay_s, 0.0), run)
 
     def log(self, plugin: str, level: LogLevel, message: str) -> None:
-        logging.getLogger(f"sluice.filter.{plugin}").log(_LEVELS.get(level, logging.INFO), "%s", message)
+        self.filter_logs.log(plugin, level, message)
 
     # -- internals -----------------------------------------------------------------------------
     def _pool_for(self, upstream: str) -> ClusterPool | None:
@@ -156,6 +150,8 @@ class Services:
             pool.release(conn)
 
     def close(self) -> None:
+        self.filter_logs.flush()
+        self.filter_logs.close()
         for task in list(self._tasks):
             task.cancel()
         for pool in self._adhoc.values():

@@ -175,10 +175,7 @@ class UpstreamConnection(asyncio.Protocol):
             headers.add(name, value)
         self._fields = []
         self._close_delimited = not (
-            status in (204, 304)
-            or self._head_method
-            or "content-length" in headers
-            or "transfer-encoding" in headers
+            status in (204, 304) or self._head_method or "content-length" in headers or "transfer-encoding" in headers
         )
         head = ResponseHead(status, headers, self._parser.should_keep_alive(), status == 101)
         self._head = head
@@ -257,14 +254,23 @@ class UpstreamConnection(asyncio.Protocol):
             )
         waiter: asyncio.Future[ResponseHead] = self._loop.create_future()
         self._head_waiter = waiter
+        # A plain timer rather than asyncio.wait_for, which costs an extra future and callbacks
+        # on every request.
+        timer = None
+        if timeout is not None:
+            reason = f"no response from {self.endpoint} within {timeout:g}s"
+
+            def expire() -> None:
+                if not waiter.done():
+                    waiter.set_exception(UpstreamTimeout(reason))
+
+            timer = self._loop.call_later(timeout, expire)
         try:
-            if timeout is None:
-                return await waiter
-            return await asyncio.wait_for(waiter, timeout)
-        except TimeoutError:
-            raise UpstreamTimeout(f"no response from {self.endpoint} within {timeout:g}s") from None
+            return await waiter
         finally:
             self._head_waiter = None
+            if timer is not None:
+                timer.cancel()
 
     async def read_body(self) -> bytes | None:
         """The next piece of response body (or tunnel bytes); None at the end."""
@@ -291,6 +297,10 @@ class UpstreamConnection(asyncio.Protocol):
     @property
     def response_trailers(self) -> HeaderMap | None:
         return HeaderMap(self._trailer_fields) if self._trailer_fields else None
+
+    def response_complete_after_buffered(self) -> bool:
+        """The response has ended and what is left of it is already buffered here."""
+        return self._message_done
 
     @property
     def response_complete(self) -> bool:

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import pytest
 from aiohttp import web
-from hosting import FilterRig
+from hosting import FilterRig, Recorder
 
 import abi
-from abi import FilterStatus, HeaderMap, LocalReply
+from abi import FilterStatus, HeaderMap
 
 CALLOUT = Path(__file__).resolve().parent / "fixtures" / "as" / "build" / "callout.wasm"
 WAIT = 10.0  # generous: how long the rig waits for a paused stream to be resumed
@@ -107,23 +107,6 @@ def setup(authz: Authz) -> Iterator[tuple[FilterRig, abi.Plugin]]:
         rig.close()
 
 
-class Recorder:
-    def __init__(self) -> None:
-        self.events: list[str] = []
-        self.replies: list[LocalReply] = []
-
-    def continue_request(self) -> None:
-        self.events.append("continue_request")
-
-    def continue_response(self) -> None:
-        self.events.append("continue_response")
-
-    def send_local_reply(self, reply: LocalReply) -> None:
-        self.events.append("local_reply")
-        self.replies.append(reply)
-
-    def reset(self) -> None:
-        self.events.append("reset")
 
 
 def test_allowed_request_resumes_with_authz_body(setup: tuple[FilterRig, abi.Plugin], authz: Authz) -> None:

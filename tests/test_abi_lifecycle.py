@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 import wasmtime
 from aiohttp import web
-from hosting import FilterRig
+from hosting import FilterRig, Recorder
 
 import abi
-from abi import FilterStatus, HeaderMap, LocalReply, LogLevel
+from abi import FilterStatus, HeaderMap, LogLevel
 
 SCRATCH = 4096
 OUT_PTR = 1024
@@ -357,23 +357,6 @@ def take(rig: FilterRig, plugin: str = "filter") -> list[str]:
     return lines[seen:]
 
 
-class Recorder:
-    def __init__(self) -> None:
-        self.events: list[str] = []
-        self.replies: list[LocalReply] = []
-
-    def continue_request(self) -> None:
-        self.events.append("continue_request")
-
-    def continue_response(self) -> None:
-        self.events.append("continue_response")
-
-    def send_local_reply(self, reply: LocalReply) -> None:
-        self.events.append("local_reply")
-        self.replies.append(reply)
-
-    def reset(self) -> None:
-        self.events.append("reset")
 
 
 START = [

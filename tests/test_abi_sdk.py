@@ -9,10 +9,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hosting import FilterRig
+from hosting import FilterRig, Recorder
 
 import abi
-from abi import FilterStatus, HeaderMap, LocalReply, LogLevel
+from abi import FilterStatus, HeaderMap, LogLevel
 from abi.hostcalls import ENV_FUNCTIONS
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -44,25 +44,6 @@ def count_host_calls(plugin: abi.Plugin) -> collections.Counter[str]:
     return counts
 
 
-class Recorder:
-    """StreamCallbacks for driving a stream by hand."""
-
-    def __init__(self) -> None:
-        self.events: list[str] = []
-        self.replies: list[LocalReply] = []
-
-    def continue_request(self) -> None:
-        self.events.append("continue_request")
-
-    def continue_response(self) -> None:
-        self.events.append("continue_response")
-
-    def send_local_reply(self, reply: LocalReply) -> None:
-        self.events.append("local_reply")
-        self.replies.append(reply)
-
-    def reset(self) -> None:
-        self.events.append("reset")
 
 
 # -- every fixture ---------------------------------------------------------------------------

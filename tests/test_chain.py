@@ -81,9 +81,7 @@ class Scripted:
         self.completed += 1
 
 
-def build(
-    *scripts: dict[str, Any], max_body_buffer: int = 1 << 20
-) -> tuple[FilterChain, list[Scripted], list]:
+def build(*scripts: dict[str, Any], max_body_buffer: int = 1 << 20) -> tuple[FilterChain, list[Scripted], list]:
     log: list[tuple[Any, ...]] = []
     streams: list[Scripted] = []
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import hosting
 import pytest
+from hosting import rh
 
 import abi
 
@@ -17,10 +18,6 @@ ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "zig-filter" / "add_header.wasm"
 
 
-def rh(ex: hosting.Exchange) -> abi.HeaderMap:
-    """Response headers as the filter left them (there is always a response in these tests)."""
-    assert ex.response_headers is not None
-    return ex.response_headers
 
 
 @pytest.fixture

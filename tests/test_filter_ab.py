@@ -9,6 +9,7 @@ from typing import Any
 
 import hosting
 import pytest
+from hosting import rh
 
 import abi
 
@@ -16,10 +17,6 @@ AB = Path(__file__).resolve().parent.parent / "filters" / "ab.wasm"
 COOKIE_ATTRS = "; Path=/; Max-Age=2592000; HttpOnly"
 
 
-def rh(ex: hosting.Exchange) -> abi.HeaderMap:
-    """Response headers as the filter left them (there is always a response in these tests)."""
-    assert ex.response_headers is not None
-    return ex.response_headers
 
 
 @pytest.fixture

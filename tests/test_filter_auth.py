@@ -17,6 +17,7 @@ from typing import Any
 import hosting
 import pytest
 from aiohttp import web
+from hosting import rh
 
 import abi
 
@@ -53,10 +54,6 @@ def bearer(token: str) -> tuple[str, str]:
     return ("authorization", f"Bearer {token}")
 
 
-def rh(ex: hosting.Exchange) -> abi.HeaderMap:
-    """Response headers as the filter left them (there is always a response in these tests)."""
-    assert ex.response_headers is not None
-    return ex.response_headers
 
 
 @pytest.fixture

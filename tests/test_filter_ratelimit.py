@@ -10,6 +10,7 @@ from typing import Any
 
 import hosting
 import pytest
+from hosting import rh
 
 import abi
 
@@ -18,10 +19,6 @@ SLOW = 0.001  # requests per second: no measurable refill during a test
 UNIT = 1_000_000_000
 
 
-def rh(ex: hosting.Exchange) -> abi.HeaderMap:
-    """Response headers as the filter left them (there is always a response in these tests)."""
-    assert ex.response_headers is not None
-    return ex.response_headers
 
 
 @pytest.fixture

@@ -52,9 +52,7 @@ def test_route_matches_on_the_header_a_filter_set() -> None:
                 async with s.get(url(gw, "/anything")) as r:
                     echo = await r.json()
                 assert echo["upstream"] == "canary"
-                assert ["X-Variant", "canary"] in echo["headers"] or ["x-variant", "canary"] in echo[
-                    "headers"
-                ]
+                assert ["X-Variant", "canary"] in echo["headers"] or ["x-variant", "canary"] in echo["headers"]
                 assert gw.generation.clusters["canary"].connects == 1
                 assert gw.generation.clusters["stable"].connects == 0
 
@@ -186,9 +184,7 @@ def test_callout_through_a_cluster() -> None:
                 async with s.get(url(gw, "/anything"), headers={"x-user": "alice"}) as r:
                     assert r.status == 200
                     echo = await r.json()
-                    assert ["X-Authz", "ok-alice"] in echo["headers"] or ["x-authz", "ok-alice"] in echo[
-                        "headers"
-                    ]
+                    assert ["X-Authz", "ok-alice"] in echo["headers"] or ["x-authz", "ok-alice"] in echo["headers"]
                 async with s.get(url(gw, "/anything"), headers={"x-user": "mallory"}) as r:
                     assert r.status == 403
                     assert await r.text() == "forbidden"
@@ -259,6 +255,88 @@ def test_client_disconnect_while_a_filter_waits_completes_the_stream() -> None:
                 assert gw.stats.resets["client_disconnect"] == 1
                 hold.set()  # the late callout answer finds the stream gone, harmlessly
                 async with aiohttp.ClientSession() as s, s.get(url(gw, "/y")) as r:
+                    assert r.status == 200
+
+    run(main())
+
+
+def test_generation_swap_keeps_in_flight_requests_on_the_old_one() -> None:
+    """The hot-reload building blocks: build_generation + install, retirement at the last request."""
+    need(FIXTURES / "headers.wasm")
+    from conftest import make_config
+
+    release = asyncio.Event()
+    entered = asyncio.Event()
+
+    async def slow(request: web.Request) -> web.Response:
+        entered.set()
+        await release.wait()
+        return web.Response(text="old route")
+
+    old_app = web.Application()
+    old_app.router.add_get("/slow", slow)
+
+    async def main() -> None:
+        async with (
+            upstream(old_app) as old_up,
+            upstream(name="new") as new_up,
+            proxy(as_config(old_up, "headers")) as gw,
+            aiohttp.ClientSession() as s,
+        ):
+            old = gw.generation
+            plugin = old.filters[0].plugin
+            pending = asyncio.ensure_future(s.get(url(gw, "/slow")))
+            await entered.wait()
+            new = await gw.build_generation(make_config(as_config(new_up, "headers")))
+            assert gw.install(new) is old
+            assert gw.generation is new and old.retired and not old.disposed
+            async with s.get(url(gw, "/anything")) as r:
+                assert (await r.json())["upstream"] == "new"
+            assert plugin.state != "retired"  # the old request still runs through it
+            release.set()
+            resp = await pending
+            assert await resp.text() == "old route"
+            assert resp.headers["x-as-filter"] == "headers"
+            resp.release()
+            await wait_for(lambda: old.disposed)
+            assert plugin.state == "retired"
+            assert old not in gw.retiring
+
+    run(main())
+
+
+@pytest.mark.parametrize("policy", ["fail_closed", "fail_open"])
+def test_trapping_filter_answers_503_or_is_skipped(tmp_path: Path, policy: str) -> None:
+    import wasmtime
+
+    wat = ROOT / "tests" / "fixtures" / "wat" / "failure.wat"
+    need(wat)
+    (tmp_path / "failure.wasm").write_bytes(wasmtime.wat2wasm(wat.read_text()))
+
+    async def main() -> None:
+        async with upstream() as up:
+            cfg = f"""
+            listen: 127.0.0.1:0
+            access_log: null
+            filters_dir: {tmp_path}
+            clusters:
+              web: {{endpoints: ["{up}"]}}
+            chain:
+              - {{name: boom, module: failure.wasm, config: request_headers, failure_policy: {policy}}}
+            routes:
+              - match: {{prefix: /}}
+                cluster: web
+            """
+            async with proxy(cfg) as gw, aiohttp.ClientSession() as s:
+                async with s.get(url(gw, "/trap")) as r:
+                    if policy == "fail_closed":
+                        assert r.status == 503
+                        assert await r.text() == "filter boom failed\n"
+                        assert gw.stats.local_replies["wasm_fail_stream"] == 1
+                    else:
+                        assert r.status == 200
+                        assert (await r.json())["path"] == "/trap"
+                async with s.get(url(gw, "/fine")) as r:
                     assert r.status == 200
 
     run(main())

@@ -273,9 +273,7 @@ def test_oversized_request_headers_are_431() -> None:
         async with upstream() as up, proxy(config(up, top="max_request_header_size: 2048")) as gw:
             # Many headers, each small: over the total.
             many = b"".join(b"X-H%d: %s\r\n" % (i, b"v" * 50) for i in range(60))
-            raw = await raw_request(
-                gw.port, b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n" + many + b"\r\n"
-            )
+            raw = await raw_request(gw.port, b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n" + many + b"\r\n")
             status, _, body = split_response(raw)
             assert status == 431 and body == b"request headers too large\n"
             # One huge header: over aiohttp's line limit.
@@ -328,5 +326,71 @@ def test_passive_health_backoff_doubles_to_a_cap() -> None:
         assert waits == [5.0, 10.0, 20.0, 40.0, 60.0, 60.0]
         # All endpoints down: still tried (panic mode) rather than refusing outright.
         assert pool.pick() is pool.endpoints[0]
+
+    run(main())
+
+
+def test_expect_100_continue_is_answered_by_the_proxy() -> None:
+    async def main() -> None:
+        async with upstream() as up, proxy(config(up)) as gw:
+            reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+            writer.write(
+                b"POST /anything HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nExpect: 100-continue\r\n"
+                b"Connection: close\r\n\r\n"
+            )
+            await writer.drain()
+            interim = await reader.readuntil(b"\r\n\r\n")
+            assert interim.startswith(b"HTTP/1.1 100")
+            writer.write(b"hello")
+            status, _, body = split_response(await reader.read())
+            writer.close()
+            assert status == 200
+            echo = json.loads(body)
+            assert echo["body_size"] == 5
+            assert "expect" not in {k.lower() for k, _ in echo["headers"]}
+
+    run(main())
+
+
+def test_snapshot_for_the_admin_endpoint() -> None:
+    async def main() -> None:
+        async with upstream() as up, proxy(config(up)) as gw, aiohttp.ClientSession() as s:
+            async with s.get(url(gw, "/hello")) as r:
+                await r.read()
+            snap = gw.snapshot()
+            assert snap["stats"]["requests_total"] == 1
+            assert snap["stats"]["responses"] == {"2xx": 1}
+            assert snap["clusters"]["web"]["connects"] == 1
+            assert snap["clusters"]["web"]["endpoints"][0]["healthy"] is True
+            assert snap["generation"]["number"] == 1
+            json.dumps(snap)  # serializable as is
+
+    run(main())
+
+
+def test_pool_exhausted_is_503() -> None:
+    release = asyncio.Event()
+    entered = asyncio.Event()
+
+    async def handler(request: web.Request) -> web.Response:
+        entered.set()
+        await release.wait()
+        return web.Response(text="done")
+
+    app = web.Application()
+    app.router.add_get("/hold", handler)
+
+    async def main() -> None:
+        cfg = config("UP", cluster=", max_connections: 1, connect_timeout: 0.2")
+        async with upstream(app) as up, proxy(cfg.replace("UP", up)) as gw, aiohttp.ClientSession() as s:
+            first = asyncio.ensure_future(s.get(url(gw, "/hold")))
+            await entered.wait()  # the only connection is busy now
+            async with s.get(url(gw, "/hold")) as r:
+                assert r.status == 503 and await r.text() == "upstream overflow\n"
+            release.set()
+            resp = await first
+            assert resp.status == 200
+            resp.release()
+            assert gw.stats.local_replies["upstream_overflow"] == 1
 
     run(main())

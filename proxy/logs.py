@@ -1,0 +1,205 @@
+"""Logs: the JSON access log line, and filter logs with per-filter rate limiting.
+
+Access log: one JSON object per request on the `sluice.access` logger (`sluice run` sends it to
+stdout or to the file `access_log` names). Fields: see `access_record` and docs/admin.md.
+
+Filter logs: every line a filter writes (`proxy_log`, WASI stdout/stderr) or the host writes about
+it (traps, reload failures) goes through `FilterLogs.log`, which logs it on `sluice.filter.<name>`
+with the filter's name in the message and in `record.filter`. The per-filter level is applied
+inside `abi` (`Plugin.log_level`, changed by `POST /logging`); here each filter gets a token bucket
+(default 50 lines/s, burst 100) so a chatty filter cannot flood the log. Lines beyond it are
+dropped and counted; a "suppressed N lines" notice follows at most every `notice_interval_s`
+(on the filter's next line, or from a timer when it fell silent).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
+
+from abi import LogLevel
+
+PYTHON_LEVELS: dict[LogLevel, int] = {
+    LogLevel.TRACE: 5,
+    LogLevel.DEBUG: logging.DEBUG,
+    LogLevel.INFO: logging.INFO,
+    LogLevel.WARN: logging.WARNING,
+    LogLevel.ERROR: logging.ERROR,
+    LogLevel.CRITICAL: logging.CRITICAL,
+}
+
+DEFAULT_VARIANT_HEADER = "x-variant"
+
+
+# -- access log ------------------------------------------------------------------------------------
+
+
+def format_time(epoch_ns: int) -> str:
+    """RFC 3339 UTC with milliseconds: 2026-01-02T03:04:05.678Z."""
+    seconds, ns = divmod(epoch_ns, 1_000_000_000)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{ns // 1_000_000:03d}Z"
+
+
+def access_record(
+    *,
+    start_ns: int,
+    method: str,
+    path: str,
+    status: int,
+    bytes_sent: int,
+    bytes_received: int,
+    duration_ns: int,
+    upstream: str,
+    cluster: str,
+    route: str,
+    variant: str | None,
+    filters: Sequence[str],
+    source: str,
+    local_reply: str | None,
+) -> dict[str, Any]:
+    """The fields of one access log line (documented in docs/admin.md)."""
+    return {
+        "time": format_time(start_ns),
+        "method": method,
+        "path": path,
+        "status": status,
+        "bytes": bytes_sent,
+        "bytes_received": bytes_received,
+        "duration_ms": round(duration_ns / 1e6, 3),
+        "upstream": upstream or None,
+        "cluster": cluster or None,
+        "route": route or None,
+        "variant": variant,
+        "filters": list(filters),
+        "local_reply": local_reply,
+        "source": source,
+    }
+
+
+def access_line(record: dict[str, Any]) -> str:
+    return json.dumps(record, separators=(",", ":"), ensure_ascii=False)
+
+
+def variant_header(chain: Sequence[Any]) -> str:
+    """The request header that carries the A/B variant: the `header` of an `ab.wasm` filter's
+    config when the chain has one, else `x-variant`."""
+    for entry in chain:
+        module = str(getattr(entry, "module", ""))
+        config = getattr(entry, "config", None)
+        if module.rsplit("/", 1)[-1] == "ab.wasm" and isinstance(config, dict):
+            header = config.get("header")
+            if isinstance(header, str) and header:
+                return header.lower()
+    return DEFAULT_VARIANT_HEADER
+
+
+# -- filter logs -----------------------------------------------------------------------------------
+
+
+class _Timer(Protocol):
+    def cancel(self) -> object: ...
+
+
+class _Bucket:
+    __slots__ = ("tokens", "updated", "suppressed", "last_notice", "timer")
+
+    def __init__(self, burst: float, now: float) -> None:
+        self.tokens = burst
+        self.updated = now
+        self.suppressed = 0
+        self.last_notice = now
+        self.timer: _Timer | None = None
+
+
+class FilterLogs:
+    """Per-filter token buckets in front of the `sluice.filter.<name>` loggers.
+
+    `clock` and `call_later` are injectable so tests control time; `call_later(delay, fn)` (e.g.
+    `loop.call_later`) schedules the notice for a filter that stopped logging while suppressed.
+    """
+
+    def __init__(
+        self,
+        rate: float = 50.0,
+        burst: float = 100.0,
+        notice_interval_s: float = 5.0,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        call_later: Callable[[float, Callable[[], None]], _Timer] | None = None,
+    ) -> None:
+        self.rate = rate
+        self.burst = burst
+        self.notice_interval_s = notice_interval_s
+        self._clock = clock
+        self._call_later = call_later
+        self._buckets: dict[str, _Bucket] = {}
+        self.suppressed_total: dict[str, int] = {}
+        """Lines dropped per filter since start (exported on /filters)."""
+
+    @staticmethod
+    def logger(plugin: str) -> logging.Logger:
+        return logging.getLogger(f"sluice.filter.{plugin}")
+
+    def log(self, plugin: str, level: LogLevel, message: str) -> bool:
+        """Log one filter line unless its bucket is empty. Returns whether it was logged."""
+        logger = self.logger(plugin)
+        py_level = PYTHON_LEVELS.get(level, logging.INFO)
+        if not logger.isEnabledFor(py_level):
+            return False
+        now = self._clock()
+        bucket = self._buckets.get(plugin)
+        if bucket is None:
+            bucket = self._buckets[plugin] = _Bucket(self.burst, now)
+        elapsed = now - bucket.updated
+        if elapsed > 0:
+            bucket.tokens = min(self.burst, bucket.tokens + elapsed * self.rate)
+            bucket.updated = now
+        if bucket.tokens < 1.0:
+            bucket.suppressed += 1
+            self.suppressed_total[plugin] = self.suppressed_total.get(plugin, 0) + 1
+            if now - bucket.last_notice >= self.notice_interval_s:
+                self._notice(plugin, bucket, now)
+            elif bucket.timer is None and self._call_later is not None:
+                delay = max(self.notice_interval_s - (now - bucket.last_notice), 0.0)
+                bucket.timer = self._call_later(delay, lambda: self._timer_fired(plugin))
+            return False
+        bucket.tokens -= 1.0
+        if bucket.suppressed and now - bucket.last_notice >= self.notice_interval_s:
+            self._notice(plugin, bucket, now)
+        logger.log(py_level, "[%s] %s", plugin, message, extra={"filter": plugin})
+        return True
+
+    def _timer_fired(self, plugin: str) -> None:
+        bucket = self._buckets.get(plugin)
+        if bucket is None:
+            return
+        bucket.timer = None
+        if bucket.suppressed:
+            self._notice(plugin, bucket, self._clock())
+
+    def _notice(self, plugin: str, bucket: _Bucket, now: float) -> None:
+        count, bucket.suppressed = bucket.suppressed, 0
+        bucket.last_notice = now
+        if bucket.timer is not None:
+            bucket.timer.cancel()
+            bucket.timer = None
+        self.logger(plugin).warning(
+            "[%s] suppressed %d lines (filter log rate limit: %g lines/s, burst %g)",
+            plugin, count, self.rate, self.burst, extra={"filter": plugin},
+        )
+
+    def flush(self) -> None:
+        """Emit pending "suppressed" notices now (shutdown)."""
+        now = self._clock()
+        for plugin, bucket in self._buckets.items():
+            if bucket.suppressed:
+                self._notice(plugin, bucket, now)
+
+    def close(self) -> None:
+        for bucket in self._buckets.values():
+            if bucket.timer is not None:
+                bucket.timer.cancel()
+                bucket.timer = None
