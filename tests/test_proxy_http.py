@@ -394,3 +394,15 @@ def test_pool_exhausted_is_503() -> None:
             assert gw.stats.local_replies["upstream_overflow"] == 1
 
     run(main())
+
+
+def test_host_rewrite() -> None:
+    async def main() -> None:
+        cfg = config("UP", cluster=', host_rewrite: "backend.internal"')
+        async with upstream() as up, proxy(cfg.replace("UP", up)) as gw, aiohttp.ClientSession() as s:
+            async with s.get(url(gw, "/anything")) as r:
+                got = {k.lower(): v for k, v in (await r.json())["headers"]}
+            assert got["host"] == "backend.internal"
+            assert got["x-forwarded-host"] == f"127.0.0.1:{gw.port}"
+
+    run(main())

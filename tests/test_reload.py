@@ -393,6 +393,7 @@ def test_config_edit_reorders_chain_and_changes_routes(tmp_path: Path) -> None:
             # Responses pass the chain bottom to top: b adds its header first.
             assert (headers.getall("x-config"), body) == (['b', 'a'], b"up")
             plugins = {f.name: f.plugin for f in r.gateway.generation.filters}
+            old_pools = list(r.gateway.generation.clusters.values())
 
             before = len(r.reloader.events)
             r.write_config(chain=f"{b}\n{a}", routes="  - {match: {prefix: /}, cluster: other}")
@@ -402,6 +403,10 @@ def test_config_edit_reorders_chain_and_changes_routes(tmp_path: Path) -> None:
             assert (headers.getall("x-config"), body) == (['a', 'b'], b"other")
             # Unchanged filters keep their plugin (and VM state); only the order changed.
             assert {f.name: f.plugin for f in r.gateway.generation.filters} == plugins
+            # New cluster pools; the old ones closed with their generation.
+            assert not set(map(id, old_pools)) & set(map(id, r.gateway.generation.clusters.values()))
+            await r.until(lambda: _true(not r.gateway.retiring))
+            assert all(pool._closed for pool in old_pools)  # noqa: SLF001
 
             # A broken config is reported with file and line; the running one stays.
             before = len(r.reloader.events)
@@ -499,5 +504,27 @@ def test_callout_answer_for_a_retired_root_is_dropped(tmp_path: Path) -> None:
                 assert await r.version(probe) == ["2"]
                 assert calls_before == (r.gateway.services.calls if r.gateway.services else 0)
                 assert not r.gateway.retiring
+
+    run(main(), timeout=120)
+
+
+def test_config_naming_a_module_not_there_yet_applies_when_it_arrives(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with rig(tmp_path) as r, aiohttp.ClientSession() as session:
+            before = len(r.reloader.events)
+            r.write_config(chain=f'{ONE_FILTER}\n  - {{name: extra, module: extra.wasm, config: "X"}}')
+            event = await r.until_event(before)
+            assert not event.ok and event.error is not None
+            assert event.error.startswith(f"{r.filters / 'extra.wasm'}: cannot read the file")
+            assert (await r.get(session))[1].getall("x-config") == ["A"]
+
+            atomic_write(r.filters / "extra.wasm", build_filter("2"))
+
+            async def applied() -> bool:
+                _, headers, _ = await r.get(session)
+                return bool(headers.getall("x-config") == ["X", "A"])
+
+            await r.until(applied)
+            assert r.reloader.events[-1].ok and r.reloader.events[-1].trigger == "file"
 
     run(main(), timeout=120)
