@@ -533,6 +533,7 @@ class HttpStream:
         self.completed = True
         vm = self.vm
         if vm is None:
+            self._detach()
             return
         try:
             if self.mode == WASM and vm.dead is None:
@@ -551,6 +552,21 @@ class HttpStream:
                 vm.contexts.pop(self.ctx.id, None)
         finally:
             self.plugin._stream_done(vm)
+            self._detach()
+
+    def _detach(self) -> None:
+        """Drop what ties a finished stream to its context and its chain.
+
+        Without this every request leaves reference cycles (stream <-> context, stream <->
+        the chain's callbacks) for the cycle collector, whose pauses show up as tail latency.
+        Late events (a callout answer after the stream ended) see `completed` and stop there.
+        """
+        if self.ctx is not None:
+            self.ctx.stream = None  # type: ignore[assignment]
+            self.ctx = None
+        self.maps = [None, None, None, None]
+        self.bodies = [None, None]
+        self.callbacks = _DETACHED
 
     # -- events raised by the filter (run after its callback returned) -------------------------
     def resume_request(self) -> None:
@@ -575,6 +591,18 @@ class HttpStream:
         if self.completed:
             return
         self.callbacks.reset()
+
+
+class _Detached:
+    """The callbacks of a completed stream: events after the end go nowhere."""
+
+    def continue_request(self) -> None: ...
+    def continue_response(self) -> None: ...
+    def send_local_reply(self, reply: LocalReply) -> None: ...
+    def reset(self) -> None: ...
+
+
+_DETACHED = _Detached()
 
 
 def _root_of(vm: WasmVM) -> RootContext | None:
