@@ -373,17 +373,19 @@ class LinearMemory:
         return end <= self.size
 
     def read(self, ptr: int, length: int) -> bytes | None:
-        if length == 0:
-            # SDKs pass (0, 0) for empty data; a pointer past the end is still an error.
-            return b"" if ptr <= self.size or self._fits(ptr, 0) else None
-        if not self._fits(ptr, length):
+        end = ptr + length
+        # The in-bounds test is inlined: this runs several times per host call.
+        if end > self.size and not self._fits(ptr, length):
             return None
-        return self.view[ptr : ptr + length].tobytes()
+        if length == 0:
+            return b""  # SDKs pass (0, 0) for empty data; a pointer past the end failed above
+        return self.view[ptr:end].tobytes()
 
     def write(self, ptr: int, data: bytes) -> bool:
-        if not self._fits(ptr, len(data)):
+        end = ptr + len(data)
+        if end > self.size and not self._fits(ptr, len(data)):
             return False
-        self.view[ptr : ptr + len(data)] = data
+        self.view[ptr:end] = data
         return True
 
     def write_u32(self, ptr: int, value: int) -> bool:
