@@ -35,6 +35,10 @@ FLAGS: tuple[str, ...] = (
     "-fno-entry",  # reactor: no _start; the proxy_on_* functions are exported
     "-rdynamic",
     "-fsingle-threaded",
+    # Zig's default wasm stack is 16 MiB, all of it in the initial linear memory: every VM would
+    # start at 16 MiB of a 64 MiB cap. The filters need a few KiB; 1 MiB leaves ample headroom.
+    "--stack",
+    "1048576",
 )
 
 
