@@ -7,8 +7,8 @@ one preallocated array of 16-byte `wasmtime_val_raw_t` slots packed with `struct
 
 Layers (wasmtime-py itself wraps the C API the same way):
 
-* `make_engine` / `EpochTicker`: one engine per process with epoch interruption, plus a thread
-  that advances the epoch so every call into wasm gets a wall-clock deadline.
+* `engine()`: one engine per process with epoch interruption, and a native timer that advances
+  the epoch so every call into wasm gets a wall-clock deadline.
 * `HostFunction` / `define_host_functions`: host functions defined once on a `Linker`; each
   dispatches to the *active* instance's Python implementation (`ACTIVE[-1]`), so instantiating a
   VM does not create any new ctypes callbacks.
@@ -19,11 +19,14 @@ Layers (wasmtime-py itself wraps the C API the same way):
 
 from __future__ import annotations
 
+import atexit
 import ctypes
 import dataclasses
 import re
 import struct
+import sys
 import threading
+import time
 from collections.abc import Callable, Sequence
 from time import monotonic as _monotonic
 from typing import Any, Protocol
@@ -35,6 +38,8 @@ from wasmtime import _ffi as ffi
 # unset on the hot functions so ctypes does no per-argument conversion: every argument we pass
 # is already a ctypes object of the right width.
 _dll = ffi.dll
+# The same library loaded as a PyDLL: its functions keep the GIL (see `engine`).
+_pydll = ctypes.PyDLL(_dll._name)
 _call_unchecked = _dll._FuncPtr(("wasmtime_func_call_unchecked", _dll))
 _call_unchecked.restype = ctypes.c_size_t
 _set_epoch_deadline = _dll._FuncPtr(("wasmtime_context_set_epoch_deadline", _dll))
@@ -90,7 +95,7 @@ EPOCH_TICK_S = 0.002
 """One epoch tick. Deadlines are rounded up to whole ticks (20 ms -> 10 ticks)."""
 
 
-def make_engine() -> wasmtime.Engine:
+def _make_engine() -> wasmtime.Engine:
     config = wasmtime.Config()
     config.epoch_interruption = True
     config.cranelift_opt_level = "speed"
@@ -101,27 +106,106 @@ def make_engine() -> wasmtime.Engine:
     return wasmtime.Engine(config)
 
 
-class EpochTicker:
-    """Advances an engine's epoch every `EPOCH_TICK_S` on a daemon thread.
+class _SigVal(ctypes.Union):
+    _fields_ = [("sival_int", ctypes.c_int), ("sival_ptr", ctypes.c_void_p)]
 
-    The increment is a single C call that does not need the GIL for long, and a wasm call that
-    spins never holds the GIL (ctypes releases it), so the ticker keeps running while a filter
-    loops forever; the filter then traps with an interrupt at its deadline.
+
+class _SigEvent(ctypes.Structure):
+    """Linux's `struct sigevent` (64 bytes) with the SIGEV_THREAD member of its union."""
+
+    _fields_ = [
+        ("sigev_value", _SigVal),
+        ("sigev_signo", ctypes.c_int),
+        ("sigev_notify", ctypes.c_int),
+        ("sigev_notify_function", ctypes.c_void_p),
+        ("sigev_notify_attributes", ctypes.c_void_p),
+        ("_pad", ctypes.c_byte * 32),
+    ]
+
+
+class _TimeSpec(ctypes.Structure):
+    _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
+
+
+class _ITimerSpec(ctypes.Structure):
+    _fields_ = [("it_interval", _TimeSpec), ("it_value", _TimeSpec)]
+
+
+_SIGEV_THREAD = 2
+_CLOCK_MONOTONIC = 1
+
+
+def _start_native_ticker(engine: wasmtime.Engine) -> bool:
+    """Advance the epoch from a POSIX timer whose notify function *is*
+    `wasmtime_engine_increment_epoch`: no Python runs, so no GIL is needed to tick.
+
+    `union sigval` is passed like a pointer on the supported ABIs (x86-64 SysV, AArch64), so the
+    timer hands the engine pointer straight to wasmtime. Returns False where unavailable.
     """
+    if sys.platform != "linux" or ctypes.sizeof(_SigEvent) != 64:
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        timer_create = libc.timer_create
+        timer_settime = libc.timer_settime
+    except (OSError, AttributeError):
+        return False
+    # The timer gets its own handle on the (reference-counted) engine and never gives it back:
+    # the engine outlives every tick, even during interpreter shutdown.
+    handle = ffi.wasmtime_engine_clone(engine.ptr())
+    event = _SigEvent()
+    event.sigev_value.sival_ptr = ctypes.cast(handle, ctypes.c_void_p).value
+    event.sigev_notify = _SIGEV_THREAD
+    event.sigev_notify_function = ctypes.cast(_increment_epoch, ctypes.c_void_p).value
+    timer = ctypes.c_void_p()
+    if timer_create(_CLOCK_MONOTONIC, ctypes.byref(event), ctypes.byref(timer)) != 0:
+        return False
+    period = _TimeSpec(0, int(EPOCH_TICK_S * 1e9))
+    if timer_settime(timer, 0, ctypes.byref(_ITimerSpec(period, period)), None) != 0:
+        libc.timer_delete(timer)
+        return False
+    # Stop ticking before the interpreter tears down (the engine handle itself stays valid).
+    atexit.register(libc.timer_delete, timer)
+    return True
+
+
+class _ThreadTicker:
+    """Fallback ticker: a daemon thread. It needs the GIL, so calls into wasm must release it."""
 
     def __init__(self, engine: wasmtime.Engine) -> None:
         self._engine_ptr = ctypes.c_void_p(ctypes.cast(engine.ptr(), ctypes.c_void_p).value)
-        self._engine = engine  # keep alive
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="sluice-epoch", daemon=True)
-        self._thread.start()
+        threading.Thread(target=self._run, name="sluice-epoch", daemon=True).start()
 
     def _run(self) -> None:
-        while not self._stop.wait(EPOCH_TICK_S):
+        while True:
+            time.sleep(EPOCH_TICK_S)
             _increment_epoch(self._engine_ptr)
 
-    def close(self) -> None:
-        self._stop.set()
+
+_ENGINE: wasmtime.Engine | None = None
+_engine_lock = threading.Lock()
+
+
+def engine() -> wasmtime.Engine:
+    """The process's engine, with its epoch ticking every `EPOCH_TICK_S` from first use on.
+
+    One engine per process (wasmtime's advice): compiled modules are shareable and one ticker
+    serves every store. It is never freed, so the ticker can never touch a dead engine.
+    """
+    global _ENGINE, _call_unchecked
+    with _engine_lock:
+        if _ENGINE is None:
+            made = _make_engine()
+            if _start_native_ticker(made):
+                # The epoch advances without Python, so a call into wasm may keep the GIL: that
+                # saves a release and re-acquire on every call and host call (~7% of a stream).
+                # A runaway filter is still interrupted, by the native timer.
+                _call_unchecked = _pydll._FuncPtr(("wasmtime_func_call_unchecked", _pydll))
+                _call_unchecked.restype = ctypes.c_size_t
+            else:
+                _ThreadTicker(made)
+            _ENGINE = made
+        return _ENGINE
 
 
 def deadline_ticks(deadline_ms: float) -> int:
@@ -365,7 +449,8 @@ class LinearMemory:
             self.size = size
             self.view = memoryview((ctypes.c_ubyte * size).from_address(self._base)).cast("B")
 
-    def _fits(self, ptr: int, length: int) -> bool:
+    def fits(self, ptr: int, length: int) -> bool:
+        """Whether [ptr, ptr+length) is inside memory, looking again if memory may have grown."""
         end = ptr + length
         if end <= self.size:
             return True
@@ -375,7 +460,7 @@ class LinearMemory:
     def read(self, ptr: int, length: int) -> bytes | None:
         end = ptr + length
         # The in-bounds test is inlined: this runs several times per host call.
-        if end > self.size and not self._fits(ptr, length):
+        if end > self.size and not self.fits(ptr, length):
             return None
         if length == 0:
             return b""  # SDKs pass (0, 0) for empty data; a pointer past the end failed above
@@ -383,25 +468,25 @@ class LinearMemory:
 
     def write(self, ptr: int, data: bytes) -> bool:
         end = ptr + len(data)
-        if end > self.size and not self._fits(ptr, len(data)):
+        if end > self.size and not self.fits(ptr, len(data)):
             return False
         self.view[ptr:end] = data
         return True
 
     def write_u32(self, ptr: int, value: int) -> bool:
-        if not self._fits(ptr, 4):
+        if not self.fits(ptr, 4):
             return False
         struct.pack_into("<I", self.view, ptr, value & 0xFFFFFFFF)
         return True
 
     def write_u64(self, ptr: int, value: int) -> bool:
-        if not self._fits(ptr, 8):
+        if not self.fits(ptr, 8):
             return False
         struct.pack_into("<Q", self.view, ptr, value & 0xFFFFFFFFFFFFFFFF)
         return True
 
     def read_u32(self, ptr: int) -> int | None:
-        if not self._fits(ptr, 4):
+        if not self.fits(ptr, 4):
             return None
         return int(struct.unpack_from("<I", self.view, ptr)[0])
 

@@ -55,8 +55,7 @@ def _first_line(text: str) -> str:
 
 class Runtime:
     def __init__(self, cache_dir: Path | str | None = None, shared_data: SharedData | None = None) -> None:
-        self.engine = fastcall.make_engine()
-        self._ticker = fastcall.EpochTicker(self.engine)
+        self.engine = fastcall.engine()
         self.linker = wasmtime.Linker(self.engine)
         fastcall.define_host_functions(self.linker, HOST_FUNCTIONS)
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
@@ -65,7 +64,7 @@ class Runtime:
         self._cache_tag = f"wasmtime-{_wasmtime_version()}-{platform.machine()}"
 
     def close(self) -> None:
-        self._ticker.close()
+        """Nothing to release: the engine and its ticker are shared by the process."""
 
     # -- compiling ----------------------------------------------------------------------------
     def compile(self, path: Path | str) -> CompiledModule:

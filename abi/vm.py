@@ -339,11 +339,15 @@ class WasmVM:
         except WasmTrap as exc:
             self.nested_trap = exc  # the outer call reports this cause, not "host call failed"
             raise
-        if ptr == 0 or not mem.write(ptr, data):
+        # Written out rather than through mem.write: this runs for every buffer a filter reads.
+        end = ptr + size
+        if ptr == 0 or (end > mem.size and not mem.fits(ptr, size)):
             return WasmResult.INVALID_MEMORY_ACCESS
-        if size_ptr == ptr_ptr + 4:  # the usual layout: one write for both
-            return WasmResult.OK if mem.write(ptr_ptr, _U32x2.pack(ptr, size)) else \
-                WasmResult.INVALID_MEMORY_ACCESS
+        view = mem.view
+        view[ptr:end] = data
+        if size_ptr == ptr_ptr + 4 and ptr_ptr + 8 <= mem.size:  # the usual layout: one write
+            _U32x2.pack_into(view, ptr_ptr, ptr, size)
+            return WasmResult.OK
         if mem.write_u32(ptr_ptr, ptr) and mem.write_u32(size_ptr, size):
             return WasmResult.OK
         return WasmResult.INVALID_MEMORY_ACCESS

@@ -72,8 +72,7 @@ class HighLevelFunction:
 
 def high_level_runtime() -> abi.Runtime:
     runtime = abi.Runtime.__new__(abi.Runtime)
-    runtime.engine = fastcall.make_engine()
-    runtime._ticker = fastcall.EpochTicker(runtime.engine)  # noqa: SLF001
+    runtime.engine = fastcall.engine()
     runtime.linker = wasmtime.Linker(runtime.engine)
     kinds = {"i": wasmtime.ValType.i32(), "I": wasmtime.ValType.i32(), "q": wasmtime.ValType.i64(),
              "Q": wasmtime.ValType.i64(), "d": wasmtime.ValType.f64()}
