@@ -20,6 +20,7 @@ import statistics
 import sys
 import tempfile
 import time
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -143,8 +144,7 @@ def main() -> int:
         pinned = "pinned to CPU 0"
     except (AttributeError, OSError):
         pinned = "not pinned"
-    print(f"sluice abi benchmark — wasmtime {wasmtime.__version__ if hasattr(wasmtime, '__version__') else ''}"
-          f" — {pinned}")
+    print(f"sluice abi benchmark — wasmtime {metadata.version('wasmtime')} — {pinned}")
 
     # Compile: cold vs cache.
     modules = [Path(m) for m in args.module] + sorted((ROOT / "filters").glob("*.wasm"))
