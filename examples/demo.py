@@ -32,7 +32,7 @@ sluice is listening on http://127.0.0.1:8080 (admin on http://127.0.0.1:9901). T
   for i in $(seq 15); do curl -s -o /dev/null -w '%{http_code} ' \\
       -H 'x-api-key: demo-key' http://127.0.0.1:8080/anything; done; echo   # 200s, then 429s
   curl -s http://127.0.0.1:9901/stats | grep sluice_                 # metrics
-  python -m proxy filter test filters/auth.wasm --config '{"api_keys":["k1"]}' -H 'x-api-key: k1'
+  .venv/bin/sluice filter test filters/auth.wasm --config '{"api_keys":["k1"]}' -H 'x-api-key: k1'
 
 Edit config/sluice.yaml or drop a new .wasm into filters/ while it runs: sluice reloads it.
 Ctrl-C stops everything.
