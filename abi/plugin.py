@@ -184,6 +184,8 @@ class Plugin:
             except WasmTrap as exc:
                 self._on_trap(vm, exc, "proxy_on_delete")
         vm.contexts.pop(root.id, None)
+        if vm not in self._vms:
+            self._close_if_finished(vm)  # the last root of a released VM called proxy_done
 
     # -- start-up --------------------------------------------------------------------------------
     def start(self) -> None:
@@ -253,6 +255,18 @@ class Plugin:
         for ctx in list(vm.contexts.values()):
             if isinstance(ctx, RootContext):
                 self._close_root(vm, ctx)
+        self._close_if_finished(vm)
+
+    def _close_if_finished(self, vm: WasmVM) -> None:
+        """Close a released VM once no root is left waiting for `proxy_done` in it, so its memory
+        is freed now rather than at the cycle collector's next full pass."""
+        if vm in self._vms or any(isinstance(c, RootContext) for c in vm.contexts.values()):
+            return
+        if vm is self.vm:  # retired: nothing will run on it again
+            self.vm = None
+        if self.root is not None and self.root.vm is vm:
+            self.root.vm = None  # the (deleted) root stays readable; the VM goes
+        vm.close()
 
     def _close_root(self, vm: WasmVM, root: RootContext) -> None:
         if root.tick_timer is not None:

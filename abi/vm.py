@@ -361,6 +361,22 @@ class WasmVM:
         stream = self.acting_stream()
         return stream.stream.info if stream is not None else None
 
+    def close(self) -> None:
+        """Drop what ties this released VM to itself (host-call objects, contexts, exports), so
+        refcounting frees its store and linear memory at once. Nothing may call into it after."""
+        if self.dead is None:
+            self.dead = "released"
+        for ctx in self.contexts.values():
+            if isinstance(ctx, StreamContext):
+                ctx.stream = None  # type: ignore[assignment]
+        self.contexts.clear()
+        self.host_impls = []
+        self.fn = {}
+        self.end_of_stream = ()
+        self.on_context_create = None
+        self.allocator = None
+        self.deferred.clear()
+
     def memory_bytes(self) -> int:
         if self.dead is not None:
             return 0
