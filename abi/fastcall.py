@@ -339,15 +339,15 @@ def _raise_call_failure(err: int, trap: int) -> None:
         code = getattr(error, "code", None)
         if isinstance(error, wasmtime.ExitTrap):
             raise WasmTrap(f"proc_exit({code})", exit_code=code)
-        text = summarize_trap(str(error))
+        text = summarize_error(str(error))
         match = _PROC_EXIT.search(text)
-        deadline = text.endswith("interrupt")
+        deadline = _INTERRUPT.search(text) is not None
         raise WasmTrap("cpu deadline exceeded" if deadline else text, deadline=deadline,
                        exit_code=int(match.group(1)) if match else None)
     t = wasmtime.Trap._from_ptr(ctypes.cast(trap, ctypes.POINTER(ffi.wasm_trap_t)))
     trap_code = t.trap_code
     deadline = trap_code is not None and trap_code.name == "INTERRUPT"
-    message = summarize_trap(t.message)
+    message = summarize_error(t.message)
     exit_code = None
     match = _PROC_EXIT.search(message)
     if match:
@@ -356,16 +356,26 @@ def _raise_call_failure(err: int, trap: int) -> None:
 
 
 _PROC_EXIT = re.compile(r"proc_exit\((\d+)\)")
+_INTERRUPT = re.compile(r"\binterrupt\)?$")
 
 
-def summarize_trap(message: str) -> str:
-    """wasmtime's trap text is a backtrace followed by "Caused by: <reason>"; keep the reason."""
+def summarize_error(message: str) -> str:
+    """One line from wasmtime's error text.
+
+    wasmtime writes a context line, optionally a backtrace, then "Caused by:" and the reason.
+    Keep "context (reason)", or just the reason when the context is only the backtrace header.
+    """
     lines = [ln.strip() for ln in message.strip().splitlines() if ln.strip()]
+    if not lines:
+        return message
     if "Caused by:" in lines:
-        cause = lines[lines.index("Caused by:") + 1 :]
-        if cause:
-            return " ".join(cause).removeprefix("wasm trap: ")
-    return (lines[0] if lines else message).removeprefix("wasm trap: ")
+        at = lines.index("Caused by:")
+        cause = " ".join(lines[at + 1 :]).removeprefix("wasm trap: ")
+        head = lines[0]
+        if not cause:
+            return head
+        return cause if head.startswith("error while executing at wasm backtrace") else f"{head} ({cause})"
+    return lines[0].removeprefix("wasm trap: ")
 
 
 class WasmFunction:
@@ -485,16 +495,14 @@ class LinearMemory:
         struct.pack_into("<Q", self.view, ptr, value & 0xFFFFFFFFFFFFFFFF)
         return True
 
-    def read_u32(self, ptr: int) -> int | None:
-        if not self.fits(ptr, 4):
-            return None
-        return int(struct.unpack_from("<I", self.view, ptr)[0])
-
 
 class NoMemory:
     """Stands in for LinearMemory before an instance exists: every access is out of bounds."""
 
     size = 0
+
+    def fits(self, ptr: int, length: int) -> bool:
+        return False
 
     def read(self, ptr: int, length: int) -> bytes | None:
         return None
@@ -508,5 +516,3 @@ class NoMemory:
     def write_u64(self, ptr: int, value: int) -> bool:
         return False
 
-    def read_u32(self, ptr: int) -> int | None:
-        return None

@@ -55,8 +55,7 @@ class ProxyHostCalls:
         if level < self.vm.log_level():
             # Below the filter's level: SDKs log chattily at debug, so answer before any copy.
             # The pointer is still validated, as cpp-host does.
-            return OK if ptr + size <= self._mem.size or self._mem.read(ptr, size) is not None \
-                else INVALID_MEMORY_ACCESS
+            return OK if self._mem.fits(ptr, size) else INVALID_MEMORY_ACCESS
         data = self._mem.read(ptr, size)
         if data is None:
             return INVALID_MEMORY_ACCESS

@@ -155,14 +155,15 @@ class Plugin:
             root.status = (0, b"")
 
     def register_queue(self, root: RootContext, name: bytes) -> int:
-        def ready(token: int) -> None:
-            self.host.call_later(0, lambda: self._queue_ready(root, token))
+        ready = root.queue_ready
+        if ready is None:
 
-        root_ready = getattr(root, "_queue_ready_cb", None)
-        if root_ready is None:
-            root_ready = ready
-            object.__setattr__(root, "_queue_ready_cb", ready)
-        return self.runtime.queues.register(self.spec.vm_id, name, root_ready)
+            def ready(token: int) -> None:
+                # Posted, never run inside the enqueuer's callback (cpp-host posts it too).
+                self.host.call_later(0, lambda: self._queue_ready(root, token))
+
+            root.queue_ready = ready
+        return self.runtime.queues.register(self.spec.vm_id, name, ready)
 
     def _queue_ready(self, root: RootContext, token: int) -> None:
         vm: WasmVM = root.vm
@@ -224,7 +225,8 @@ class Plugin:
         if root.tick_timer is not None:
             root.tick_timer.cancel()
         root.deleted = True
-        self.runtime.queues.unbind(getattr(root, "_queue_ready_cb", _no_callback))
+        if root.queue_ready is not None:
+            self.runtime.queues.unbind(root.queue_ready)
 
     # -- streams ---------------------------------------------------------------------------------
     def new_stream(self, info: StreamInfo, callbacks: StreamCallbacks) -> HttpStream:
@@ -273,7 +275,8 @@ class Plugin:
             root.tick_timer.cancel()
             root.tick_timer = None
         root.tick_period_ms = 0
-        self.runtime.queues.unbind(getattr(root, "_queue_ready_cb", _no_callback))
+        if root.queue_ready is not None:
+            self.runtime.queues.unbind(root.queue_ready)
         if root.deleted:
             return
         if vm.dead is not None:
@@ -369,10 +372,6 @@ class Plugin:
         if self._replace_pending:
             return "reloading"
         return "ok"
-
-
-def _no_callback(_token: int) -> None:
-    return None
 
 
 WASM = "wasm"

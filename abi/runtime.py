@@ -16,6 +16,7 @@ import wasmtime
 
 from . import fastcall
 from .api import Host, PluginLoadError, PluginSpec
+from .fastcall import summarize_error
 from .hostcalls import HOST_FUNCTIONS
 from .plugin import Plugin
 from .shared import InMemorySharedData, SharedData, SharedQueues
@@ -47,10 +48,6 @@ def _wasmtime_version() -> str:
     except metadata.PackageNotFoundError:  # pragma: no cover - running from a source tree
         return "unknown"
 
-
-def _first_line(text: str) -> str:
-    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
-    return " ".join(lines[:3]) if lines else text
 
 
 class Runtime:
@@ -99,7 +96,7 @@ class Runtime:
         try:
             instance_pre = self.linker.instantiate_pre(module)
         except wasmtime.WasmtimeError as exc:
-            raise PluginLoadError(path, f"cannot link: {_first_line(str(exc))}") from None
+            raise PluginLoadError(path, f"cannot link: {summarize_error(str(exc))}") from None
         return CompiledModule(path, digest, len(wasm), abi_version, module, instance_pre, elapsed, from_cache)
 
     def _compile_cached(self, path: Path, wasm: bytes, digest: str) -> tuple[wasmtime.Module, bool]:
@@ -112,7 +109,7 @@ class Runtime:
         try:
             module = wasmtime.Module(self.engine, wasm)
         except wasmtime.WasmtimeError as exc:
-            raise PluginLoadError(path, f"invalid WebAssembly: {_first_line(str(exc))}") from None
+            raise PluginLoadError(path, f"invalid WebAssembly: {summarize_error(str(exc))}") from None
         if cached is not None:
             try:
                 cached.parent.mkdir(parents=True, exist_ok=True)

@@ -22,7 +22,7 @@ import wasmtime
 from . import fastcall
 from .api import CallResponse, Cancellable, Host, PluginSpec, StreamInfo
 from .fastcall import ACTIVE as _ACTIVE
-from .fastcall import LinearMemory, StoreHandle, WasmFunction, WasmTrap
+from .fastcall import LinearMemory, StoreHandle, WasmFunction, WasmTrap, summarize_error
 from .headers import HeaderMap
 from .metrics import MetricRegistry
 from .types import LogLevel, WasmResult
@@ -75,6 +75,8 @@ class RootContext:
     deleted: bool = False
     vm: Any = None
     """The WasmVM this root lives in."""
+    queue_ready: Callable[[int], None] | None = None
+    """Posts proxy_on_queue_ready for this root; bound to the queues it registered."""
 
 
 class StreamContext:
@@ -161,7 +163,7 @@ class WasmVM:
             try:
                 instance = module.instance_pre.instantiate(self.store)
             except wasmtime.WasmtimeError as exc:
-                raise WasmTrap(_first_line(str(exc))) from None
+                raise WasmTrap(summarize_error(str(exc))) from None
             exports = instance.exports(self.store)
             memory = exports.get("memory") if "memory" in exports else None
             if not isinstance(memory, wasmtime.Memory):
@@ -382,13 +384,3 @@ class WasmVM:
             return 0
         self.memory.refresh()  # the module may have grown its memory itself since we last looked
         return self.memory.size
-
-
-def _first_line(text: str) -> str:
-    lines = [ln for ln in text.strip().splitlines() if ln.strip()]
-    if not lines:
-        return text
-    # wasmtime puts the cause last ("Caused by: ..."); keep the first line and the cause.
-    if len(lines) > 1 and any(ln.strip().startswith("Caused by") for ln in lines):
-        return f"{lines[0].strip()} ({lines[-1].strip()})"
-    return lines[0].strip()
