@@ -72,8 +72,8 @@ class HighLevelFunction:
 
 
 def high_level_runtime() -> abi.Runtime:
-    runtime = abi.Runtime.__new__(abi.Runtime)
-    runtime.engine = fastcall.engine()
+    """A Runtime whose host functions go through wasmtime-py's `Linker.define_func` instead."""
+    runtime = abi.Runtime()
     runtime.linker = wasmtime.Linker(runtime.engine)
     kinds = {"i": wasmtime.ValType.i32(), "I": wasmtime.ValType.i32(), "q": wasmtime.ValType.i64(),
              "Q": wasmtime.ValType.i64(), "d": wasmtime.ValType.f64()}
@@ -86,11 +86,6 @@ def high_level_runtime() -> abi.Runtime:
 
         ty = wasmtime.FuncType([kinds[k] for k in fn.params], [kinds[k] for k in fn.results])
         runtime.linker.define_func(fn.module, fn.name, ty, call)
-    runtime.cache_dir = None
-    runtime.shared_data = abi.InMemorySharedData()
-    from abi.shared import SharedQueues
-    runtime.queues = SharedQueues()
-    runtime._cache_tag = "bench"  # noqa: SLF001
     return runtime
 
 

@@ -1,9 +1,9 @@
 """Run one filter on a synthetic request, offline: the engine of `sluice filter test` and of the
 filter tests.
 
-`FilterRig` owns a `Runtime` and a real `Host` on its own asyncio loop (callouts go out over real
-sockets with aiohttp's client), and drives one stream through the whole lifecycle the way the
-proxy's chain does for a single filter: request headers, body, trailers, waiting while the filter
+`FilterRig` owns a `Runtime` and a real `Host` on its own asyncio loop (the proxy's `Services`:
+callouts go out over real sockets through the same upstream pools), and drives one stream through
+the whole lifecycle the way the proxy's chain does for a single filter: request headers, body, trailers, waiting while the filter
 is paused, the response phase (or the filter's local reply through its own response callbacks,
 as Envoy does), then log/done/delete.
 """
@@ -19,72 +19,32 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-import aiohttp
-
 import abi
 from abi import FilterStatus, HeaderMap, LocalReply, LogLevel
 
+from .clusters import ClusterPool
+from .config import HostPort
+from .services import Services
 
-class RigHost:
-    """An `abi.Host` on an asyncio loop: timers, logs kept in a list, callouts over HTTP/1.1."""
+
+class RigHost(Services):
+    """The proxy's own `abi.Host` (callouts through the same upstream pools), with fixed named
+    clusters and the filter logs kept in a list instead of rate-limited to the log."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, clusters: dict[str, str]) -> None:
-        self.loop = loop
-        self.clusters = dict(clusters)
+        super().__init__(lambda: None, loop)
         self.logs: list[tuple[str, LogLevel, str]] = []
-        self._session: aiohttp.ClientSession | None = None
+        for name, address in clusters.items():
+            self.add_cluster(name, address)
+
+    def add_cluster(self, name: str, address: str) -> None:
+        """Make `name` reach `address` ("host:port"); raises ValueError for a bad address."""
+        parsed = HostPort.parse(address)
+        self.add_pool(ClusterPool(name, [(parsed.host, parsed.port)], timeout=15.0,
+                                  connect_timeout=2.0, max_connections=64))
 
     def log(self, plugin: str, level: LogLevel, message: str) -> None:
         self.logs.append((plugin, level, message))
-
-    def call_later(self, delay_s: float, callback: Callable[[], None]) -> abi.Cancellable:
-        return self.loop.call_later(delay_s, callback)
-
-    def http_call(
-        self,
-        upstream: str,
-        headers: HeaderMap,
-        body: bytes,
-        trailers: HeaderMap,
-        timeout_s: float | None,
-        on_response: Callable[[abi.CallResponse | None], None],
-    ) -> bool:
-        address = self.clusters.get(upstream)
-        if address is None:
-            host, _, port = upstream.rpartition(":")
-            if not host or not port.isdigit():
-                return False
-            address = upstream
-        self.loop.create_task(self._call(address, headers, body, timeout_s, on_response))
-        return True
-
-    async def _call(
-        self, address: str, headers: HeaderMap, body: bytes, timeout_s: float | None,
-        on_response: Callable[[abi.CallResponse | None], None],
-    ) -> None:
-        if self._session is None:
-            self._session = aiohttp.ClientSession(auto_decompress=False)
-        method = headers.get(":method") or "GET"
-        url = f"http://{address}{headers.get(':path') or '/'}"
-        out = [(k, v) for k, v in headers.regular()]
-        out.append(("host", headers.get(":authority") or address))
-        response: abi.CallResponse | None
-        try:
-            timeout = aiohttp.ClientTimeout(total=timeout_s)
-            async with self._session.request(method, url, headers=out, data=body or None,
-                                             timeout=timeout) as resp:
-                payload = await resp.read()
-                hmap = HeaderMap([(":status", str(resp.status))])
-                for k, v in resp.headers.items():
-                    hmap.add(k, v)
-                response = abi.CallResponse(hmap, payload)
-        except (TimeoutError, aiohttp.ClientError, OSError):
-            response = None
-        on_response(response)
-
-    async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
 
 
 class _Events:
@@ -181,7 +141,7 @@ class FilterRig:
     def close(self) -> None:
         for plugin in self.plugins:
             plugin.retire()
-        self.loop.run_until_complete(self.host.close())
+        self.host.close()
         self.loop.close()
         self.runtime.close()
 

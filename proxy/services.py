@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 from abi import CallResponse, Cancellable, HeaderMap, LogLevel
 
 from .clusters import ClusterPool
+from .config import HostPort
 from .logs import FilterLogs
 from .upstream import UpstreamError
 
@@ -27,16 +28,13 @@ log = logging.getLogger("sluice.services")
 MAX_CALL_RESPONSE = 16 << 20  # a callout answer is held in memory whole; bound it
 
 
-def _parse_host_port(text: str) -> tuple[str, int] | None:
-    if text.startswith("["):
-        host, sep, port = text[1:].partition("]:")
-    else:
-        host, sep, port = text.rpartition(":")
-        if ":" in host:
-            return None
-    if not sep or not host or not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
+def _upstream_address(text: str) -> tuple[str, int] | None:
+    """A callout upstream written as `host:port` (not a cluster name), parsed like the config."""
+    try:
+        address = HostPort.parse(text)
+    except ValueError:
         return None
-    return host, int(port)
+    return (address.host, address.port) if address.port > 0 else None
 
 
 class Services:
@@ -45,12 +43,21 @@ class Services:
     def __init__(self, current: Callable[[], Generation | None], loop: asyncio.AbstractEventLoop) -> None:
         self._current = current
         self._loop = loop
+        self._named: dict[str, ClusterPool] = {}
+        """Clusters by name outside any generation (the single-filter rig of `sluice filter test`)."""
         self._adhoc: dict[str, ClusterPool] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self.calls = 0
         self.call_failures = 0
         self.filter_logs = FilterLogs(call_later=loop.call_later)
         """Filter log lines, rate-limited per filter (proxy/logs.py)."""
+
+    def add_pool(self, pool: ClusterPool) -> None:
+        """Serve callouts to `pool.name` from `pool`, outside any generation."""
+        old = self._named.pop(pool.name, None)
+        if old is not None:
+            old.close()
+        self._named[pool.name] = pool
 
     # -- abi.Host ------------------------------------------------------------------------------
     def http_call(
@@ -90,10 +97,10 @@ class Services:
             pool = gen.clusters.get(upstream)
             if pool is not None:
                 return pool
-        pool = self._adhoc.get(upstream)
+        pool = self._named.get(upstream) or self._adhoc.get(upstream)
         if pool is not None:
             return pool
-        address = _parse_host_port(upstream)
+        address = _upstream_address(upstream)
         if address is None:
             return None
         pool = ClusterPool(upstream, [address], timeout=15.0, connect_timeout=2.0, max_connections=64)
@@ -154,6 +161,7 @@ class Services:
         self.filter_logs.close()
         for task in list(self._tasks):
             task.cancel()
-        for pool in self._adhoc.values():
+        for pool in (*self._adhoc.values(), *self._named.values()):
             pool.close()
         self._adhoc.clear()
+        self._named.clear()

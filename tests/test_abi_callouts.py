@@ -98,7 +98,7 @@ def setup(authz: Authz) -> Iterator[tuple[FilterRig, abi.Plugin]]:
     authz.release = asyncio.Event()
     server = Server(rig, authz)
     try:
-        rig.host.clusters["authz"] = server.start()
+        rig.host.add_cluster("authz", server.start())
         plugin = rig.load(CALLOUT, name="callout")
         yield rig, plugin
     finally:
