@@ -3,9 +3,9 @@ filter tests.
 
 `FilterRig` owns a `Runtime` and a real `Host` on its own asyncio loop (the proxy's `Services`:
 callouts go out over real sockets through the same upstream pools), and drives one stream through
-the whole lifecycle the way the proxy's chain does for a single filter: request headers, body, trailers, waiting while the filter
-is paused, the response phase (or the filter's local reply through its own response callbacks,
-as Envoy does), then log/done/delete.
+the whole lifecycle the way the proxy's chain does for a single filter: request headers, body,
+trailers, waiting while the filter is paused, the response phase (or the filter's local reply
+through its own response callbacks, as Envoy does), then log/done/delete.
 """
 
 from __future__ import annotations
