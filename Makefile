@@ -28,7 +28,7 @@ lint: $(VENV)/.installed
 # The committed .wasm files must be what their sources build to (needs Node.js/npm for the
 # AssemblyScript ones; the Zig toolchain comes from PyPI).
 check-built: $(VENV)/.installed
-	$(PY) filters/build.py --check
+	$(PY) sluice/filters/build.py --check
 	$(PY) tests/fixtures/as/build.py --check
 	$(PY) tests/fixtures/as/build.py --project examples/assemblyscript --check
 

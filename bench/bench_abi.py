@@ -29,10 +29,10 @@ import wasmtime
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import abi  # noqa: E402
-from abi import fastcall  # noqa: E402
-from abi import vm as vm_module  # noqa: E402
-from abi.hostcalls import HOST_FUNCTIONS  # noqa: E402
+from sluice import abi  # noqa: E402
+from sluice.abi import fastcall  # noqa: E402
+from sluice.abi import vm as vm_module  # noqa: E402
+from sluice.abi.hostcalls import HOST_FUNCTIONS  # noqa: E402
 
 
 class _NullHost:

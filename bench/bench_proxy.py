@@ -225,7 +225,7 @@ def client_bench(port: int, requests: int, concurrency: int) -> dict[str, tuple[
     """Upstream-client cost alone: the same GETs through aiohttp's client and through sluice's.
 
     Run in one process on one core against the demo upstream; requests/s of the *client* loop.
-    This is what decided proxy/upstream.py (see bench/README.md).
+    This is what decided sluice/proxy/upstream.py (see bench/README.md).
     """
     import asyncio
 
@@ -233,7 +233,7 @@ def client_bench(port: int, requests: int, concurrency: int) -> dict[str, tuple[
     import uvloop
 
     sys.path.insert(0, str(ROOT))
-    from proxy.clusters import ClusterPool
+    from sluice.proxy.clusters import ClusterPool
 
     async def with_aiohttp() -> tuple[float, float]:
         connector = aiohttp.TCPConnector(limit=concurrency, force_close=False)
@@ -361,7 +361,7 @@ def main() -> int:
                     continue
                 port = free_port()
                 conf = sluice_config(tmp, port, up_port, filters)
-                cmd = pinned([PY, "-m", "proxy", "run", "-c", str(conf)], proxy_cores)
+                cmd = pinned([PY, "-m", "sluice.proxy", "run", "-c", str(conf)], proxy_cores)
                 with process(cmd, tmp / f"{name}.log", env=env) as proc:
                     try:
                         wait_http(f"http://127.0.0.1:{port}{args.path}", headers={"x-api-key": API_KEY})

@@ -4,7 +4,7 @@
 
 What it does (everything on 127.0.0.1):
 
-* starts an aiohttp upstream in this process and `python -m proxy run -c <tmp>/sluice.yaml` as a
+* starts an aiohttp upstream in this process and `python -m sluice.proxy run -c <tmp>/sluice.yaml` as a
   child process (the real entry point: uvloop, frozen start-up heap, raised GC thresholds);
 * keeps `--clients` aiohttp clients busy, each on one keep-alive connection, counting failed
   requests, reconnections (a reset or closed keep-alive connection shows up as a new connection)
@@ -172,7 +172,7 @@ async def swap(probe: aiohttp.ClientSession, url: str, module: Path, data: bytes
 
 def compile_times(path: Path, cache: Path) -> tuple[float, float, int]:
     """Milliseconds to compile `path` with an empty cache, then from the cache; its size."""
-    from abi import Runtime
+    from sluice.abi import Runtime
 
     runtime = Runtime(cache_dir=cache)
     try:
@@ -221,7 +221,7 @@ async def main(args: argparse.Namespace) -> int:
     )
     log_file = open(work / "sluice.log", "wb")  # noqa: SIM115 - closed in finally
     proc = subprocess.Popen(
-        [sys.executable, "-m", "proxy", "run", "-c", str(work / "sluice.yaml")],
+        [sys.executable, "-m", "sluice.proxy", "run", "-c", str(work / "sluice.yaml")],
         cwd=ROOT,
         stdout=log_file,
         stderr=subprocess.STDOUT,

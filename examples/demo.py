@@ -1,9 +1,9 @@
 """The main job: sluice with its built-in filters (auth, ratelimit, ab) in front of a demo upstream.
 
-    make demo        (or: python examples/demo.py [-c config/sluice.yaml])
+    make demo        (or: python examples/demo.py [-c sluice/config/sluice.yaml])
 
 Starts the demo upstream twice (`stable` on 127.0.0.1:9001, `canary` on 127.0.0.1:9002), then
-sluice with `config/sluice.yaml`, prints lines to try, and runs until Ctrl-C. The upstreams are
+sluice with `sluice/config/sluice.yaml`, prints lines to try, and runs until Ctrl-C. The upstreams are
 child processes and are stopped by their PID on the way out.
 """
 
@@ -32,9 +32,9 @@ sluice is listening on http://127.0.0.1:8080 (admin on http://127.0.0.1:9901). T
   for i in $(seq 15); do curl -s -o /dev/null -w '%{http_code} ' \\
       -H 'x-api-key: demo-key' http://127.0.0.1:8080/anything; done; echo   # 200s, then 429s
   curl -s http://127.0.0.1:9901/stats | grep sluice_                 # metrics
-  .venv/bin/sluice filter test filters/auth.wasm --config '{"api_keys":["k1"]}' -H 'x-api-key: k1'
+  .venv/bin/sluice filter test sluice/filters/auth.wasm --config '{"api_keys":["k1"]}' -H 'x-api-key: k1'
 
-Edit config/sluice.yaml or drop a new .wasm into filters/ while it runs: sluice reloads it.
+Edit sluice/config/sluice.yaml or drop a new .wasm into sluice/filters/ while it runs: sluice reloads it.
 Ctrl-C stops everything.
 """
 
@@ -51,7 +51,7 @@ def _wait_port(port: int, timeout: float = 10.0) -> bool:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("-c", "--config", default=str(ROOT / "config" / "sluice.yaml"))
+    parser.add_argument("-c", "--config", default=str(ROOT / "sluice" / "config" / "sluice.yaml"))
     args = parser.parse_args()
 
     # Ctrl-C, or SIGTERM from a supervisor, stops the children too (even if SIGINT came ignored).
@@ -68,7 +68,7 @@ def main() -> int:
                 print(f"demo: the {name} upstream did not start on port {port} (is the port taken?)",
                       file=sys.stderr)
                 return 1
-        proxy = subprocess.Popen([sys.executable, "-m", "proxy", "run", "-c", args.config], cwd=ROOT)
+        proxy = subprocess.Popen([sys.executable, "-m", "sluice.proxy", "run", "-c", args.config], cwd=ROOT)
         children.append(proxy)
         if _wait_port(8080):
             print(TRY, flush=True)

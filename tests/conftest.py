@@ -51,7 +51,7 @@ async def upstream(app: web.Application | None = None, name: str = "up") -> Asyn
 
 
 def make_config(text: str, base_dir: Path | None = None) -> Any:
-    from proxy.config import parse_config
+    from sluice.proxy.config import parse_config
 
     base = base_dir if base_dir is not None else ROOT
     return parse_config(textwrap.dedent(text), source="<test>", base_dir=base)
@@ -60,7 +60,7 @@ def make_config(text: str, base_dir: Path | None = None) -> Any:
 @contextlib.asynccontextmanager
 async def proxy(config_text: str, base_dir: Path | None = None) -> AsyncIterator[Any]:
     """A `Gateway` listening on 127.0.0.1:0 (whatever `listen` says); yields it."""
-    from proxy.app import Gateway
+    from sluice.proxy.app import Gateway
 
     config = make_config(config_text, base_dir)
     gateway = Gateway(config)

@@ -3,9 +3,9 @@ small helpers the abi and filter tests share."""
 
 from __future__ import annotations
 
-import abi
-from abi import LocalReply
-from proxy.filtertest import Exchange, FilterRig, Phase
+from sluice import abi
+from sluice.abi import LocalReply
+from sluice.proxy.filtertest import Exchange, FilterRig, Phase
 
 __all__ = ["Exchange", "FilterRig", "Phase", "Recorder", "rh"]
 

@@ -18,8 +18,8 @@ import pytest
 from aiohttp import web
 from hosting import FilterRig, Recorder
 
-import abi
-from abi import FilterStatus, HeaderMap
+from sluice import abi
+from sluice.abi import FilterStatus, HeaderMap
 
 CALLOUT = Path(__file__).resolve().parent / "fixtures" / "as" / "build" / "callout.wasm"
 WAIT = 10.0  # generous: how long the rig waits for a paused stream to be resumed

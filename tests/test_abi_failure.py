@@ -18,8 +18,8 @@ import pytest
 import wasmtime
 from hosting import FilterRig
 
-import abi
-from abi import FailurePolicy, FilterStatus, HeaderMap, LocalReply, LogLevel
+from sluice import abi
+from sluice.abi import FailurePolicy, FilterStatus, HeaderMap, LocalReply, LogLevel
 
 WAT = Path(__file__).resolve().parent / "fixtures" / "wat" / "failure.wat"
 

@@ -16,9 +16,9 @@ import pytest
 import wasmtime
 from hosting import Exchange, FilterRig
 
-import abi
-from abi import HeaderMap
-from abi.types import WasmResult
+from sluice import abi
+from sluice.abi import HeaderMap
+from sluice.abi.types import WasmResult
 
 WAT = Path(__file__).resolve().parent / "fixtures" / "wat" / "hostcalls.wat"
 

@@ -17,8 +17,8 @@ import wasmtime
 from aiohttp import web
 from hosting import FilterRig, Recorder
 
-import abi
-from abi import FilterStatus, HeaderMap, LogLevel
+from sluice import abi
+from sluice.abi import FilterStatus, HeaderMap, LogLevel
 
 SCRATCH = 4096
 OUT_PTR = 1024

@@ -12,7 +12,7 @@ import pytest
 import wasmtime
 from hosting import FilterRig
 
-import abi
+from sluice import abi
 
 ROOT = Path(__file__).resolve().parent.parent
 HEADERS = ROOT / "tests" / "fixtures" / "as" / "build" / "headers.wasm"

@@ -14,9 +14,9 @@ import pytest
 import wasmtime
 from hosting import FilterRig
 
-import abi
-from abi import LogLevel
-from abi.types import WasmResult
+from sluice import abi
+from sluice.abi import LogLevel
+from sluice.abi.types import WasmResult
 
 WAT_DIR = Path(__file__).resolve().parent / "fixtures" / "wat"
 MIB = 1 << 20

@@ -11,9 +11,9 @@ from typing import Any
 import pytest
 from hosting import FilterRig, Recorder
 
-import abi
-from abi import FilterStatus, HeaderMap, LogLevel
-from abi.hostcalls import ENV_FUNCTIONS
+from sluice import abi
+from sluice.abi import FilterStatus, HeaderMap, LogLevel
+from sluice.abi.hostcalls import ENV_FUNCTIONS
 
 ROOT = Path(__file__).resolve().parent.parent
 AS = ROOT / "tests" / "fixtures" / "as" / "build"

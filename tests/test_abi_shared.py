@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 from hosting import FilterRig
 
-from abi import InMemorySharedData
-from abi.shared import SharedQueues
-from abi.types import WasmResult
+from sluice.abi import InMemorySharedData
+from sluice.abi.shared import SharedQueues
+from sluice.abi.types import WasmResult
 
 SHARED_CAS = Path(__file__).resolve().parent / "fixtures" / "as" / "build" / "shared_cas.wasm"
 

@@ -14,8 +14,8 @@ import pytest
 import wasmtime
 from hosting import FilterRig
 
-import abi
-from abi import LogLevel
+from sluice import abi
+from sluice.abi import LogLevel
 
 WAT = Path(__file__).resolve().parent / "fixtures" / "wat" / "wasi.wat"
 

@@ -19,10 +19,11 @@ import wasmtime
 from conftest import ROOT, proxy, run, upstream
 from prometheus_client.parser import text_string_to_metric_families
 
-from abi import LogLevel
-from proxy.admin import REDACTED, AdminServer, is_secret_key, redact
+from sluice import BUILTIN_FILTERS_DIR
+from sluice.abi import LogLevel
+from sluice.proxy.admin import REDACTED, AdminServer, is_secret_key, redact
 
-FILTERS = ROOT / "filters"
+FILTERS = BUILTIN_FILTERS_DIR
 WAT = ROOT / "tests" / "fixtures" / "wat"
 
 API_KEY = "s3cret-key-1"
@@ -156,7 +157,7 @@ def test_ready_is_503_before_start() -> None:
     async def main() -> None:
         from conftest import make_config
 
-        from proxy.app import Gateway
+        from sluice.proxy.app import Gateway
 
         gw = Gateway(make_config('listen: 127.0.0.1:0\nadmin: {listen: "127.0.0.1:0"}\n'))
         admin = AdminServer(gw)
@@ -543,9 +544,9 @@ def test_logging_levels(restore_logging: Any) -> None:
 
 def test_reload_with_the_real_reloader(tmp_path: Path) -> None:
     need_filters()
-    from proxy.app import Gateway
-    from proxy.config import load_config
-    from proxy.reload import Reloader
+    from sluice.proxy.app import Gateway
+    from sluice.proxy.config import load_config
+    from sluice.proxy.reload import Reloader
 
     async def main() -> None:
         async with upstream() as up:
@@ -581,7 +582,7 @@ def test_reload_with_the_real_reloader(tmp_path: Path) -> None:
 
 
 def test_reload_counter_counts_each_event_once() -> None:
-    from proxy.metrics import ReloadCounter
+    from sluice.proxy.metrics import ReloadCounter
 
     counter = ReloadCounter()
     events: list[FakeEvent] = [FakeEvent(0.0, "startup", True, 1, [], None, 0.0)]

@@ -9,9 +9,11 @@ from collections import Counter
 from typing import Any
 
 import aiohttp
-from conftest import ROOT, proxy, run, upstream
+from conftest import proxy, run, upstream
 
-FILTERS = ROOT / "filters"
+from sluice import BUILTIN_FILTERS_DIR
+
+FILTERS = BUILTIN_FILTERS_DIR
 
 
 def config(stable: str, canary: str, burst: int = 5) -> str:

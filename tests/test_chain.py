@@ -13,8 +13,8 @@ from typing import Any
 
 import pytest
 
-from abi import FilterStatus, HeaderMap, LocalReply, StreamCallbacks, StreamInfo
-from proxy.chain import (
+from sluice.abi import FilterStatus, HeaderMap, LocalReply, StreamCallbacks, StreamInfo
+from sluice.proxy.chain import (
     AbortUpstream,
     Action,
     FilterChain,
@@ -442,7 +442,7 @@ class _NullHost:
 
 @pytest.fixture(scope="module")
 def runtime(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    import abi
+    from sluice import abi
 
     rt = abi.Runtime(cache_dir=tmp_path_factory.mktemp("wasm-cache"))
     yield rt
@@ -450,7 +450,7 @@ def runtime(tmp_path_factory: pytest.TempPathFactory) -> Any:
 
 
 def _plugin(runtime: Any, name: str) -> Any:
-    import abi
+    from sluice import abi
 
     path = FIXTURES / f"{name}.wasm"
     if not path.exists():

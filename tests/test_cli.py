@@ -8,11 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from proxy.cli import build_parser, main
-from proxy.config import SluiceConfig
+from sluice import BUILTIN_FILTERS_DIR
+from sluice.proxy.cli import build_parser, main
+from sluice.proxy.config import SluiceConfig
 
 REPO = Path(__file__).resolve().parent.parent
-FILTERS = REPO / "filters"
+FILTERS = BUILTIN_FILTERS_DIR
 
 GOOD = """\
 listen: 127.0.0.1:8080
@@ -25,7 +26,7 @@ routes:
 
 def sluice(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "proxy", *args], cwd=REPO, capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "sluice.proxy", *args], cwd=REPO, capture_output=True, text=True, timeout=120
     )
 
 
@@ -94,12 +95,12 @@ def test_check_reports_a_module_that_does_not_load(tmp_path: Path) -> None:
 def _need(*modules: str) -> None:
     missing = [m for m in modules if not (FILTERS / m).is_file()]
     if missing:
-        pytest.skip(f"filters not built: {', '.join(missing)} (run filters/build.py)")
+        pytest.skip(f"filters not built: {', '.join(missing)} (run sluice/filters/build.py)")
 
 
 def test_check_default_config_loads_the_real_filters() -> None:
     _need("auth.wasm", "ratelimit.wasm", "ab.wasm")
-    result = sluice("check", "-c", "config/sluice.yaml")
+    result = sluice("check", "-c", "sluice/config/sluice.yaml")
     assert result.returncode == 0, result.stderr
     assert result.stdout == "config OK: 3 filters, 2 routes, 2 clusters\n"
 
@@ -150,7 +151,7 @@ def test_run_hands_the_config_to_serve(tmp_path: Path, monkeypatch: pytest.Monke
         served.append(config)
         return 7
 
-    monkeypatch.setitem(sys.modules, "proxy.app", types.SimpleNamespace(serve=serve))
+    monkeypatch.setitem(sys.modules, "sluice.proxy.app", types.SimpleNamespace(serve=serve))
     config = write(tmp_path, GOOD)
     assert main(["run", "-c", str(config)]) == 7
     assert len(served) == 1 and served[0].source_path == config.resolve()
@@ -163,7 +164,7 @@ def test_filter_test_arguments(monkeypatch: pytest.MonkeyPatch) -> None:
         seen.append(args)
         return 3
 
-    monkeypatch.setitem(sys.modules, "proxy.filtertest", types.SimpleNamespace(main=filter_test_main))
+    monkeypatch.setitem(sys.modules, "sluice.proxy.filtertest", types.SimpleNamespace(main=filter_test_main))
     argv = [
         "filter", "test", "auth.wasm",
         "--config", '{"api_keys": ["k"]}',
@@ -183,7 +184,7 @@ def test_filter_test_arguments(monkeypatch: pytest.MonkeyPatch) -> None:
     assert args.module == "auth.wasm"
     assert args.config == '{"api_keys": ["k"]}'
     assert (args.method, args.path, args.body) == ("POST", "/x?y=1", "hello")
-    # Passed on as written; proxy.filtertest parses them.
+    # Passed on as written; sluice.proxy.filtertest parses them.
     assert args.header == ["X-Api-Key: k", "x-b: 1:2"]
     assert (args.response_status, args.response_header, args.response_body) == (
         201,
@@ -209,7 +210,7 @@ def test_filter_test_defaults() -> None:
 def test_filter_test_runs_a_real_filter() -> None:
     _need("auth.wasm")
     result = sluice(
-        "filter", "test", "filters/auth.wasm", "--config", '{"api_keys": ["k"]}', "-H", "x-api-key: k"
+        "filter", "test", "sluice/filters/auth.wasm", "--config", '{"api_keys": ["k"]}', "-H", "x-api-key: k"
     )
     assert result.returncode == 0, result.stderr
     assert "x-auth-subject" in result.stdout

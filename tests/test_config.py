@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-import abi
-from proxy.config import (
+from sluice import BUILTIN_FILTERS_DIR, DEMO_CONFIG, abi
+from sluice.proxy.config import (
     ClusterConfig,
     ConfigError,
     FilterConfig,
@@ -111,17 +111,17 @@ def test_defaults(tmp_path: Path) -> None:
 
 
 def test_default_config_file_loads() -> None:
-    config = load_config(REPO / "config" / "sluice.yaml")
+    config = load_config(DEMO_CONFIG)
     assert config.listen == HostPort("127.0.0.1", 8080)
     assert config.admin.listen == HostPort("127.0.0.1", 9901)
-    assert config.filters_dir == REPO / "filters"
+    assert config.filters_dir == BUILTIN_FILTERS_DIR
     assert [f.module for f in config.chain] == ["auth.wasm", "ratelimit.wasm", "ab.wasm"]
     assert {name: [str(e) for e in c.endpoints] for name, c in config.clusters.items()} == {
         "web": ["127.0.0.1:9001"],
         "web-canary": ["127.0.0.1:9002"],
     }
     assert [r.cluster for r in config.routes] == ["web-canary", "web"]
-    assert config.source_path == REPO / "config" / "sluice.yaml"
+    assert config.source_path == DEMO_CONFIG
 
 
 def test_load_config_resolves_paths_against_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -12,7 +12,7 @@ import hosting
 import pytest
 from hosting import rh
 
-import abi
+from sluice import BUILTIN_FILTERS_DIR, abi
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "zig-filter" / "add_header.wasm"
@@ -54,7 +54,7 @@ def test_example_bad_config(rig: hosting.FilterRig) -> None:
 def test_filters_are_small_reactors(name: str) -> None:
     import wasmtime
 
-    path = EXAMPLE if name == "add_header" else ROOT / "filters" / f"{name}.wasm"
+    path = EXAMPLE if name == "add_header" else BUILTIN_FILTERS_DIR / f"{name}.wasm"
     assert path.stat().st_size < 100 * 1024
     module = wasmtime.Module.from_file(wasmtime.Engine(), str(path))
     exports = {e.name for e in module.exports}
@@ -74,7 +74,7 @@ def test_filters_are_small_reactors(name: str) -> None:
 )
 def test_committed_wasm_files_are_reproducible() -> None:
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "filters" / "build.py"), "--check"],
+        [sys.executable, str(BUILTIN_FILTERS_DIR / "build.py"), "--check"],
         cwd=ROOT,
         capture_output=True,
         text=True,

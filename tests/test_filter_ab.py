@@ -1,19 +1,18 @@
-"""filters/ab.wasm through the abi host alone (tests/hosting.FilterRig)."""
+"""sluice/filters/ab.wasm through the abi host alone (tests/hosting.FilterRig)."""
 
 from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import hosting
 import pytest
 from hosting import rh
 
-import abi
+from sluice import BUILTIN_FILTERS_DIR, abi
 
-AB = Path(__file__).resolve().parent.parent / "filters" / "ab.wasm"
+AB = BUILTIN_FILTERS_DIR / "ab.wasm"
 COOKIE_ATTRS = "; Path=/; Max-Age=2592000; HttpOnly"
 
 

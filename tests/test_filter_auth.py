@@ -1,4 +1,4 @@
-"""filters/auth.wasm through the abi host alone (tests/hosting.FilterRig)."""
+"""sluice/filters/auth.wasm through the abi host alone (tests/hosting.FilterRig)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import hosting
@@ -19,9 +18,9 @@ import pytest
 from aiohttp import web
 from hosting import rh
 
-import abi
+from sluice import BUILTIN_FILTERS_DIR, abi
 
-AUTH = Path(__file__).resolve().parent.parent / "filters" / "auth.wasm"
+AUTH = BUILTIN_FILTERS_DIR / "auth.wasm"
 SECRET = "s3cret-for-tests"
 
 

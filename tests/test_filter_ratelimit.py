@@ -1,20 +1,19 @@
-"""filters/ratelimit.wasm through the abi host alone (tests/hosting.FilterRig)."""
+"""sluice/filters/ratelimit.wasm through the abi host alone (tests/hosting.FilterRig)."""
 
 from __future__ import annotations
 
 import struct
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import hosting
 import pytest
 from hosting import rh
 
-import abi
+from sluice import BUILTIN_FILTERS_DIR, abi
 
-RATELIMIT = Path(__file__).resolve().parent.parent / "filters" / "ratelimit.wasm"
+RATELIMIT = BUILTIN_FILTERS_DIR / "ratelimit.wasm"
 SLOW = 0.001  # requests per second: no measurable refill during a test
 UNIT = 1_000_000_000
 
@@ -383,7 +382,6 @@ def test_bad_config_fails_load(rig: hosting.FilterRig, config: dict[str, Any], p
 def test_cleanup_skipped_on_hosts_without_the_foreign_functions(
     rig: hosting.FilterRig, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import abi.hostcalls
 
     monkeypatch.setattr(abi.hostcalls, "FOREIGN_KEYS", b"not_sluice_shared_data_keys")
     plugin = load(

@@ -14,8 +14,8 @@ import wasmtime
 from conftest import run, upstream
 from test_admin import API_KEY, admin_proxy, admin_url, builtin_config, need_filters, proxy_url
 
-from abi import LogLevel
-from proxy.logs import FilterLogs, access_record, format_time, variant_header
+from sluice.abi import LogLevel
+from sluice.proxy.logs import FilterLogs, access_record, format_time, variant_header
 
 # A filter that logs one debug and one info line on every request's headers.
 CHATTY_WAT = """

@@ -12,8 +12,10 @@ import pytest
 from aiohttp import web
 from conftest import ROOT, proxy, run, upstream, wait_for
 
+from sluice import BUILTIN_FILTERS_DIR
+
 FIXTURES = ROOT / "tests" / "fixtures" / "as" / "build"
-FILTERS = ROOT / "filters"
+FILTERS = BUILTIN_FILTERS_DIR
 
 
 def need(path: Path) -> Path:

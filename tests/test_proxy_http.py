@@ -306,8 +306,8 @@ def test_retry_idempotent_request_on_another_endpoint() -> None:
 
 
 def test_passive_health_backoff_doubles_to_a_cap() -> None:
-    from proxy.clusters import ClusterPool
-    from proxy.upstream import ConnectFailed
+    from sluice.proxy.clusters import ClusterPool
+    from sluice.proxy.upstream import ConnectFailed
 
     now = [100.0]
 

@@ -1,4 +1,4 @@
-"""Process-level behaviour: graceful shutdown of `python -m proxy run`, WebSocket pass-through."""
+"""Process-level behaviour: graceful shutdown of `python -m sluice.proxy run`, WebSocket pass-through."""
 
 from __future__ import annotations
 
@@ -56,7 +56,7 @@ routes:
             proc = await asyncio.create_subprocess_exec(
                 sys.executable,
                 "-m",
-                "proxy",
+                "sluice.proxy",
                 "run",
                 "-c",
                 str(cfg),

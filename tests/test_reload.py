@@ -1,4 +1,4 @@
-"""Hot reload (proxy/reload.py): filters and config swapped under load without dropping anything.
+"""Hot reload (sluice/proxy/reload.py): filters and config swapped under load without dropping anything.
 
 Each test runs an in-process proxy (config read from a file in tmp_path, so the Reloader watches
 it) on 127.0.0.1 port 0 in front of real aiohttp upstreams on 127.0.0.1 port 0. The filter is
@@ -25,9 +25,9 @@ import wasmtime
 from aiohttp import web
 from conftest import run
 
-from proxy.app import Gateway
-from proxy.config import load_config
-from proxy.reload import Reloader, ReloadEvent
+from sluice.proxy.app import Gateway
+from sluice.proxy.config import load_config
+from sluice.proxy.reload import Reloader, ReloadEvent
 
 WAT = Path(__file__).parent / "fixtures" / "wat" / "versioned.wat"
 

@@ -4,9 +4,9 @@ from typing import Any
 
 import pytest
 
-from abi import HeaderMap
-from proxy.config import RouteConfig, RouteMatch, parse_config
-from proxy.routing import Router
+from sluice.abi import HeaderMap
+from sluice.proxy.config import RouteConfig, RouteMatch, parse_config
+from sluice.proxy.routing import Router
 
 
 def route(cluster: str, **match: Any) -> RouteConfig:

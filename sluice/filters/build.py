@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
 """Rebuild sluice's built-in Zig filters (and the Zig example) byte for byte.
 
-    python filters/build.py            # rebuild filters/auth.wasm, ratelimit.wasm, ab.wasm and
+    python sluice/filters/build.py            # rebuild sluice/filters/auth.wasm, ratelimit.wasm, ab.wasm and
                                        # examples/zig-filter/add_header.wasm in place
-    python filters/build.py --check    # rebuild into a temp dir; exit 1 naming each stale file
+    python sluice/filters/build.py --check    # rebuild into a temp dir; exit 1 naming each stale file
 
 Needs the PyPI package `ziglang==0.14.1` (`pip install -e .[build]`), run as `python -m ziglang`.
 The build is deterministic: fixed flags, paths relative to the repository root, a fixed cache
@@ -21,9 +21,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parent.parent.parent
 ZIG_VERSION = "0.14.1"
-SDK = "filters/sdk/proxy_wasm.zig"
+SDK = "sluice/filters/sdk/proxy_wasm.zig"
 CACHE_DIR = Path(tempfile.gettempdir()) / "sluice-zig-cache"
 
 FLAGS: tuple[str, ...] = (
@@ -50,9 +50,9 @@ class Target:
 
 
 TARGETS: tuple[Target, ...] = (
-    Target("auth", "filters/src/auth.zig", "filters/auth.wasm"),
-    Target("ratelimit", "filters/src/ratelimit.zig", "filters/ratelimit.wasm"),
-    Target("ab", "filters/src/ab.zig", "filters/ab.wasm"),
+    Target("auth", "sluice/filters/src/auth.zig", "sluice/filters/auth.wasm"),
+    Target("ratelimit", "sluice/filters/src/ratelimit.zig", "sluice/filters/ratelimit.wasm"),
+    Target("ab", "sluice/filters/src/ab.zig", "sluice/filters/ab.wasm"),
     Target("add_header", "examples/zig-filter/add_header.zig", "examples/zig-filter/add_header.wasm"),
 )
 
@@ -90,7 +90,7 @@ def check_zig() -> None:
 
 def build(target: Target, dest: Path) -> None:
     """Compile `target` into `dest` (any path); the compiler only sees repository-relative paths."""
-    with tempfile.TemporaryDirectory(dir=REPO / "filters", prefix=".build-") as tmp:
+    with tempfile.TemporaryDirectory(dir=REPO / "sluice" / "filters", prefix=".build-") as tmp:
         out_rel = os.path.relpath(Path(tmp) / f"{target.name}.wasm", REPO)
         proc = subprocess.run(zig_command(target, out_rel), cwd=REPO, capture_output=True, text=True)
         if proc.returncode != 0:
@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
             if not committed.exists() or committed.read_bytes() != fresh.read_bytes():
                 stale.append(t.output)
     for path in stale:
-        print(f"stale: {path} (run python filters/build.py)", file=sys.stderr)
+        print(f"stale: {path} (run python sluice/filters/build.py)", file=sys.stderr)
     if not stale:
         print("all filters up to date")
     return 1 if stale else 0

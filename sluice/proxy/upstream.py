@@ -20,7 +20,7 @@ from typing import cast
 
 import httptools
 
-from abi import HeaderMap
+from sluice.abi import HeaderMap
 
 READ_HIGH_WATER = 256 * 1024  # unread response body that pauses reading from the socket
 

@@ -35,7 +35,7 @@ from pydantic import (
 )
 from pydantic_core import ErrorDetails, core_schema
 
-import abi
+from sluice import abi
 
 __all__ = [
     "AdminConfig",

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable
 
-from abi import HeaderMap
+from sluice.abi import HeaderMap
 
 VIA = "1.1 sluice"
 

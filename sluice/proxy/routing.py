@@ -11,8 +11,8 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
-import abi
-from proxy.config import RouteConfig
+from sluice import abi
+from sluice.proxy.config import RouteConfig
 
 __all__ = ["Router"]
 

@@ -31,8 +31,8 @@ from urllib.parse import urlsplit
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from abi import LogLevel
-from abi.plugin import CALLBACK_BOUNDS_S
+from sluice.abi import LogLevel
+from sluice.abi.plugin import CALLBACK_BOUNDS_S
 
 from .logs import PYTHON_LEVELS
 from .metrics import make_registry
@@ -378,7 +378,7 @@ class AdminServer:
     # -- dashboard -------------------------------------------------------------------------------
     async def dashboard(self, request: web.Request) -> web.StreamResponse:
         if self._dashboard is None:
-            self._dashboard = importlib.resources.files("proxy").joinpath("dashboard.html").read_bytes()
+            self._dashboard = importlib.resources.files("sluice.proxy").joinpath("dashboard.html").read_bytes()
         return web.Response(
             body=self._dashboard,
             content_type="text/html",

@@ -33,7 +33,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
-from abi import FilterStatus, HeaderMap, LocalReply, StreamCallbacks
+from sluice.abi import FilterStatus, HeaderMap, LocalReply, StreamCallbacks
 
 from .http import local_reply_headers
 

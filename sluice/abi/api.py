@@ -1,6 +1,6 @@
 """The narrow interface between the proxy-wasm host (`abi`) and whatever serves HTTP (`proxy`).
 
-Everything the proxy needs from `abi` is re-exported from `abi/__init__.py`; everything `abi` needs
+Everything the proxy needs from `abi` is re-exported from `sluice/abi/__init__.py`; everything `abi` needs
 from the proxy is one `Host` object (services) and one `StreamCallbacks` object per stream (events).
 Neither side sees the other's internals: no wasmtime here, no aiohttp there.
 

@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
-from abi import LogLevel
+from sluice.abi import LogLevel
 
 PYTHON_LEVELS: dict[LogLevel, int] = {
     LogLevel.TRACE: 5,

@@ -19,8 +19,8 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-import abi
-from abi import FilterStatus, HeaderMap, LocalReply, LogLevel
+from sluice import abi
+from sluice.abi import FilterStatus, HeaderMap, LocalReply, LogLevel
 
 from .clusters import ClusterPool
 from .config import HostPort

@@ -4,12 +4,12 @@ A change is picked up in four steps (docs/hot-reload.md):
 
 1. **Notice.** `watchfiles.awatch` watches the directories holding the config file and the chain's
    modules (not recursively). Only the config file and the modules the chain uses count; editor swap
-   files, `filters/.tmp` of an atomic rename and the like are ignored.
+   files, `sluice/filters/.tmp` of an atomic rename and the like are ignored.
 2. **Build.** A complete new Generation is built off to the side: the config is re-read if it
    changed, every module is compiled in a worker thread (validation: wasm magic, version, wasmtime
    validation, the ABI marker), VMs are instantiated and must pass `proxy_on_vm_start` and
    `proxy_on_configure`. Filters whose entry and module bytes did not change keep their Plugin.
-3. **Settle.** A file being copied in place (`cp new.wasm filters/auth.wasm`) changes size and mtime
+3. **Settle.** A file being copied in place (`cp new.wasm sluice/filters/auth.wasm`) changes size and mtime
    while it is written. The changed modules' size, mtime and inode are polled before the build and
    again after it, at least `SETTLE_INTERVAL_S` later; unless both polls agree, the build (or its
    failure) is dropped and the file's next change starts over.
@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING
 
 import watchfiles
 
-import abi
+from sluice import abi
 
 from .config import ConfigError, SluiceConfig, load_config
 

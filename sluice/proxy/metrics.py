@@ -34,9 +34,9 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from abi import MetricType
-from abi.metrics import HISTOGRAM_BOUNDS
-from abi.plugin import CALLBACK_BOUNDS_S
+from sluice.abi import MetricType
+from sluice.abi.metrics import HISTOGRAM_BOUNDS
+from sluice.abi.plugin import CALLBACK_BOUNDS_S
 
 if TYPE_CHECKING:
     from .app import Gateway

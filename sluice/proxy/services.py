@@ -13,7 +13,7 @@ import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from abi import CallResponse, Cancellable, HeaderMap, LogLevel
+from sluice.abi import CallResponse, Cancellable, HeaderMap, LogLevel
 
 from .clusters import ClusterPool
 from .config import HostPort
@@ -50,7 +50,7 @@ class Services:
         self.calls = 0
         self.call_failures = 0
         self.filter_logs = FilterLogs(call_later=loop.call_later)
-        """Filter log lines, rate-limited per filter (proxy/logs.py)."""
+        """Filter log lines, rate-limited per filter (sluice/proxy/logs.py)."""
 
     def add_pool(self, pool: ClusterPool) -> None:
         """Serve callouts to `pool.name` from `pool`, outside any generation."""

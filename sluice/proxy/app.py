@@ -25,7 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import abi
+from sluice import abi
 
 from .admin import AdminServer
 from .clusters import ClusterPool
@@ -86,7 +86,7 @@ class Generation:
         self._unfiltered = not any(f.match for f in filters)
         self.on_disposed: Callable[[Generation], None] | None = None
         self.variant_header = variant_header(config.chain)
-        """The request header the access log reports as `variant` (proxy/logs.py)."""
+        """The request header the access log reports as `variant` (sluice/proxy/logs.py)."""
         now = time.time()
         for f in filters:
             _loaded.setdefault(f.plugin, (number, now))  # a plugin carried over keeps its first
@@ -153,7 +153,7 @@ class Gateway:
         self.admin: Any = None
         """The admin listener (`proxy.admin.AdminServer`) when one runs."""
         self.reloader: Reloader | None = None
-        """Hot reload (proxy/reload.py): runs when the config came from a file (`watch=True`)."""
+        """Hot reload (sluice/proxy/reload.py): runs when the config came from a file (`watch=True`)."""
         self.watch = config.source_path is not None
 
     def current_generation(self) -> Generation | None:

@@ -1,7 +1,8 @@
-"""The `sluice` command (also `python -m proxy`).
+"""The `sluice` command (also `python -m sluice.proxy`).
 
-    sluice run   [-c FILE]        serve with a config (default config/sluice.yaml)
+    sluice run   [-c FILE]        serve with a config (default: the shipped demo config)
     sluice check [-c FILE]        validate a config and load every filter, without serving
+    sluice config-path            print where the shipped demo config is (to copy and edit)
     sluice filter test MODULE.wasm [options]   run one filter against one made-up request
 
 Exit status: 0 success, 1 invalid config or a filter that does not load, 2 bad command line.
@@ -13,12 +14,13 @@ import argparse
 import sys
 from collections.abc import Callable
 
-import abi
-from proxy.config import ConfigError, HostPort, SluiceConfig, load_config
+from sluice import DEMO_CONFIG, abi
+from sluice.proxy.config import ConfigError, HostPort, SluiceConfig, load_config
 
 __all__ = ["DEFAULT_CONFIG", "build_parser", "main"]
 
-DEFAULT_CONFIG = "config/sluice.yaml"
+DEFAULT_CONFIG = str(DEMO_CONFIG)
+"""The shipped demo config (package data): `sluice run` with no `-c` serves the demo."""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -48,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     check = commands.add_parser("check", help="validate a config and load its filters without serving")
     _config_option(check)
     check.set_defaults(handler=_check)
+
+    where = commands.add_parser("config-path", help="print the path of the shipped demo config")
+    where.set_defaults(handler=_config_path)
 
     filter_cmd = commands.add_parser("filter", help="work with a single filter module")
     filter_cmds = filter_cmd.add_subparsers(title="filter commands", metavar="COMMAND")
@@ -116,7 +121,7 @@ def _usage(parser: argparse.ArgumentParser) -> int:
 
 
 # `filter test` options are checked here, so mistakes get argparse's usage message, but passed on
-# as written: proxy.filtertest parses them itself.
+# as written: sluice.proxy.filtertest parses them itself.
 
 
 def _header(text: str) -> str:
@@ -154,7 +159,7 @@ def _run(args: argparse.Namespace) -> int:
     if config is None:
         return 1
     # Imported here so that `check` and `filter test` do not pull in the HTTP server.
-    from proxy.app import serve
+    from sluice.proxy.app import serve
 
     return serve(config)
 
@@ -216,10 +221,18 @@ def _check(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- config-path -----------------------------------------------------------------------------------
+
+
+def _config_path(_args: argparse.Namespace) -> int:
+    print(DEMO_CONFIG)
+    return 0
+
+
 # -- filter test -----------------------------------------------------------------------------------
 
 
 def _filter_test(args: argparse.Namespace) -> int:
-    from proxy.filtertest import main as filter_test_main
+    from sluice.proxy.filtertest import main as filter_test_main
 
     return filter_test_main(args)

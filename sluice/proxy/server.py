@@ -24,7 +24,7 @@ from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
 from aiohttp.web_protocol import RequestHandler
 from multidict import CIMultiDict
 
-from abi import HeaderMap, LocalReply, StreamInfo
+from sluice.abi import HeaderMap, LocalReply, StreamInfo
 
 from .chain import (
     AbortUpstream,
@@ -82,7 +82,7 @@ class ProxyStats:
     bytes_received: int = 0
     bytes_sent: int = 0
     traffic: TrafficStats = dataclasses.field(default_factory=TrafficStats)
-    """Requests by route, cluster and status class; upstream latency per cluster (proxy/metrics.py)."""
+    """Requests by route, cluster and status class; upstream latency per cluster (sluice/proxy/metrics.py)."""
 
     def snapshot(self) -> dict[str, Any]:
         return {
