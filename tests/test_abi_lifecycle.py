@@ -854,3 +854,24 @@ def test_corrupt_cache_entry_is_recompiled(tmp_path: Path) -> None:
         assert second.compile(path).from_cache is True  # rewritten
     finally:
         second.close()
+
+
+def test_report_is_a_frozen_reading_of_the_plugin(rig: FilterRig, tmp_path: Path) -> None:
+    import dataclasses
+
+    from sluice.abi import PluginReport, PluginState
+
+    plugin = rig.load(build(tmp_path))
+    rec = Recorder()
+    request = HeaderMap([(":method", "GET"), (":path", "/"), (":authority", "h"), (":scheme", "http")])
+    stream = plugin.new_stream(abi.StreamInfo(request_headers=request), rec)
+    stream.request_headers(request, True)
+    stream.complete()
+    report = plugin.report()
+    assert isinstance(report, PluginReport)
+    assert report.state is PluginState.OK
+    assert report.counters.streams == 1
+    assert report.callback_seconds.count == report.counters.callbacks > 0
+    assert report.module.sha256 == plugin.module.sha256
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        report.name = "other"  # type: ignore[misc]

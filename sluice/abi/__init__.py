@@ -9,6 +9,7 @@ Public API (the only names `proxy` and tests import)::
     stream.request_headers(headers, end_of_stream) -> FilterStatus
     ...
     stream.complete()
+    plugin.report()                       # PluginReport: state, counters, histograms, metrics (frozen)
     plugin.retire()                       # stop ticks; VM released when its last stream completes
 
 `runtime.load` raises `PluginLoadError` (file + reason) when the module is not wasm, has no ABI
@@ -29,6 +30,7 @@ from .api import (
 )
 from .headers import HeaderMap
 from .plugin import HttpStream, Plugin, PluginStats
+from .report import FilterMetric, ModuleInfo, PluginCounters, PluginReport, PluginState
 from .runtime import CompiledModule, Runtime
 from .shared import InMemorySharedData, SharedData
 from .types import FailurePolicy, FilterStatus, LogLevel, MetricType
@@ -38,6 +40,7 @@ __all__ = [
     "Cancellable",
     "CompiledModule",
     "FailurePolicy",
+    "FilterMetric",
     "FilterStatus",
     "HeaderMap",
     "Host",
@@ -46,9 +49,13 @@ __all__ = [
     "LocalReply",
     "LogLevel",
     "MetricType",
+    "ModuleInfo",
     "Plugin",
+    "PluginCounters",
     "PluginLoadError",
+    "PluginReport",
     "PluginSpec",
+    "PluginState",
     "PluginStats",
     "Runtime",
     "SharedData",

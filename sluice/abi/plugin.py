@@ -17,11 +17,14 @@ import time
 from time import perf_counter
 from typing import TYPE_CHECKING
 
+from sluice.histogram import HistogramSnapshot
+
 from .api import CallResponse, Host, LocalReply, PluginLoadError, PluginSpec, StreamCallbacks, StreamInfo
 from .fastcall import WasmTrap
 from .headers import HeaderMap
-from .metrics import MetricRegistry
-from .types import FailurePolicy, FilterStatus, LogLevel
+from .metrics import HISTOGRAM_BOUNDS, MetricRegistry
+from .report import FilterMetric, ModuleInfo, PluginCounters, PluginReport, PluginState
+from .types import FailurePolicy, FilterStatus, LogLevel, MetricType
 from .vm import RootContext, StreamContext, WasmVM
 
 if TYPE_CHECKING:
@@ -349,6 +352,39 @@ class Plugin:
                 ctx.stream.fail(None)  # keep last_error: it names the callback that failed
 
     # -- reporting ---------------------------------------------------------------------------------
+    def report(self) -> PluginReport:
+        """Everything the proxy may know about this filter, as frozen values read now."""
+        stats = self.stats
+        stats.flush()
+        module = self.module
+        metrics = tuple(
+            FilterMetric(
+                m.name, m.type, m.value,
+                HistogramSnapshot(HISTOGRAM_BOUNDS, tuple(m.buckets), float(m.sum), m.value)
+                if m.type is MetricType.HISTOGRAM else None,
+            )
+            for m in self.metric_registry.all()
+        )
+        return PluginReport(
+            name=self.spec.name,
+            state=PluginState(self.state),
+            module=ModuleInfo(str(module.path), module.sha256, module.size, module.abi_version),
+            counters=PluginCounters(
+                streams=stats.streams, callbacks=stats.callbacks, traps=stats.traps, deadlines=stats.deadlines,
+                fail_closed=stats.fail_closed, fail_open=stats.fail_open, reloads=stats.reloads,
+                reload_failures=stats.reload_failures,
+            ),
+            callback_seconds=HistogramSnapshot(
+                CALLBACK_BOUNDS_S, tuple(stats.callback_buckets), stats.callback_seconds_sum, stats.callbacks
+            ),
+            metrics=metrics,
+            last_error=self.last_error,
+            log_level=self.log_level,
+            vm_count=self.vm_count,
+            active_streams=self.active_streams,
+            memory_bytes=self.memory_bytes(),
+        )
+
     def metrics(self) -> dict[str, int]:
         return self.metric_registry.values()
 
