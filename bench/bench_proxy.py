@@ -1,31 +1,41 @@
 #!/usr/bin/env python3
-"""Throughput and latency of sluice against nginx, same machine, same upstream, same load.
+"""sluice against nginx, same machine, same fast upstream, same load, one run.
 
-    python bench/bench_proxy.py [--duration 10] [--connections 32] [--only sluice,nginx]
+    python bench/bench_proxy.py [--duration 5] [--rounds 3] [--connections 32] [--only a,b,...]
+    python bench/bench_proxy.py --json results.json       # also write every run as JSON
 
-Runs, one after the other, against one demo upstream (examples/demo_upstream.py, GET /hello):
-  direct     wrk straight at the upstream (the ceiling every proxy below shares)
-  nginx      one worker, proxy_pass with an upstream keepalive pool
-  sluice     no filters
-  sluice+1   one light AssemblyScript filter (tests/fixtures/as/build/headers.wasm)
-  sluice+3   auth.wasm (API key), ratelimit.wasm (limit far above the load), ab.wasm
-and prints requests/s, p50 and p99 for each, plus the ratios the project tracks
-(sluice >= 25% of nginx, sluice+3 >= 80% of sluice).
+The upstream is nginx itself (`return 200`, one worker), so no row is capped by a slow upstream;
+the peer is nginx `proxy_pass` with an upstream keep-alive pool (one worker). Targets:
 
-Processes are pinned with taskset when there are enough cores: the proxy under test gets a core
-of its own; upstream and wrk share the rest. Needs `wrk` and `nginx` (apt-get install wrk nginx);
-the nginx row is skipped without it. Everything listens on 127.0.0.1 only.
+  nginx          proxy_pass, access log off
+  nginx+log      proxy_pass, access log to a file (buffer=64k)
+  sluice         the default config: no filters, JSON access log to a file
+  sluice-nolog   no filters, `access_log: null`
+  sluice+noop    + a no-op filter (bench/noop_filter.wat: header callbacks that return Continue)
+  sluice+as      + the AssemblyScript headers filter (tests/fixtures/as/build/headers.wasm)
+  sluice+3       + auth, ratelimit, ab (the built-in filters; limit far above the load)
+  sluice-pyup    (with --python-upstream) sluice without filters in front of the Python demo
+                 upstream: an extra row, capped by that upstream
+
+Every target runs from the start, pinned to one core (the proxy core); the upstream and wrk share
+the other. Targets not being measured are stopped (SIGSTOP) so they take no CPU. Rounds are
+interleaved (round 1: every target once, round 2: ...) and the median of the rounds is reported,
+with the proxy process's own CPU time per request (user + system, from /proc; nginx: master +
+worker), which is steadier than req/s on a shared machine. Everything listens on 127.0.0.1.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
+import json
 import os
 import re
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -34,9 +44,15 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+import wasmtime
+
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
 API_KEY = "bench-key"
+FILTERS = ROOT / "sluice" / "filters"
+AS_BUILD = ROOT / "tests" / "fixtures" / "as" / "build"
+
+TARGETS = ("nginx", "nginx+log", "sluice", "sluice-nolog", "sluice+noop", "sluice+as", "sluice+3")
 
 
 def free_port() -> int:
@@ -45,11 +61,13 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def wait_http(url: str, timeout: float = 30.0, headers: dict[str, str] | None = None) -> None:
+def wait_http(url: str, timeout: float = 30.0, proc: subprocess.Popen[bytes] | None = None) -> None:
     deadline = time.monotonic() + timeout
     while True:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"{url}: the server exited with status {proc.returncode}")
         try:
-            req = urllib.request.Request(url, headers=headers or {})
+            req = urllib.request.Request(url, headers={"x-api-key": API_KEY})
             with urllib.request.urlopen(req, timeout=2) as resp:
                 if resp.status == 200:
                     return
@@ -60,155 +78,149 @@ def wait_http(url: str, timeout: float = 30.0, headers: dict[str, str] | None = 
         time.sleep(0.1)
 
 
-def cpu_seconds(pid: int) -> float:
-    """user+system CPU of a process and its children (nginx's worker), from /proc."""
-    total = 0.0
-    tick = os.sysconf("SC_CLK_TCK")
-    pending = [pid]
+def process_tree(pid: int) -> list[int]:
+    out, pending = [], [pid]
     while pending:
         current = pending.pop()
-        try:
+        out.append(current)
+        with contextlib.suppress(OSError):
+            for task in Path(f"/proc/{current}/task").iterdir():
+                pending.extend(int(c) for c in (task / "children").read_text().split())
+    return out
+
+
+def cpu_seconds(pid: int) -> float:
+    """user + system CPU of a process and its children (nginx's worker), from /proc."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for current in process_tree(pid):
+        with contextlib.suppress(OSError):
             fields = Path(f"/proc/{current}/stat").read_text().rsplit(")", 1)[1].split()
             total += (int(fields[11]) + int(fields[12])) / tick
-            for task in Path(f"/proc/{current}/task").iterdir():
-                children = (task / "children").read_text().split()
-                pending.extend(int(c) for c in children)
-        except OSError:
-            continue
     return total
 
 
-def cpus() -> list[int]:
-    try:
-        return sorted(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not Linux
-        return list(range(os.cpu_count() or 1))
+def cores() -> tuple[list[int] | None, list[int] | None]:
+    """(proxy core, load+upstream cores), or (None, None) on a single core."""
+    available = sorted(os.sched_getaffinity(0))
+    if len(available) < 2:
+        return None, None
+    return available[-1:], available[:-1]
 
 
-def pinned(cmd: list[str], cores: list[int] | None) -> list[str]:
-    if cores and shutil.which("taskset"):
-        return ["taskset", "-c", ",".join(map(str, cores)), *cmd]
+def pinned(cmd: list[str], on: list[int] | None) -> list[str]:
+    if on and shutil.which("taskset"):
+        return ["taskset", "-c", ",".join(map(str, on)), *cmd]
     return cmd
 
 
+@dataclasses.dataclass
+class Target:
+    name: str
+    url: str
+    proc: subprocess.Popen[bytes]
+    log: Path
+
+    def pause(self) -> None:
+        for pid in process_tree(self.proc.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        for pid in process_tree(self.proc.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+
+
 @contextlib.contextmanager
-def process(cmd: list[str], log: Path, env: dict[str, str] | None = None) -> Iterator[subprocess.Popen[bytes]]:
+def started(cmd: list[str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
     with open(log, "wb") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
     try:
         yield proc
     finally:
+        for pid in process_tree(proc.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
             try:
-                proc.wait(15)
+                proc.wait(20)
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
 
 
-def run_wrk(url: str, duration: int, connections: int, cores: list[int] | None) -> dict[str, float]:
-    cmd = pinned(
-        [
-            "wrk",
-            "-t1",
-            f"-c{connections}",
-            f"-d{duration}s",
-            "--latency",
-            "-H",
-            f"x-api-key: {API_KEY}",
-            url,
-        ],
-        cores,
-    )
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
-
-    def pct(label: str) -> float:
-        m = re.search(rf"^\s+{label}%\s+([\d.]+)(us|ms|s)\s*$", out, re.M)
-        if not m:
-            return float("nan")
-        scale = {"us": 0.001, "ms": 1.0, "s": 1000.0}[m.group(2)]
-        return float(m.group(1)) * scale
-
-    errors = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
-    socket_errors = re.search(r"Socket errors: (.*)", out)
-    return {
-        "rps": rps,
-        "p50": pct("50"),
-        "p99": pct("99"),
-        "non2xx": float(errors.group(1)) if errors else 0.0,
-        "socket_errors": 1.0 if socket_errors else 0.0,
-    }
+# -- configs -----------------------------------------------------------------------------------
 
 
-def sluice_config(tmp: Path, port: int, upstream: int, filters: str) -> Path:
-    chain = ""
-    if filters == "one":
-        # The AssemblyScript "headers" fixture: 4 header reads, 2 header writes. The cost of one
-        # typical light filter.
-        chain = f"""
-filters_dir: {ROOT / "tests" / "fixtures" / "as" / "build"}
-chain:
-  - name: headers
-    module: headers.wasm
+def nginx_dirs(tmp: Path, name: str) -> Path:
+    prefix = tmp / name
+    for sub in ("body", "proxy", "fastcgi", "uwsgi", "scgi"):
+        (prefix / sub).mkdir(parents=True, exist_ok=True)
+    return prefix
+
+
+def nginx_common(prefix: Path) -> str:
+    return f"""
+worker_processes 1;
+daemon off;
+pid {prefix}/nginx.pid;
+error_log {prefix}/error.log warn;
+events {{ worker_connections 4096; }}
 """
-    elif filters == "three":
-        chain = f"""
-filters_dir: {ROOT / "filters"}
-chain:
-  - name: auth
-    module: auth.wasm
-    config: {{api_keys: ["{API_KEY}"]}}
-  - name: ratelimit
-    module: ratelimit.wasm
-    config: {{requests_per_second: 1000000, burst: 1000000}}
-  - name: ab
-    module: ab.wasm
-    config: {{variants: {{a: 50, b: 50}}}}
+
+
+def nginx_temp(prefix: Path) -> str:
+    return f"""
+    client_body_temp_path {prefix}/body;
+    proxy_temp_path {prefix}/proxy;
+    fastcgi_temp_path {prefix}/fastcgi;
+    uwsgi_temp_path {prefix}/uwsgi;
+    scgi_temp_path {prefix}/scgi;
 """
-    path = tmp / f"sluice-{filters}.yaml"
+
+
+def upstream_config(tmp: Path, port: int) -> Path:
+    prefix = nginx_dirs(tmp, "upstream")
+    path = prefix / "nginx.conf"
     path.write_text(
-        f"""
-listen: 127.0.0.1:{port}
-admin: {{listen: "127.0.0.1:{free_port()}"}}
-access_log: null
-cache_dir: {tmp / "cache"}
-clusters:
-  up: {{endpoints: ["127.0.0.1:{upstream}"], max_connections: 1024}}
-routes:
-  - match: {{prefix: /}}
-    cluster: up
-{chain}
+        nginx_common(prefix)
+        + f"""
+http {{
+    access_log off;
+    {nginx_temp(prefix)}
+    keepalive_requests 1000000;
+    server {{
+        listen 127.0.0.1:{port} backlog=4096;
+        location / {{ default_type text/plain; return 200 "hello from the upstream\\n"; }}
+    }}
+}}
 """
     )
     return path
 
 
-def nginx_config(tmp: Path, port: int, upstream: int) -> Path:
-    path = tmp / "nginx.conf"
+def peer_config(tmp: Path, name: str, port: int, upstream: int, log: bool) -> Path:
+    prefix = nginx_dirs(tmp, name)
+    access = f"access_log {prefix}/access.log combined buffer=64k flush=1s;" if log else "access_log off;"
+    path = prefix / "nginx.conf"
     path.write_text(
-        f"""
-worker_processes 1;
-daemon off;
-pid {tmp}/nginx.pid;
-error_log {tmp}/nginx-error.log warn;
-events {{ worker_connections 4096; }}
+        nginx_common(prefix)
+        + f"""
 http {{
-    access_log off;
-    client_body_temp_path {tmp}/nginx-body;
-    proxy_temp_path {tmp}/nginx-proxy;
-    fastcgi_temp_path {tmp}/nginx-fastcgi;
-    uwsgi_temp_path {tmp}/nginx-uwsgi;
-    scgi_temp_path {tmp}/nginx-scgi;
-    upstream demo {{
+    {access}
+    {nginx_temp(prefix)}
+    keepalive_requests 1000000;
+    upstream up {{
         server 127.0.0.1:{upstream};
         keepalive 64;
     }}
     server {{
-        listen 127.0.0.1:{port};
+        listen 127.0.0.1:{port} backlog=4096;
         location / {{
-            proxy_pass http://demo;
+            proxy_pass http://up;
             proxy_http_version 1.1;
             proxy_set_header Connection "";
             proxy_set_header Host $host;
@@ -221,170 +233,208 @@ http {{
     return path
 
 
-def client_bench(port: int, requests: int, concurrency: int) -> dict[str, tuple[float, float]]:
-    """Upstream-client cost alone: the same GETs through aiohttp's client and through sluice's.
+def sluice_config(tmp: Path, name: str, port: int, upstream: int) -> Path:
+    work = tmp / name
+    work.mkdir()
+    log = "null" if name == "sluice-nolog" else str(work / "access.log")
+    chain = ""
+    if name == "sluice+noop":
+        (work / "noop.wasm").write_bytes(wasmtime.wat2wasm((ROOT / "bench" / "noop_filter.wat").read_text()))
+        chain = f"filters_dir: {work}\nchain:\n  - {{name: noop, module: noop.wasm}}\n"
+    elif name == "sluice+as":
+        chain = f"filters_dir: {AS_BUILD}\nchain:\n  - {{name: headers, module: headers.wasm}}\n"
+    elif name == "sluice+3":
+        chain = f"""filters_dir: {FILTERS}
+chain:
+  - name: auth
+    module: auth.wasm
+    config: {{api_keys: ["{API_KEY}"]}}
+  - name: ratelimit
+    module: ratelimit.wasm
+    config: {{requests_per_second: 1000000, burst: 1000000}}
+  - name: ab
+    module: ab.wasm
+    config: {{variants: {{a: 50, b: 50}}}}
+"""
+    path = work / "sluice.yaml"
+    path.write_text(
+        f"""
+listen: 127.0.0.1:{port}
+admin: {{listen: "127.0.0.1:{free_port()}"}}
+access_log: {log}
+cache_dir: {tmp / "cache"}
+clusters:
+  up: {{endpoints: ["127.0.0.1:{upstream}"], max_connections: 1024}}
+routes:
+  - match: {{prefix: /}}
+    cluster: up
+{chain}
+"""
+    )
+    return path
 
-    Run in one process on one core against the demo upstream; requests/s of the *client* loop.
-    This is what decided sluice/proxy/upstream.py (see bench/README.md).
-    """
-    import asyncio
 
-    import aiohttp
-    import uvloop
+# -- load --------------------------------------------------------------------------------------
 
-    sys.path.insert(0, str(ROOT))
-    from sluice.proxy.clusters import ClusterPool
 
-    async def with_aiohttp() -> tuple[float, float]:
-        connector = aiohttp.TCPConnector(limit=concurrency, force_close=False)
-        async with aiohttp.ClientSession(connector=connector, auto_decompress=False) as session:
-            url = f"http://127.0.0.1:{port}/hello"
+def run_wrk(url: str, duration: float, connections: int, on: list[int] | None) -> dict[str, float]:
+    cmd = pinned(
+        ["wrk", "-t1", f"-c{connections}", f"-d{duration:g}s", "--latency", "-H", f"x-api-key: {API_KEY}", url], on
+    )
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    requests = re.search(r"(\d+) requests in", out)
+    rps = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    if requests is None or rps is None:
+        raise RuntimeError(f"wrk said: {out}")
 
-            async def worker(n: int) -> None:
-                for _ in range(n):
-                    async with session.get(url) as resp:
-                        await resp.read()
+    def pct(label: str) -> float:
+        m = re.search(rf"^\s+{label}%\s+([\d.]+)(us|ms|s)\s*$", out, re.M)
+        if not m:
+            return float("nan")
+        return float(m.group(1)) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[m.group(2)]
 
-            start, cpu = time.perf_counter(), time.process_time()
-            await asyncio.gather(*(worker(requests // concurrency) for _ in range(concurrency)))
-            return requests / (time.perf_counter() - start), (time.process_time() - cpu) / requests
+    non2xx = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
+    errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    return {
+        "rps": float(rps.group(1)),
+        "requests": float(requests.group(1)),
+        "p50_ms": pct("50"),
+        "p99_ms": pct("99"),
+        "non2xx": float(non2xx.group(1)) if non2xx else 0.0,
+        "socket_errors": float(sum(int(g) for g in errors.groups())) if errors else 0.0,
+    }
 
-    async def with_sluice() -> tuple[float, float]:
-        pool = ClusterPool("bench", [("127.0.0.1", port)], max_connections=concurrency)
-        fields = [("host", f"127.0.0.1:{port}")]
 
-        async def worker(n: int) -> None:
-            for _ in range(n):
-                conn = await pool.acquire()
-                try:
-                    conn.start_request("GET", "/hello", fields, body=False, content_length=None)
-                    await conn.read_head(15.0)
-                    while await conn.read_body() is not None:
-                        pass
-                finally:
-                    pool.release(conn)
+def measure(target: Target, duration: float, warmup: float, connections: int, on: list[int] | None) -> dict[str, float]:
+    target.resume()
+    try:
+        if warmup:
+            run_wrk(target.url, warmup, connections, on)
+        before = cpu_seconds(target.proc.pid)
+        run = run_wrk(target.url, duration, connections, on)
+        run["cpu_us"] = (cpu_seconds(target.proc.pid) - before) / max(run["requests"], 1.0) * 1e6
+        return run
+    finally:
+        target.pause()
 
-        start, cpu = time.perf_counter(), time.process_time()
-        await asyncio.gather(*(worker(requests // concurrency) for _ in range(concurrency)))
-        rate = requests / (time.perf_counter() - start), (time.process_time() - cpu) / requests
-        pool.close()
-        return rate
 
-    out: dict[str, tuple[float, float]] = {}
-    for name, fn in (("aiohttp client", with_aiohttp), ("sluice client", with_sluice)):
-        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-            runner.run(fn())  # warm-up: connections, caches
-            out[name] = runner.run(fn())
-    return out
+def median(runs: list[dict[str, float]], key: str) -> float:
+    return statistics.median(r[key] for r in runs)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--duration", type=int, default=10, help="seconds per measured run")
-    parser.add_argument("--warmup", type=int, default=2, help="seconds of load before measuring")
-    parser.add_argument("--repeat", type=int, default=3, help="measured runs per target; the best is kept")
+    parser.add_argument("--duration", type=float, default=5.0, help="seconds per measured run")
+    parser.add_argument("--warmup", type=float, default=1.0, help="seconds of load before each measured run")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; medians are reported")
     parser.add_argument("--connections", type=int, default=32)
-    parser.add_argument("--path", default="/hello")
-    parser.add_argument("--only", default="direct,nginx,sluice,sluice+1,sluice+3")
-    parser.add_argument(
-        "--clients", action="store_true", help="compare the upstream clients (aiohttp vs sluice's) instead"
-    )
+    parser.add_argument("--only", default=",".join(TARGETS), help="comma-separated targets")
+    parser.add_argument("--python-upstream", action="store_true",
+                        help="add sluice-pyup: sluice in front of the Python demo upstream (capped by it)")
+    parser.add_argument("--json", type=Path, help="write every run to this file")
     args = parser.parse_args()
-    if not shutil.which("wrk"):
-        print("wrk not found (apt-get install -y wrk)", file=sys.stderr)
+    for tool in ("wrk", "nginx"):
+        if not shutil.which(tool):
+            print(f"{tool} not found (apt-get install -y wrk nginx)", file=sys.stderr)
+            return 2
+    wanted = [t for t in args.only.split(",") if t]
+    unknown = set(wanted) - set(TARGETS)
+    if unknown:
+        print(f"unknown targets: {', '.join(sorted(unknown))} (known: {', '.join(TARGETS)})", file=sys.stderr)
         return 2
-    wanted = set(args.only.split(","))
+    proxy_core, other_cores = cores()
+    print(f"proxy under test on CPU {proxy_core}; upstream and wrk on CPU {other_cores}")
+    print(f"wrk -t1 -c{args.connections}, {args.rounds} interleaved rounds of {args.duration:g} s "
+          f"(+{args.warmup:g} s warm-up each); medians")
 
-    cores = cpus()
-    # The proxy under test gets its own core; upstream and wrk share the others.
-    proxy_cores = cores[-1:] if len(cores) > 1 else None
-    other_cores = cores[:-1] if len(cores) > 1 else None
-    print(f"cores: {cores}; proxy on {proxy_cores}, upstream and wrk on {other_cores}")
-
-    results: dict[str, dict[str, float]] = {}
-    with tempfile.TemporaryDirectory(prefix="sluice-bench-") as tmpdir:
+    with tempfile.TemporaryDirectory(prefix="sluice-bench-") as tmpdir, contextlib.ExitStack() as stack:
         tmp = Path(tmpdir)
         up_port = free_port()
-        upstream_cmd = pinned(
-            [PY, str(ROOT / "examples" / "demo_upstream.py"), "--port", str(up_port), "--name", "bench"],
-            other_cores,
-        )
-        env = {**os.environ, "PYTHONPATH": str(ROOT)}
-        with process(upstream_cmd, tmp / "upstream.log"):
-            wait_http(f"http://127.0.0.1:{up_port}/hello")
+        nginx = shutil.which("nginx") or "nginx"
+        stack.enter_context(started(pinned([nginx, "-c", str(upstream_config(tmp, up_port))], other_cores),
+                                    tmp / "upstream.log"))
+        wait_http(f"http://127.0.0.1:{up_port}/")
+        targets: list[Target] = []
+        for name in wanted:
+            port = free_port()
+            if name.startswith("nginx"):
+                conf = peer_config(tmp, name, port, up_port, log=name == "nginx+log")
+                cmd = [nginx, "-c", str(conf)]
+            else:
+                conf = sluice_config(tmp, name, port, up_port)
+                cmd = [PY, "-m", "sluice.proxy", "run", "-c", str(conf)]
+            log = tmp / f"{name}.out"
+            proc = stack.enter_context(started(pinned(cmd, proxy_core), log))
+            targets.append(Target(name, f"http://127.0.0.1:{port}/hello", proc, log))
+        if args.python_upstream:
+            py_port = free_port()
+            stack.enter_context(started(
+                pinned([PY, str(ROOT / "examples" / "demo_upstream.py"), "--port", str(py_port), "--name", "bench"],
+                       other_cores), tmp / "pyup.log"))
+            wait_http(f"http://127.0.0.1:{py_port}/hello")
+            port = free_port()
+            conf = sluice_config(tmp, "sluice-pyup", port, py_port)
+            proc = stack.enter_context(started(pinned([PY, "-m", "sluice.proxy", "run", "-c", str(conf)], proxy_core),
+                                               tmp / "sluice-pyup.out"))
+            targets.append(Target("sluice-pyup", f"http://127.0.0.1:{port}/hello", proc, tmp / "sluice-pyup.out"))
+        for target in targets:
+            try:
+                wait_http(target.url, proc=target.proc)
+            except RuntimeError:
+                print(target.log.read_text(), file=sys.stderr)
+                raise
+            target.pause()
 
-            def measure(name: str, url: str, pid: int | None = None) -> None:
-                if args.warmup:
-                    run_wrk(url, args.warmup, args.connections, other_cores)
-                # Best of --repeat: on a shared machine the noise only ever makes a run slower.
-                runs = []
-                for _ in range(args.repeat):
-                    cpu = cpu_seconds(pid) if pid else 0.0
-                    run = run_wrk(url, args.duration, args.connections, other_cores)
-                    if pid:
-                        # CPU per request of the proxy itself: much steadier than req/s when other
-                        # work shares the machine.
-                        run["cpu_us"] = (cpu_seconds(pid) - cpu) / (run["rps"] * args.duration) * 1e6
-                    runs.append(run)
-                results[name] = max(runs, key=lambda r: r["rps"])
-                r = results[name]
-                print(f"{name:10s} {r['rps']:10.0f} req/s   p50 {r['p50']:7.2f} ms   p99 {r['p99']:7.2f} ms", end="")
-                if "cpu_us" in r:
-                    print(f"   {min(x['cpu_us'] for x in runs):6.1f} us CPU/request", end="")
-                print(f"   non-2xx {int(r['non2xx'])}" if r["non2xx"] else "")
-
-            if args.clients:
-                if proxy_cores:
-                    os.sched_setaffinity(0, proxy_cores)
-                for name, (rate, cpu) in client_bench(up_port, 40_000, args.connections).items():
-                    print(f"{name:16s} {rate:10.0f} req/s   {cpu * 1e6:6.1f} us CPU per request")
-                return 0
-
-            if "direct" in wanted:
-                measure("direct", f"http://127.0.0.1:{up_port}{args.path}")
-
-            if "nginx" in wanted:
-                if shutil.which("nginx"):
-                    port = free_port()
-                    conf = nginx_config(tmp, port, up_port)
-                    for sub in ("body", "proxy", "fastcgi", "uwsgi", "scgi"):
-                        (tmp / f"nginx-{sub}").mkdir()
-                    cmd = pinned(["nginx", "-c", str(conf), "-p", str(tmp)], proxy_cores)
-                    with process(cmd, tmp / "nginx.log") as proc:
-                        wait_http(f"http://127.0.0.1:{port}{args.path}")
-                        measure("nginx", f"http://127.0.0.1:{port}{args.path}", proc.pid)
-                else:
-                    print("nginx not found: skipped (apt-get install -y nginx)")
-
-            for name, filters in (("sluice", "none"), ("sluice+1", "one"), ("sluice+3", "three")):
-                if name not in wanted:
-                    continue
-                port = free_port()
-                conf = sluice_config(tmp, port, up_port, filters)
-                cmd = pinned([PY, "-m", "sluice.proxy", "run", "-c", str(conf)], proxy_cores)
-                with process(cmd, tmp / f"{name}.log", env=env) as proc:
-                    try:
-                        wait_http(f"http://127.0.0.1:{port}{args.path}", headers={"x-api-key": API_KEY})
-                    except RuntimeError:
-                        print((tmp / f"{name}.log").read_text(), file=sys.stderr)
-                        raise
-                    measure(name, f"http://127.0.0.1:{port}{args.path}", proc.pid)
-                    if proc.poll() is not None:
-                        print(f"{name} exited with {proc.returncode}", file=sys.stderr)
+        runs: dict[str, list[dict[str, float]]] = {t.name: [] for t in targets}
+        for round_no in range(1, args.rounds + 1):
+            for target in targets:
+                run = measure(target, args.duration, args.warmup, args.connections, other_cores)
+                runs[target.name].append(run)
+                print(f"  round {round_no} {target.name:13s} {run['rps']:9.0f} req/s  {run['cpu_us']:6.1f} us CPU/req"
+                      f"  p99 {run['p99_ms']:6.2f} ms", flush=True)
+            for target in targets:
+                if target.proc.poll() is not None:
+                    print(f"{target.name} exited with {target.proc.returncode}:\n{target.log.read_text()}",
+                          file=sys.stderr)
+                    return 1
 
     print()
-    if "sluice" in results and "nginx" in results:
-        ratio = results["sluice"]["rps"] / results["nginx"]["rps"]
-        print(f"sluice / nginx      = {ratio:6.1%}   (target >= 25%)")
-    if "sluice" in results and "sluice+3" in results:
-        ratio = results["sluice+3"]["rps"] / results["sluice"]["rps"]
-        print(f"sluice+3 / sluice   = {ratio:6.1%}   (target >= 80%)")
-    if "sluice" in results and "sluice+1" in results:
-        ratio = results["sluice+1"]["rps"] / results["sluice"]["rps"]
-        print(f"sluice+1 / sluice   = {ratio:6.1%}")
-    if "direct" in results and "nginx" in results:
-        ratio = results["nginx"]["rps"] / results["direct"]["rps"]
-        print(f"nginx / direct      = {ratio:6.1%}   (how close nginx gets to the upstream's own rate)")
+    print(f"{'target':14s} {'req/s':>9s} {'p50':>8s} {'p99':>8s} {'CPU/req':>9s}  notes")
+    for name, target_runs in runs.items():
+        bad = sum(r["non2xx"] + r["socket_errors"] for r in target_runs)
+        note = "capped by the Python upstream" if name == "sluice-pyup" else ""
+        if bad:
+            note += f" {int(bad)} non-2xx/socket errors"
+        print(f"{name:14s} {median(target_runs, 'rps'):9.0f} {median(target_runs, 'p50_ms'):6.2f}ms "
+              f"{median(target_runs, 'p99_ms'):6.2f}ms {median(target_runs, 'cpu_us'):7.1f}us  {note}")
+
+    def ratio(a: str, b: str, label: str, target: str) -> None:
+        if a in runs and b in runs:
+            value = median(runs[a], "rps") / median(runs[b], "rps")
+            print(f"{label:44s} {value:5.2f}   ({target})")
+
+    def added(a: str, b: str, label: str, target: str) -> None:
+        if a in runs and b in runs:
+            value = median(runs[a], "cpu_us") - median(runs[b], "cpu_us")
+            print(f"{label:44s} {value:5.1f} us ({target})")
+
+    print()
+    ratio("sluice", "nginx+log", "sluice (log on) / nginx proxy_pass (log on)", "target >= 0.40, moonshot 0.55")
+    ratio("sluice-nolog", "nginx", "sluice (log off) / nginx (log off)", "for reference")
+    if "sluice" in runs and "nginx+log" in runs:
+        value = median(runs["sluice"], "p99_ms") / median(runs["nginx+log"], "p99_ms")
+        print(f"{'p99 sluice / p99 nginx (log on)':44s} {value:5.2f}   (target <= 2)")
+    ratio("sluice+3", "sluice", "sluice+3 / sluice (both log on)", "target >= 0.50, moonshot 0.75")
+    if "sluice" in runs and "sluice-nolog" in runs:
+        value = 1 - median(runs["sluice"], "rps") / median(runs["sluice-nolog"], "rps")
+        print(f"{'throughput lost to the access log':44s} {value:5.1%}   (target <= 10%)")
+    added("sluice+noop", "sluice", "CPU added by a no-op filter", "target <= 5 us")
+    added("sluice+as", "sluice", "CPU added by the AssemblyScript headers filter", "target <= 25 us")
+    if "sluice+3" in runs and "sluice" in runs:
+        value = (median(runs["sluice+3"], "cpu_us") - median(runs["sluice"], "cpu_us")) / 3
+        print(f"{'CPU added per built-in filter (mean of 3)':44s} {value:5.1f} us (target <= 15 us, moonshot 8)")
+    if args.json:
+        args.json.write_text(json.dumps(runs, indent=2))
     return 0
 
 
