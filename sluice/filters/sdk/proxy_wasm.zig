@@ -499,10 +499,6 @@ export fn proxy_on_context_create(id: u32, parent: u32) void {
     streams.put(allocator, id, s) catch @panic("out of memory");
 }
 
-export fn proxy_on_vm_start(_: u32, _: u32) u32 {
-    return 1;
-}
-
 export fn proxy_on_configure(id: u32, size: u32) u32 {
     enter();
     defer leave();
@@ -563,10 +559,6 @@ fn onLog(id: u32) callconv(.c) void {
     if (findStream(id)) |s| s.onLog();
 }
 
-export fn proxy_on_done(_: u32) u32 {
-    return 1;
-}
-
 export fn proxy_on_delete(id: u32) void {
     enter();
     defer leave();
@@ -590,6 +582,9 @@ export fn proxy_on_delete(id: u32) void {
     }
 }
 
+// proxy_on_vm_start and proxy_on_done are not exported: a host treats a missing one as "started"
+// and "done" (Envoy, proxy-wasm-cpp-host, sluice), and a missing proxy_on_done saves one call into
+// wasm per request. Stream callbacks are exported only when the filter implements them.
 comptime {
     if (@hasDecl(Root, "onTick")) @export(&onTick, .{ .name = "proxy_on_tick" });
     if (@hasDecl(Stream, "onHttpCallResponse")) @export(&onHttpCallResponse, .{ .name = "proxy_on_http_call_response" });
