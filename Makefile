@@ -7,7 +7,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 
-.PHONY: demo test lint check-built bench
+.PHONY: demo test lint check-built bench fuzz
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -35,3 +35,11 @@ check-built: $(VENV)/.installed
 bench: $(VENV)/.installed
 	$(PY) bench/bench_abi.py
 	$(PY) bench/bench_proxy.py
+
+# Coverage-guided fuzzing (atheris), each target for a bounded time: no input may crash sluice or
+# raise anything but its own errors. CI runs this too.
+FUZZ_SECONDS ?= 45
+fuzz: $(VENV)/.installed
+	@for target in fuzz/fuzz_*.py; do echo "== $$target ($(FUZZ_SECONDS) s)"; out=$$(mktemp); \
+	  $(PY) $$target -max_total_time=$(FUZZ_SECONDS) -print_final_stats=1 >$$out 2>&1; rc=$$?; \
+	  tail -5 $$out; rm -f $$out; [ $$rc -eq 0 ] || exit $$rc; done

@@ -609,7 +609,13 @@ def _line_key(loc: Loc) -> tuple[str, ...]:
 def _load_yaml(
     text: str, source: str
 ) -> tuple[object, dict[tuple[str, ...], int], list[tuple[Loc, int, str]]]:
-    loader = _Loader(text)
+    try:
+        # The loader's reader rejects non-printable characters as soon as it is made.
+        loader = _Loader(text)
+    except yaml.reader.ReaderError as exc:
+        line = text.count("\n", 0, max(exc.position, 0)) + 1
+        raise ConfigError([f"{source}:{line}: YAML syntax error: unacceptable character #x{exc.character:04x} "
+                           "(control characters are not allowed)"]) from None
     try:
         node = loader.get_single_node()
         lines: dict[tuple[str, ...], int] = {}
