@@ -31,9 +31,6 @@ PYTHON_LEVELS: dict[LogLevel, int] = {
     LogLevel.CRITICAL: logging.CRITICAL,
 }
 
-DEFAULT_VARIANT_HEADER = "x-variant"
-
-
 # -- access log ------------------------------------------------------------------------------------
 
 
@@ -81,19 +78,6 @@ def access_record(
 
 def access_line(record: dict[str, Any]) -> str:
     return json.dumps(record, separators=(",", ":"), ensure_ascii=False)
-
-
-def variant_header(chain: Sequence[Any]) -> str:
-    """The request header that carries the A/B variant: the `header` of an `ab.wasm` filter's
-    config when the chain has one, else `x-variant`."""
-    for entry in chain:
-        module = str(getattr(entry, "module", ""))
-        config = getattr(entry, "config", None)
-        if module.rsplit("/", 1)[-1] == "ab.wasm" and isinstance(config, dict):
-            header = config.get("header")
-            if isinstance(header, str) and header:
-                return header.lower()
-    return DEFAULT_VARIANT_HEADER
 
 
 # -- filter logs -----------------------------------------------------------------------------------
