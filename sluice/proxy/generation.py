@@ -23,6 +23,7 @@ from sluice import abi
 
 from .clusters import ClusterPool
 from .config import FilterConfig, SluiceConfig
+from .logs import variant_header
 from .routing import Router
 
 __all__ = ["Generation", "LoadedFilter", "load_generation"]
@@ -76,8 +77,8 @@ class Generation:
         self._keep: frozenset[int] = frozenset()
         self._unfiltered = not any(f.match for f in filters)
         self.on_disposed: Callable[[Generation], None] | None = None
-        self.variant_header = config.variant_header
-        """The request header the access log reports as `variant` (`variant_header` in the chain)."""
+        self.variant_header = variant_header(config.chain)
+        """The request header the access log reports as `variant` (sluice/proxy/logs.py)."""
 
     def filters_for(self, path: str) -> list[LoadedFilter]:
         """The chain entries whose `match` prefix covers `path` (all of them when none has one)."""

@@ -31,10 +31,6 @@ from .yamlindex import LineIndex, line_for, line_key
 __all__ = ["AdminConfig", "ClusterConfig", "FilterConfig", "RouteConfig", "RouteMatch", "SluiceConfig", "cross_check"]
 
 
-DEFAULT_VARIANT_HEADER = "x-variant"
-"""The A/B variant header the access log reports when no chain entry names one."""
-
-
 def _context(info: ValidationInfo) -> Mapping[str, Any]:
     return info.context if isinstance(info.context, Mapping) else {}
 
@@ -92,8 +88,6 @@ class FilterConfig(_Model):
     match: str | None = None
     log_level: str = "info"
     environment: dict[str, str] = Field(default_factory=dict)
-    variant_header: str | None = None
-    """The request header this filter writes an A/B variant to; the access log reports it."""
 
     _module_path: Path | None = PrivateAttr(default=None)
 
@@ -123,13 +117,6 @@ class FilterConfig(_Model):
         if value is not None and not value.startswith("/"):
             raise ValueError(f"must be a path prefix starting with '/' (got {value!r})")
         return value
-
-    @field_validator("variant_header")
-    @classmethod
-    def _header_name(cls, value: str | None) -> str | None:
-        if value is not None and not TOKEN_RE.fullmatch(value):
-            raise ValueError(f"invalid header name {value!r}")
-        return value.lower() if value is not None else None
 
     @field_validator("environment")
     @classmethod
@@ -243,15 +230,6 @@ class SluiceConfig(_Model):
     _source_path: Path | None = PrivateAttr(default=None)
     _source_name: str = PrivateAttr(default="<config>")
     _lines: LineIndex = PrivateAttr(default_factory=dict)
-
-    @property
-    def variant_header(self) -> str:
-        """The request header the access log reports as `variant`: the `variant_header` of the
-        first chain entry that names one, else `x-variant`."""
-        for entry in self.chain:
-            if entry.variant_header is not None:
-                return entry.variant_header
-        return DEFAULT_VARIANT_HEADER
 
     @property
     def source_path(self) -> Path | None:
