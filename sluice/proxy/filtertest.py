@@ -17,7 +17,7 @@ import asyncio
 import dataclasses
 import json
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -63,35 +63,46 @@ class RigHost(Services):
 
 
 class Recorder:
-    """`abi.StreamCallbacks` that records every event a filter raises, in order, and passes each
-    on to `forward` when one is set (the rig forwards to its chain; tests driving a stream by
-    hand leave it unset)."""
+    """`abi.StreamCallbacks` that records every event a filter raises, in order, passes each on
+    to `forward` when one is set (the rig's chain), then tells `on_event`. Tests that drive a
+    stream by hand use it with neither."""
 
-    def __init__(self, forward: StreamCallbacks | None = None) -> None:
+    def __init__(
+        self, forward: StreamCallbacks | None = None, on_event: Callable[[str], None] | None = None
+    ) -> None:
         self.forward = forward
+        self.on_event = on_event
         self.events: list[str] = []
         self.replies: list[LocalReply] = []
+
+    def _raised(self, event: str) -> None:
+        if self.on_event is not None:
+            self.on_event(event)
 
     def continue_request(self) -> None:
         self.events.append("continue_request")
         if self.forward is not None:
             self.forward.continue_request()
+        self._raised("continue_request")
 
     def continue_response(self) -> None:
         self.events.append("continue_response")
         if self.forward is not None:
             self.forward.continue_response()
+        self._raised("continue_response")
 
     def send_local_reply(self, reply: LocalReply) -> None:
         self.events.append("local_reply")
         self.replies.append(reply)
         if self.forward is not None:
             self.forward.send_local_reply(reply)
+        self._raised("local_reply")
 
     def reset(self) -> None:
         self.events.append("reset")
         if self.forward is not None:
             self.forward.reset()
+        self._raised("reset")
 
 
 @dataclasses.dataclass
@@ -159,36 +170,6 @@ class _PhaseLog(FilterStream):
 
     def complete(self) -> None:
         self.stream.complete()
-
-
-class _Noting(Recorder):
-    """The rig's recorder: also tells the phase log, and wakes the rig."""
-
-    def __init__(self, wake: asyncio.Event) -> None:
-        super().__init__()
-        self.log: _PhaseLog | None = None
-        self._wake = wake
-
-    def _note(self) -> None:
-        if self.log is not None:
-            self.log.note(self.events[-1])
-        self._wake.set()
-
-    def continue_request(self) -> None:
-        super().continue_request()
-        self._note()
-
-    def continue_response(self) -> None:
-        super().continue_response()
-        self._note()
-
-    def send_local_reply(self, reply: LocalReply) -> None:
-        super().send_local_reply(reply)
-        self._note()
-
-    def reset(self) -> None:
-        super().reset()
-        self._note()
 
 
 @dataclasses.dataclass
@@ -312,12 +293,19 @@ class FilterRig:
         for k, v in response_headers:
             upstream.add(k, v)
         woken = asyncio.Event()
-        events = _Noting(woken)
+        phase_logs: list[_PhaseLog] = []
+
+        def on_event(event: str) -> None:
+            for phase_log in phase_logs:
+                phase_log.note(event)
+            woken.set()
+
+        events = Recorder(on_event=on_event)
 
         def open_stream(callbacks: StreamCallbacks) -> FilterStream:
             events.forward = callbacks
-            events.log = _PhaseLog(plugin.new_stream(info, events), events.events)
-            return events.log
+            phase_logs.append(_PhaseLog(plugin.new_stream(info, events), events.events))
+            return phase_logs[0]
 
         chain = FilterChain([(plugin.report().name, open_stream)])
         chain.on_actions = woken.set
@@ -339,11 +327,11 @@ class FilterRig:
                     break  # the filter stays paused: report what happened so far
         finally:
             chain.complete()
-            # The stream holds the recorder, which holds the phase log, which holds the stream:
+            # The stream holds the recorder, which reaches the phase log, which holds the stream:
             # cut that cycle so the finished stream (and a VM it was the last user of) is freed
             # by reference counting, as in the proxy.
-            phases = events.log.phases if events.log is not None else []
-            events.log = events.forward = None
+            phases = phase_logs[0].phases if phase_logs else []
+            events.on_event = events.forward = None
         return Exchange(
             phases=phases,
             request_headers=request,
