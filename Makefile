@@ -24,6 +24,7 @@ test: $(VENV)/.installed
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports  # the layering: contracts in pyproject.toml, docs/architecture.md
 
 # The committed .wasm files must be what their sources build to (needs Node.js/npm for the
 # AssemblyScript ones; the Zig toolchain comes from PyPI).

@@ -4,31 +4,9 @@ small helpers the abi and filter tests share."""
 from __future__ import annotations
 
 from sluice import abi
-from sluice.abi import LocalReply
-from sluice.proxy.filtertest import Exchange, FilterRig, Phase
+from sluice.proxy.filtertest import Exchange, FilterRig, Phase, Recorder
 
 __all__ = ["Exchange", "FilterRig", "Phase", "Recorder", "rh"]
-
-
-class Recorder:
-    """`abi.StreamCallbacks` for driving a stream by hand: records every event in order."""
-
-    def __init__(self) -> None:
-        self.events: list[str] = []
-        self.replies: list[LocalReply] = []
-
-    def continue_request(self) -> None:
-        self.events.append("continue_request")
-
-    def continue_response(self) -> None:
-        self.events.append("continue_response")
-
-    def send_local_reply(self, reply: LocalReply) -> None:
-        self.events.append("local_reply")
-        self.replies.append(reply)
-
-    def reset(self) -> None:
-        self.events.append("reset")
 
 
 def rh(ex: Exchange) -> abi.HeaderMap:

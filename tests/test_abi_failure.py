@@ -16,10 +16,10 @@ from pathlib import Path
 
 import pytest
 import wasmtime
-from hosting import FilterRig
+from hosting import FilterRig, Recorder
 
 from sluice import abi
-from sluice.abi import FailurePolicy, FilterStatus, HeaderMap, LocalReply, LogLevel
+from sluice.abi import FailurePolicy, FilterStatus, HeaderMap, LogLevel
 
 WAT = Path(__file__).resolve().parent / "fixtures" / "wat" / "failure.wat"
 
@@ -51,30 +51,9 @@ def _closed_port() -> int:
         return int(s.getsockname()[1])
 
 
-class Events:
-    """StreamCallbacks that record what the host raised."""
-
-    def __init__(self) -> None:
-        self.replies: list[LocalReply] = []
-        self.log: list[str] = []
-
-    def continue_request(self) -> None:
-        self.log.append("continue_request")
-
-    def continue_response(self) -> None:
-        self.log.append("continue_response")
-
-    def send_local_reply(self, reply: LocalReply) -> None:
-        self.replies.append(reply)
-        self.log.append("local_reply")
-
-    def reset(self) -> None:
-        self.log.append("reset")
-
-
-def drive(plugin: abi.Plugin, path: str) -> tuple[Events, dict[str, FilterStatus]]:
+def drive(plugin: abi.Plugin, path: str) -> tuple[Recorder, dict[str, FilterStatus]]:
     """Every phase of one stream, trailers included, stopping at a local reply."""
-    events = Events()
+    events = Recorder()
     request = HeaderMap([(":method", "POST"), (":path", path), (":authority", "example.com")])
     info = abi.StreamInfo(request_headers=request)
     stream = plugin.new_stream(info, events)
@@ -106,7 +85,7 @@ def starts(rig: FilterRig) -> int:
     return sum(1 for _, _, msg in rig.logs if msg == "vm_start")
 
 
-def assert_served(events: Events, statuses: dict[str, FilterStatus]) -> None:
+def assert_served(events: Recorder, statuses: dict[str, FilterStatus]) -> None:
     assert events.replies == []
     assert all(s is FilterStatus.CONTINUE for s in statuses.values()), statuses
     assert len(statuses) == 6

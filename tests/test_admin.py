@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import hashlib
 import logging
 import socket
@@ -22,6 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from sluice import BUILTIN_FILTERS_DIR
 from sluice.abi import LogLevel
 from sluice.proxy.admin import REDACTED, AdminServer, is_secret_key, redact
+from sluice.proxy.reloadevents import ReloadCounter, ReloadEvent, ReloadHistory, ReloadTrigger
 
 FILTERS = BUILTIN_FILTERS_DIR
 WAT = ROOT / "tests" / "fixtures" / "wat"
@@ -435,30 +435,21 @@ def test_cross_site_posts_and_rebound_hosts_are_refused() -> None:
 # -- /reload ------------------------------------------------------------------------------------------
 
 
-@dataclasses.dataclass(frozen=True)
-class FakeEvent:
-    time: float
-    trigger: str
-    ok: bool
-    generation: int | None
-    changed: list[str]
-    error: str | None
-    duration_ms: float
-
-
 class FakeReloader:
+    """A `ReloadSource` whose attempts succeed or fail as told, without touching files."""
+
     def __init__(self, ok: bool) -> None:
         self.ok = ok
-        self.events: list[FakeEvent] = []
+        self.history = ReloadHistory()
         self.triggers: list[str] = []
 
-    async def reload(self, trigger: str = "admin") -> FakeEvent:
+    async def reload(self, trigger: ReloadTrigger = ReloadTrigger.ADMIN) -> ReloadEvent:
         self.triggers.append(trigger)
-        event = FakeEvent(
+        event = ReloadEvent(
             1_700_000_000.0, trigger, self.ok, 2 if self.ok else 1, ["x.wasm"],
             None if self.ok else "x.wasm: not wasm", 12.5,
         )
-        self.events.append(event)
+        self.history.record(event)
         return event
 
     async def stop(self) -> None:
@@ -481,7 +472,7 @@ def test_reload_endpoint() -> None:
             assert body["changed"] == ["x.wasm"] and body["duration_ms"] == 12.5
             assert gw.reloader.triggers == ["admin"]
             failing = FakeReloader(ok=False)
-            failing.events = list(gw.reloader.events)
+            failing.history = gw.reloader.history
             gw.reloader = failing
             async with s.post(admin_url(admin, "/reload")) as r:
                 assert r.status == 500
@@ -582,18 +573,15 @@ def test_reload_with_the_real_reloader(tmp_path: Path) -> None:
 
 
 def test_reload_counter_counts_each_event_once() -> None:
-    from sluice.proxy.metrics import ReloadCounter
-
     counter = ReloadCounter()
-    events: list[FakeEvent] = [FakeEvent(0.0, "startup", True, 1, [], None, 0.0)]
-    counter.update(events)
+    counter.count(ReloadEvent(0.0, ReloadTrigger.STARTUP, True, 1, [], None, 0.0))
     assert (counter.ok, counter.failed) == (0, 0)  # the initial load is not a reload
-    events.append(FakeEvent(1.0, "file", True, 2, ["a.wasm"], None, 1.0))
-    events.append(FakeEvent(2.0, "admin", False, 2, [], "x: bad", 1.0))
-    counter.update(events)
-    counter.update(events)
+    counter.count(ReloadEvent(1.0, ReloadTrigger.FILE, True, 2, ["a.wasm"], None, 1.0))
+    counter.count(ReloadEvent(2.0, ReloadTrigger.ADMIN, False, 2, [], "x: bad", 1.0))
     assert (counter.ok, counter.failed) == (1, 1)
-    # More events than the deque keeps between two reads: all of those still held count.
-    fresh = [FakeEvent(3.0 + i, "admin", True, 3 + i, [], None, 1.0) for i in range(3)]
-    counter.update(fresh)
+    # More events than the history keeps: every one recorded still counts.
+    history = ReloadHistory(maxlen=2)
+    history.counts = counter
+    for i in range(3):
+        history.record(ReloadEvent(3.0 + i, ReloadTrigger.ADMIN, True, 3 + i, [], None, 1.0))
     assert (counter.ok, counter.failed) == (4, 1)

@@ -21,24 +21,23 @@ import hmac
 import importlib.resources
 import ipaddress
 import logging
-import math
 import re
 import time
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import urlsplit
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from sluice.abi import LogLevel
-from sluice.abi.plugin import CALLBACK_BOUNDS_S
+from sluice.histogram import HistogramSnapshot
 
+from .generation import LoadedFilter
 from .logs import PYTHON_LEVELS
 from .metrics import make_registry
-
-if TYPE_CHECKING:
-    from .app import Gateway, LoadedFilter
+from .reloadevents import ReloadEvent, ReloadTrigger
+from .view import ProxyControl
 
 log = logging.getLogger("sluice.admin")
 
@@ -97,24 +96,21 @@ def _host_is_local(host_header: str) -> bool:
     return True
 
 
-def _quantile(bounds: tuple[float, ...], counts: list[int], q: float) -> float | None:
-    """Upper bound of the bucket holding quantile `q` (None without samples; inf past the last)."""
-    total = sum(counts)
-    if total == 0:
+def _p99_le_us(snapshot: HistogramSnapshot) -> float | str | None:
+    """The bound (µs) at or below which 99% of the observations fall; "inf" past the last bound."""
+    p99 = snapshot.quantile(0.99)
+    if p99 is None:
         return None
-    rank = q * total
-    running = 0
-    for bound, count in zip((*bounds, math.inf), counts, strict=True):
-        running += count
-        if running >= rank:
-            return bound
-    return math.inf
+    below_last = snapshot.cumulative()[-2][1] if snapshot.bounds else 0
+    if below_last < 0.99 * snapshot.count:  # the +Inf bucket holds the 99th percentile
+        return "inf"
+    return round(p99 * 1e6, 2)
 
 
 class AdminServer:
-    """The admin listener of one `Gateway`."""
+    """The admin listener of one proxy (`Gateway`, through the `ProxyControl` view)."""
 
-    def __init__(self, gateway: Gateway, *, token: str | None = None) -> None:
+    def __init__(self, gateway: ProxyControl, *, token: str | None = None) -> None:
         self.gateway = gateway
         admin = gateway.config.admin
         self.token = token if token is not None else admin.token
@@ -164,7 +160,6 @@ class AdminServer:
         assert sockets
         sock = sockets[0].getsockname()
         self.address = (str(sock[0]), int(sock[1]))
-        self.gateway.admin = self
         return self.address
 
     @property
@@ -229,7 +224,7 @@ class AdminServer:
         if gen is None or gw.address is None:
             return web.json_response({"ready": False, "reason": "starting"}, status=503)
         return web.json_response(
-            {"ready": True, "generation": gen.number, "filters": {f.name: f.plugin.state for f in gen.filters}}
+            {"ready": True, "generation": gen.number, "filters": {f.name: f.report().state.value for f in gen.filters}}
         )
 
     # -- stats ---------------------------------------------------------------------------------
@@ -239,43 +234,37 @@ class AdminServer:
 
     # -- filters, clusters, config ---------------------------------------------------------------
     def _filter_info(self, f: LoadedFilter) -> dict[str, Any]:
-        from .app import loaded_in
-
-        plugin = f.plugin
-        stats = plugin.stats
-        stats.flush()
-        module = plugin.module
-        loaded = loaded_in(plugin)
-        services = self.gateway.services
-        suppressed = services.filter_logs.suppressed_total.get(f.name, 0) if services is not None else 0
+        report = f.report()
+        module = report.module
+        counts = report.counters
         return {
             "name": f.name,
-            "module": str(module.path),
+            "module": module.path,
             "sha256": module.sha256,
             "abi_version": module.abi_version,
-            "generation": loaded[0] if loaded else None,
-            "loaded_at": _iso(loaded[1]) if loaded else None,
-            "state": plugin.state,
-            "last_error": plugin.last_error,
+            "generation": f.generation,
+            "loaded_at": _iso(f.loaded_at),
+            "state": report.state.value,
+            "last_error": report.last_error,
             "failure_policy": f.config.failure_policy,
             "match": f.match,
-            "log_level": plugin.log_level.name.lower(),
-            "vm_count": plugin.vm_count,
-            "memory_bytes": plugin.memory_bytes(),
-            "active_streams": plugin.active_streams,
+            "log_level": report.log_level.name.lower(),
+            "vm_count": report.vm_count,
+            "memory_bytes": report.memory_bytes,
+            "active_streams": report.active_streams,
             "counters": {
-                "streams": stats.streams,
-                "callbacks": stats.callbacks,
-                "callback_seconds": stats.callback_seconds_sum,
-                "traps": stats.traps,
-                "deadlines": stats.deadlines,
-                "fail_closed": stats.fail_closed,
-                "fail_open": stats.fail_open,
-                "vm_reloads": stats.reloads,
-                "vm_reload_failures": stats.reload_failures,
-                "log_lines_suppressed": suppressed,
+                "streams": counts.streams,
+                "callbacks": counts.callbacks,
+                "callback_seconds": report.callback_seconds.sum,
+                "traps": counts.traps,
+                "deadlines": counts.deadlines,
+                "fail_closed": counts.fail_closed,
+                "fail_open": counts.fail_open,
+                "vm_reloads": counts.reloads,
+                "vm_reload_failures": counts.reload_failures,
+                "log_lines_suppressed": self.gateway.suppressed_log_lines(f.name),
             },
-            "metrics": plugin.metrics(),
+            "metrics": {m.name: m.value for m in report.metrics},
         }
 
     def _filters(self) -> list[LoadedFilter]:
@@ -320,24 +309,24 @@ class AdminServer:
 
     # -- actions -----------------------------------------------------------------------------------
     async def reload(self, request: web.Request) -> web.StreamResponse:
-        reloader = getattr(self.gateway, "reloader", None)
+        reloader = self.gateway.reloader
         if reloader is None:
             return web.json_response(
                 {"ok": False, "error": "hot reload is not enabled in this process (no reloader)"}, status=503
             )
         try:
-            event = await reloader.reload("admin")
+            event = await reloader.reload(ReloadTrigger.ADMIN)
         except Exception as exc:
             log.exception("admin reload failed")
             return web.json_response({"ok": False, "error": f"{type(exc).__name__}: {exc}"}, status=500)
         body = _event_json(event)
-        return web.json_response(body, status=200 if body.get("ok") else 500)
+        return web.json_response(body, status=200 if event.ok else 500)
 
     def _levels(self) -> dict[str, Any]:
         sluice = logging.getLogger("sluice")
         return {
             "sluice": logging.getLevelName(sluice.getEffectiveLevel()).lower(),
-            "filters": {f.name: f.plugin.log_level.name.lower() for f in self._filters()},
+            "filters": {f.name: f.report().log_level.name.lower() for f in self._filters()},
         }
 
     async def logging_levels(self, request: web.Request) -> web.StreamResponse:
@@ -412,16 +401,14 @@ class AdminServer:
         filters = []
         for f in self._filters():
             info = self._filter_info(f)
-            pstats = f.plugin.stats
-            callbacks = pstats.callbacks
-            p99 = _quantile(CALLBACK_BOUNDS_S, pstats.callback_buckets, 0.99)
+            seconds = f.report().callback_seconds
             info["latency"] = {
-                "mean_us": round(pstats.callback_seconds_sum / callbacks * 1e6, 2) if callbacks else None,
-                "p99_le_us": (None if p99 is None else "inf" if p99 == math.inf else round(p99 * 1e6, 2)),
+                "mean_us": round(seconds.sum / seconds.count * 1e6, 2) if seconds.count else None,
+                "p99_le_us": _p99_le_us(seconds),
             }
             filters.append(info)
-        reloader = getattr(gw, "reloader", None)
-        events = list(getattr(reloader, "events", ()))[-20:] if reloader is not None else []
+        history = gw.reload_history()
+        events = list(history.events)[-20:] if history is not None else []
         return {
             "time": time.time(),
             "uptime_s": round(time.time() - self.started, 1),
@@ -441,7 +428,7 @@ class AdminServer:
             "filters": filters,
             "clusters": self._clusters(),
             "reloads": {
-                "enabled": reloader is not None,
+                "enabled": history is not None,
                 "events": [_event_json(e) for e in reversed(events)],
             },
         }
@@ -450,12 +437,8 @@ class AdminServer:
         return web.json_response(self.dashboard_data())
 
 
-def _event_json(event: Any) -> dict[str, Any]:
-    if dataclasses.is_dataclass(event) and not isinstance(event, type):
-        data = dataclasses.asdict(event)
-    else:
-        data = {k: getattr(event, k, None) for k in ("time", "trigger", "ok", "generation", "changed", "error")}
-    when = data.get("time")
-    if isinstance(when, int | float):
-        data["time_iso"] = _iso(float(when))
+def _event_json(event: ReloadEvent) -> dict[str, Any]:
+    data = dataclasses.asdict(event)
+    data["trigger"] = event.trigger.value
+    data["time_iso"] = _iso(event.time)
     return data

@@ -1,11 +1,8 @@
-"""The running proxy: `Gateway` (one per process) and `Generation` (one per loaded config).
+"""The running proxy: `Gateway`, one per process (the loaded config lives in sluice/proxy/generation.py).
 
-A `Generation` is everything a request needs that comes from the config: the compiled filter
-chain (FilterConfig + abi.Plugin pairs), the Router and the ClusterPools. A request takes the
-current generation once, when it starts, and keeps it to the end, so a reload swaps
-`Gateway.generation` in one assignment and never changes the rules under a request in flight.
-A replaced generation retires when its last request ends: its plugins are retired (ticks stop,
-VMs are released as their last streams complete) and its idle upstream connections close.
+`Gateway` owns the listener, the current `Generation` and the ones retiring, the filter runtime,
+the `Services` host and the counters; it implements the read-only `ProxyView` that the admin API
+and `/stats` read (sluice/proxy/view.py).
 
 `serve(config)` is the `sluice run` entry point: uvloop, signals, graceful drain.
 """
@@ -13,14 +10,12 @@ VMs are released as their last streams complete) and its idle upstream connectio
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import gc
 import itertools
 import logging
 import signal
 import sys
 import time
-import weakref
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -28,109 +23,16 @@ from typing import Any
 from sluice import abi
 
 from .admin import AdminServer
-from .clusters import ClusterPool
-from .config import FilterConfig, SluiceConfig
-from .logs import variant_header
+from .config import SluiceConfig
+from .generation import Generation, LoadedFilter, load_generation
 from .reload import Reloader
-from .routing import Router
+from .reloadevents import ReloadHistory
 from .server import ProxyServer, ProxyStats
 from .services import Services
 
+__all__ = ["Gateway", "Generation", "LoadedFilter", "serve"]
+
 log = logging.getLogger("sluice")
-
-
-@dataclasses.dataclass(eq=False)
-class LoadedFilter:
-    """One chain entry with its loaded plugin."""
-
-    config: FilterConfig
-    plugin: abi.Plugin
-
-    @property
-    def name(self) -> str:
-        return self.config.name
-
-    @property
-    def match(self) -> str | None:
-        return self.config.match
-
-
-_loaded: weakref.WeakKeyDictionary[abi.Plugin, tuple[int, float]] = weakref.WeakKeyDictionary()
-
-
-def loaded_in(plugin: abi.Plugin) -> tuple[int, float] | None:
-    """(generation number, time.time()) of the generation that first served `plugin` (admin API)."""
-    return _loaded.get(plugin)
-
-
-class Generation:
-    """One loaded config. Immutable once built, except for its request count."""
-
-    def __init__(
-        self,
-        number: int,
-        config: SluiceConfig,
-        filters: list[LoadedFilter],
-        router: Router,
-        clusters: dict[str, ClusterPool],
-    ) -> None:
-        self.number = number
-        self.config = config
-        self.filters = filters
-        self.router = router
-        self.clusters = clusters
-        self.active = 0
-        self.retired = False
-        self.disposed = False
-        self._keep: frozenset[int] = frozenset()
-        self._unfiltered = not any(f.match for f in filters)
-        self.on_disposed: Callable[[Generation], None] | None = None
-        self.variant_header = variant_header(config.chain)
-        """The request header the access log reports as `variant` (sluice/proxy/logs.py)."""
-        now = time.time()
-        for f in filters:
-            _loaded.setdefault(f.plugin, (number, now))  # a plugin carried over keeps its first
-
-    def filters_for(self, path: str) -> list[LoadedFilter]:
-        """The chain entries whose `match` prefix covers `path` (all of them when none has one)."""
-        if self._unfiltered:
-            return self.filters
-        return [f for f in self.filters if f.match is None or path.startswith(f.match)]
-
-    # -- request accounting ------------------------------------------------------------------
-    def acquire(self) -> None:
-        self.active += 1
-
-    def release(self) -> None:
-        self.active -= 1
-        if self.retired and self.active == 0:
-            self._dispose()
-
-    def retire(self, keep_plugins: frozenset[int] = frozenset()) -> None:
-        """No new requests will come; clean up once the in-flight ones are done.
-
-        `keep_plugins`: ids of plugins the next generation carries over (a reload that did not
-        change a filter may reuse its Plugin); those are not retired.
-        """
-        self.retired = True
-        self._keep = keep_plugins
-        if self.active == 0:
-            self._dispose()
-
-    def _dispose(self) -> None:
-        if self.disposed:
-            return
-        self.disposed = True
-        for f in self.filters:
-            if id(f.plugin) not in self._keep:
-                try:
-                    f.plugin.retire()
-                except Exception:
-                    log.exception("filter %s: retire failed", f.name)
-        for pool in self.clusters.values():
-            pool.close()
-        if self.on_disposed is not None:
-            self.on_disposed(self)
 
 
 class Gateway:
@@ -150,8 +52,6 @@ class Gateway:
         self.draining = False
         self.on_drain: Callable[[], None] | None = None
         """Begins shutdown; `sluice run` sets it to what SIGTERM does. `drain()` (admin) calls it."""
-        self.admin: Any = None
-        """The admin listener (`proxy.admin.AdminServer`) when one runs."""
         self.reloader: Reloader | None = None
         """Hot reload (sluice/proxy/reload.py): runs when the config came from a file (`watch=True`)."""
         self.watch = config.source_path is not None
@@ -159,6 +59,16 @@ class Gateway:
     def current_generation(self) -> Generation | None:
         """The generation serving new requests, or None before `start()`."""
         return self._generation
+
+    def retiring_generations(self) -> list[Generation]:
+        return list(self.retiring)
+
+    def reload_history(self) -> ReloadHistory | None:
+        return self.reloader.history if self.reloader is not None else None
+
+    def suppressed_log_lines(self, filter_name: str) -> int:
+        services = self.services
+        return services.filter_logs.suppressed_total.get(filter_name, 0) if services is not None else 0
 
     def drain(self) -> None:
         """Begin graceful shutdown (`POST /drain`): /ready answers 503 from now on."""
@@ -183,45 +93,9 @@ class Gateway:
         return self._runtime
 
     async def build_generation(self, config: SluiceConfig, previous: Generation | None = None) -> Generation:
-        """Compile and load every filter of `config` (raises abi.PluginLoadError, naming the file).
-
-        Compilation runs in worker threads (CPU-heavy, cached on disk); loading runs here because
-        it starts VMs that call back into `Services` on this loop. A filter of `previous` whose
-        entry and module bytes (sha256) are unchanged keeps its Plugin (hot reload: its VM state,
-        e.g. counters in linear memory, survives); `install` then does not retire it.
-        """
+        """Compile and load every filter of `config` (see `generation.load_generation`)."""
         assert self.services is not None, "start() first"
-        filters: list[LoadedFilter] = []
-        if config.chain:
-            # No filters, no wasm engine (and no epoch thread waking the process every tick).
-            loop = asyncio.get_running_loop()
-            runtime = self.runtime
-            modules = await asyncio.gather(
-                *(loop.run_in_executor(None, runtime.compile, f.module_path) for f in config.chain)
-            )
-            reusable = {} if previous is None else {f.name: f for f in previous.filters}
-            carried: set[int] = set()
-            try:
-                for entry, module in zip(config.chain, modules, strict=True):
-                    old = reusable.get(entry.name)
-                    if (
-                        old is not None
-                        and old.config == entry
-                        and old.plugin.module.sha256 == module.sha256
-                        and not old.plugin.retired
-                    ):
-                        plugin = old.plugin
-                        carried.add(id(plugin))
-                    else:
-                        plugin = runtime.load(entry.to_plugin_spec(), self.services, module=module)
-                    filters.append(LoadedFilter(entry, plugin))
-            except BaseException:
-                for f in filters:
-                    if id(f.plugin) not in carried:
-                        f.plugin.retire()
-                raise
-        clusters = {name: ClusterPool.from_config(name, c) for name, c in config.clusters.items()}
-        return Generation(next(self._numbers), config, filters, Router(config.routes), clusters)
+        return await load_generation(next(self._numbers), config, lambda: self.runtime, self.services, previous)
 
     def install(self, gen: Generation) -> Generation | None:
         """Make `gen` current (atomically for requests); retire the previous one. Returns it."""
@@ -241,7 +115,9 @@ class Gateway:
         if gen is None:
             return out
         out["generation"] = {"number": gen.number, "active_requests": gen.active}
-        out["retiring_generations"] = [{"number": g.number, "active_requests": g.active} for g in self.retiring]
+        out["retiring_generations"] = [
+            {"number": g.number, "active_requests": g.active} for g in self.retiring_generations()
+        ]
         out["clusters"] = {
             name: {
                 "connects": pool.connects,
@@ -259,11 +135,11 @@ class Gateway:
             {
                 "name": f.name,
                 "match": f.match,
-                "state": f.plugin.state,
-                "active_streams": f.plugin.active_streams,
-                "vm_count": f.plugin.vm_count,
+                "state": report.state.value,
+                "active_streams": report.active_streams,
+                "vm_count": report.vm_count,
             }
-            for f in gen.filters
+            for f, report in ((f, f.report()) for f in gen.filters)
         ]
         if self.services is not None:
             out["callouts"] = {"calls": self.services.calls, "failures": self.services.call_failures}

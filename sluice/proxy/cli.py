@@ -212,7 +212,7 @@ def _check(args: argparse.Namespace) -> int:
                 continue
             plugin.retire()
     finally:
-        runtime.close()  # stops the epoch ticker thread
+        runtime.close()
     if failed:
         print(f"{args.config}: {failed} of {len(config.chain)} filters failed to load", file=sys.stderr)
         return 1

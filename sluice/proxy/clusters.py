@@ -14,7 +14,7 @@ import asyncio
 import time
 from collections.abc import Callable
 
-from .config import ClusterConfig
+from .config import ClusterConfig, format_host_port
 from .upstream import ConnectFailed, UpstreamConnection, open_connection
 
 
@@ -33,7 +33,7 @@ class Endpoint:
     def __init__(self, host: str, port: int) -> None:
         self.host = host
         self.port = port
-        self.label = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        self.label = format_host_port(host, port)
         self.failures = 0
         self.down_until = 0.0
         self.idle: list[UpstreamConnection] = []

@@ -2,10 +2,12 @@
 filter tests.
 
 `FilterRig` owns a `Runtime` and a real `Host` on its own asyncio loop (the proxy's `Services`:
-callouts go out over real sockets through the same upstream pools), and drives one stream through
-the whole lifecycle the way the proxy's chain does for a single filter: request headers, body,
-trailers, waiting while the filter is paused, the response phase (or the filter's local reply
-through its own response callbacks, as Envoy does), then log/done/delete.
+callouts go out over real sockets through the same upstream pools), and drives one request
+through a one-filter `FilterChain`, the proxy's own filter manager: request headers and body go
+in, the canned upstream response goes in once the chain forwards the whole request, and what
+the chain sends back (or a local reply, which Envoy-style passes the filter's own response
+callbacks) is what the exchange reports. Pauses, resumes, buffering, local replies and resets
+therefore behave exactly as in the proxy.
 """
 
 from __future__ import annotations
@@ -20,8 +22,21 @@ from pathlib import Path
 from typing import Any
 
 from sluice import abi
-from sluice.abi import FilterStatus, HeaderMap, LocalReply, LogLevel
+from sluice.abi import FilterStatus, HeaderMap, LocalReply, LogLevel, StreamCallbacks
 
+from .chain import (
+    AbortUpstream,
+    Action,
+    FilterChain,
+    FilterStream,
+    ForwardRequestData,
+    ForwardRequestHeaders,
+    ForwardRequestTrailers,
+    ResetStream,
+    SendResponseData,
+    SendResponseHeaders,
+    SendResponseTrailers,
+)
 from .clusters import ClusterPool
 from .config import HostPort
 from .services import Services
@@ -47,44 +62,47 @@ class RigHost(Services):
         self.logs.append((plugin, level, message))
 
 
-class _Events:
-    """`abi.StreamCallbacks` recording what the filter raised, waking the rig when it does."""
+class Recorder:
+    """`abi.StreamCallbacks` that records every event a filter raises, in order, passes each on
+    to `forward` when one is set (the rig's chain), then tells `on_event`. Tests that drive a
+    stream by hand use it with neither."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.loop = loop
-        self.log: list[str] = []
-        self.local_reply: LocalReply | None = None
-        self.reset_called = False
-        self._waiter: asyncio.Future[str] | None = None
+    def __init__(
+        self, forward: StreamCallbacks | None = None, on_event: Callable[[str], None] | None = None
+    ) -> None:
+        self.forward = forward
+        self.on_event = on_event
+        self.events: list[str] = []
+        self.replies: list[LocalReply] = []
 
-    def _wake(self, what: str) -> None:
-        self.log.append(what)
-        if self._waiter is not None and not self._waiter.done():
-            self._waiter.set_result(what)
+    def _raised(self, event: str) -> None:
+        if self.on_event is not None:
+            self.on_event(event)
 
     def continue_request(self) -> None:
-        self._wake("continue_request")
+        self.events.append("continue_request")
+        if self.forward is not None:
+            self.forward.continue_request()
+        self._raised("continue_request")
 
     def continue_response(self) -> None:
-        self._wake("continue_response")
+        self.events.append("continue_response")
+        if self.forward is not None:
+            self.forward.continue_response()
+        self._raised("continue_response")
 
     def send_local_reply(self, reply: LocalReply) -> None:
-        if self.local_reply is None:
-            self.local_reply = reply
-        self._wake("local_reply")
+        self.events.append("local_reply")
+        self.replies.append(reply)
+        if self.forward is not None:
+            self.forward.send_local_reply(reply)
+        self._raised("local_reply")
 
     def reset(self) -> None:
-        self.reset_called = True
-        self._wake("reset")
-
-    async def wait(self, timeout: float) -> str | None:
-        self._waiter = self.loop.create_future()
-        try:
-            return await asyncio.wait_for(self._waiter, timeout)
-        except TimeoutError:
-            return None
-        finally:
-            self._waiter = None
+        self.events.append("reset")
+        if self.forward is not None:
+            self.forward.reset()
+        self._raised("reset")
 
 
 @dataclasses.dataclass
@@ -92,6 +110,66 @@ class Phase:
     name: str
     status: str
     """"continue", "stop", or "stop→resumed" when the filter continued the stream later."""
+
+
+STOP, RESUMED = "stop", "stop→resumed"
+_RESUME = {True: "continue_request", False: "continue_response"}
+"""The event that resumes a stopped phase, by direction (True: request)."""
+
+
+class _PhaseLog(FilterStream):
+    """The filter's `abi.HttpStream` as the chain drives it, noting each callback's answer."""
+
+    def __init__(self, stream: abi.HttpStream, events: list[str]) -> None:
+        self.stream = stream
+        self.events = events
+        """The filter's events so far (`Recorder.events`)."""
+        self.phases: list[Phase] = []
+        self._stopped: dict[bool, Phase] = {}
+        """The phase of each direction waiting for the filter to continue it."""
+
+    def _call(self, name: str, request: bool, call: Any, *args: Any) -> FilterStatus:
+        seen = len(self.events)
+        status: FilterStatus = call(*args)
+        phase = Phase(name, "continue" if status is FilterStatus.CONTINUE else STOP)
+        raised = self.events[seen:]
+        if phase.status == STOP and "local_reply" not in raised and "reset" not in raised:
+            if _RESUME[request] in raised:  # resumed from inside the callback that stopped
+                phase.status = RESUMED
+            else:
+                self._stopped[request] = phase
+        self.phases.append(phase)
+        return status
+
+    def note(self, event: str) -> None:
+        """A filter event arrived after its callback returned."""
+        if event in ("local_reply", "reset"):
+            self._stopped.clear()
+            return
+        phase = self._stopped.pop(event == _RESUME[True], None)
+        if phase is not None:
+            phase.status = RESUMED
+
+    def request_headers(self, headers: HeaderMap, end_of_stream: bool) -> FilterStatus:
+        return self._call("request_headers", True, self.stream.request_headers, headers, end_of_stream)
+
+    def request_body(self, body: bytearray, end_of_stream: bool) -> FilterStatus:
+        return self._call("request_body", True, self.stream.request_body, body, end_of_stream)
+
+    def request_trailers(self, trailers: HeaderMap) -> FilterStatus:
+        return self._call("request_trailers", True, self.stream.request_trailers, trailers)
+
+    def response_headers(self, headers: HeaderMap, end_of_stream: bool) -> FilterStatus:
+        return self._call("response_headers", False, self.stream.response_headers, headers, end_of_stream)
+
+    def response_body(self, body: bytearray, end_of_stream: bool) -> FilterStatus:
+        return self._call("response_body", False, self.stream.response_body, body, end_of_stream)
+
+    def response_trailers(self, trailers: HeaderMap) -> FilterStatus:
+        return self._call("response_trailers", False, self.stream.response_trailers, trailers)
+
+    def complete(self) -> None:
+        self.stream.complete()
 
 
 @dataclasses.dataclass
@@ -205,70 +283,115 @@ class FilterRig:
         wait: float = 2.0,
     ) -> Exchange:
         """The async form of `request`, for tests that run several streams concurrently."""
-        events = _Events(asyncio.get_running_loop())
         request = HeaderMap([(":method", method), (":path", path), (":authority", authority),
                              (":scheme", "http")])
         for k, v in headers:
             request.add(k, v)
         info = abi.StreamInfo(source_address=source, destination_address="127.0.0.1:8080",
                               request_headers=request, request_size=len(body))
-        stream = plugin.new_stream(info, events)
-        phases: list[Phase] = []
+        upstream = HeaderMap([(":status", str(response_status))])
+        for k, v in response_headers:
+            upstream.add(k, v)
+        woken = asyncio.Event()
+        phase_logs: list[_PhaseLog] = []
 
-        async def run(name: str, call: Callable[[], FilterStatus], resume: str) -> bool:
-            """Run a phase; True if the stream goes on, False if it ended in a reply or reset."""
-            seen = len(events.log)
-            status = call()
-            label = "continue" if status is FilterStatus.CONTINUE else "stop"
-            if status is FilterStatus.STOP and events.local_reply is None and not events.reset_called:
-                # The filter may already have resumed from inside the callback that stopped.
-                got = resume if resume in events.log[seen:] else await events.wait(wait)
-                if got == resume:
-                    label = "stop→resumed"
-            phases.append(Phase(name, label))
-            return events.local_reply is None and not events.reset_called
+        def on_event(event: str) -> None:
+            for phase_log in phase_logs:
+                phase_log.note(event)
+            woken.set()
 
-        req_body = bytearray(body)
+        events = Recorder(on_event=on_event)
+
+        def open_stream(callbacks: StreamCallbacks) -> FilterStream:
+            events.forward = callbacks
+            phase_logs.append(_PhaseLog(plugin.new_stream(info, events), events.events))
+            return phase_logs[0]
+
+        chain = FilterChain([(plugin.report().name, open_stream)])
+        chain.on_actions = woken.set
+        run = _Run(chain, info, upstream, response_body)
         try:
-            going = await run("request_headers", lambda: stream.request_headers(request, not body),
-                              "continue_request")
-            if going and body:
-                going = await run("request_body", lambda: stream.request_body(req_body, True),
-                                  "continue_request")
-            resp = HeaderMap([(":status", str(response_status))])
-            for k, v in response_headers:
-                resp.add(k, v)
-            resp_body = bytearray(response_body)
-            if events.local_reply is not None:
-                reply = events.local_reply
-                resp = HeaderMap([(":status", str(reply.status))])
-                if reply.body:
-                    resp.add("content-length", str(len(reply.body)))
-                    resp.add("content-type", "text/plain")
-                for k, v in reply.headers:
-                    resp.add(k, v)
-                resp_body = bytearray(reply.body)
-                going = True  # the local reply passes through this filter's response callbacks
-            if going and not events.reset_called:
-                info.response_headers = resp
-                info.response_code = int(resp.get(":status") or 0)
-                await run("response_headers", lambda: stream.response_headers(resp, not resp_body),
-                          "continue_response")
-                if resp_body:
-                    await run("response_body", lambda: stream.response_body(resp_body, True),
-                              "continue_response")
+            chain.request_headers(request, not body)
+            if body:
+                chain.request_data(body, True)
+            while not run.done:
+                actions = chain.take_actions()
+                if actions:
+                    for action in actions:
+                        run.apply(action)
+                    continue
+                woken.clear()
+                try:
+                    await asyncio.wait_for(woken.wait(), wait)
+                except TimeoutError:
+                    break  # the filter stays paused: report what happened so far
         finally:
-            stream.complete()
+            chain.complete()
+            # The stream holds the recorder, which reaches the phase log, which holds the stream:
+            # cut that cycle so the finished stream (and a VM it was the last user of) is freed
+            # by reference counting, as in the proxy.
+            phases = phase_logs[0].phases if phase_logs else []
+            events.on_event = events.forward = None
         return Exchange(
             phases=phases,
             request_headers=request,
-            request_body=bytes(req_body),
-            response_headers=resp if not events.reset_called else None,
-            response_body=bytes(resp_body),
-            local_reply=events.local_reply,
-            reset=events.reset_called,
-            events=events.log,
+            request_body=bytes(run.request_body) if run.forwarded else body,
+            response_headers=None if run.reset else upstream if run.response_headers is None else run.response_headers,
+            response_body=bytes(run.response_body) if run.response_headers is not None else response_body,
+            local_reply=chain.local_reply,
+            reset=run.reset,
+            events=events.events,
         )
+
+
+class _Run:
+    """The I/O side of one rig exchange: performs the chain's actions."""
+
+    def __init__(self, chain: FilterChain, info: abi.StreamInfo, upstream: HeaderMap, body: bytes) -> None:
+        self.chain = chain
+        self.info = info
+        self.upstream = upstream
+        self.upstream_body = body
+        self.forwarded = False
+        self.request_body = bytearray()
+        self.response_headers: HeaderMap | None = None
+        self.response_body = bytearray()
+        self.reset = False
+        self.done = False
+
+    def apply(self, action: Action) -> None:
+        if isinstance(action, ForwardRequestHeaders):
+            self.forwarded = True
+            if action.end_of_stream:
+                self._respond()
+        elif isinstance(action, ForwardRequestData):
+            self.request_body += action.data
+            if action.end_of_stream:
+                self._respond()
+        elif isinstance(action, ForwardRequestTrailers):
+            self._respond()
+        elif isinstance(action, SendResponseHeaders):
+            self.response_headers = action.headers
+            self.done = action.end_of_stream
+        elif isinstance(action, SendResponseData):
+            self.response_body += action.data
+            self.done = action.end_of_stream
+        elif isinstance(action, SendResponseTrailers):
+            self.done = True
+        elif isinstance(action, ResetStream):
+            self.reset = self.done = True
+        elif isinstance(action, AbortUpstream):
+            pass  # the local reply's response follows as SendResponse* actions
+
+    def _respond(self) -> None:
+        """The whole request reached the upstream: its canned response comes back."""
+        if self.chain.local_reply is not None:
+            return
+        self.info.response_headers = self.upstream
+        self.info.response_code = int(self.upstream.get(":status") or 0)
+        self.chain.response_headers(self.upstream, not self.upstream_body)
+        if self.upstream_body:
+            self.chain.response_data(self.upstream_body, True)
 
 
 def _parse_header(text: str) -> tuple[str, str]:
@@ -333,7 +456,7 @@ def main(args: argparse.Namespace) -> int:
             "response_body": ex.response_body.decode("utf-8", "replace"),
             "reset": ex.reset,
             "logs": _logs(rig),
-            "metrics": plugin.metrics(),
+            "metrics": {m.name: m.value for m in plugin.report().metrics},
         }
         print(json.dumps(report, indent=2))
     return 0

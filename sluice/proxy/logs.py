@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
+from sluice import AB_FILTER
 from sluice.abi import LogLevel
 
 PYTHON_LEVELS: dict[LogLevel, int] = {
@@ -30,9 +31,6 @@ PYTHON_LEVELS: dict[LogLevel, int] = {
     LogLevel.ERROR: logging.ERROR,
     LogLevel.CRITICAL: logging.CRITICAL,
 }
-
-DEFAULT_VARIANT_HEADER = "x-variant"
-
 
 # -- access log ------------------------------------------------------------------------------------
 
@@ -84,16 +82,16 @@ def access_line(record: dict[str, Any]) -> str:
 
 
 def variant_header(chain: Sequence[Any]) -> str:
-    """The request header that carries the A/B variant: the `header` of an `ab.wasm` filter's
-    config when the chain has one, else `x-variant`."""
+    """The request header that carries the A/B variant, read from the chain's config: the header
+    the A/B filter's config names (its `header`) when the chain has that filter, else its default."""
     for entry in chain:
         module = str(getattr(entry, "module", ""))
         config = getattr(entry, "config", None)
-        if module.rsplit("/", 1)[-1] == "ab.wasm" and isinstance(config, dict):
-            header = config.get("header")
+        if module.rsplit("/", 1)[-1] == AB_FILTER.module and isinstance(config, dict):
+            header = config.get(AB_FILTER.header_key)
             if isinstance(header, str) and header:
                 return header.lower()
-    return DEFAULT_VARIANT_HEADER
+    return AB_FILTER.default_header
 
 
 # -- filter logs -----------------------------------------------------------------------------------

@@ -1,8 +1,9 @@
 """Metrics: what the request path records (`TrafficStats`) and the Prometheus export (`SluiceCollector`).
 
-The request path only bumps plain ints in dicts (one dict update and one bisect per request); the
-`SluiceCollector` turns those, the `ProxyStats` counters, every filter's `PluginStats` and the
-metrics filters define through the ABI into Prometheus metric families when `/stats` is scraped.
+The request path only bumps plain ints in dicts and appends to a `sluice.histogram.Histogram`
+(one dict update and one list append per request); the `SluiceCollector` turns those, the
+proxy's counters, every filter's `PluginReport` (host accounting and the metrics filters define
+through the ABI) into Prometheus metric families when `/stats` is scraped.
 Nothing is copied into prometheus_client objects ahead of time, so a scrape always shows live values
 and the request path never touches a lock.
 
@@ -14,16 +15,14 @@ Naming scheme (see docs/admin.md):
             traps, deadlines, failure-policy actions, VM reloads, VM count, linear memory);
 * ABI-defined metrics keep their name as a label, never in the metric name, so any name a filter
   picks is valid: ``sluice_filter_counter_total{filter,name}``, ``sluice_filter_gauge{filter,name}``,
-  ``sluice_filter_histogram{filter,name}`` (buckets `abi.metrics.HISTOGRAM_BOUNDS`, unitless).
+  ``sluice_filter_histogram{filter,name}`` (the buckets the host defines, unitless).
 """
 
 from __future__ import annotations
 
-import bisect
 import math
 import time
-from collections.abc import Iterable, Iterator, Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterator, Mapping
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import (
@@ -34,12 +33,10 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from sluice.abi import MetricType
-from sluice.abi.metrics import HISTOGRAM_BOUNDS
-from sluice.abi.plugin import CALLBACK_BOUNDS_S
+from sluice.abi import MetricType, PluginState
+from sluice.histogram import Histogram, HistogramSnapshot
 
-if TYPE_CHECKING:
-    from .app import Gateway
+from .view import ProxyView
 
 UPSTREAM_BOUNDS_S: tuple[float, ...] = (
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
@@ -48,23 +45,6 @@ UPSTREAM_BOUNDS_S: tuple[float, ...] = (
 
 NO_ROUTE = "none"
 """Route/cluster label of requests answered before routing (a filter's reply, no route...)."""
-
-
-class Histogram:
-    """Counts per upper bound (not cumulative; the last entry is +Inf), a sum and a count."""
-
-    __slots__ = ("bounds", "counts", "sum", "count")
-
-    def __init__(self, bounds: Sequence[float]) -> None:
-        self.bounds = tuple(bounds)
-        self.counts = [0] * (len(self.bounds) + 1)
-        self.sum = 0.0
-        self.count = 0
-
-    def observe(self, value: float) -> None:
-        self.counts[bisect.bisect_left(self.bounds, value)] += 1
-        self.sum += value
-        self.count += 1
 
 
 class TrafficStats:
@@ -90,57 +70,18 @@ class TrafficStats:
         return sum(self.requests.values())
 
 
-def cumulative_buckets(bounds: Sequence[float], counts: Sequence[int]) -> list[tuple[str, float]]:
-    """Prometheus buckets (cumulative, `+Inf` last) from per-bound counts."""
-    out: list[tuple[str, float]] = []
-    running = 0
-    for bound, count in zip((*bounds, math.inf), counts, strict=True):
-        running += count
-        out.append(("+Inf" if bound == math.inf else _fmt_bound(bound), float(running)))
-    return out
-
-
-def _fmt_bound(bound: float) -> str:
-    return repr(float(bound))
-
-
-class ReloadCounter:
-    """Monotonic ok/failed counts from the reloader's bounded event deque (newest last).
-
-    Counts events it has not seen yet, newest first, until it meets the last one it saw; if that one
-    was pushed out of the deque (more than maxlen reloads between two reads), every event counts.
-    The "startup" event (the initial load) is not a reload and is not counted.
-    """
-
-    def __init__(self) -> None:
-        self.ok = 0
-        self.failed = 0
-        self._last: object | None = None
-
-    def update(self, events: Iterable[Any]) -> None:
-        items = list(events)
-        new: list[Any] = []
-        for event in reversed(items):
-            if event is self._last:
-                break
-            new.append(event)
-        for event in new:
-            if getattr(event, "trigger", None) == "startup":
-                continue  # the initial load is not a reload
-            if getattr(event, "ok", False):
-                self.ok += 1
-            else:
-                self.failed += 1
-        if items:
-            self._last = items[-1]
+def prometheus_buckets(snapshot: HistogramSnapshot) -> list[tuple[str, float]]:
+    """Prometheus buckets (cumulative, `+Inf` last) of a histogram."""
+    return [
+        ("+Inf" if bound == math.inf else repr(float(bound)), float(count)) for bound, count in snapshot.cumulative()
+    ]
 
 
 class SluiceCollector(Collector):
-    """Reads the gateway's live objects at scrape time."""
+    """Reads the proxy's live counters and its filters' reports at scrape time."""
 
-    def __init__(self, gateway: Gateway) -> None:
-        self.gateway = gateway
-        self.reloads = ReloadCounter()
+    def __init__(self, view: ProxyView) -> None:
+        self.gateway = view
 
     def collect(self) -> Iterator[Metric]:
         gw = self.gateway
@@ -150,7 +91,7 @@ class SluiceCollector(Collector):
         yield from self._reloads(gw)
 
     # -- proxy -----------------------------------------------------------------------------------
-    def _proxy(self, gw: Gateway) -> Iterator[Metric]:
+    def _proxy(self, gw: ProxyView) -> Iterator[Metric]:
         stats = gw.stats
         traffic = stats.traffic
         requests = CounterMetricFamily(
@@ -167,7 +108,8 @@ class SluiceCollector(Collector):
             labels=["cluster"],
         )
         for cluster, hist in sorted(traffic.upstream_latency.items()):
-            latency.add_metric([cluster], cumulative_buckets(hist.bounds, hist.counts), hist.sum)
+            snapshot = hist.snapshot()
+            latency.add_metric([cluster], prometheus_buckets(snapshot), snapshot.sum)
         yield latency
 
         yield CounterMetricFamily(
@@ -206,9 +148,7 @@ class SluiceCollector(Collector):
         )
 
     # -- filters ---------------------------------------------------------------------------------
-    def _filters(self, gw: Gateway) -> Iterator[Metric]:
-        from .app import loaded_in  # app imports this module
-
+    def _filters(self, gw: ProxyView) -> Iterator[Metric]:
         gen = gw.current_generation()
         filters = gen.filters if gen is not None else []
         lf = ["filter"]
@@ -244,43 +184,36 @@ class SluiceCollector(Collector):
             labels=["filter", "name"],
         )
         for f in filters:
-            plugin = f.plugin
             name = f.name
-            stats = plugin.stats
-            stats.flush()
-            module = plugin.module
-            state = plugin.state
-            loaded = loaded_in(plugin)
-            info.add_metric(
-                [name, str(module.path), module.sha256, module.abi_version, str(loaded[0] if loaded else 0), state], 1
-            )
-            callbacks.add_metric(
-                [name], cumulative_buckets(CALLBACK_BOUNDS_S, stats.callback_buckets), stats.callback_seconds_sum
-            )
-            streams.add_metric([name], stats.streams)
-            traps.add_metric([name], stats.traps)
-            deadlines.add_metric([name], stats.deadlines)
-            policy.add_metric([name, "fail_closed"], stats.fail_closed)
-            policy.add_metric([name, "fail_open"], stats.fail_open)
-            vm_reloads.add_metric([name, "ok"], stats.reloads)
-            vm_reloads.add_metric([name, "failed"], stats.reload_failures)
-            vms.add_metric([name], plugin.vm_count)
-            memory.add_metric([name], plugin.memory_bytes())
-            up.add_metric([name], 1 if state == "ok" else 0)
-            for metric in plugin.metric_registry.all():
+            report = f.report()
+            module = report.module
+            counts = report.counters
+            state = report.state
+            info.add_metric([name, module.path, module.sha256, module.abi_version, str(f.generation), state.value], 1)
+            callbacks.add_metric([name], prometheus_buckets(report.callback_seconds), report.callback_seconds.sum)
+            streams.add_metric([name], counts.streams)
+            traps.add_metric([name], counts.traps)
+            deadlines.add_metric([name], counts.deadlines)
+            policy.add_metric([name, "fail_closed"], counts.fail_closed)
+            policy.add_metric([name, "fail_open"], counts.fail_open)
+            vm_reloads.add_metric([name, "ok"], counts.reloads)
+            vm_reloads.add_metric([name, "failed"], counts.reload_failures)
+            vms.add_metric([name], report.vm_count)
+            memory.add_metric([name], report.memory_bytes)
+            up.add_metric([name], 1 if state is PluginState.OK else 0)
+            for metric in report.metrics:
                 if metric.type is MetricType.COUNTER:
                     counters.add_metric([name, metric.name], metric.value)
                 elif metric.type is MetricType.GAUGE:
                     gauges.add_metric([name, metric.name], metric.value)
-                else:
-                    histograms.add_metric(
-                        [name, metric.name], cumulative_buckets(HISTOGRAM_BOUNDS, metric.buckets), float(metric.sum)
-                    )
+                elif metric.histogram is not None:
+                    hist = metric.histogram
+                    histograms.add_metric([name, metric.name], prometheus_buckets(hist), hist.sum)
         yield from (info, callbacks, streams, traps, deadlines, policy, vm_reloads, vms, memory, up)
         yield from (counters, gauges, histograms)
 
     # -- clusters --------------------------------------------------------------------------------
-    def _clusters(self, gw: Gateway) -> Iterator[Metric]:
+    def _clusters(self, gw: ProxyView) -> Iterator[Metric]:
         gen = gw.current_generation()
         pools = gen.clusters if gen is not None else {}
         healthy = GaugeMetricFamily(
@@ -302,26 +235,24 @@ class SluiceCollector(Collector):
         yield from (healthy, connects, failures, idle)
 
     # -- config reloads --------------------------------------------------------------------------
-    def _reloads(self, gw: Gateway) -> Iterator[Metric]:
-        reloader = getattr(gw, "reloader", None)
-        if reloader is not None:
-            self.reloads.update(getattr(reloader, "events", ()))
+    def _reloads(self, gw: ProxyView) -> Iterator[Metric]:
+        history = gw.reload_history()
         family = CounterMetricFamily("sluice_reloads", "Config/filter hot reloads, by result", labels=["result"])
-        family.add_metric(["ok"], self.reloads.ok)
-        family.add_metric(["failed"], self.reloads.failed)
+        family.add_metric(["ok"], history.counts.ok if history is not None else 0)
+        family.add_metric(["failed"], history.counts.failed if history is not None else 0)
         yield family
 
 
-def _labelled_counter(name: str, doc: str, label: str, values: dict[str, int]) -> CounterMetricFamily:
+def _labelled_counter(name: str, doc: str, label: str, values: Mapping[str, int]) -> CounterMetricFamily:
     family = CounterMetricFamily(name, doc, labels=[label])
     for key, value in sorted(values.items()):
         family.add_metric([key], value)
     return family
 
 
-def make_registry(gateway: Gateway) -> tuple[CollectorRegistry, SluiceCollector]:
+def make_registry(view: ProxyView) -> tuple[CollectorRegistry, SluiceCollector]:
     """A registry of its own (not prometheus_client's global one) holding only sluice's collector."""
     registry = CollectorRegistry(auto_describe=False)
-    collector = SluiceCollector(gateway)
+    collector = SluiceCollector(view)
     registry.register(collector)
     return registry, collector

@@ -29,24 +29,22 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import dataclasses
 import gc
 import logging
 import os
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import watchfiles
 
 from sluice import abi
 
 from .config import ConfigError, SluiceConfig, load_config
+from .generation import Generation
+from .reloadevents import ReloadEvent, ReloadHistory, ReloadTrigger
 
-if TYPE_CHECKING:
-    from .app import Gateway, Generation
-
-__all__ = ["ReloadEvent", "Reloader"]
+__all__ = ["ReloadEvent", "ReloadTarget", "ReloadTrigger", "Reloader"]
 
 log = logging.getLogger("sluice.reload")
 
@@ -56,31 +54,27 @@ ERROR_QUIET_S = 1.0
 """A file that fails to load must stay unchanged this long before the failure is reported."""
 WATCH_STEP_MS = 10
 """watchfiles groups changes until none arrived for this long."""
-MAX_EVENTS = 100
 COLLECT_DELAY_S = 0.5
 """Delay between a generation's disposal and the collection that frees its VMs (batches swaps)."""
 
 _Stat = tuple[int, int, int] | None
 
 
-@dataclasses.dataclass(frozen=True)
-class ReloadEvent:
-    """One reload attempt, as the admin endpoint shows it (contract: docs/config-model.md)."""
+class ReloadTarget(Protocol):
+    """What the reloader needs of the proxy (`Gateway` is one)."""
 
-    time: float
-    """time.time() when the attempt finished."""
-    trigger: str
-    """"file" | "config" | "admin" | "startup"."""
-    ok: bool
-    generation: int | None
-    """The generation now serving (the new one if ok)."""
-    changed: list[str]
-    """Files that triggered it (module paths and/or the config path); empty for admin/startup."""
-    error: str | None
-    """"<file>: <reason>" when not ok."""
-    duration_ms: float
-    notes: list[str] = dataclasses.field(default_factory=list)
-    """Warnings about an applied reload, e.g. a `listen` change that needs a restart."""
+    @property
+    def generation(self) -> Generation: ...
+
+    @property
+    def config(self) -> SluiceConfig: ...
+
+    @property
+    def draining(self) -> bool: ...
+
+    async def build_generation(self, config: SluiceConfig, previous: Generation | None = None) -> Generation: ...
+
+    def install(self, gen: Generation) -> Generation | None: ...
 
 
 class _StillChanging(Exception):
@@ -113,11 +107,10 @@ def _same(gen: Generation, running: Generation) -> bool:
 class Reloader:
     """Watches the config file and the filters; rebuilds and swaps generations on change."""
 
-    def __init__(self, gateway: Gateway, config_path: Path) -> None:
+    def __init__(self, gateway: ReloadTarget, config_path: Path) -> None:
         self.gateway = gateway
         self.config_path = Path(config_path).resolve()
-        self.events: collections.deque[ReloadEvent] = collections.deque(maxlen=MAX_EVENTS)
-        self.last_error: ReloadEvent | None = None
+        self.history = ReloadHistory()
         self.restart_needed: list[str] = []
         """Config changes applied to the file but not to the process (e.g. `listen`)."""
         self._lock = asyncio.Lock()
@@ -130,13 +123,22 @@ class Reloader:
         self._watching: tuple[Path, ...] = ()
         self._collect_handle: asyncio.TimerHandle | None = None
 
+    @property
+    def events(self) -> collections.deque[ReloadEvent]:
+        """The recent attempts, newest last."""
+        return self.history.events
+
+    @property
+    def last_error(self) -> ReloadEvent | None:
+        return self.history.last_error
+
     # -- lifecycle -------------------------------------------------------------------------------
     async def start(self) -> None:
         """Begin watching. Returns once the watches are in place."""
         if self._task is not None:
             return
         gen = self.gateway.generation
-        self._record(ReloadEvent(time.time(), "startup", True, gen.number, [], None, 0.0))
+        self.history.record(ReloadEvent(time.time(), ReloadTrigger.STARTUP, True, gen.number, [], None, 0.0))
         self._stopping.clear()
         watch_log = logging.getLogger("watchfiles")
         if watch_log.level == logging.NOTSET:
@@ -172,7 +174,7 @@ class Reloader:
             log.exception("reload watcher failed")
 
     # -- the admin entry point -------------------------------------------------------------------
-    async def reload(self, trigger: str = "admin") -> ReloadEvent:
+    async def reload(self, trigger: ReloadTrigger = ReloadTrigger.ADMIN) -> ReloadEvent:
         """Re-read the config, rebuild every changed filter and swap; the same path a file change takes."""
         event = await self._attempt(trigger, set(), settle=False)
         if event is None:  # only when shutting down (nothing is settled here)
@@ -216,7 +218,7 @@ class Reloader:
                     changed = {Path(path) for _, path in changes} & self._interesting()
                     if not changed:
                         continue
-                    trigger = "config" if self.config_path in changed else "file"
+                    trigger = ReloadTrigger.CONFIG if self.config_path in changed else ReloadTrigger.FILE
                     try:
                         await self._attempt(trigger, changed, settle=True)
                     except Exception:  # never let one bad attempt end the watching
@@ -227,7 +229,7 @@ class Reloader:
                 await watcher.aclose()
 
     # -- one attempt -------------------------------------------------------------------------------
-    async def _attempt(self, trigger: str, changed: set[Path], *, settle: bool) -> ReloadEvent | None:
+    async def _attempt(self, trigger: ReloadTrigger, changed: set[Path], *, settle: bool) -> ReloadEvent | None:
         async with self._lock:
             started = time.perf_counter()
             names = sorted(str(p) for p in changed)
@@ -246,13 +248,13 @@ class Reloader:
                 log.error(
                     "reload failed (%s), still serving generation %d: %s", trigger, running.number, exc.message
                 )
-                self._record(event)
+                self.history.record(event)
                 return event
-            if trigger in ("file", "config") and _same(gen, running):
+            if trigger in (ReloadTrigger.FILE, ReloadTrigger.CONFIG) and _same(gen, running):
                 self._discard(gen, running)  # e.g. `touch`, or a write of identical bytes
                 log.debug("no change in %s: generation %d stays", ", ".join(names), running.number)
                 return None
-            if getattr(gateway, "draining", False):
+            if gateway.draining:
                 self._discard(gen, running)  # shutting down: the old generation drains, then stops
                 log.info("reload (%s) dropped: the proxy is shutting down", trigger)
                 return None
@@ -273,14 +275,14 @@ class Reloader:
                 reused,
                 event.duration_ms,
             )
-            self._record(event)
+            self.history.record(event)
             return event
 
     async def _build(
-        self, trigger: str, changed: set[Path], running: Generation, settle: bool
+        self, trigger: ReloadTrigger, changed: set[Path], running: Generation, settle: bool
     ) -> tuple[Generation, list[str]]:
         loop = asyncio.get_running_loop()
-        config_changed = trigger == "admin" or self.config_path in changed or self._config_dirty
+        config_changed = trigger is ReloadTrigger.ADMIN or self.config_path in changed or self._config_dirty
         config = running.config
         notes: list[str] = []
         # The settle check overlaps the build: the changed files' first poll is taken now, the
@@ -376,13 +378,14 @@ class Reloader:
         return new, notes
 
     def _collect_when_disposed(self, old: Generation) -> None:
-        """Once `old` is disposed, run the cycle collector so its VMs are really freed.
+        """Once `old` is disposed, run the cycle collector as a backstop.
 
-        A retired VM is unreachable but sits in reference cycles (VM <-> host calls, roots,
-        plugin), so only the collector frees its wasmtime Store and linear memory; `sluice run`
-        raises the collector's thresholds and freezes the start-up heap, so without this a
-        replaced generation could stay in memory indefinitely. A full collection of the proxy's
-        heap takes about 10 ms; swaps in a burst share one.
+        A released VM is closed and freed by reference counting as its last stream completes;
+        this collection catches whatever of a replaced generation still sits in a reference
+        cycle (a filter's Python-side objects, a callout closure). `sluice run` raises the
+        collector's thresholds and freezes the start-up heap, so without it such leftovers
+        could stay in memory indefinitely. A full collection of the proxy's heap takes about
+        10 ms; swaps in a burst share one.
         """
         if old.disposed:
             self._schedule_collect()
@@ -413,8 +416,3 @@ class Reloader:
             gc.unfreeze()
         gc.collect()
         log.debug("collected retired generations in %.1f ms", (time.perf_counter() - started) * 1000)
-
-    def _record(self, event: ReloadEvent) -> None:
-        self.events.append(event)
-        if not event.ok:
-            self.last_error = event

@@ -1,0 +1,344 @@
+"""The config's models: what each section may hold, defaults, and the checks that span sections.
+
+`SluiceConfig` is the whole file. The models know nothing of YAML; `parse_config`
+(sluice/proxy/config/load.py) validates the data and turns errors into messages with lines.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+from sluice import abi
+
+from .errors import Loc, format_loc
+from .values import TOKEN_RE, Count, HostPort, MiB, Name, Seconds, Size, not_bool, payload_bytes
+from .yamlindex import LineIndex, line_for, line_key
+
+__all__ = ["AdminConfig", "ClusterConfig", "FilterConfig", "RouteConfig", "RouteMatch", "SluiceConfig", "cross_check"]
+
+
+def _context(info: ValidationInfo) -> Mapping[str, Any]:
+    return info.context if isinstance(info.context, Mapping) else {}
+
+
+def _base_dir(info: ValidationInfo) -> Path:
+    base = _context(info).get("base_dir")
+    return Path(base) if base is not None else Path(".")
+
+
+class _Model(BaseModel):
+    # Unknown keys are errors: a misspelt optional key would otherwise be silently ignored.
+    # Numbers are accepted where text is expected because YAML makes `x-version: 2` an int.
+    model_config = ConfigDict(extra="forbid", coerce_numbers_to_str=True)
+
+
+class AdminConfig(_Model):
+    listen: HostPort = HostPort("127.0.0.1", 9901)
+    token: str | None = Field(default=None, min_length=1)
+
+    @model_validator(mode="after")
+    def _token_when_exposed(self) -> AdminConfig:
+        # The admin API can reload filters and dump config; off-host it must not be anonymous.
+        if self.token is None and not self.listen.is_loopback:
+            raise ValueError(f"token is required when listen ({self.listen}) is not a loopback address")
+        return self
+
+
+class ClusterConfig(_Model):
+    endpoints: list[HostPort] = Field(min_length=1)
+    timeout: Seconds = 15.0
+    connect_timeout: Seconds = 2.0
+    host_rewrite: str | None = Field(default=None, min_length=1)
+    max_connections: Count = 256
+
+    @field_validator("endpoints")
+    @classmethod
+    def _real_ports(cls, endpoints: list[HostPort]) -> list[HostPort]:
+        # Port 0 means "any free port" for a listener; it cannot be connected to.
+        for endpoint in endpoints:
+            if endpoint.port == 0:
+                raise ValueError(f"endpoint {endpoint} has port 0")
+        return endpoints
+
+
+class FilterConfig(_Model):
+    name: Name
+    module: str = Field(min_length=1)
+    config: Any = None
+    failure_policy: Literal["fail_closed", "fail_open", "reload"] = "fail_closed"
+    vm_id: str | None = None
+    root_id: str = ""
+    vm_config: Any = None
+    memory_limit: Size = 64 * MiB
+    cpu_deadline_ms: Seconds = 20.0
+    match: str | None = None
+    log_level: str = "info"
+    environment: dict[str, str] = Field(default_factory=dict)
+
+    _module_path: Path | None = PrivateAttr(default=None)
+
+    @property
+    def module_path(self) -> Path:
+        """The module file: `filters_dir / module` once part of a `SluiceConfig`, else `module`."""
+        return self._module_path if self._module_path is not None else Path(self.module)
+
+    @field_validator("config", "vm_config")
+    @classmethod
+    def _json_compatible(cls, value: Any) -> Any:
+        # Fail at load time, not when the filter is (re)loaded in a running proxy.
+        try:
+            payload_bytes(value)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"cannot be handed to the filter as JSON: {exc}") from None
+        return value
+
+    @field_validator("log_level")
+    @classmethod
+    def _known_level(cls, value: str) -> str:
+        return abi.LogLevel.parse(value).name.lower()
+
+    @field_validator("match")
+    @classmethod
+    def _path_prefix(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith("/"):
+            raise ValueError(f"must be a path prefix starting with '/' (got {value!r})")
+        return value
+
+    @field_validator("environment")
+    @classmethod
+    def _env_names(cls, env: dict[str, str]) -> dict[str, str]:
+        for key in env:
+            if not key or "=" in key or "\0" in key:
+                raise ValueError(f"invalid environment variable name {key!r}")
+        return env
+
+    def configuration_bytes(self) -> bytes:
+        """What `proxy_on_configure` receives: `config` as compact JSON (a string as is, null: empty)."""
+        return payload_bytes(self.config)
+
+    def vm_configuration_bytes(self) -> bytes:
+        """What `proxy_on_vm_start` receives, encoded like `configuration_bytes`."""
+        return payload_bytes(self.vm_config)
+
+    def to_plugin_spec(self) -> abi.PluginSpec:
+        return abi.PluginSpec(
+            name=self.name,
+            module_path=self.module_path,
+            configuration=self.configuration_bytes(),
+            vm_configuration=self.vm_configuration_bytes(),
+            vm_id=self.vm_id if self.vm_id is not None else self.name,
+            root_id=self.root_id,
+            failure_policy=abi.FailurePolicy(self.failure_policy),
+            memory_limit=self.memory_limit,
+            cpu_deadline_ms=self.cpu_deadline_ms,
+            environment=dict(self.environment),
+            log_level=abi.LogLevel.parse(self.log_level),
+        )
+
+
+class RouteMatch(_Model):
+    prefix: str | None = None
+    path: str | None = None
+    regex: str | None = None
+    headers: dict[str, str] = Field(default_factory=dict)
+    methods: list[str] = Field(default_factory=list)
+
+    @field_validator("prefix", "path")
+    @classmethod
+    def _absolute(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith("/"):
+            raise ValueError(f"must start with '/' (got {value!r})")
+        return value
+
+    @field_validator("regex")
+    @classmethod
+    def _compiles(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                re.compile(value)
+            except re.error as exc:
+                raise ValueError(f"invalid regular expression {value!r}: {exc}") from None
+        return value
+
+    @field_validator("headers")
+    @classmethod
+    def _header_names(cls, headers: dict[str, str]) -> dict[str, str]:
+        # Names are stored lower-case, like HeaderMap, so matching is a plain lookup.
+        out: dict[str, str] = {}
+        for name, value in headers.items():
+            lowered = name.lower()
+            # A leading ':' allows pseudo-headers such as ':authority' (the Host).
+            if not TOKEN_RE.fullmatch(lowered.removeprefix(":")):
+                raise ValueError(f"invalid header name {name!r}")
+            if lowered in out:
+                raise ValueError(f"header {name!r} is listed twice (names are case-insensitive)")
+            out[lowered] = value
+        return out
+
+    @field_validator("methods")
+    @classmethod
+    def _method_names(cls, methods: list[str]) -> list[str]:
+        out: list[str] = []
+        for method in methods:
+            if not TOKEN_RE.fullmatch(method):
+                raise ValueError(f"invalid method {method!r}")
+            if method.upper() not in out:
+                out.append(method.upper())
+        return out
+
+    @model_validator(mode="after")
+    def _one_path_kind(self) -> RouteMatch:
+        given = [kind for kind in ("prefix", "path", "regex") if getattr(self, kind) is not None]
+        if len(given) > 1:
+            raise ValueError(f"give at most one of prefix, path, regex (got {' and '.join(given)})")
+        return self
+
+
+class RouteConfig(_Model):
+    match: RouteMatch
+    cluster: str
+    name: str | None = None
+
+
+class SluiceConfig(_Model):
+    listen: HostPort
+    admin: AdminConfig = Field(default_factory=AdminConfig)
+    filters_dir: Path = Field(default=Path("filters"), validate_default=True)
+    clusters: dict[Name, ClusterConfig] = Field(default_factory=dict)
+    chain: list[FilterConfig] = Field(default_factory=list)
+    routes: list[RouteConfig] = Field(default_factory=list)
+    max_body_buffer: Size = 1 * MiB
+    max_request_header_size: Size = 8192
+    drain_timeout: Annotated[float, BeforeValidator(not_bool), Field(ge=0, allow_inf_nan=False)] = 30.0
+    access_log: str | None = Field(default="stdout", min_length=1)
+    cache_dir: Path = Field(default=Path(".sluice-cache"), validate_default=True)
+
+    _source_path: Path | None = PrivateAttr(default=None)
+    _source_name: str = PrivateAttr(default="<config>")
+    _lines: LineIndex = PrivateAttr(default_factory=dict)
+
+    @property
+    def source_path(self) -> Path | None:
+        """The file this config was loaded from (absolute), or None if it was not read from a file."""
+        return self._source_path
+
+    @field_validator("filters_dir", "cache_dir")
+    @classmethod
+    def _relative_to_config(cls, value: Path, info: ValidationInfo) -> Path:
+        # Relative to the config file, not the working directory, so `sluice run -c` works anywhere.
+        return (_base_dir(info) / value).resolve()
+
+    @field_validator("access_log")
+    @classmethod
+    def _log_path(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is None or value == "stdout":
+            return value
+        return str((_base_dir(info) / value).resolve())
+
+    @model_validator(mode="after")
+    def _link(self, info: ValidationInfo) -> SluiceConfig:
+        for entry in self.chain:
+            entry._module_path = self.filters_dir / entry.module
+        for index, route in enumerate(self.routes):
+            if route.name is None:
+                route.name = f"route{index}"
+        # parse_config runs the cross-field checks itself, on the raw data, so that they are
+        # reported with lines and alongside field errors; built in Python they run here.
+        if not _context(info).get("cross_checked"):
+            problems = cross_check(self)
+            if problems:
+                raise ValueError("; ".join(f"{format_loc(loc)}: {msg}" for loc, msg in problems))
+        return self
+
+    def line_of(self, *loc: str | int) -> int | None:
+        """The YAML line of a key or list item, e.g. `line_of("chain", 0)`; None if unknown."""
+        return self._lines.get(line_key(loc))
+
+    def where(self, *loc: str | int) -> str:
+        """``file:line: path`` for messages about part of this config, e.g. ``where("chain", 2)``."""
+        line = line_for(self._lines, loc) if self._lines else None
+        prefix = f"{self._source_name}:{line}" if line is not None else self._source_name
+        return f"{prefix}: {format_loc(loc)}"
+
+
+# -- cross-field checks ----------------------------------------------------------------------------
+
+
+def _field(obj: object, key: str) -> object:
+    """Read a key from raw YAML data or an attribute from a model, whichever `obj` is."""
+    if isinstance(obj, Mapping):
+        return obj.get(key)
+    return getattr(obj, key, None)
+
+
+def _as_hostport(value: object) -> HostPort | None:
+    try:
+        return HostPort._validate(value)
+    except ValueError:
+        return None
+
+
+def cross_check(data: object) -> list[tuple[Loc, str]]:
+    """Checks that span several parts of the config. Tolerates data that failed validation."""
+    problems: list[tuple[Loc, str]] = []
+
+    chain = _field(data, "chain")
+    if isinstance(chain, list):
+        seen: dict[str, int] = {}
+        for index, entry in enumerate(chain):
+            name = _field(entry, "name")
+            if isinstance(name, str):
+                if name in seen:
+                    problems.append(
+                        (
+                            ("chain", index, "name"),
+                            f"duplicate filter name {name!r} (also chain[{seen[name]}])",
+                        )
+                    )
+                else:
+                    seen[name] = index
+
+    clusters = _field(data, "clusters")
+    clusters = {} if clusters is None else clusters
+    routes = _field(data, "routes")
+    if isinstance(routes, list):
+        route_names: dict[str, int] = {}
+        for index, route in enumerate(routes):
+            cluster = _field(route, "cluster")
+            if isinstance(cluster, str) and isinstance(clusters, Mapping) and cluster not in clusters:
+                known = ", ".join(str(k) for k in clusters) or "none are defined"
+                problems.append(
+                    (("routes", index, "cluster"), f"unknown cluster {cluster!r} (clusters: {known})")
+                )
+            name = _field(route, "name")
+            # Default names are only filled in after validation, so compare the explicit ones.
+            if isinstance(name, str) and not (name == f"route{index}" and isinstance(route, RouteConfig)):
+                if name in route_names:
+                    problems.append(
+                        (
+                            ("routes", index, "name"),
+                            f"duplicate route name {name!r} (also routes[{route_names[name]}])",
+                        )
+                    )
+                else:
+                    route_names[name] = index
+
+    listen = _as_hostport(_field(data, "listen"))
+    admin_listen = _as_hostport(_field(_field(data, "admin"), "listen"))
+    if listen is not None and listen == admin_listen and listen.port != 0:
+        problems.append((("admin", "listen"), f"same address as listen ({listen})"))
+    return problems
