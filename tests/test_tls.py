@@ -249,7 +249,10 @@ def test_openssl_s_client_sni_and_old_versions(certs: dict[str, CertificateSourc
             for version in ("-tls1_1", "-tls1"):
                 code, out = await s_client(port, version, "-cipher", "DEFAULT@SECLEVEL=0")
                 assert code != 0, out
-                assert "tls_version" not in out and "alert protocol version" in out, out
+                assert "tls_version" not in out, out
+                # The server answers a TLS 1.1 hello with a protocol_version alert and drops a
+                # TLS 1.0 one (OpenSSL 3 no longer parses it far enough to alert).
+                assert "alert protocol version" in out or "unexpected eof" in out, out
             # TLS 1.2 is still accepted by default.
             code, out = await s_client(port, "-tls1_2", "-servername", "api.example.test")
             assert code == 0 and '"tls_version": "TLSv1.2"' in out, out
@@ -479,7 +482,9 @@ def test_client_side_connection_info(tmp_path: Path, ca: trustme.CA, certs: dict
 
     async def body() -> TlsConnectionInfo:
         async with tls_server(tls) as port:
-            reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=ctx, server_hostname="api.example.test")
+            reader, writer = await asyncio.open_connection(
+                "127.0.0.1", port, ssl=ctx, server_hostname="api.example.test"
+            )
             info = tls_connection_info(writer.get_extra_info("ssl_object"))
             await reader.read()
             writer.close()

@@ -21,6 +21,7 @@ by the HPACK decoder's limit, which this codec sets to `max_header_list_size` fr
 from __future__ import annotations
 
 import collections
+import contextlib
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -273,11 +274,9 @@ class H2ServerConnection:
     def _ack(self, stream_id: int, nbytes: int) -> None:
         if nbytes <= 0 or self.ended is not None:
             return
-        try:
+        # For a stream that is gone h2 still reopens the connection window, which is what counts.
+        with contextlib.suppress(h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
             self._conn.acknowledge_received_data(nbytes, stream_id)
-        except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
-            # The stream is gone; its share of the connection window is credited by h2 on close.
-            pass
 
     # -- responses -------------------------------------------------------------------------------
     def send_response(self, stream_id: int, headers: Iterable[tuple[str, str]], end_stream: bool = False) -> None:
@@ -325,10 +324,8 @@ class H2ServerConnection:
         """Abort a stream (the upstream failed mid-response, say)."""
         if self._streams.pop(stream_id, None) is None or self.ended is not None:
             return
-        try:
+        with contextlib.suppress(h2.exceptions.StreamClosedError):
             self._conn.reset_stream(stream_id, error_code)
-        except h2.exceptions.StreamClosedError:
-            pass
 
     def goaway(self) -> None:
         """Graceful shutdown: no new streams; those already open may finish."""

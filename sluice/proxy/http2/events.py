@@ -5,6 +5,7 @@ Events are frozen; a driver (the asyncio protocol, later the exchange) matches o
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 from dataclasses import dataclass
 
@@ -118,4 +119,4 @@ class H2Counters:
     empty_frame_flood_closes: int = 0
 
     def snapshot(self) -> dict[str, int]:
-        return {name: getattr(self, name) for name in self.__slots__}  # type: ignore[attr-defined]
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}

@@ -221,6 +221,7 @@ class H2DownstreamProtocol(asyncio.Protocol):
                 gone = self._streams.pop(event.stream_id, None)
                 if gone is not None:
                     gone._abort(f"stream reset (error code {event.error_code})")
+                    self._discard_unread(gone)
             elif isinstance(event, StreamWritable):
                 found = self._streams.get(event.stream_id)
                 if found is not None:
@@ -242,6 +243,15 @@ class H2DownstreamProtocol(asyncio.Protocol):
                 stream.reset(h2.errors.ErrorCodes.INTERNAL_ERROR)
         finally:
             self._streams.pop(stream.stream_id, None)
+            self._discard_unread(stream)
+            self.flush()
+
+    def _discard_unread(self, stream: H2Stream) -> None:
+        """Body nobody will read still holds its share of the connection window: give it back."""
+        if stream.buffered:
+            self.codec.consumed(stream.stream_id, stream.buffered)
+            stream._chunks.clear()
+            stream.buffered = 0
 
     def close(self) -> None:
         self.codec.goaway()

@@ -308,19 +308,23 @@ class H2UpstreamConnection(asyncio.Protocol):
         if isinstance(event, h2.events.ConnectionTerminated):
             self._going_away = True
             last = event.last_stream_id or 0
-            for sid, exchange in list(self._exchanges.items()):
-                if sid > last:
+            for open_sid, open_exchange in list(self._exchanges.items()):
+                if open_sid > last:
                     # Never processed (RFC 9113 6.8): safe to send again elsewhere.
-                    exchange._fail(UpstreamReset(f"upstream {self.endpoint} went away", before_response=True))
+                    open_exchange._fail(UpstreamReset(f"upstream {self.endpoint} went away", before_response=True))
             self._wake_slots()
             return
-        sid = getattr(event, "stream_id", None)
+        sid: int = getattr(event, "stream_id", None) or 0
         if isinstance(event, h2.events.WindowUpdated):
-            targets = self._exchanges.values() if not sid else [e for e in [self._exchanges.get(sid)] if e]
-            for exchange in targets:
-                exchange._on_window()
+            # Stream 0: the connection window grew, which may unblock any stream.
+            if not sid:
+                targets = list(self._exchanges.values())
+            else:
+                targets = [self._exchanges[sid]] if sid in self._exchanges else []
+            for target in targets:
+                target._on_window()
             return
-        exchange = self._exchanges.get(sid) if sid else None
+        exchange = self._exchanges.get(sid)
         if exchange is None:
             return
         if isinstance(event, h2.events.ResponseReceived):

@@ -19,8 +19,7 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes, PrivateKeyTypes
-from cryptography.x509.oid import ExtensionOID
+from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes, PublicKeyTypes
 
 
 class CertificateError(Exception):
@@ -125,13 +124,13 @@ def _parse_key(path: Path, data: bytes) -> PrivateKeyTypes:
         raise CertificateError(path, f"not a PEM private key ({exc})") from None
 
 
-def _public_der(key: CertificatePublicKeyTypes) -> bytes:
+def _public_der(key: PublicKeyTypes) -> bytes:
     return key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
 
 
 def dns_names_of(cert: x509.Certificate) -> tuple[str, ...]:
     try:
-        san = cert.extensions.get_extension_for_oid(ExtensionOID.SUBJECT_ALTERNATIVE_NAME).value
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except x509.ExtensionNotFound:
         return ()
     return tuple(name.lower() for name in san.get_values_for_type(x509.DNSName))
@@ -139,7 +138,7 @@ def dns_names_of(cert: x509.Certificate) -> tuple[str, ...]:
 
 def uri_names_of(cert: x509.Certificate) -> tuple[str, ...]:
     try:
-        san = cert.extensions.get_extension_for_oid(ExtensionOID.SUBJECT_ALTERNATIVE_NAME).value
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except x509.ExtensionNotFound:
         return ()
     return tuple(san.get_values_for_type(x509.UniformResourceIdentifier))
