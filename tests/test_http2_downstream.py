@@ -373,3 +373,46 @@ def test_stream_reset_event_reaches_the_driver() -> None:
     (event,) = server.receive(client.data_to_send())
     assert event == StreamReset(1, h2.errors.ErrorCodes.CANCEL, True)
     assert server.open_streams == 0
+
+
+@needs_curl
+def test_graceful_shutdown_finishes_open_streams_and_refuses_new_ones() -> None:
+    started = asyncio.Event()
+
+    async def handler(stream: object) -> None:
+        from sluice.proxy.http2.protocol import H2Stream
+
+        assert isinstance(stream, H2Stream)
+        started.set()
+        await asyncio.sleep(0.3)
+        stream.send_response([(":status", "200")])
+        await stream.send_data(b"finished", end_stream=True)
+
+    async def body() -> None:
+        async with h2_server(handler) as (port, protos):
+            request = asyncio.ensure_future(curl("--http2-prior-knowledge", f"http://127.0.0.1:{port}/slow"))
+            await asyncio.wait_for(started.wait(), 10)
+            protos[0].shutdown()
+            code, out, err = await request
+            assert code == 0 and out == b"finished", err  # the open stream finished first
+            await asyncio.wait_for(protos[0].closed, 2)
+            assert protos[0].ended is not None and protos[0].ended.reason is CloseReason.SHUTDOWN
+
+    run(body())
+
+
+def test_streams_opened_after_our_goaway_are_refused() -> None:
+    client, server = client_pair(H2Limits())
+    client.send_headers(1, GET, end_stream=True)
+    server.receive(client.data_to_send())
+    server.goaway()
+    out = server.data_to_send()
+    assert b"\x00\x00\x08\x07" in out  # a GOAWAY frame header (length 8, type 7)
+    # A client that has not read the GOAWAY yet; h2 (as client) would refuse to send, so the
+    # frame is built by hand.
+    frame = HeadersFrame(3, flags=["END_HEADERS", "END_STREAM"])
+    frame.data = client.encoder.encode(GET)
+    assert server.receive(frame.serialize()) == []
+    assert b"\x00\x00\x04\x03" in server.data_to_send()  # RST_STREAM frame header (length 4, type 3)
+    server.send_response(1, [(":status", "204")], end_stream=True)
+    assert server.ended is not None and server.ended.reason is CloseReason.SHUTDOWN

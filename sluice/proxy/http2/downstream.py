@@ -32,6 +32,7 @@ import h2.errors
 import h2.events
 import h2.exceptions
 import h2.settings
+from hyperframe.frame import GoAwayFrame
 
 from .events import (
     CloseReason,
@@ -151,7 +152,10 @@ class H2ServerConnection:
         self._conn.decoder.max_header_list_size = self.limits.max_header_list_size
         self._streams: dict[int, _Outbound] = {}
         """Streams whose response has not ended yet."""
-        self._unacked_padding: dict[int, int] = {}
+        self._raw_out = b""
+        """Frames written outside h2's state machine (the graceful GOAWAY), after h2's own."""
+        self._goaway_after: int | None = None
+        """Set by `goaway()`: the last stream id that is still served."""
         interval = self.limits.flood_interval_s
         self._resets = FloodMeter(self.limits.max_resets_per_interval, interval)
         self._settings = FloodMeter(self.limits.max_settings_per_interval, interval)
@@ -169,6 +173,9 @@ class H2ServerConnection:
             self._conn.increment_flow_control_window(extra)
 
     def data_to_send(self) -> bytes:
+        if self._raw_out:
+            data, self._raw_out = self._raw_out + self._conn.data_to_send(), b""
+            return data
         return self._conn.data_to_send()
 
     @property
@@ -196,12 +203,17 @@ class H2ServerConnection:
             if self.ended is not None:
                 break
         self._flush(out)
+        self._finish_drain(out)
         return out
 
     def _translate(self, event: h2.events.Event, now: float, out: list[H2Event]) -> None:
         if isinstance(event, h2.events.RequestReceived):
             sid = event.stream_id
             assert sid is not None and event.headers is not None
+            if self._goaway_after is not None and sid > self._goaway_after:
+                # Opened after our GOAWAY (the client had not seen it): not processed, may be retried.
+                self._conn.reset_stream(sid, h2.errors.ErrorCodes.REFUSED_STREAM)
+                return
             self.counters.streams += 1
             self._streams[sid] = _Outbound()
             ended = event.stream_ended is not None
@@ -227,7 +239,6 @@ class H2ServerConnection:
             sid = event.stream_id
             assert sid is not None
             active = self._streams.pop(sid, None) is not None
-            self._unacked_padding.pop(sid, None)
             if event.remote_reset:
                 self.counters.resets_by_peer += 1
             if active:
@@ -243,6 +254,8 @@ class H2ServerConnection:
         elif isinstance(event, h2.events.WindowUpdated):
             pass  # _flush after the batch sends what the new window allows
         elif isinstance(event, h2.events.ConnectionTerminated):
+            # h2 accepts no frame after a GOAWAY either way, so streams still open are lost;
+            # clients send GOAWAY when they are done, so there rarely are any.
             code = int(event.error_code or 0)
             out.append(self._end(CloseReason.PEER_GOAWAY, code, "client sent GOAWAY", send=False))
 
@@ -286,6 +299,7 @@ class H2ServerConnection:
         self._conn.send_headers(stream_id, _response_fields(headers), end_stream=end_stream)
         if end_stream:
             self._streams.pop(stream_id, None)
+            self._finish_drain(None)
 
     def send_data(self, stream_id: int, data: bytes, end_stream: bool = False) -> None:
         """Queue response body; it goes out as the client's windows allow."""
@@ -297,6 +311,7 @@ class H2ServerConnection:
             out.pending += len(data)
         out.end_stream = out.end_stream or end_stream
         self._flush_stream(stream_id, out)
+        self._finish_drain(None)
 
     def send_trailers(self, stream_id: int, trailers: Iterable[tuple[str, str]]) -> None:
         """End the response with trailers (sent once the queued body is out)."""
@@ -306,6 +321,7 @@ class H2ServerConnection:
         out.trailers = tuple(_response_fields(trailers))
         out.end_stream = True
         self._flush_stream(stream_id, out)
+        self._finish_drain(None)
 
     def send_blocked(self, stream_id: int) -> bool:
         """True while the stream's unsent body is above `send_high_water`: wait for StreamWritable."""
@@ -326,11 +342,28 @@ class H2ServerConnection:
             return
         with contextlib.suppress(h2.exceptions.StreamClosedError):
             self._conn.reset_stream(stream_id, error_code)
+        self._finish_drain(None)
 
     def goaway(self) -> None:
-        """Graceful shutdown: no new streams; those already open may finish."""
-        if self.ended is None:
-            self._conn.close_connection(error_code=h2.errors.ErrorCodes.NO_ERROR)
+        """Graceful shutdown: GOAWAY(NO_ERROR); open streams finish, then `ended` is set.
+
+        The frame is built here rather than by h2's `close_connection`, after which h2 refuses
+        every further frame, so the open streams could not finish.
+        """
+        if self.ended is not None or self._goaway_after is not None:
+            return
+        last = self._conn.highest_inbound_stream_id
+        self._goaway_after = last
+        frame = GoAwayFrame(0, last_stream_id=last, error_code=h2.errors.ErrorCodes.NO_ERROR)
+        self._raw_out += self._conn.data_to_send() + frame.serialize()
+        self._finish_drain(None)
+
+    def _finish_drain(self, out: list[H2Event] | None) -> None:
+        if self._goaway_after is None or self._streams or self.ended is not None:
+            return
+        ended = self._end(CloseReason.SHUTDOWN, h2.errors.ErrorCodes.NO_ERROR, "graceful shutdown", send=False)
+        if out is not None:
+            out.append(ended)
 
     # -- output flow control ---------------------------------------------------------------------
     def _flush(self, out: list[H2Event]) -> None:

@@ -184,6 +184,9 @@ class H2DownstreamProtocol(asyncio.Protocol):
         transport = self.transport
         if data and transport is not None and not transport.is_closing():
             transport.write(data)
+        if self.ended is None and self.codec.ended is not None:
+            # Ended by a call rather than by received bytes (a drain that just finished).
+            self._dispatch([self.codec.ended])
         if self.ended is not None and transport is not None:
             transport.close()
 
@@ -253,7 +256,13 @@ class H2DownstreamProtocol(asyncio.Protocol):
             stream._chunks.clear()
             stream.buffered = 0
 
+    def shutdown(self) -> None:
+        """Graceful: GOAWAY now, close once the open streams have finished."""
+        self.codec.goaway()
+        self.flush()
+
     def close(self) -> None:
+        """At once: GOAWAY and close; open streams are abandoned."""
         self.codec.goaway()
         self.flush()
         if self.transport is not None:
