@@ -190,9 +190,12 @@ def run_wrk(url: str, duration: float, connections: int, on: list[int] | None) -
     }
 
 
-def run_h2load(url: str, duration: float, connections: int, streams: int, on: list[int] | None) -> dict[str, float]:
-    cmd = pinned(["h2load", "-c", str(connections), "-m", str(streams), "-D", f"{duration:g}", url], on)
-    out = subprocess.run(cmd, capture_output=True, text=True, check=False).stdout
+def run_h2load(url: str, requests: int, connections: int, streams: int, on: list[int] | None) -> dict[str, float]:
+    """A fixed number of requests: h2load's duration mode (-D) was seen to keep some clients
+    running well past the duration against a slower server, so the count is sized from a
+    calibration run instead (see `measure`)."""
+    cmd = pinned(["h2load", "-n", str(requests), "-c", str(connections), "-m", str(streams), url], on)
+    out = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=300).stdout
     rate = re.search(r"finished in [\d.]+m?s, ([\d.]+) req/s", out)
     done = re.search(r"requests: \d+ total, \d+ started, (\d+) done, (\d+) succeeded, (\d+) failed, (\d+) errored", out)
     proto = re.search(r"Application protocol: (\S+)", out)
@@ -229,14 +232,20 @@ def measure(target: Target, row: str, args: argparse.Namespace, on: list[int] | 
     port = int(target.url.split("//", 1)[1].split("/", 1)[0].rsplit(":", 1)[1])
     target.send(signal.SIGCONT)
     try:
+        h2_requests = args.connections * args.streams * 20
+
         def once(duration: float) -> dict[str, float]:
             if row == "tls-h1":
                 return run_wrk(target.url, duration, args.connections, on)
             if row == "h2":
-                return run_h2load(target.url, duration, args.connections, args.streams, on)
+                return run_h2load(target.url, h2_requests, args.connections, args.streams, on)
             return run_s_time(port, duration, 2, on)
 
-        if args.warmup:
+        if row == "h2":
+            # Calibrate: about `duration` seconds' worth of requests at this target's rate.
+            probe = once(args.warmup)
+            h2_requests = max(h2_requests, int(probe["rate"] * args.duration))
+        elif args.warmup:
             once(args.warmup)
         before = cpu_seconds(target.proc.pid) if target.proc is not None else 0.0
         result = once(args.duration)

@@ -142,8 +142,10 @@ class H2DownstreamProtocol(asyncio.Protocol):
         self._streams: dict[int, H2Stream] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self.write_paused = False
+        self._flush_scheduled = False
+        self._loop = asyncio.get_running_loop()
         self.ended: ConnectionEnded | None = None
-        self.closed = asyncio.get_running_loop().create_future()
+        self.closed = self._loop.create_future()
         """Resolves when the connection is gone (tests and shutdown wait on it)."""
 
     # -- asyncio.Protocol ------------------------------------------------------------------------
@@ -180,6 +182,17 @@ class H2DownstreamProtocol(asyncio.Protocol):
 
     # -- glue ------------------------------------------------------------------------------------
     def flush(self) -> None:
+        """Write what the codec has queued, once per loop iteration.
+
+        Every stream's response and every WINDOW_UPDATE of one iteration go out in one write:
+        on TLS each write is a record and a syscall, which cost more than the HTTP/2 framing.
+        """
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._write_out)
+
+    def _write_out(self) -> None:
+        self._flush_scheduled = False
         data = self.codec.data_to_send()
         transport = self.transport
         if data and transport is not None and not transport.is_closing():
@@ -264,6 +277,6 @@ class H2DownstreamProtocol(asyncio.Protocol):
     def close(self) -> None:
         """At once: GOAWAY and close; open streams are abandoned."""
         self.codec.goaway()
-        self.flush()
+        self._write_out()
         if self.transport is not None:
             self.transport.close()
