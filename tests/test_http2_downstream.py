@@ -427,3 +427,17 @@ def test_streams_opened_after_our_goaway_are_refused() -> None:
     assert b"\x00\x00\x04\x03" in server.data_to_send()  # RST_STREAM frame header (length 4, type 3)
     server.send_response(1, [(":status", "204")], end_stream=True)
     assert server.ended is not None and server.ended.reason is CloseReason.SHUTDOWN
+
+
+def test_counters_export_to_prometheus() -> None:
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from sluice.proxy.http2.export import H2CountersCollector
+
+    counters = H2Counters(connections=3, rapid_reset_closes=1)
+    registry = CollectorRegistry()
+    registry.register(H2CountersCollector(lambda: [("https", counters)]))
+    text = generate_latest(registry).decode()
+    assert 'sluice_http2_rapid_reset_closes_total{listener="https"} 1.0' in text
+    assert 'sluice_http2_connections_total{listener="https"} 3.0' in text
+    assert text.count("# TYPE sluice_http2_") == 9

@@ -361,12 +361,18 @@ class H2UpstreamConnection(asyncio.Protocol):
     ) -> None:
         if not self.usable:
             raise UpstreamReset(f"upstream {self.endpoint} connection is closed", before_response=True)
-        sid = self._conn.get_next_available_stream_id()
+        headers = request_headers(method, self.scheme, target, fields, content_length if body else None)
+        try:
+            sid = self._conn.get_next_available_stream_id()
+            self._conn.send_headers(sid, headers, end_stream=not body)
+        except h2.exceptions.ProtocolError as exc:
+            # Too many open streams (one whose response ended but whose request did not), or
+            # the connection is past its GOAWAY: nothing was sent.
+            reason = f"upstream {self.endpoint}: cannot open a stream: {exc}"
+            raise UpstreamReset(reason, before_response=True) from None
         exchange.stream_id = sid
         self._exchanges[sid] = exchange
         self.requests += 1
-        headers = request_headers(method, self.scheme, target, fields, content_length if body else None)
-        self._conn.send_headers(sid, headers, end_stream=not body)
         self._flush()
 
     def send_window(self, stream_id: int) -> int:
