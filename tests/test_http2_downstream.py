@@ -16,6 +16,7 @@ import h2.errors
 import h2.events
 import pytest
 import trustme
+import uvloop
 from conftest import run
 from h2util import EchoRecorder, RawClient, h2_server, pattern_body
 from hyperframe.frame import ContinuationFrame, HeadersFrame, PingFrame, SettingsFrame
@@ -132,7 +133,8 @@ def test_request_window_opens_only_as_the_body_is_consumed() -> None:
 
 
 @needs_curl
-def test_curl_h2c_prior_knowledge_and_big_bodies_both_ways(tmp_path: Path) -> None:
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_curl_h2c_prior_knowledge_and_big_bodies_both_ways(loop: str, tmp_path: Path) -> None:
     handler = EchoRecorder(slow_read_s=0.3)
     limits = H2Limits(initial_stream_window=65536, connection_window=256 * 1024)
     upload = pattern_body(4 * 1024 * 1024 + 17)
@@ -161,7 +163,10 @@ def test_curl_h2c_prior_knowledge_and_big_bodies_both_ways(tmp_path: Path) -> No
             assert code == 0, err
             assert out == pattern_body(size)
 
-    run(body())
+    if loop == "uvloop":
+        uvloop.run(asyncio.wait_for(body(), 60))
+    else:
+        run(body())
 
 
 @needs_curl
