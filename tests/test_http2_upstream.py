@@ -261,3 +261,30 @@ def test_grpc_client_through_a_proxy_made_of_both_halves() -> None:
         run(body())
     finally:
         server.stop(None)
+
+
+def test_response_window_opens_only_as_the_body_is_read() -> None:
+    """A slow reader of a big response: the upstream can send one stream window ahead, no more."""
+    from sluice.proxy.http2.upstream import STREAM_WINDOW
+
+    handler = EchoRecorder()
+
+    async def body() -> None:
+        async with h2_server(handler, limits=H2Limits(send_high_water=128 * 1024)) as (port, protos):
+            endpoint = H2Endpoint("127.0.0.1", port)
+            ex = await endpoint.exchange()
+            size = 6 * 1024 * 1024
+            ex.start_request("GET", f"/download/{size}", [("host", "x")], body=False, content_length=None)
+            await ex.read_head(5)
+            await asyncio.sleep(0.3)  # read nothing: the server must stall, not buffer
+            stalled = protos[0].codec.pending_bytes(1)
+            assert 0 < stalled <= 128 * 1024 + 65536
+            assert 0 < ex.buffered <= STREAM_WINDOW
+            data = bytearray()
+            while (chunk := await ex.read_body()) is not None:
+                data += chunk
+            assert bytes(data) == pattern_body(size)
+            ex.release()
+            endpoint.close()
+
+    run(body())

@@ -167,6 +167,11 @@ class H2UpstreamExchange:
     def response_trailers(self) -> HeaderMap | None:
         return self._trailers
 
+    @property
+    def buffered(self) -> int:
+        """Response body received and not read yet (at most one stream window)."""
+        return sum(len(chunk) for chunk in self._chunks)
+
     def response_complete_after_buffered(self) -> bool:
         return self._message_done
 
