@@ -475,3 +475,24 @@ def test_garbage_never_escapes_the_codec() -> None:
         server.data_to_send()
     # Many garbled connections are refused (GOAWAY queued); the rest wait for the rest of a frame.
     assert ended > 50
+
+
+def test_made_you_reset_counts_server_side_resets() -> None:
+    """DATA on a stream the client already ended makes h2 reset it (STREAM_CLOSED); a client that
+    does it over and over is closed like a rapid-reset client."""
+    from hyperframe.frame import DataFrame
+
+    client, server = client_pair(H2Limits(max_resets_per_interval=50))
+    ended = None
+    resets = 0
+    for sid in range(1, 2 * 100, 2):
+        head = HeadersFrame(sid, flags=["END_HEADERS", "END_STREAM"])
+        head.data = client.encoder.encode(GET)
+        events = server.receive(head.serialize() + DataFrame(sid, data=b"late").serialize())
+        resets += sum(1 for e in events if isinstance(e, StreamReset) and not e.by_peer)
+        ended = next((e for e in events if isinstance(e, ConnectionEnded)), None)
+        if ended is not None:
+            break
+    assert resets == 51
+    assert ended is not None and ended.reason is CloseReason.RAPID_RESET
+    assert ended.error_code == h2.errors.ErrorCodes.ENHANCE_YOUR_CALM

@@ -243,7 +243,9 @@ class H2ServerConnection:
                 self.counters.resets_by_peer += 1
             if active:
                 out.append(StreamReset(sid, int(event.error_code or 0), bool(event.remote_reset)))
-                if event.remote_reset and self._resets.hit(now):
+                # Resets h2 sends itself for a client's stream error count too: a client can make
+                # the server reset streams as cheaply as reset them (CVE-2025-8671, "MadeYouReset").
+                if self._resets.hit(now):
                     self._flood(CloseReason.RAPID_RESET, "streams reset before they completed", out)
         elif isinstance(event, h2.events.RemoteSettingsChanged):
             if self._settings.hit(now):

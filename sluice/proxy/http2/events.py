@@ -97,7 +97,8 @@ class H2Limits:
     """Unsent response body per stream above which `send_blocked()` is true."""
     flood_interval_s: float = 10.0
     max_resets_per_interval: int = 200
-    """Streams the client resets before they completed (CVE-2023-44487 rapid reset)."""
+    """Streams reset before they completed, by the client (CVE-2023-44487 rapid reset) or by h2
+    for a client's stream error (CVE-2025-8671)."""
     max_settings_per_interval: int = 100
     max_pings_per_interval: int = 100
     max_empty_frames_per_interval: int = 200
