@@ -15,7 +15,7 @@ Targets:
 
   nginx      one worker, `return 200`, `listen ... ssl http2`, access log off
   h2-codec   sluice's HTTP/2 downstream codec and driver (sluice.proxy.http2) behind
-             sluice.proxy.tls.ServerTls, answering 200 itself, on uvloop: the listener side of
+             sluice.proxy.tls (ServerTls, TlsAcceptor), answering 200 itself, on uvloop: the listener side of
              sluice without routing, filters or upstream. HTTP/2 only (ALPN h2), so no tls-h1 row.
   sluice     with --sluice URL: a sluice already running with a TLS listener (after the listener
              integration lands, issue 11) that answers URL with 200; measured on every row.
@@ -72,6 +72,7 @@ def serve_h2(port: int, cert: Path, key: Path) -> None:
     import uvloop
 
     from sluice.proxy.http2.protocol import H2DownstreamProtocol, H2Stream
+    from sluice.proxy.tls.acceptor import HandshakeStats, TlsAcceptor
     from sluice.proxy.tls.certs import CertificateSource
     from sluice.proxy.tls.server import ALPN_H2, ServerTls, ServerTlsSettings
 
@@ -86,9 +87,11 @@ def serve_h2(port: int, cert: Path, key: Path) -> None:
 
     async def main() -> None:
         tls = ServerTls(ServerTlsSettings((CertificateSource(cert, key),), alpn=(ALPN_H2,)))
+        stats = HandshakeStats()
         loop = asyncio.get_running_loop()
+        # The planned listener path: TCP accept, handshake counted by TlsAcceptor, then HTTP/2.
         server = await loop.create_server(
-            lambda: H2DownstreamProtocol(answer), "127.0.0.1", port, ssl=tls.context, backlog=4096
+            lambda: TlsAcceptor(tls, lambda: H2DownstreamProtocol(answer), stats), "127.0.0.1", port, backlog=4096
         )
         print(f"listening on 127.0.0.1:{port}", flush=True)
         async with server:

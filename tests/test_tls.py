@@ -495,3 +495,73 @@ def test_client_side_connection_info(tmp_path: Path, ca: trustme.CA, certs: dict
     assert info.tls_version == "TLSv1.3" and info.alpn == "h2" and info.mtls is False
     assert info.requested_server_name == "api.example.test"
     assert "O=trustme" in info.subject_peer_certificate  # the upstream's certificate, seen from the client
+
+
+# -- handshake failures are counted ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_acceptor_counts_failed_handshakes_and_keeps_serving(
+    loop: str, tmp_path: Path, certs: dict[str, CertificateSource], ca: trustme.CA
+) -> None:
+    from sluice.proxy.tls.acceptor import HandshakeStats, TlsAcceptor
+
+    tls = ServerTls(
+        ServerTlsSettings((certs["default"],), client_auth=ClientAuth.REQUIRED, client_ca_file=write_ca(tmp_path, ca))
+    )
+    good = write_pair(tmp_path, ca.issue_cert("client.test", common_name="client"), "client")
+    stranger = write_pair(tmp_path, trustme.CA().issue_cert("svc-b"), "stranger")
+    stats = HandshakeStats()
+
+    async def body() -> None:
+        running = asyncio.get_running_loop()
+        server = await running.create_server(
+            lambda: TlsAcceptor(tls, lambda: InfoProtocol(tls), stats, handshake_timeout=0.5), "127.0.0.1", 0
+        )
+        port = await server_port(server)
+        try:
+            info, _ = await fetch(port, client_context(ca, good), "default.test")
+            assert info["mtls"] is True
+            await refused(port, client_context(ca, None), "default.test")
+            await refused(port, client_context(ca, stranger), "default.test")
+            # Plain HTTP to the TLS port.
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+            assert await asyncio.wait_for(reader.read(), 5) == b""
+            writer.close()
+            # A client that connects and says nothing.
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            assert await asyncio.wait_for(reader.read(), 5) == b""
+            writer.close()
+            if shutil.which("openssl"):
+                code, out = await s_client(port, "-tls1_1", "-cipher", "DEFAULT@SECLEVEL=0")
+                assert code != 0
+            info, _ = await fetch(port, client_context(ca, good), "default.test")
+            assert info["mtls"] is True
+            for _ in range(50):
+                if sum(stats.failed.values()) >= (6 if shutil.which("openssl") else 5):
+                    break
+                await asyncio.sleep(0.02)
+        finally:
+            server.close()
+            await server.wait_closed()
+
+    if loop == "uvloop":
+        uvloop.run(asyncio.wait_for(body(), 30))
+    else:
+        run(body())
+    assert stats.completed == 2
+    failed = dict(stats.failed)
+    assert failed.get("timeout") == 1, failed
+    assert failed.get("HTTP_REQUEST") == 1, failed
+    assert failed.get("PEER_DID_NOT_RETURN_A_CERTIFICATE") == 1, failed
+    assert failed.get("CERTIFICATE_VERIFY_FAILED") == 1, failed
+    if shutil.which("openssl"):
+        assert failed.get("UNSUPPORTED_PROTOCOL") == 1, failed
+    from sluice.proxy.tls.export import HandshakeCollector
+
+    registry = CollectorRegistry()
+    registry.register(HandshakeCollector(lambda: [("https", stats)]))
+    text = generate_latest(registry).decode()
+    assert 'sluice_tls_handshakes_total{listener="https"} 2.0' in text
+    assert 'sluice_tls_handshake_failures_total{listener="https",reason="CERTIFICATE_VERIFY_FAILED"} 1.0' in text

@@ -1,13 +1,14 @@
-"""The admin `/certs` view and the `sluice_tls_certificate_expiry_seconds` gauge."""
+"""The admin `/certs` view, the `sluice_tls_certificate_expiry_seconds` gauge, the handshake counters."""
 
 from __future__ import annotations
 
 import datetime
 from collections.abc import Callable, Iterable, Iterator, Mapping
 
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from .acceptor import HandshakeStats
 from .server import ServerTls
 
 EXPIRY_METRIC = "sluice_tls_certificate_expiry_seconds"
@@ -52,3 +53,22 @@ class CertificateExpiryCollector(Collector):
             for info in tls.certificates:
                 gauge.add_metric([listener, str(info.cert_file), info.subject], info.expires_in(now))
         yield gauge
+
+
+class HandshakeCollector(Collector):
+    """`sluice_tls_handshakes_total{listener}` and `sluice_tls_handshake_failures_total{listener, reason}`."""
+
+    def __init__(self, listeners: Callable[[], Iterable[tuple[str, HandshakeStats]]]) -> None:
+        self._listeners = listeners
+
+    def collect(self) -> Iterator[Metric]:
+        done = CounterMetricFamily("sluice_tls_handshakes", "TLS handshakes completed", labels=["listener"])
+        failed = CounterMetricFamily(
+            "sluice_tls_handshake_failures", "TLS handshakes that failed, by reason", labels=["listener", "reason"]
+        )
+        for listener, stats in self._listeners():
+            done.add_metric([listener], stats.completed)
+            for reason, count in sorted(stats.failed.items()):
+                failed.add_metric([listener, reason], count)
+        yield done
+        yield failed
