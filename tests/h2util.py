@@ -68,6 +68,7 @@ class EchoRecorder:
                 "body_len": len(body),
                 "body_sha256": hashlib.sha256(body).hexdigest(),
                 "trailers": list(stream.trailers or ()),
+                "tls_version": _tls_version(stream),
             }
         ).encode()
         stream.send_response(
@@ -78,6 +79,12 @@ class EchoRecorder:
             stream.send_trailers([("x-echo-" + k, v) for k, v in stream.trailers])
         else:
             await stream.send_data(answer, end_stream=True)
+
+
+def _tls_version(stream: H2Stream) -> str | None:
+    transport = stream.connection.transport
+    ssl_obj = transport.get_extra_info("ssl_object") if transport is not None else None
+    return ssl_obj.version() if ssl_obj is not None else None
 
 
 @contextlib.asynccontextmanager

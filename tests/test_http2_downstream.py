@@ -192,6 +192,7 @@ def test_curl_h2_over_tls_with_alpn(tmp_path: Path) -> None:
             assert version == b"2"
             doc = json.loads(text)
             assert [":scheme", "https"] in doc["headers"] and [":authority", f"h2.test:{port}"] in doc["headers"]
+            assert doc["tls_version"] == "TLSv1.3"  # read by the handler through stream.connection
 
     run(body())
 

@@ -56,6 +56,11 @@ class H2Stream:
         self.buffered = 0
         """Request body received and not read yet (bounded by the stream window)."""
 
+    @property
+    def connection(self) -> H2DownstreamProtocol:
+        """The connection (its `transport` has the peer address and the TLS `ssl_object`)."""
+        return self._protocol
+
     # -- request ---------------------------------------------------------------------------------
     async def read_body(self) -> bytes | None:
         """The next piece of request body; None at its end. Raises StreamAborted."""
