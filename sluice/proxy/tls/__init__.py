@@ -1,0 +1,1 @@
+"""TLS for listeners and upstream clusters: contexts, certificates, reload, connection properties."""

@@ -1,0 +1,176 @@
+"""HTTP/2 test servers on the downstream codec, and a raw HTTP/2 client for hostile traffic."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import ssl
+from collections.abc import AsyncIterator
+
+import h2.config
+import h2.connection
+import h2.events
+import h2.exceptions
+import h2.settings
+from hyperframe.frame import Frame
+
+from sluice.proxy.http2.events import H2Counters, H2Limits
+from sluice.proxy.http2.protocol import H2DownstreamProtocol, H2Stream, Handler
+
+PATTERN = bytes(range(256)) * 256  # 64 KiB
+
+
+def pattern_body(size: int) -> bytes:
+    return (PATTERN * (size // len(PATTERN) + 1))[:size]
+
+
+class EchoRecorder:
+    """A handler: `/download/N` streams N bytes; anything else answers with what it received.
+
+    `slow_read_s` waits before reading the request body, so the client has time to fill every
+    window it was given; `max_buffered` and `max_pending_send` record what the server held.
+    """
+
+    def __init__(self, slow_read_s: float = 0.0) -> None:
+        self.slow_read_s = slow_read_s
+        self.max_buffered = 0
+        self.max_pending_send = 0
+        self.streams = 0
+
+    async def __call__(self, stream: H2Stream) -> None:
+        self.streams += 1
+        headers = dict(stream.headers)
+        path = headers[":path"]
+        if self.slow_read_s:
+            await asyncio.sleep(self.slow_read_s)
+        body = bytearray()
+        while True:
+            self.max_buffered = max(self.max_buffered, stream.buffered)
+            chunk = await stream.read_body()
+            if chunk is None:
+                break
+            body += chunk
+        if path.startswith("/download/"):
+            size = int(path.rsplit("/", 1)[1])
+            stream.send_response([(":status", "200"), ("content-type", "application/octet-stream")])
+            sent = 0
+            while sent < size:
+                piece = PATTERN[: min(len(PATTERN), size - sent)]
+                sent += len(piece)
+                await stream.send_data(piece, end_stream=sent >= size)
+                self.max_pending_send = max(self.max_pending_send, stream.pending_send())
+            return
+        answer = json.dumps(
+            {
+                "headers": list(stream.headers),
+                "body_len": len(body),
+                "body_sha256": hashlib.sha256(body).hexdigest(),
+                "trailers": list(stream.trailers or ()),
+                "tls_version": _tls_version(stream),
+            }
+        ).encode()
+        stream.send_response(
+            [(":status", "200"), ("content-type", "application/json"), ("connection", "keep-alive")]
+        )
+        if stream.trailers:
+            await stream.send_data(answer)
+            stream.send_trailers([("x-echo-" + k, v) for k, v in stream.trailers])
+        else:
+            await stream.send_data(answer, end_stream=True)
+
+
+def _tls_version(stream: H2Stream) -> str | None:
+    transport = stream.connection.transport
+    ssl_obj = transport.get_extra_info("ssl_object") if transport is not None else None
+    return ssl_obj.version() if ssl_obj is not None else None
+
+
+@contextlib.asynccontextmanager
+async def h2_server(
+    handler: Handler,
+    *,
+    ssl_context: ssl.SSLContext | None = None,
+    limits: H2Limits | None = None,
+    counters: H2Counters | None = None,
+) -> AsyncIterator[tuple[int, list[H2DownstreamProtocol]]]:
+    loop = asyncio.get_running_loop()
+    made: list[H2DownstreamProtocol] = []
+
+    def factory() -> H2DownstreamProtocol:
+        proto = H2DownstreamProtocol(handler, limits, counters)
+        made.append(proto)
+        return proto
+
+    server = await loop.create_server(factory, "127.0.0.1", 0, ssl=ssl_context)
+    sockets = server.sockets
+    assert sockets
+    try:
+        yield sockets[0].getsockname()[1], made
+    finally:
+        server.close()
+        for proto in made:
+            if proto.transport is not None:
+                proto.transport.close()
+        await server.wait_closed()
+
+
+class RawClient:
+    """A client-side h2 connection on a real socket, for traffic a polite client never sends."""
+
+    def __init__(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, initial_window: int | None = None
+    ) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding="utf-8"))
+        self.conn.initiate_connection()
+        if initial_window is not None:
+            self.conn.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: initial_window})
+        self.events: list[h2.events.Event] = []
+        self.flush()
+
+    @classmethod
+    async def connect(cls, port: int, initial_window: int | None = None) -> RawClient:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        return cls(reader, writer, initial_window)
+
+    def flush(self) -> None:
+        self.writer.write(self.conn.data_to_send())
+
+    def send_frames(self, frames: list[Frame]) -> None:
+        self.writer.write(b"".join(f.serialize() for f in frames))
+
+    async def pump(self, timeout: float = 5.0) -> bool:
+        """Read once; False at EOF."""
+        data = await asyncio.wait_for(self.reader.read(65536), timeout)
+        if not data:
+            return False
+        try:
+            self.events.extend(self.conn.receive_data(data))
+        except h2.exceptions.ProtocolError:
+            return False
+        self.flush()
+        return True
+
+    async def until_goaway(self, timeout: float = 10.0) -> h2.events.ConnectionTerminated | None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while loop.time() < deadline:
+            for event in self.events:
+                if isinstance(event, h2.events.ConnectionTerminated):
+                    return event
+            try:
+                if not await self.pump(deadline - loop.time()):
+                    break
+            except (ConnectionResetError, TimeoutError):
+                break
+        return next((e for e in self.events if isinstance(e, h2.events.ConnectionTerminated)), None)
+
+    async def drained(self) -> None:
+        with contextlib.suppress(ConnectionResetError, BrokenPipeError):
+            await self.writer.drain()
+
+    def close(self) -> None:
+        self.writer.close()
