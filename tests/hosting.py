@@ -7,7 +7,7 @@ from sluice import abi
 from sluice.abi import LocalReply
 from sluice.proxy.filtertest import Exchange, FilterRig, Phase
 
-__all__ = ["Exchange", "FilterRig", "Phase", "Recorder", "rh"]
+__all__ = ["Exchange", "FilterRig", "Phase", "Recorder", "metric_values", "rh"]
 
 
 class Recorder:
@@ -35,3 +35,8 @@ def rh(ex: Exchange) -> abi.HeaderMap:
     """Response headers as the filter left them (for exchanges that always have a response)."""
     assert ex.response_headers is not None
     return ex.response_headers
+
+
+def metric_values(plugin: abi.Plugin) -> dict[str, int]:
+    """The filter's ABI-defined metrics by name (counter/gauge value, histogram sample count)."""
+    return {m.name: m.value for m in plugin.report().metrics}

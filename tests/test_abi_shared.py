@@ -43,7 +43,7 @@ def test_sequential_counting(rig: FilterRig) -> None:
         assert ex.response_headers is not None
         assert ex.response_headers.get("x-hits") == str(i)
     assert hits(rig, "count") == 20
-    assert plugin.stats.traps == 0
+    assert plugin.report().counters.traps == 0
 
 
 def test_counter_survives_a_new_plugin_with_same_vm_id(rig: FilterRig) -> None:
@@ -79,7 +79,7 @@ def test_cas_under_contention_two_vms(rig: FilterRig) -> None:
         assert ex.response_headers is not None
         assert ex.response_headers.get("x-hits") == ex.request_headers.get("x-hits")
     assert hits(rig, vm_id) == n + 1
-    assert a.stats.traps == 0 and b.stats.traps == 0
+    assert a.report().counters.traps == 0 and b.report().counters.traps == 0
 
 
 def test_cas_mismatch_is_retried_by_the_filter(rig: FilterRig) -> None:

@@ -331,11 +331,11 @@ def test_half_written_module_is_never_served(tmp_path: Path) -> None:
             served: Counter[str] = Counter()
             while writer.is_alive():
                 served.update(await r.version(session))
-                assert r.gateway.generation.filters[0].plugin.module.sha256 in good
+                assert r.gateway.generation.filters[0].plugin.report().module.sha256 in good
             writer.join()
             await r.until_version(session, "2")
             assert set(served) <= {"1", "2"}
-            assert r.gateway.generation.filters[0].plugin.module.sha256 in good
+            assert r.gateway.generation.filters[0].plugin.report().module.sha256 in good
 
             # A copy that stops half way (the writer died) is rejected; v2 keeps serving.
             before = len(r.reloader.events)
@@ -500,7 +500,7 @@ def test_callout_answer_for_a_retired_root_is_dropped(tmp_path: Path) -> None:
                 calls_before = r.gateway.services.calls if r.gateway.services else 0
                 r.up.release.set()  # the callout answers now, to a deleted root
                 await asyncio.sleep(0.3)
-                assert old_plugin.stats.traps == 0 and old_plugin.last_error is None
+                assert old_plugin.report().counters.traps == 0 and old_plugin.last_error is None
                 assert await r.version(probe) == ["2"]
                 assert calls_before == (r.gateway.services.calls if r.gateway.services else 0)
                 assert not r.gateway.retiring

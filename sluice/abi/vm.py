@@ -15,21 +15,19 @@ from __future__ import annotations
 import dataclasses
 import struct
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 import wasmtime
 
 from . import fastcall
-from .api import CallResponse, Cancellable, Host, PluginSpec, StreamInfo
+from .api import CallResponse, Cancellable, Host, LocalReply, PluginSpec, StreamInfo
+from .compiled import CompiledModule
 from .fastcall import ACTIVE as _ACTIVE
 from .fastcall import LinearMemory, StoreHandle, WasmFunction, WasmTrap, summarize_error
 from .headers import HeaderMap
 from .metrics import MetricRegistry
-from .types import LogLevel, WasmResult
-
-if TYPE_CHECKING:
-    from .plugin import HttpStream
-    from .runtime import CompiledModule, Runtime
+from .shared import SharedData, SharedQueues
+from .types import BufferType, LogLevel, MapType, StreamType, WasmResult
 
 # Callbacks sluice calls, with the wasm signature each must have (params, results). An export with
 # another signature is treated as absent, like cpp-host's wasmtime runtime does. Header callbacks
@@ -59,11 +57,19 @@ CALLBACKS: dict[str, tuple[str, str]] = {
 HEADER_CALLBACKS = ("proxy_on_request_headers", "proxy_on_response_headers")
 START_DEADLINE_MS = 1000.0
 _U32x2 = struct.Struct("<II")
+OK = WasmResult.OK
+BAD_ARGUMENT = WasmResult.BAD_ARGUMENT
+NOT_FOUND = WasmResult.NOT_FOUND
+UNIMPLEMENTED = WasmResult.UNIMPLEMENTED
+_LAST_STREAM_MAP = int(MapType.HTTP_RESPONSE_TRAILERS)
+"""Maps 0..3 belong to the stream; plain ints because the header host calls test this per call."""
 
 
 @dataclasses.dataclass(eq=False)
 class RootContext:
     id: int
+    vm: WasmVM | None
+    """The VM this root lives in; None once that VM is closed (the deleted root stays readable)."""
     tick_period_ms: int = 0
     tick_timer: Cancellable | None = None
     calls: dict[int, Cancellable | None] = dataclasses.field(default_factory=dict)
@@ -73,20 +79,137 @@ class RootContext:
     status: tuple[int, bytes] = (0, b"")
     pending_done: bool = False
     deleted: bool = False
-    vm: Any = None
-    """The WasmVM this root lives in."""
     queue_ready: Callable[[int], None] | None = None
     """Posts proxy_on_queue_ready for this root; bound to the queues it registered."""
 
+    @property
+    def root(self) -> RootContext:
+        return self
+
+    def header_map(self, mtype: int, write: bool) -> HeaderMap | None:
+        """A root sees only the callout response being delivered, read-only."""
+        response = self.call_response
+        if write or response is None:
+            return None
+        if mtype == MapType.HTTP_CALL_RESPONSE_HEADERS:
+            return response.headers
+        if mtype == MapType.HTTP_CALL_RESPONSE_TRAILERS:
+            return response.trailers
+        return None
+
+    def get_header_value(self, mtype: int, key: str) -> str | None | WasmResult:
+        """The value of `key` in map `mtype`; None when the map lacks it."""
+        hmap = self.header_map(mtype, False)
+        return BAD_ARGUMENT if hmap is None else hmap.get(key)
+
+    def body(self, btype: int) -> bytes | bytearray | None:
+        """Buffer `btype` as this context sees it (None: no such buffer here)."""
+        if btype == BufferType.HTTP_REQUEST_BODY or btype == BufferType.HTTP_RESPONSE_BODY:
+            return b""
+        if btype == BufferType.HTTP_CALL_RESPONSE_BODY and self.call_response is not None:
+            return self.call_response.body
+        return None
+
+    def stream_action(self, stype: int, close: bool) -> WasmResult:
+        return BAD_ARGUMENT if stype > StreamType.UPSTREAM else NOT_FOUND
+
+    def send_local_response(self, reply: LocalReply) -> WasmResult:
+        return NOT_FOUND
+
+
+class StreamActions(Protocol):
+    """What a stream context asks of the host's stream (`plugin.HttpStream`) once its callback
+    has returned: the events the filter raised."""
+
+    info: StreamInfo
+    paused: bool
+
+    def resume_request(self) -> None: ...
+
+    def resume_response(self) -> None: ...
+
+    def reply_locally(self, reply: LocalReply) -> None: ...
+
+    def reset(self) -> None: ...
+
+    def fail(self, reason: str | None) -> None: ...
+
 
 class StreamContext:
-    __slots__ = ("id", "root", "stream", "deleted")
+    """One HTTP stream as its filter sees it: the header maps and bodies of the phase in progress,
+    and what each ABI call on them means (Envoy's rules live here, once)."""
 
-    def __init__(self, context_id: int, root: RootContext, stream: HttpStream) -> None:
+    __slots__ = ("id", "root", "stream", "deleted", "maps", "bodies", "in_log")
+
+    def __init__(self, context_id: int, root: RootContext, stream: StreamActions,
+                 maps: list[HeaderMap | None], bodies: list[bytearray | None]) -> None:
         self.id = context_id
         self.root = root
         self.stream = stream
         self.deleted = False
+        self.maps = maps
+        """Indexed by MapType 0..3; shared with the stream, which fills them phase by phase."""
+        self.bodies = bodies
+        """Indexed by BufferType 0..1, shared like `maps`."""
+        self.in_log = False
+        """proxy_on_log (and done/delete) is running: the stream's maps are read-only."""
+
+    def header_map(self, mtype: int, write: bool) -> HeaderMap | None:
+        """Map `mtype` if it exists and may be used this way now, else None."""
+        if mtype <= _LAST_STREAM_MAP:
+            if write and self.in_log:
+                return None  # Envoy: the access-log phase sees the maps read-only
+            return self.maps[mtype]
+        return self.root.header_map(mtype, write)
+
+    def get_header_value(self, mtype: int, key: str) -> str | None | WasmResult:
+        """The value of `key` in map `mtype`; None when the map lacks it."""
+        hmap = self.maps[mtype] if mtype <= _LAST_STREAM_MAP else self.root.header_map(mtype, False)
+        if hmap is None:
+            # A map this stream never had reads as empty in the log phase (Envoy), else it is an error.
+            return None if self.in_log else BAD_ARGUMENT
+        return hmap.get(key)
+
+    def body(self, btype: int) -> bytes | bytearray | None:
+        if btype == BufferType.HTTP_REQUEST_BODY or btype == BufferType.HTTP_RESPONSE_BODY:
+            body = self.bodies[btype]
+            return b"" if body is None else body
+        return self.root.body(btype)
+
+    def writable_body(self, btype: int) -> bytearray | None:
+        if btype == BufferType.HTTP_REQUEST_BODY or btype == BufferType.HTTP_RESPONSE_BODY:
+            return self.bodies[btype]
+        return None
+
+    def stream_action(self, stype: int, close: bool) -> WasmResult:
+        """proxy_continue_stream / proxy_close_stream: run once the callback has returned."""
+        if stype > StreamType.UPSTREAM:
+            return BAD_ARGUMENT
+        if stype == StreamType.UPSTREAM and not close:
+            return UNIMPLEMENTED  # as Envoy
+        if stype >= StreamType.DOWNSTREAM:
+            return OK if close else UNIMPLEMENTED  # no TCP filters here
+        stream = self.stream
+        if close:
+            action = stream.reset
+        else:
+            action = stream.resume_request if stype == StreamType.HTTP_REQUEST else stream.resume_response
+        self._vm().deferred.append(action)
+        return OK
+
+    def send_local_response(self, reply: LocalReply) -> WasmResult:
+        vm = self._vm()
+        frame = vm.frames[-1]
+        if frame.context is self:
+            frame.local_reply_sent = True
+        stream = self.stream
+        vm.deferred.append(lambda: stream.reply_locally(reply))
+        return OK
+
+    def _vm(self) -> WasmVM:
+        vm = self.root.vm
+        assert vm is not None  # a context whose VM is closed runs no callbacks
+        return vm
 
 
 Context = RootContext | StreamContext
@@ -97,9 +220,9 @@ class VMOwner(Protocol):
 
     spec: PluginSpec
     host: Host
-    metric_registry: MetricRegistry
+    metrics: MetricRegistry
 
-    def get_log_level(self) -> LogLevel: ...
+    def log_level(self) -> LogLevel: ...
 
     def set_tick_period(self, root: RootContext, period_ms: int) -> None: ...
 
@@ -111,6 +234,20 @@ class VMOwner(Protocol):
     def register_queue(self, root: RootContext, name: bytes) -> int: ...
 
     def finish_root(self, root: RootContext) -> None: ...
+
+
+HostBinder = Callable[["WasmVM"], tuple[list[Callable[..., Any]], Callable[[LinearMemory], None]]]
+"""Builds one VM's host-function implementations (in the linker's order) and a setter for its memory."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class VMServices:
+    """What every VM of the process shares; made by `Runtime`, handed to each plugin and VM."""
+
+    engine: wasmtime.Engine
+    shared_data: SharedData
+    queues: SharedQueues
+    bind_host_functions: HostBinder
 
 
 class Frame:
@@ -130,16 +267,14 @@ class Frame:
 class WasmVM:
     """A live instance. Not thread-safe: all calls happen on the proxy's thread."""
 
-    def __init__(self, runtime: Runtime, module: CompiledModule, owner: VMOwner) -> None:
-        from .hostcalls import bind_host_functions
-
-        self.runtime = runtime
+    def __init__(self, services: VMServices, module: CompiledModule, owner: VMOwner) -> None:
+        self.services = services
         self.module = module
-        self.runtime_hooks = owner
+        self.owner = owner
         self.spec = owner.spec
         self.host = owner.host
-        self.metrics = owner.metric_registry
-        self.log_level = owner.get_log_level
+        self.metrics = owner.metrics
+        self.log_level = owner.log_level
         self.abi_version = module.abi_version
         self.contexts: dict[int, Context] = {}
         self._next_context = 0
@@ -150,9 +285,9 @@ class WasmVM:
         """Why the VM may not be entered any more (proc_exit), or None."""
         self.nested_trap: WasmTrap | None = None
         self.failed_fn: WasmFunction | None = None
-        self.host_impls, bind_memory = bind_host_functions(self)
+        self.host_impls, bind_memory = services.bind_host_functions(self)
 
-        self.store = wasmtime.Store(runtime.engine)
+        self.store = wasmtime.Store(services.engine)
         self.store.set_limits(memory_size=self.spec.memory_limit)
         self.handle = StoreHandle(self.store, self.spec.cpu_deadline_ms)
         self.frames.append(Frame(None))
@@ -362,6 +497,26 @@ class WasmVM:
     def stream_info(self) -> StreamInfo | None:
         stream = self.acting_stream()
         return stream.stream.info if stream is not None else None
+
+    def buffer(self, btype: int) -> bytes | bytearray | None:
+        """Buffer `btype` as the running callback sees it (None: not available here)."""
+        if btype == BufferType.VM_CONFIGURATION:
+            return self.spec.vm_configuration
+        if btype == BufferType.PLUGIN_CONFIGURATION:
+            # Envoy has no plugin-configuration buffer when the configuration is empty: the read
+            # answers NOT_FOUND (the AssemblyScript SDK's default onConfigure then traps).
+            return self.spec.configuration if self.frames[-1].configuring and self.spec.configuration else None
+        if btype == BufferType.FOREIGN_FUNCTION_ARGUMENTS:
+            return self.frames[-1].foreign_args
+        ctx = self.acting()
+        if ctx is None:
+            return b"" if btype <= BufferType.HTTP_RESPONSE_BODY else None
+        # Downstream/upstream data and gRPC messages: no TCP or gRPC streams here, so None.
+        return ctx.body(btype)
+
+    def configuration(self) -> bytes:
+        """proxy_get_configuration: the plugin's configuration while configuring, else the VM's."""
+        return self.spec.configuration if self.frames[-1].configuring else self.spec.vm_configuration
 
     def close(self) -> None:
         """Drop what ties this released VM to itself (host-call objects, contexts, exports), so

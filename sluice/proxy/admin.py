@@ -32,7 +32,6 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from sluice.abi import LogLevel
-from sluice.abi.plugin import CALLBACK_BOUNDS_S
 
 from .logs import PYTHON_LEVELS
 from .metrics import make_registry
@@ -229,7 +228,8 @@ class AdminServer:
         if gen is None or gw.address is None:
             return web.json_response({"ready": False, "reason": "starting"}, status=503)
         return web.json_response(
-            {"ready": True, "generation": gen.number, "filters": {f.name: f.plugin.state for f in gen.filters}}
+            {"ready": True, "generation": gen.number,
+             "filters": {f.name: f.plugin.report().state.value for f in gen.filters}}
         )
 
     # -- stats ---------------------------------------------------------------------------------
@@ -242,9 +242,9 @@ class AdminServer:
         from .app import loaded_in
 
         plugin = f.plugin
-        stats = plugin.stats
-        stats.flush()
-        module = plugin.module
+        report = plugin.report()
+        stats = report.counters
+        module = report.module
         loaded = loaded_in(plugin)
         services = self.gateway.services
         suppressed = services.filter_logs.suppressed_total.get(f.name, 0) if services is not None else 0
@@ -255,18 +255,18 @@ class AdminServer:
             "abi_version": module.abi_version,
             "generation": loaded[0] if loaded else None,
             "loaded_at": _iso(loaded[1]) if loaded else None,
-            "state": plugin.state,
-            "last_error": plugin.last_error,
+            "state": report.state.value,
+            "last_error": report.last_error,
             "failure_policy": f.config.failure_policy,
             "match": f.match,
-            "log_level": plugin.log_level.name.lower(),
-            "vm_count": plugin.vm_count,
-            "memory_bytes": plugin.memory_bytes(),
-            "active_streams": plugin.active_streams,
+            "log_level": report.log_level.name.lower(),
+            "vm_count": report.vm_count,
+            "memory_bytes": report.memory_bytes,
+            "active_streams": report.active_streams,
             "counters": {
                 "streams": stats.streams,
                 "callbacks": stats.callbacks,
-                "callback_seconds": stats.callback_seconds_sum,
+                "callback_seconds": report.callback_seconds.sum,
                 "traps": stats.traps,
                 "deadlines": stats.deadlines,
                 "fail_closed": stats.fail_closed,
@@ -275,7 +275,7 @@ class AdminServer:
                 "vm_reload_failures": stats.reload_failures,
                 "log_lines_suppressed": suppressed,
             },
-            "metrics": plugin.metrics(),
+            "metrics": {m.name: m.value for m in report.metrics},
         }
 
     def _filters(self) -> list[LoadedFilter]:
@@ -337,7 +337,7 @@ class AdminServer:
         sluice = logging.getLogger("sluice")
         return {
             "sluice": logging.getLevelName(sluice.getEffectiveLevel()).lower(),
-            "filters": {f.name: f.plugin.log_level.name.lower() for f in self._filters()},
+            "filters": {f.name: f.plugin.report().log_level.name.lower() for f in self._filters()},
         }
 
     async def logging_levels(self, request: web.Request) -> web.StreamResponse:
@@ -412,11 +412,11 @@ class AdminServer:
         filters = []
         for f in self._filters():
             info = self._filter_info(f)
-            pstats = f.plugin.stats
-            callbacks = pstats.callbacks
-            p99 = _quantile(CALLBACK_BOUNDS_S, pstats.callback_buckets, 0.99)
+            callback_seconds = f.plugin.report().callback_seconds
+            callbacks = callback_seconds.count
+            p99 = _quantile(callback_seconds.bounds, list(callback_seconds.counts), 0.99)
             info["latency"] = {
-                "mean_us": round(pstats.callback_seconds_sum / callbacks * 1e6, 2) if callbacks else None,
+                "mean_us": round(callback_seconds.sum / callbacks * 1e6, 2) if callbacks else None,
                 "p99_le_us": (None if p99 is None else "inf" if p99 == math.inf else round(p99 * 1e6, 2)),
             }
             filters.append(info)

@@ -204,11 +204,13 @@ class Gateway:
             try:
                 for entry, module in zip(config.chain, modules, strict=True):
                     old = reusable.get(entry.name)
+                    old_report = old.plugin.report() if old is not None else None
                     if (
                         old is not None
+                        and old_report is not None
                         and old.config == entry
-                        and old.plugin.module.sha256 == module.sha256
-                        and not old.plugin.retired
+                        and old_report.module.sha256 == module.sha256
+                        and old_report.state is not abi.PluginState.RETIRED
                     ):
                         plugin = old.plugin
                         carried.add(id(plugin))
@@ -259,11 +261,12 @@ class Gateway:
             {
                 "name": f.name,
                 "match": f.match,
-                "state": f.plugin.state,
-                "active_streams": f.plugin.active_streams,
-                "vm_count": f.plugin.vm_count,
+                "state": report.state.value,
+                "active_streams": report.active_streams,
+                "vm_count": report.vm_count,
             }
             for f in gen.filters
+            for report in (f.plugin.report(),)
         ]
         if self.services is not None:
             out["callouts"] = {"calls": self.services.calls, "failures": self.services.call_failures}

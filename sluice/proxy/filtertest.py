@@ -333,7 +333,7 @@ def main(args: argparse.Namespace) -> int:
             "response_body": ex.response_body.decode("utf-8", "replace"),
             "reset": ex.reset,
             "logs": _logs(rig),
-            "metrics": plugin.metrics(),
+            "metrics": {m.name: m.value for m in plugin.report().metrics},
         }
         print(json.dumps(report, indent=2))
     return 0

@@ -1,7 +1,7 @@
 """Metrics: what the request path records (`TrafficStats`) and the Prometheus export (`SluiceCollector`).
 
 The request path only bumps plain ints in dicts (one dict update and one bisect per request); the
-`SluiceCollector` turns those, the `ProxyStats` counters, every filter's `PluginStats` and the
+`SluiceCollector` turns those, the `ProxyStats` counters, every filter's `PluginReport` and the
 metrics filters define through the ABI into Prometheus metric families when `/stats` is scraped.
 Nothing is copied into prometheus_client objects ahead of time, so a scrape always shows live values
 and the request path never touches a lock.
@@ -14,7 +14,7 @@ Naming scheme (see docs/admin.md):
             traps, deadlines, failure-policy actions, VM reloads, VM count, linear memory);
 * ABI-defined metrics keep their name as a label, never in the metric name, so any name a filter
   picks is valid: ``sluice_filter_counter_total{filter,name}``, ``sluice_filter_gauge{filter,name}``,
-  ``sluice_filter_histogram{filter,name}`` (buckets `abi.metrics.HISTOGRAM_BOUNDS`, unitless).
+  ``sluice_filter_histogram{filter,name}`` (buckets as the report gives them, unitless).
 """
 
 from __future__ import annotations
@@ -35,8 +35,6 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from sluice.abi import MetricType
-from sluice.abi.metrics import HISTOGRAM_BOUNDS
-from sluice.abi.plugin import CALLBACK_BOUNDS_S
 
 if TYPE_CHECKING:
     from .app import Gateway
@@ -246,16 +244,17 @@ class SluiceCollector(Collector):
         for f in filters:
             plugin = f.plugin
             name = f.name
-            stats = plugin.stats
-            stats.flush()
-            module = plugin.module
-            state = plugin.state
+            report = plugin.report()
+            stats = report.counters
+            module = report.module
+            state = report.state.value
             loaded = loaded_in(plugin)
             info.add_metric(
                 [name, str(module.path), module.sha256, module.abi_version, str(loaded[0] if loaded else 0), state], 1
             )
             callbacks.add_metric(
-                [name], cumulative_buckets(CALLBACK_BOUNDS_S, stats.callback_buckets), stats.callback_seconds_sum
+                [name], cumulative_buckets(report.callback_seconds.bounds, report.callback_seconds.counts),
+                report.callback_seconds.sum,
             )
             streams.add_metric([name], stats.streams)
             traps.add_metric([name], stats.traps)
@@ -264,18 +263,18 @@ class SluiceCollector(Collector):
             policy.add_metric([name, "fail_open"], stats.fail_open)
             vm_reloads.add_metric([name, "ok"], stats.reloads)
             vm_reloads.add_metric([name, "failed"], stats.reload_failures)
-            vms.add_metric([name], plugin.vm_count)
-            memory.add_metric([name], plugin.memory_bytes())
+            vms.add_metric([name], report.vm_count)
+            memory.add_metric([name], report.memory_bytes)
             up.add_metric([name], 1 if state == "ok" else 0)
-            for metric in plugin.metric_registry.all():
+            for metric in report.metrics:
                 if metric.type is MetricType.COUNTER:
                     counters.add_metric([name, metric.name], metric.value)
                 elif metric.type is MetricType.GAUGE:
                     gauges.add_metric([name, metric.name], metric.value)
                 else:
-                    histograms.add_metric(
-                        [name, metric.name], cumulative_buckets(HISTOGRAM_BOUNDS, metric.buckets), float(metric.sum)
-                    )
+                    hist = metric.histogram
+                    assert hist is not None  # every ABI histogram reports its buckets
+                    histograms.add_metric([name, metric.name], cumulative_buckets(hist.bounds, hist.counts), hist.sum)
         yield from (info, callbacks, streams, traps, deadlines, policy, vm_reloads, vms, memory, up)
         yield from (counters, gauges, histograms)
 
