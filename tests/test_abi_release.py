@@ -54,7 +54,7 @@ def test_retired_plugin_frees_its_vm_without_the_collector(no_gc: None) -> None:
         vm = weakref.ref(plugin._vm)  # type: ignore[arg-type]
         plugin.retire()
         assert vm() is None
-        assert plugin.report().vm_count == 0 and plugin.memory_bytes() == 0
+        assert plugin.report().vm_count == 0 and plugin.report().memory_bytes == 0
         # A stream started after retirement gets the failure policy, not a dead VM.
         assert rig.request(plugin).status == 503
 

@@ -66,18 +66,18 @@ def test_memory_grow_stops_at_the_cap_without_trapping(rig: FilterRig, tmp_path:
     assert 1 < seen["pages"] <= 2 * MIB // PAGE
     assert seen["refused"] == 0xFFFFFFFF
     assert seen["huge"] == 0xFFFFFFFF
-    assert plugin.memory_bytes() <= 2 * MIB
+    assert plugin.report().memory_bytes <= 2 * MIB
     # Another request finds the memory already full and is still served.
     assert rig.request(plugin).status == 200
     assert reports(rig)["pages"] == seen["pages"]
-    assert plugin.memory_bytes() <= 2 * MIB
+    assert plugin.report().memory_bytes <= 2 * MIB
 
 
 def test_memory_bytes_sees_growth_done_by_the_module(rig: FilterRig, tmp_path: Path) -> None:
     plugin = rig.load(compile_wat("grow", tmp_path), memory_limit=2 * MIB)
-    assert plugin.memory_bytes() == PAGE
+    assert plugin.report().memory_bytes == PAGE
     rig.request(plugin)
-    assert plugin.memory_bytes() == reports(rig)["pages"] * PAGE
+    assert plugin.report().memory_bytes == reports(rig)["pages"] * PAGE
 
 
 def test_the_cap_is_per_plugin(rig: FilterRig, tmp_path: Path) -> None:
@@ -99,7 +99,7 @@ def test_initial_memory_above_the_cap_fails_to_load(rig: FilterRig, tmp_path: Pa
     assert "memory" in err.value.reason.lower()
     # Under a cap it fits in, the same module loads.
     plugin = rig.load(wasm, name="roomy", memory_limit=8 * MIB)
-    assert plugin.memory_bytes() == 64 * PAGE
+    assert plugin.report().memory_bytes == 64 * PAGE
 
 
 # -- re-entrancy -------------------------------------------------------------------------------

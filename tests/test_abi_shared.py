@@ -60,7 +60,7 @@ def test_cas_under_contention_two_vms(rig: FilterRig) -> None:
     vm_id = "contended"
     a = rig.load(SHARED_CAS, name="a", vm_id=vm_id)
     b = rig.load(SHARED_CAS, name="b", vm_id=vm_id)
-    assert a.vm is not b.vm
+    assert a._vm is not b._vm
     # Create the key first: with CAS 0 two VMs creating it at the same moment may both write 1.
     assert rig.request(a).request_headers.get("x-hits") == "1"
     n = 400

@@ -3,6 +3,7 @@ host function, the on-disk cache of compiled code, and the process's shared data
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import platform
@@ -46,10 +47,21 @@ class Runtime:
         self.linker = wasmtime.Linker(self.engine)
         fastcall.define_host_functions(self.linker, HOST_FUNCTIONS)
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
-        self.shared_data: SharedData = shared_data if shared_data is not None else InMemorySharedData()
         self.queues = SharedQueues()
-        self._services = VMServices(self.engine, self.shared_data, self.queues, bind_host_functions)
+        self._services = VMServices(
+            self.engine, shared_data if shared_data is not None else InMemorySharedData(), self.queues,
+            bind_host_functions,
+        )
         self._cache_tag = f"wasmtime-{_wasmtime_version()}-{platform.machine()}"
+
+    @property
+    def shared_data(self) -> SharedData:
+        return self._services.shared_data
+
+    @shared_data.setter
+    def shared_data(self, store: SharedData) -> None:
+        """Plugins loaded from now on use `store` (those already loaded keep theirs)."""
+        self._services = dataclasses.replace(self._services, shared_data=store)
 
     def close(self) -> None:
         """Nothing to release: the engine and its ticker are shared by the process."""
