@@ -20,7 +20,7 @@ from .api import LocalReply
 from .fastcall import HostFunction, HostTrap, LinearMemory, NoMemory
 from .headers import HeaderMap, deserialize_pairs, serialize_pairs
 from .properties import encode, lookup, split_path
-from .types import BufferType, LogLevel, StreamType, WasmResult
+from .types import LogLevel, StreamType, WasmResult
 from .vm import WasmVM
 
 OK = WasmResult.OK
@@ -102,18 +102,7 @@ class ProxyHostCalls:
         data = self._mem.read(ptr, length)
         if data is None:
             return INVALID_MEMORY_ACCESS
-        if btype not in (BufferType.HTTP_REQUEST_BODY, BufferType.HTTP_RESPONSE_BODY):
-            return BAD_ARGUMENT if self.vm.buffer(btype) is not None else NOT_FOUND
-        ctx = self.vm.acting_stream()
-        body = ctx.writable_body(btype) if ctx is not None else None
-        if body is None:
-            return NOT_FOUND
-        # The general splice is a superset of Envoy's (prepend at 0,0; replace at 0,len; append).
-        length_now = len(body)
-        start = min(start, length_now)
-        end = min(start + size, length_now)
-        body[start:end] = data
-        return OK
+        return self.vm.set_buffer(btype, start, size, data)
 
     def proxy_get_buffer_status(self, btype: int, out_len: int, out_flags: int) -> int:
         if btype > 8:
@@ -427,11 +416,7 @@ class ProxyHostCalls:
 
     def proxy_done(self) -> int:
         root = self.vm.acting_root()
-        if root is None or not root.pending_done:
-            return NOT_FOUND
-        owner = self.vm.owner
-        self.vm.deferred.append(lambda: owner.finish_root(root))
-        return OK
+        return root.done() if root is not None else NOT_FOUND
 
     def proxy_call_foreign_function(
         self, nptr: int, nlen: int, aptr: int, alen: int, out_ptr: int, out_size: int

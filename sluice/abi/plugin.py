@@ -5,8 +5,13 @@ Failure policy. A trap, a CPU deadline or `proc_exit` inside a stream callback f
 only: `fail_closed` answers it with a local 503, `fail_open` skips the filter for the rest of it.
 The VM goes on serving other streams, unless it is dead (`proc_exit`) or the policy is `reload`;
 then a fresh VM (new instance, new root context with create/vm_start/configure) serves new
-streams, created no more often than an exponential backoff allows. Streams already running on the
-old VM finish on it; a VM is released when its last stream completes.
+streams, built from a host timer (never on a request's path) no more often than an exponential
+backoff allows. Until it is there, a live VM keeps serving and a dead one's streams get the
+failure policy. Streams already running on the old VM finish on it; a VM is released when its
+last stream completes.
+
+The proxy reads a plugin only through `Plugin.report()`; the hooks its VMs call (ticks, callouts,
+queues, proxy_done) go through `_VMHooks`, so they are not part of `Plugin`'s API.
 """
 
 from __future__ import annotations
@@ -258,14 +263,14 @@ class Plugin:
         # the failure policy rather than callbacks into a deleted root. So does every stream
         # while a dead VM waits for its replacement (scheduled, never built on this path).
         if vm is None or vm.dead is not None or self._retired:
-            mode = _Mode.BYPASS if self._spec.failure_policy is FailurePolicy.FAIL_OPEN else _Mode.FAILED
-            if mode is _Mode.FAILED:
+            mode = _BYPASS if self._spec.failure_policy is FailurePolicy.FAIL_OPEN else _FAILED
+            if mode is _FAILED:
                 self._counters.fail_closed += 1
             else:
                 self._counters.fail_open += 1
             return HttpStream(self, None, info, callbacks, mode)
         self._vms[vm] = self._vms.get(vm, 0) + 1
-        return HttpStream(self, vm, info, callbacks, _Mode.WASM)
+        return HttpStream(self, vm, info, callbacks, _WASM)
 
     def _stream_done(self, vm: WasmVM) -> None:
         count = self._vms.get(vm, 0) - 1
@@ -435,6 +440,13 @@ class _Mode(enum.Enum):
     """Failed open: the filter is skipped."""
 
 
+# Module-level aliases: on Python 3.11 reading a member off its enum class costs ~10 times a
+# global lookup, and the stream methods test the mode several times per request.
+_WASM = _Mode.WASM
+_FAILED = _Mode.FAILED
+_BYPASS = _Mode.BYPASS
+
+
 class HttpStream:
     """One HTTP stream through one filter. Methods mirror Envoy's filter callbacks."""
 
@@ -504,7 +516,7 @@ class HttpStream:
 
     def fail(self, reason: str | None) -> None:
         """Apply the failure policy to this stream (after a trap, or when the VM is unusable)."""
-        if self._mode is not _Mode.WASM or self.completed:
+        if self._mode is not _WASM or self.completed:
             return
         plugin = self._plugin
         if reason is not None:
@@ -512,21 +524,21 @@ class HttpStream:
         counters = plugin._counters
         if plugin._spec.failure_policy is FailurePolicy.FAIL_OPEN:
             counters.fail_open += 1
-            self._mode = _Mode.BYPASS
+            self._mode = _BYPASS
             if self.paused:
                 self.paused = False
                 self._callbacks.continue_request()
         else:
             counters.fail_closed += 1
-            self._mode = _Mode.FAILED
+            self._mode = _FAILED
             self.paused = False
             self._callbacks.send_local_reply(_failure_reply(plugin._spec.name))
 
     def _status(self, result: int | None, continue_values: tuple[int, ...]) -> FilterStatus:
-        if self._mode is _Mode.BYPASS:
+        if self._mode is _BYPASS:
             return CONTINUE
-        if self._mode is _Mode.FAILED or result is None:
-            return STOP if self._mode is _Mode.FAILED else CONTINUE
+        if self._mode is _FAILED or result is None:
+            return STOP if self._mode is _FAILED else CONTINUE
         if result in continue_values:
             return CONTINUE
         self.paused = True
@@ -535,7 +547,7 @@ class HttpStream:
     # -- request path --------------------------------------------------------------------------
     def request_headers(self, headers: HeaderMap, end_of_stream: bool) -> FilterStatus:
         self._maps[0] = headers
-        if self._mode is not _Mode.WASM:
+        if self._mode is not _WASM:
             return self._entry_status()
         if self._request_args3:
             r = self._call("proxy_on_request_headers", len(headers), 1 if end_of_stream else 0)
@@ -546,7 +558,7 @@ class HttpStream:
 
     def request_body(self, body: bytearray, end_of_stream: bool) -> FilterStatus:
         self._bodies[0] = body
-        if self._mode is not _Mode.WASM:
+        if self._mode is not _WASM:
             return self._entry_status()
         self.paused = False
         r = self._call("proxy_on_request_body", len(body), 1 if end_of_stream else 0)
@@ -554,7 +566,7 @@ class HttpStream:
 
     def request_trailers(self, trailers: HeaderMap) -> FilterStatus:
         self._maps[1] = trailers
-        if self._mode is not _Mode.WASM:
+        if self._mode is not _WASM:
             return self._entry_status()
         r = self._call("proxy_on_request_trailers", len(trailers))
         return self._status(r, (0,))
@@ -562,7 +574,7 @@ class HttpStream:
     # -- response path -------------------------------------------------------------------------
     def response_headers(self, headers: HeaderMap, end_of_stream: bool) -> FilterStatus:
         self._maps[2] = headers
-        if self._mode is not _Mode.WASM:
+        if self._mode is not _WASM:
             return CONTINUE  # a failed filter is skipped on the way back (Envoy)
         if self._response_args3:
             r = self._call("proxy_on_response_headers", len(headers), 1 if end_of_stream else 0)
@@ -572,7 +584,7 @@ class HttpStream:
 
     def response_body(self, body: bytearray, end_of_stream: bool) -> FilterStatus:
         self._bodies[1] = body
-        if self._mode is not _Mode.WASM:
+        if self._mode is not _WASM:
             return CONTINUE
         self.paused = False
         r = self._call("proxy_on_response_body", len(body), 1 if end_of_stream else 0)
@@ -580,13 +592,13 @@ class HttpStream:
 
     def response_trailers(self, trailers: HeaderMap) -> FilterStatus:
         self._maps[3] = trailers
-        if self._mode is not _Mode.WASM:
+        if self._mode is not _WASM:
             return CONTINUE
         r = self._call("proxy_on_response_trailers", len(trailers))
         return self._status(r, (0,))
 
     def _entry_status(self) -> FilterStatus:
-        if self._mode is _Mode.BYPASS:
+        if self._mode is _BYPASS:
             return CONTINUE
         if not self.paused:
             # A failed-closed filter answers every request phase with its 503, once.
@@ -605,11 +617,11 @@ class HttpStream:
             self._detach()
             return
         try:
-            if self._mode is _Mode.WASM and vm.dead is None:
+            if self._mode is _WASM and vm.dead is None:
                 if self._ctx is None and self._maps[0] is not None:
                     self._create_context()  # Envoy: the access-log hook creates it if needed
                 ctx = self._ctx
-                if ctx is not None and self._mode is _Mode.WASM:
+                if ctx is not None and self._mode is _WASM:
                     ctx.in_log = True
                     try:
                         vm.invoke_each(vm.end_of_stream, ctx, (ctx.id,))
@@ -639,13 +651,13 @@ class HttpStream:
 
     # -- events raised by the filter (run after its callback returned) -------------------------
     def resume_request(self) -> None:
-        if self.completed or self._mode is not _Mode.WASM:
+        if self.completed or self._mode is not _WASM:
             return
         self.paused = False
         self._callbacks.continue_request()
 
     def resume_response(self) -> None:
-        if self.completed or self._mode is not _Mode.WASM:
+        if self.completed or self._mode is not _WASM:
             return
         self.paused = False
         self._callbacks.continue_response()

@@ -1,6 +1,9 @@
-"""One wasm instance of a proxy-wasm module: its store, memory, exports, contexts and call frames.
+"""One wasm instance of a proxy-wasm module (`WasmVM`: store, memory, exports, call frames) and
+its contexts (`RootContext`, `StreamContext`), which own what each ABI call means; the host
+functions (`hostcalls`, `wasi`) only unpack arguments and ask them.
 
-A VM is driven by `Plugin` (root context, failure policy) and `HttpStream` (stream callbacks).
+A VM is driven by `Plugin` (root context, failure policy) and `HttpStream` (stream callbacks),
+which it knows only through the `VMOwner` and `StreamActions` protocols, so it imports neither.
 Rules from cpp-host that this module enforces (reference 1.0, 2.1, 2.4):
 
 * Every call into wasm runs under a frame naming the context whose callback runs; the effective
@@ -61,8 +64,14 @@ OK = WasmResult.OK
 BAD_ARGUMENT = WasmResult.BAD_ARGUMENT
 NOT_FOUND = WasmResult.NOT_FOUND
 UNIMPLEMENTED = WasmResult.UNIMPLEMENTED
+# Plain ints for the tests made on every host call (reading an IntEnum member costs far more).
 _LAST_STREAM_MAP = int(MapType.HTTP_RESPONSE_TRAILERS)
-"""Maps 0..3 belong to the stream; plain ints because the header host calls test this per call."""
+"""Maps 0..3 belong to the stream."""
+_RESPONSE_BODY = int(BufferType.HTTP_RESPONSE_BODY)
+_CALL_RESPONSE_BODY = int(BufferType.HTTP_CALL_RESPONSE_BODY)
+_VM_CONFIGURATION = int(BufferType.VM_CONFIGURATION)
+_PLUGIN_CONFIGURATION = int(BufferType.PLUGIN_CONFIGURATION)
+_FOREIGN_FUNCTION_ARGUMENTS = int(BufferType.FOREIGN_FUNCTION_ARGUMENTS)
 
 
 @dataclasses.dataclass(eq=False)
@@ -104,14 +113,26 @@ class RootContext:
 
     def body(self, btype: int) -> bytes | bytearray | None:
         """Buffer `btype` as this context sees it (None: no such buffer here)."""
-        if btype == BufferType.HTTP_REQUEST_BODY or btype == BufferType.HTTP_RESPONSE_BODY:
+        if btype <= _RESPONSE_BODY:  # the request and response bodies (0, 1)
             return b""
-        if btype == BufferType.HTTP_CALL_RESPONSE_BODY and self.call_response is not None:
+        if btype == _CALL_RESPONSE_BODY and self.call_response is not None:
             return self.call_response.body
         return None
 
+    def set_body(self, btype: int, start: int, size: int, data: bytes) -> WasmResult:
+        return NOT_FOUND  # a root context has no HTTP bodies
+
     def stream_action(self, stype: int, close: bool) -> WasmResult:
         return BAD_ARGUMENT if stype > StreamType.UPSTREAM else NOT_FOUND
+
+    def done(self) -> WasmResult:
+        """proxy_done: the module has finished what made its proxy_on_done answer "not yet"."""
+        vm = self.vm
+        if not self.pending_done or vm is None:
+            return NOT_FOUND
+        owner = vm.owner
+        vm.deferred.append(lambda: owner.finish_root(self))
+        return OK
 
     def send_local_response(self, reply: LocalReply) -> WasmResult:
         return NOT_FOUND
@@ -171,15 +192,22 @@ class StreamContext:
         return hmap.get(key)
 
     def body(self, btype: int) -> bytes | bytearray | None:
-        if btype == BufferType.HTTP_REQUEST_BODY or btype == BufferType.HTTP_RESPONSE_BODY:
+        if btype <= _RESPONSE_BODY:  # the request and response bodies (0, 1)
             body = self.bodies[btype]
             return b"" if body is None else body
         return self.root.body(btype)
 
-    def writable_body(self, btype: int) -> bytearray | None:
-        if btype == BufferType.HTTP_REQUEST_BODY or btype == BufferType.HTTP_RESPONSE_BODY:
-            return self.bodies[btype]
-        return None
+    def set_body(self, btype: int, start: int, size: int, data: bytes) -> WasmResult:
+        """proxy_set_buffer_bytes on a body: replace `size` bytes at `start` with `data`."""
+        body = self.bodies[btype] if btype <= _RESPONSE_BODY else None
+        if body is None:
+            return NOT_FOUND
+        # The general splice is a superset of Envoy's (prepend at 0,0; replace at 0,len; append).
+        length_now = len(body)
+        start = min(start, length_now)
+        end = min(start + size, length_now)
+        body[start:end] = data
+        return OK
 
     def stream_action(self, stype: int, close: bool) -> WasmResult:
         """proxy_continue_stream / proxy_close_stream: run once the callback has returned."""
@@ -500,19 +528,27 @@ class WasmVM:
 
     def buffer(self, btype: int) -> bytes | bytearray | None:
         """Buffer `btype` as the running callback sees it (None: not available here)."""
-        if btype == BufferType.VM_CONFIGURATION:
+        if btype <= _RESPONSE_BODY or btype == _CALL_RESPONSE_BODY:
+            ctx = self.acting()
+            if ctx is None:
+                return b"" if btype <= _RESPONSE_BODY else None
+            return ctx.body(btype)
+        if btype == _VM_CONFIGURATION:
             return self.spec.vm_configuration
-        if btype == BufferType.PLUGIN_CONFIGURATION:
+        if btype == _PLUGIN_CONFIGURATION:
             # Envoy has no plugin-configuration buffer when the configuration is empty: the read
             # answers NOT_FOUND (the AssemblyScript SDK's default onConfigure then traps).
             return self.spec.configuration if self.frames[-1].configuring and self.spec.configuration else None
-        if btype == BufferType.FOREIGN_FUNCTION_ARGUMENTS:
+        if btype == _FOREIGN_FUNCTION_ARGUMENTS:
             return self.frames[-1].foreign_args
+        return None  # downstream/upstream data and gRPC messages: no TCP or gRPC streams here
+
+    def set_buffer(self, btype: int, start: int, size: int, data: bytes) -> WasmResult:
+        """proxy_set_buffer_bytes: only the HTTP bodies are writable; the others are read-only."""
+        if btype > _RESPONSE_BODY:
+            return BAD_ARGUMENT if self.buffer(btype) is not None else NOT_FOUND
         ctx = self.acting()
-        if ctx is None:
-            return b"" if btype <= BufferType.HTTP_RESPONSE_BODY else None
-        # Downstream/upstream data and gRPC messages: no TCP or gRPC streams here, so None.
-        return ctx.body(btype)
+        return ctx.set_body(btype, start, size, data) if ctx is not None else NOT_FOUND
 
     def configuration(self) -> bytes:
         """proxy_get_configuration: the plugin's configuration while configuring, else the VM's."""
