@@ -465,7 +465,7 @@ def export_signature(ty: wasmtime.FuncType) -> tuple[str, str]:
 class LinearMemory:
     """Bounds-checked access to one instance's memory.
 
-    `memory_may_move = False` (see `make_engine`) keeps the base address fixed, so one view
+    `memory_may_move = False` (see `_make_engine`) keeps the base address fixed, so one view
     stays valid; it is only widened when an access falls beyond the size last seen (memory never
     shrinks). Every accessor returns None/False instead of raising on an out-of-bounds access, so
     host functions can answer INVALID_MEMORY_ACCESS.

@@ -298,22 +298,15 @@ class ProxyHostCalls:
             return INVALID_MEMORY_ACCESS
         if not mem.write_u32(out_token, 0):
             return INVALID_MEMORY_ACCESS
-        hmap = HeaderMap.deserialize(headers)
-        if not (hmap.get(":method") and hmap.get(":path") and hmap.get(":authority")):
-            return BAD_ARGUMENT
-        if timeout_ms > 0x7FFFFFFF:
-            return BAD_ARGUMENT  # a negative i32
         root = self.vm.acting_root()
-        if root is None:
-            return BAD_ARGUMENT
-        token = self.vm.new_token()
-        accepted = self.vm.owner.http_call(
-            root, token, _dec(upstream), hmap, body, HeaderMap.deserialize(trailers),
-            timeout_ms / 1000 if timeout_ms else None,
+        result = (
+            root.http_call(_dec(upstream), HeaderMap.deserialize(headers), body,
+                           HeaderMap.deserialize(trailers), timeout_ms)
+            if root is not None else BAD_ARGUMENT
         )
-        if not accepted:
-            return BAD_ARGUMENT
-        mem.write_u32(out_token, token)
+        if isinstance(result, WasmResult):
+            return result
+        mem.write_u32(out_token, result)
         return OK
 
     # -- 1.7 gRPC: not offered ----------------------------------------------------------------------

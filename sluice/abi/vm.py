@@ -125,6 +125,23 @@ class RootContext:
     def stream_action(self, stype: int, close: bool) -> WasmResult:
         return BAD_ARGUMENT if stype > StreamType.UPSTREAM else NOT_FOUND
 
+    def http_call(
+        self, upstream: str, headers: HeaderMap, body: bytes, trailers: HeaderMap, timeout_ms: int
+    ) -> int | WasmResult:
+        """proxy_http_call: the callout's token, or why it was refused."""
+        if not (headers.get(":method") and headers.get(":path") and headers.get(":authority")):
+            return BAD_ARGUMENT
+        if timeout_ms > 0x7FFFFFFF:
+            return BAD_ARGUMENT  # a negative i32
+        vm = self.vm
+        if vm is None:
+            return BAD_ARGUMENT
+        token = vm.new_token()
+        accepted = vm.owner.http_call(
+            self, token, upstream, headers, body, trailers, timeout_ms / 1000 if timeout_ms else None
+        )
+        return token if accepted else BAD_ARGUMENT
+
     def done(self) -> WasmResult:
         """proxy_done: the module has finished what made its proxy_on_done answer "not yet"."""
         vm = self.vm
