@@ -106,9 +106,18 @@ def starts(rig: FilterRig) -> int:
     return sum(1 for _, _, msg in rig.logs if msg == "vm_start")
 
 
-def settle(rig: FilterRig, seconds: float = 0.01) -> None:
-    """Run the loop so a replacement VM the host scheduled (off the request path) is built."""
-    rig.run_for(seconds)
+def settle(rig: FilterRig, plugin: abi.Plugin, timeout_s: float = 5.0) -> None:
+    """Run the loop until the plugin has tried once more to build the replacement VM it scheduled
+    (off the request path, after its backoff)."""
+    counters = plugin.report().counters
+    target = counters.reloads + counters.reload_failures + 1
+    deadline = time.monotonic() + timeout_s
+    while True:
+        counters = plugin.report().counters
+        if counters.reloads + counters.reload_failures >= target:
+            return
+        assert time.monotonic() < deadline, "the scheduled VM replacement never ran"
+        rig.run_for(0.001)
 
 
 def assert_served(events: Events, statuses: dict[str, FilterStatus]) -> None:
@@ -196,7 +205,7 @@ def test_reload_gives_a_fresh_vm_to_the_next_request(rig: FilterRig, wasm: Path,
     plugin = load(rig, wasm, callback, FailurePolicy.RELOAD)
     old = plugin._vm
     events, _ = drive(plugin, "/trap")
-    settle(rig)
+    settle(rig, plugin)
     if callback not in AFTER_RESPONSE:
         assert [r.status for r in events.replies] == [503]
         assert events.replies[0].details == "wasm_fail_stream"
@@ -212,23 +221,21 @@ def test_reload_gives_a_fresh_vm_to_the_next_request(rig: FilterRig, wasm: Path,
 def test_reload_backs_off_exponentially(rig: FilterRig, wasm: Path) -> None:
     plugin = load(rig, wasm, "request_headers", FailurePolicy.RELOAD, reload_backoff_s=0.5)
     drive(plugin, "/trap")
-    settle(rig)
+    settle(rig, plugin)
     assert plugin.report().counters.reloads == 1
     second = plugin._vm
     # A second failure inside the backoff window does not reload at once...
     events, _ = drive(plugin, "/trap")
-    settle(rig)
     assert [r.status for r in events.replies] == [503]
     assert plugin.report().counters.traps == 2 and plugin.report().counters.reloads == 1
     assert plugin.report().state is PluginState.RELOADING and plugin._vm is second
     # ...it is built once the window has passed.
-    settle(rig, 0.6)
+    settle(rig, plugin)
     assert_served(*drive(plugin, "/ok"))
     assert plugin.report().counters.reloads == 2 and plugin._vm is not second
     assert plugin.report().state is PluginState.OK and starts(rig) == 3
     # The window doubled: a third failure right now is again held back.
     drive(plugin, "/trap")
-    settle(rig)
     assert plugin.report().counters.reloads == 2 and plugin.report().state is PluginState.RELOADING
 
 
@@ -250,7 +257,7 @@ def test_proc_exit_ends_the_vm_and_later_requests_get_a_fresh_one(
         assert events.replies == []
     assert plugin.report().last_error is not None and "proc_exit(3)" in plugin.report().last_error
     assert ("filter", LogLevel.ERROR, "proc_exit(3)") in rig.logs
-    settle(rig)
+    settle(rig, plugin)
     assert_served(*drive(plugin, "/ok"))
     assert plugin._vm is not old and plugin.report().counters.reloads == 1 and starts(rig) == 2
 
@@ -381,14 +388,14 @@ def test_failed_reload_is_counted_and_retried_after_the_backoff(rig: FilterRig, 
     plugin = load(rig, wasm, "request_headers", FailurePolicy.RELOAD, reload_backoff_s=0.3)
     rig.shared_data.set("filter", b"refuse_start", b"1", 0)
     events, _ = drive(plugin, "/trap")
-    settle(rig)
+    settle(rig, plugin)
     assert [r.status for r in events.replies] == [503]
     assert plugin.report().counters.reload_failures == 1 and plugin.report().counters.reloads == 0
     assert plugin.report().last_error is not None and plugin.report().last_error.startswith("reload failed")
     assert "proxy_on_vm_start" in plugin.report().last_error
     assert plugin.report().state is PluginState.RELOADING
     rig.shared_data.delete("filter", b"refuse_start", 0)
-    settle(rig, 0.4)
+    settle(rig, plugin)
     assert_served(*drive(plugin, "/ok"))
     assert plugin.report().counters.reloads == 1 and plugin.report().state is PluginState.OK
 
@@ -400,7 +407,7 @@ def test_dead_vm_without_a_replacement_applies_the_policy_to_new_streams(
     plugin = load(rig, wasm, "exit", policy, reload_backoff_s=0.3)
     rig.shared_data.set("filter", b"refuse_start", b"1", 0)
     drive(plugin, "/trap")
-    settle(rig)
+    settle(rig, plugin)
     assert plugin.report().counters.reload_failures == 1 and plugin.report().state is PluginState.FAILED
     events, statuses = drive(plugin, "/ok")
     if policy is FailurePolicy.FAIL_CLOSED:
@@ -411,7 +418,7 @@ def test_dead_vm_without_a_replacement_applies_the_policy_to_new_streams(
         assert_served(events, statuses)
         assert plugin.report().counters.fail_open == 2
     rig.shared_data.delete("filter", b"refuse_start", 0)
-    settle(rig, 0.4)
+    settle(rig, plugin)
     assert_served(*drive(plugin, "/ok"))
     assert plugin.report().counters.reloads == 1 and plugin.report().state is PluginState.OK
 
