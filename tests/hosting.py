@@ -6,10 +6,15 @@ from __future__ import annotations
 from sluice import abi
 from sluice.proxy.filtertest import Exchange, FilterRig, Phase, Recorder
 
-__all__ = ["Exchange", "FilterRig", "Phase", "Recorder", "rh"]
+__all__ = ["Exchange", "FilterRig", "Phase", "Recorder", "metric_values", "rh"]
 
 
 def rh(ex: Exchange) -> abi.HeaderMap:
     """Response headers as the filter left them (for exchanges that always have a response)."""
     assert ex.response_headers is not None
     return ex.response_headers
+
+
+def metric_values(plugin: abi.Plugin) -> dict[str, int]:
+    """The filter's ABI-defined metrics by name (counter/gauge value, histogram sample count)."""
+    return {m.name: m.value for m in plugin.report().metrics}

@@ -19,7 +19,7 @@ from aiohttp import web
 from hosting import FilterRig, Recorder
 
 from sluice import abi
-from sluice.abi import FilterStatus, HeaderMap
+from sluice.abi import FilterStatus, HeaderMap, PluginState
 
 CALLOUT = Path(__file__).resolve().parent / "fixtures" / "as" / "build" / "callout.wasm"
 WAIT = 10.0  # generous: how long the rig waits for a paused stream to be resumed
@@ -119,7 +119,7 @@ def test_allowed_request_resumes_with_authz_body(setup: tuple[FilterRig, abi.Plu
     assert ex.request_headers.get("x-authz") == "ok:alice"
     assert ex.status == 200
     assert authz.seen == [{"method": "GET", "path": "/check", "host": "authz", "x-user": "alice"}]
-    assert plugin.stats.traps == 0
+    assert plugin.report().counters.traps == 0
 
 
 def test_request_without_user_sends_no_user_header(setup: tuple[FilterRig, abi.Plugin], authz: Authz) -> None:
@@ -162,8 +162,8 @@ def test_authz_down_gives_503() -> None:
         # The VM keeps serving.
         ex = rig.request(plugin, wait=WAIT)
         assert ex.status == 503
-        assert plugin.stats.traps == 0
-        assert plugin.state == "ok"
+        assert plugin.report().counters.traps == 0
+        assert plugin.report().state is PluginState.OK
 
 
 def test_slow_authz_times_out_to_503(setup: tuple[FilterRig, abi.Plugin], authz: Authz) -> None:
@@ -226,9 +226,9 @@ def test_many_concurrent_paused_streams_each_get_their_answer(
             assert ex.request_headers.get_all("x-authz") == [f"ok:{user}"], (i, ex.request_headers)
             assert ex.request_headers.get(":path") == f"/r/{i}"
     assert sorted(s["x-user"] for s in authz.seen) == sorted(f"user-{i}" for i in range(n))
-    assert plugin.active_streams == 0
-    assert plugin.stats.traps == 0
-    vm = plugin.vm
+    assert plugin.report().active_streams == 0
+    assert plugin.report().counters.traps == 0
+    vm = plugin._vm
     assert vm is not None and len(vm.contexts) == 1  # only the root
 
 
@@ -249,7 +249,7 @@ def test_stream_completed_while_callout_pending(setup: tuple[FilterRig, abi.Plug
     rig.loop.run_until_complete(until_seen())
     assert authz.seen
     stream.complete()  # the client went away while the call is in flight
-    assert plugin.active_streams == 0
+    assert plugin.report().active_streams == 0
     authz.release.set()  # now the answer arrives for a stream that no longer exists
     rig.run_for(0.3)
     assert rec.events == []  # nothing is raised on the finished stream
@@ -258,7 +258,7 @@ def test_stream_completed_while_callout_pending(setup: tuple[FilterRig, abi.Plug
         ex = rig.request(plugin, headers=[("x-user", user)], wait=WAIT)
         assert ex.local_reply is None
         assert ex.request_headers.get("x-authz") == f"ok:{user}"
-    assert plugin.state == "ok"
+    assert plugin.report().state is PluginState.OK
 
 
 def test_stream_completed_before_callout_times_out(setup: tuple[FilterRig, abi.Plugin], authz: Authz) -> None:
@@ -286,7 +286,7 @@ def test_retire_with_pending_callout(setup: tuple[FilterRig, abi.Plugin], authz:
     assert stream.request_headers(request, True) is FilterStatus.STOP
     plugin.retire()
     stream.complete()  # last stream: the root is torn down with the call still pending
-    assert plugin.vm_count == 0
+    assert plugin.report().vm_count == 0
     authz.release.set()
     rig.run_for(0.2)
     assert rec.events == []

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 import wasmtime
-from hosting import Exchange, FilterRig
+from hosting import Exchange, FilterRig, metric_values
 
 from sluice import abi
-from sluice.abi import HeaderMap
+from sluice.abi import HeaderMap, PluginState
 from sluice.abi.types import WasmResult
 
 WAT = Path(__file__).resolve().parent / "fixtures" / "wat" / "hostcalls.wat"
@@ -104,7 +104,7 @@ def raw_logs(rig: FilterRig) -> list[bytes]:
 
 
 def served(ex: Exchange, plugin: abi.Plugin, status: int | None = 200) -> None:
-    assert plugin.stats.traps == 0, plugin.last_error
+    assert plugin.report().counters.traps == 0, plugin.report().last_error
     assert ex.local_reply is None
     if status is not None:
         assert ex.status == status
@@ -184,7 +184,7 @@ def test_stream_functions_called_from_a_root_context(rig: FilterRig, plugin: abi
     assert seen["root_get_request_body"] == OK  # empty outside the body callbacks
     assert seen["root_set_request_body"] == NOT_FOUND
     assert seen["root_effective_self"] == OK
-    assert plugin.state == "ok"
+    assert plugin.report().state is PluginState.OK
 
 
 # -- 1.3 / 4.1 header maps ---------------------------------------------------------------------------
@@ -263,7 +263,7 @@ def test_metric_semantics(rig: FilterRig, plugin: abi.Plugin) -> None:
     assert seen["counter_redefine"] == OK
     assert seen["counter_id2"] != seen["counter_id"] and seen["counter_id2"] & 3 == 0
     assert seen["counter2_inc"] == OK
-    assert plugin.metrics() == {"c": 16, "g": 4, "h": 1}
+    assert metric_values(plugin) == {"c": 16, "g": 4, "h": 1}
 
 
 # -- 1.11 sluice's foreign functions ---------------------------------------------------------------------

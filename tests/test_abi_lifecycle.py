@@ -18,7 +18,7 @@ from aiohttp import web
 from hosting import FilterRig, Recorder
 
 from sluice import abi
-from sluice.abi import FilterStatus, HeaderMap, LogLevel
+from sluice.abi import FilterStatus, HeaderMap, LogLevel, PluginState
 
 SCRATCH = 4096
 OUT_PTR = 1024
@@ -375,7 +375,7 @@ START = [
 
 def test_startup_sequence(rig: FilterRig, tmp_path: Path) -> None:
     plugin = rig.load(build(tmp_path))
-    assert plugin.module.abi_version == "0.2.0"
+    assert plugin.report().module.abi_version == "0.2.0"
     assert take(rig) == START
 
 
@@ -494,7 +494,7 @@ def test_stream_completed_before_any_callback(rig: FilterRig, tmp_path: Path) ->
     stream = plugin.new_stream(abi.StreamInfo(), Recorder())
     stream.complete()
     assert take(rig) == []  # no headers ever seen: no context, nothing to log
-    assert plugin.active_streams == 0
+    assert plugin.report().active_streams == 0
 
 
 def _callee(rig: FilterRig, gate: asyncio.Event | None = None) -> tuple[web.AppRunner, str, list]:
@@ -612,8 +612,8 @@ def test_retire_calls_root_done_and_delete(rig: FilterRig, tmp_path: Path) -> No
     take(rig)
     plugin.retire()
     assert take(rig) == ["proxy_on_done(1)", "proxy_on_delete(1)"]
-    assert plugin.vm_count == 0
-    assert plugin.state == "retired"
+    assert plugin.report().vm_count == 0
+    assert plugin.report().state is PluginState.RETIRED
 
 
 def test_retire_waits_for_the_last_stream(rig: FilterRig, tmp_path: Path) -> None:
@@ -634,7 +634,7 @@ def test_retire_waits_for_the_last_stream(rig: FilterRig, tmp_path: Path) -> Non
         "proxy_on_done(1)",
         "proxy_on_delete(1)",
     ]
-    assert plugin.vm_count == 0
+    assert plugin.report().vm_count == 0
 
 
 # -- ABI 0.1.0 ---------------------------------------------------------------------------------------
@@ -643,7 +643,7 @@ def test_retire_waits_for_the_last_stream(rig: FilterRig, tmp_path: Path) -> Non
 def test_abi_0_1_0_module(rig: FilterRig, tmp_path: Path) -> None:
     path = build(tmp_path, "legacy", abi_version="0_1_0")
     plugin = rig.load(path, b"plugin-cfg", vm_configuration=b"vm-cfg")
-    assert plugin.module.abi_version == "0.1.0"
+    assert plugin.report().module.abi_version == "0.1.0"
     assert take(rig) == [
         "proxy_on_context_create(1,0)",
         "plugin_root_id=0:",
@@ -872,6 +872,6 @@ def test_report_is_a_frozen_reading_of_the_plugin(rig: FilterRig, tmp_path: Path
     assert report.state is PluginState.OK
     assert report.counters.streams == 1
     assert report.callback_seconds.count == report.counters.callbacks > 0
-    assert report.module.sha256 == plugin.module.sha256
+    assert report.module.sha256 == plugin.report().module.sha256
     with pytest.raises(dataclasses.FrozenInstanceError):
         report.name = "other"  # type: ignore[misc]

@@ -51,10 +51,10 @@ def test_retired_plugin_frees_its_vm_without_the_collector(no_gc: None) -> None:
     with FilterRig() as rig:
         plugin = rig.load(HEADERS, config={})
         rig.request(plugin)
-        vm = weakref.ref(plugin.vm)  # type: ignore[arg-type]
+        vm = weakref.ref(plugin._vm)  # type: ignore[arg-type]
         plugin.retire()
         assert vm() is None
-        assert plugin.vm_count == 0 and plugin.memory_bytes() == 0
+        assert plugin.report().vm_count == 0 and plugin.report().memory_bytes == 0
         # A stream started after retirement gets the failure policy, not a dead VM.
         assert rig.request(plugin).status == 503
 
@@ -64,9 +64,9 @@ def test_vm_replaced_by_the_reload_policy_is_freed(tmp_path: Path, no_gc: None) 
     module.write_bytes(wasmtime.wat2wasm(TRAPPER))
     with FilterRig() as rig:
         plugin = rig.load(module, failure_policy=abi.FailurePolicy.RELOAD)
-        first = weakref.ref(plugin.vm)  # type: ignore[arg-type]
+        first = weakref.ref(plugin._vm)  # type: ignore[arg-type]
         assert rig.request(plugin, path="/trap").status == 503
-        assert plugin.stats.reloads == 1
+        assert plugin.report().counters.reloads == 1
         assert first() is None  # the trapped VM had no other stream: freed at once
         assert rig.request(plugin, path="/ok").status == 200
-        assert plugin.vm_count == 1
+        assert plugin.report().vm_count == 1

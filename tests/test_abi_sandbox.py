@@ -60,24 +60,24 @@ def test_memory_grow_stops_at_the_cap_without_trapping(rig: FilterRig, tmp_path:
     plugin = rig.load(compile_wat("grow", tmp_path), memory_limit=2 * MIB)
     ex = rig.request(plugin)
     assert ex.local_reply is None and ex.status == 200
-    assert plugin.stats.traps == 0
+    assert plugin.report().counters.traps == 0
     seen = reports(rig)
     # The module grew until memory.grow answered -1, and never got past the cap.
     assert 1 < seen["pages"] <= 2 * MIB // PAGE
     assert seen["refused"] == 0xFFFFFFFF
     assert seen["huge"] == 0xFFFFFFFF
-    assert plugin.memory_bytes() <= 2 * MIB
+    assert plugin.report().memory_bytes <= 2 * MIB
     # Another request finds the memory already full and is still served.
     assert rig.request(plugin).status == 200
     assert reports(rig)["pages"] == seen["pages"]
-    assert plugin.memory_bytes() <= 2 * MIB
+    assert plugin.report().memory_bytes <= 2 * MIB
 
 
 def test_memory_bytes_sees_growth_done_by_the_module(rig: FilterRig, tmp_path: Path) -> None:
     plugin = rig.load(compile_wat("grow", tmp_path), memory_limit=2 * MIB)
-    assert plugin.memory_bytes() == PAGE
+    assert plugin.report().memory_bytes == PAGE
     rig.request(plugin)
-    assert plugin.memory_bytes() == reports(rig)["pages"] * PAGE
+    assert plugin.report().memory_bytes == reports(rig)["pages"] * PAGE
 
 
 def test_the_cap_is_per_plugin(rig: FilterRig, tmp_path: Path) -> None:
@@ -99,7 +99,7 @@ def test_initial_memory_above_the_cap_fails_to_load(rig: FilterRig, tmp_path: Pa
     assert "memory" in err.value.reason.lower()
     # Under a cap it fits in, the same module loads.
     plugin = rig.load(wasm, name="roomy", memory_limit=8 * MIB)
-    assert plugin.memory_bytes() == 64 * PAGE
+    assert plugin.report().memory_bytes == 64 * PAGE
 
 
 # -- re-entrancy -------------------------------------------------------------------------------
@@ -108,7 +108,7 @@ def test_initial_memory_above_the_cap_fails_to_load(rig: FilterRig, tmp_path: Pa
 def test_allocator_may_call_proxy_log_while_the_host_returns_a_buffer(rig: FilterRig, tmp_path: Path) -> None:
     plugin = rig.load(compile_wat("reentrant", tmp_path))
     ex = rig.request(plugin, path="/hello")
-    assert ex.status == 200 and plugin.stats.traps == 0
+    assert ex.status == 200 and plugin.report().counters.traps == 0
     messages = [m for _, _, m in rig.logs]
     # The allocator logged from inside proxy_get_header_map_value, then the value arrived intact.
     i = messages.index("malloc=6")
@@ -141,7 +141,7 @@ def test_root_callback_acts_on_a_paused_stream_through_the_effective_context(
 def test_files_sockets_and_other_fds_are_not_reachable(rig: FilterRig, tmp_path: Path) -> None:
     plugin = rig.load(compile_wat("caps", tmp_path))
     ex = rig.request(plugin)
-    assert ex.status == 200 and plugin.stats.traps == 0
+    assert ex.status == 200 and plugin.report().counters.traps == 0
     seen = reports(rig)
     assert seen["path_open"] == 44  # NOENT
     for call in ("sock_accept", "sock_recv", "sock_send", "sock_shutdown"):
@@ -178,7 +178,7 @@ def test_host_writes_into_memory_the_allocator_just_grew(rig: FilterRig, tmp_pat
     plugin = rig.load(compile_wat("growing_alloc", tmp_path), memory_limit=2 * MIB)
     value = "0123456789" * 10_000  # 100 kB: two fresh pages beyond the initial one
     ex = rig.request(plugin, headers=[("x-value", value)])
-    assert ex.status == 200 and plugin.stats.traps == 0
+    assert ex.status == 200 and plugin.report().counters.traps == 0
     seen = reports(rig)
     assert seen["value_status"] == WasmResult.OK and seen["value_size"] == len(value)
     assert ("filter", LogLevel.INFO, "01234567") in rig.logs
@@ -187,7 +187,7 @@ def test_host_writes_into_memory_the_allocator_just_grew(rig: FilterRig, tmp_pat
 def test_allocation_past_the_cap_is_a_status_not_a_trap(rig: FilterRig, tmp_path: Path) -> None:
     plugin = rig.load(compile_wat("growing_alloc", tmp_path), memory_limit=2 * MIB)
     ex = rig.request(plugin, headers=[("x-value", "z" * (3 * MIB))])
-    assert ex.status == 200 and plugin.stats.traps == 0
+    assert ex.status == 200 and plugin.report().counters.traps == 0
     seen = reports(rig)
     assert seen["value_status"] == WasmResult.INVALID_MEMORY_ACCESS  # malloc answered 0
     assert seen["value_size"] == 0

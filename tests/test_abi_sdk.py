@@ -9,10 +9,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hosting import FilterRig, Recorder
+from hosting import FilterRig, Recorder, metric_values
 
 from sluice import abi
-from sluice.abi import FilterStatus, HeaderMap, LogLevel
+from sluice.abi import FilterStatus, HeaderMap, LogLevel, PluginState
 from sluice.abi.hostcalls import ENV_FUNCTIONS
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -31,7 +31,7 @@ def rig() -> Iterator[FilterRig]:
 def count_host_calls(plugin: abi.Plugin) -> collections.Counter[str]:
     """Wrap the live VM's host-function implementations to count the calls the module makes."""
     counts: collections.Counter[str] = collections.Counter()
-    vm = plugin.vm
+    vm = plugin._vm
     assert vm is not None
     for index, (name, _, _) in enumerate(ENV_FUNCTIONS):
         impl = vm.host_impls[index]
@@ -58,8 +58,8 @@ def test_abi_version_detected(rig: FilterRig, name: str) -> None:
 
 def test_plugin_reports_module_abi_version(rig: FilterRig) -> None:
     plugin = rig.load(AS / "headers.wasm")
-    assert plugin.module.abi_version == "0.2.0"
-    assert plugin.state == "ok"
+    assert plugin.report().module.abi_version == "0.2.0"
+    assert plugin.report().state is PluginState.OK
 
 
 # -- headers -------------------------------------------------------------------------------------
@@ -87,7 +87,7 @@ def test_headers_missing_user_agent_reads_empty(rig: FilterRig) -> None:
     ex = rig.request(plugin, "GET", "/x")
     assert ex.request_headers.get("x-as-seen") == "GET /x"
     assert ex.response_headers is not None and ex.response_headers.get("x-as-filter") == "headers"
-    assert rig.plugins[0].stats.traps == 0
+    assert rig.plugins[0].report().counters.traps == 0
 
 
 def test_headers_many_requests_no_leak_of_contexts(rig: FilterRig) -> None:
@@ -95,11 +95,11 @@ def test_headers_many_requests_no_leak_of_contexts(rig: FilterRig) -> None:
     for i in range(50):
         ex = rig.request(plugin, path=f"/{i}")
         assert ex.request_headers.get("x-as-seen") == f"GET /{i}"
-    assert plugin.active_streams == 0
-    vm = plugin.vm
+    assert plugin.report().active_streams == 0
+    vm = plugin._vm
     assert vm is not None
     assert len(vm.contexts) == 1  # only the root is left
-    assert plugin.stats.traps == 0
+    assert plugin.report().counters.traps == 0
 
 
 # -- local_reply -----------------------------------------------------------------------------------
@@ -124,8 +124,8 @@ def test_local_reply_denies_and_reply_passes_response_callbacks(rig: FilterRig) 
         ("request_headers", "stop"), ("response_headers", "continue"), ("response_body", "continue")]
     # (The exact callback sequence of this case is checked with a tracing module in
     # test_abi_lifecycle.py::test_local_reply_during_request_headers.)
-    assert plugin.stats.traps == 0
-    assert plugin.stats.traps == 0
+    assert plugin.report().counters.traps == 0
+    assert plugin.report().counters.traps == 0
 
 
 def test_local_reply_other_paths_continue(rig: FilterRig) -> None:
@@ -150,7 +150,7 @@ def test_local_reply_stream_by_hand(rig: FilterRig) -> None:
     assert rec.events == ["local_reply"]
     assert rec.replies[0].status == 403
     stream.complete()
-    assert plugin.active_streams == 0
+    assert plugin.report().active_streams == 0
 
 
 # -- properties ------------------------------------------------------------------------------------
@@ -172,7 +172,7 @@ def test_properties_every_reported_value(rig: FilterRig) -> None:
         ("x-prop-source-port", "4567"),  # 8-byte little-endian int64 decoded by the filter
         ("x-prop-as_note", "hello"),  # proxy_set_property round trip
     ]
-    assert plugin.stats.traps == 0
+    assert plugin.report().counters.traps == 0
 
 
 def test_properties_source_port_is_int64(rig: FilterRig) -> None:
@@ -246,7 +246,7 @@ def test_body_pauses_until_end_of_stream(rig: FilterRig) -> None:
     assert rbuf == b"[as]one two"
     stream.complete()
     assert rec.events == []
-    assert plugin.stats.traps == 0
+    assert plugin.report().counters.traps == 0
 
 
 def test_body_empty_final_chunk_gets_prefix(rig: FilterRig) -> None:
@@ -286,7 +286,7 @@ def test_default_configure_loads_with_configuration(rig: FilterRig) -> None:
     ex = rig.request(plugin, "GET", "/")
     assert ex.status == 200
     assert [p.status for p in ex.phases] == ["continue", "continue"]
-    assert plugin.stats.traps == 0
+    assert plugin.report().counters.traps == 0
     assert not [m for _, level, m in rig.logs if level >= LogLevel.ERROR]
 
 
@@ -295,35 +295,37 @@ def test_default_configure_loads_with_configuration(rig: FilterRig) -> None:
 
 def test_tick_metrics(rig: FilterRig) -> None:
     plugin = rig.load(AS / "tick_metrics.wasm")
-    assert plugin.metrics().get("as_ticks", 0) == 0
+    assert metric_values(plugin).get("as_ticks", 0) == 0
     rig.run_for(0.3)
-    ticks = plugin.metrics()["as_ticks"]
+    ticks = metric_values(plugin)["as_ticks"]
     assert ticks >= 2  # 20 ms period over 300 ms; generous lower bound
     ex = rig.request(plugin)
     assert ex.response_headers is not None
     seen = int(ex.response_headers.get("x-ticks") or "-1")
     assert seen >= ticks
     rig.request(plugin)
-    values = plugin.metrics()
+    values = metric_values(plugin)
     assert values["as_requests"] == 2
     assert values["as_gauge"] == 7
     assert values["as_hist"] == 2  # samples
-    hist = {m.name: m for m in plugin.metric_registry.all()}["as_hist"]
-    assert hist.type is abi.MetricType.HISTOGRAM
+    metric = {m.name: m for m in plugin.report().metrics}["as_hist"]
+    assert metric.type is abi.MetricType.HISTOGRAM
+    assert metric.histogram is not None
+    hist = metric.histogram
     assert hist.sum == 84
-    assert sum(hist.buckets) == 2
+    assert sum(hist.counts) == 2
     rig.run_for(0.1)
-    assert plugin.metrics()["as_ticks"] > ticks
+    assert metric_values(plugin)["as_ticks"] > ticks
 
 
 def test_tick_stops_on_retire(rig: FilterRig) -> None:
     plugin = rig.load(AS / "tick_metrics.wasm")
     rig.run_for(0.1)
     plugin.retire()
-    after = plugin.metrics()["as_ticks"]
+    after = metric_values(plugin)["as_ticks"]
     rig.run_for(0.15)
-    assert plugin.metrics()["as_ticks"] == after
-    assert plugin.state == "retired"
+    assert metric_values(plugin)["as_ticks"] == after
+    assert plugin.report().state is PluginState.RETIRED
 
 
 # -- the example filter --------------------------------------------------------------------------
@@ -342,7 +344,7 @@ def test_tick_stops_on_retire(rig: FilterRig) -> None:
 )
 def test_example_add_header(rig: FilterRig, config: Any, header: tuple[str, str]) -> None:
     plugin = rig.load(EXAMPLE, config)
-    assert plugin.module.abi_version == "0.2.0"
+    assert plugin.report().module.abi_version == "0.2.0"
     ex = rig.request(plugin, response_headers=[(header[0], "upstream")])
     assert ex.response_headers is not None
     assert ex.response_headers.get_all(header[0]) == ["upstream", header[1]]

@@ -43,7 +43,7 @@ def test_sequential_counting(rig: FilterRig) -> None:
         assert ex.response_headers is not None
         assert ex.response_headers.get("x-hits") == str(i)
     assert hits(rig, "count") == 20
-    assert plugin.stats.traps == 0
+    assert plugin.report().counters.traps == 0
 
 
 def test_counter_survives_a_new_plugin_with_same_vm_id(rig: FilterRig) -> None:
@@ -60,7 +60,7 @@ def test_cas_under_contention_two_vms(rig: FilterRig) -> None:
     vm_id = "contended"
     a = rig.load(SHARED_CAS, name="a", vm_id=vm_id)
     b = rig.load(SHARED_CAS, name="b", vm_id=vm_id)
-    assert a.vm is not b.vm
+    assert a._vm is not b._vm
     # Create the key first: with CAS 0 two VMs creating it at the same moment may both write 1.
     assert rig.request(a).request_headers.get("x-hits") == "1"
     n = 400
@@ -79,7 +79,7 @@ def test_cas_under_contention_two_vms(rig: FilterRig) -> None:
         assert ex.response_headers is not None
         assert ex.response_headers.get("x-hits") == ex.request_headers.get("x-hits")
     assert hits(rig, vm_id) == n + 1
-    assert a.stats.traps == 0 and b.stats.traps == 0
+    assert a.report().counters.traps == 0 and b.report().counters.traps == 0
 
 
 def test_cas_mismatch_is_retried_by_the_filter(rig: FilterRig) -> None:

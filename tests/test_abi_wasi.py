@@ -52,7 +52,7 @@ def run(rig: FilterRig, wasm: Path, **spec: object) -> tuple[abi.Plugin, dict[st
     plugin = rig.load(wasm, name="wasi-filter", **spec)
     ex = rig.request(plugin)
     assert ex.local_reply is None and ex.status == 200
-    assert plugin.stats.traps == 0, plugin.last_error
+    assert plugin.report().counters.traps == 0, plugin.report().last_error
     return plugin, reports(rig)
 
 

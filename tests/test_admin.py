@@ -507,19 +507,19 @@ def test_logging_levels(restore_logging: Any) -> None:
     async def main() -> None:
         async with upstream() as up, admin_proxy(builtin_config(up)) as (gw, admin), aiohttp.ClientSession() as s:
             plugins = {f.name: f.plugin for f in gw.generation.filters}
-            assert all(p.log_level is LogLevel.INFO for p in plugins.values())
+            assert all(p.report().log_level is LogLevel.INFO for p in plugins.values())
             async with s.post(admin_url(admin, "/logging?level=debug&filter=auth")) as r:
                 assert r.status == 200
                 body = await r.json()
             assert body["filters"] == {"auth": "debug", "ratelimit": "info", "ab": "info"}
-            assert plugins["auth"].log_level is LogLevel.DEBUG
-            assert plugins["ratelimit"].log_level is LogLevel.INFO
+            assert plugins["auth"].report().log_level is LogLevel.DEBUG
+            assert plugins["ratelimit"].report().log_level is LogLevel.INFO
             assert logging.getLogger("sluice.filter.auth").isEnabledFor(logging.DEBUG)
             async with s.post(admin_url(admin, "/logging?level=warn")) as r:
                 assert r.status == 200
                 body = await r.json()
             assert body == {"sluice": "warning", "filters": {"auth": "warn", "ratelimit": "warn", "ab": "warn"}}
-            assert all(p.log_level is LogLevel.WARN for p in plugins.values())
+            assert all(p.report().log_level is LogLevel.WARN for p in plugins.values())
             assert not logging.getLogger("sluice").isEnabledFor(logging.INFO)
             async with s.post(admin_url(admin, "/logging?level=loud")) as r:
                 assert r.status == 400

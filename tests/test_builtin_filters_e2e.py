@@ -10,6 +10,7 @@ from typing import Any
 
 import aiohttp
 from conftest import proxy, run, upstream
+from hosting import metric_values
 
 from sluice import BUILTIN_FILTERS_DIR
 
@@ -114,8 +115,8 @@ def test_auth_ratelimit_ab_chain_end_to_end() -> None:
 
             # The filters' own metrics are there for the admin endpoint.
             plugins = {f.name: f.plugin for f in gw.generation.filters}
-            assert plugins["auth"].metrics()["auth_denied"] == 1
-            assert plugins["ratelimit"].metrics()["ratelimit_denied"] == 2
+            assert metric_values(plugins["auth"])["auth_denied"] == 1
+            assert metric_values(plugins["ratelimit"])["ratelimit_denied"] == 2
 
     run(main())
 

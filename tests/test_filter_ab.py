@@ -8,7 +8,7 @@ from typing import Any
 
 import hosting
 import pytest
-from hosting import rh
+from hosting import metric_values, rh
 
 from sluice import BUILTIN_FILTERS_DIR, abi
 
@@ -47,7 +47,7 @@ def test_split_over_10000_keys_is_within_2_points(rig: hosting.FilterRig) -> Non
         assert set_cookies(ex) == []  # sticky by key: no cookie needed
     assert abs(counts["canary"] / 10_000 - 0.10) <= 0.02, counts
     assert abs(counts["stable"] / 10_000 - 0.90) <= 0.02, counts
-    assert plugin.metrics() == {"ab_variant_stable": counts["stable"], "ab_variant_canary": counts["canary"]}
+    assert metric_values(plugin) == {"ab_variant_stable": counts["stable"], "ab_variant_canary": counts["canary"]}
 
 
 def test_three_way_split_with_salt_and_zero_weight(rig: hosting.FilterRig) -> None:
@@ -138,7 +138,7 @@ def test_client_header_forcing(rig: hosting.FilterRig) -> None:
         ex = rig.request(plugin, headers=[("x-group", forced), ("x-group", "canary")])
         assert variant_of(ex, "x-group") == "stable"
     assert "x-variant" not in ex.request_headers
-    assert plugin.metrics() == {"ab_variant_stable": 3, "ab_variant_canary": 1, "ab_variant_beta": 0}
+    assert metric_values(plugin) == {"ab_variant_stable": 3, "ab_variant_canary": 1, "ab_variant_beta": 0}
 
 
 def test_client_header_overwritten_without_allow_force(rig: hosting.FilterRig) -> None:

@@ -16,7 +16,7 @@ from typing import Any
 import hosting
 import pytest
 from aiohttp import web
-from hosting import rh
+from hosting import metric_values, rh
 
 from sluice import BUILTIN_FILTERS_DIR, abi
 
@@ -85,14 +85,14 @@ def test_plain_api_key_allows_and_sets_subject(rig: hosting.FilterRig) -> None:
     assert ex.request_headers.get("x-auth-subject") == key_subject("k2")
     assert ex.request_headers.get("x-api-key") == "k2"  # strip_credentials defaults to false
     assert rh(ex).get(":status") == "200"
-    assert plugin.metrics() == {"auth_allowed": 1, "auth_denied": 0}
+    assert metric_values(plugin) == {"auth_allowed": 1, "auth_denied": 0}
 
 
 def test_wrong_api_key_is_401(rig: hosting.FilterRig) -> None:
     plugin = load(rig, {"api_keys": ["k1"]})
     ex = rig.request(plugin, headers=[("x-api-key", "k1x")])
     assert_401(ex, "invalid api key")
-    assert plugin.metrics() == {"auth_allowed": 0, "auth_denied": 1}
+    assert metric_values(plugin) == {"auth_allowed": 0, "auth_denied": 1}
 
 
 def test_missing_credentials_is_401(rig: hosting.FilterRig) -> None:
@@ -151,7 +151,7 @@ def test_exempt_paths_skip_auth_but_drop_client_subject(rig: hosting.FilterRig) 
         assert "x-auth-subject" not in ex.request_headers
     assert_401(rig.request(plugin, path="/public"), "missing credentials")
     assert_401(rig.request(plugin, path="/private?p=/healthz"), "missing credentials")
-    assert plugin.metrics() == {"auth_allowed": 0, "auth_denied": 2}
+    assert metric_values(plugin) == {"auth_allowed": 0, "auth_denied": 2}
 
 
 @pytest.mark.parametrize(
@@ -203,7 +203,7 @@ def test_allowed_subjects(rig: hosting.FilterRig) -> None:
     assert ex.local_reply is not None and ex.local_reply.status == 403
     ex = rig.request(plugin, headers=[bearer(make_jwt({"scope": "x"}))])  # no sub: unknown subject
     assert ex.local_reply is not None and ex.local_reply.status == 403
-    assert plugin.metrics() == {"auth_allowed": 2, "auth_denied": 3}
+    assert metric_values(plugin) == {"auth_allowed": 2, "auth_denied": 3}
 
 
 def test_api_key_header_decides_before_jwt(rig: hosting.FilterRig) -> None:
@@ -455,7 +455,7 @@ def test_ext_authz_only(authz_rig: hosting.FilterRig, authz: AuthzServer) -> Non
     # x-want-status is not forwarded (not in ext_authz.headers): the service answers 403
     assert ex.local_reply is not None and ex.local_reply.status == 403
     assert "authorization" in authz.seen[-1]["headers"]
-    assert plugin.metrics() == {"auth_allowed": 1, "auth_denied": 2}
+    assert metric_values(plugin) == {"auth_allowed": 1, "auth_denied": 2}
 
 
 def test_ext_authz_status_passthrough_and_headers_option(
@@ -508,7 +508,7 @@ def test_ext_authz_failures_are_503(authz_rig: hosting.FilterRig, authz: AuthzSe
     unknown = load(authz_rig, {"ext_authz": {"cluster": "nowhere"}})
     ex = authz_rig.request(unknown, headers=[("x-api-key", "good")])
     assert ex.local_reply is not None and ex.local_reply.status == 503
-    assert dead.metrics()["auth_denied"] == 1
+    assert metric_values(dead)["auth_denied"] == 1
 
 
 def test_ext_authz_keeps_jwt_subject_across_the_callout(

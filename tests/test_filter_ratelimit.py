@@ -9,7 +9,7 @@ from typing import Any
 
 import hosting
 import pytest
-from hosting import rh
+from hosting import metric_values, rh
 
 from sluice import BUILTIN_FILTERS_DIR, abi
 
@@ -68,7 +68,7 @@ def test_burst_is_exact_and_headers(rig: hosting.FilterRig) -> None:
     assert h["ratelimit-reset"] == h["retry-after"]
     # the local reply is not decorated a second time in the response phase
     assert rh(ex).get_all("ratelimit-limit") == ["5"]
-    assert plugin.metrics() == {"ratelimit_allowed": 5, "ratelimit_denied": 1}
+    assert metric_values(plugin) == {"ratelimit_allowed": 5, "ratelimit_denied": 1}
 
 
 def test_refill_and_retry_after_minimum(rig: hosting.FilterRig) -> None:
@@ -187,7 +187,7 @@ def test_two_plugins_sharing_vm_id_share_buckets(rig: hosting.FilterRig) -> None
         ex = rig.request(p1 if i % 2 else p2, headers=[("x-k", "same")])
         allowed += not denied(ex)
     assert allowed == 25
-    m1, m2 = p1.metrics(), p2.metrics()
+    m1, m2 = metric_values(p1), metric_values(p2)
     assert m1["ratelimit_allowed"] + m2["ratelimit_allowed"] == 25
     assert m1["ratelimit_denied"] + m2["ratelimit_denied"] == 35
     # a different vm_id is a different namespace
@@ -282,8 +282,8 @@ def test_many_concurrent_streams(rig: hosting.FilterRig) -> None:
             stream.response_headers(response, True)
             assert response.get("ratelimit-limit") == "30"
         stream.complete()
-    assert p1.metrics()["ratelimit_denied"] + p2.metrics()["ratelimit_denied"] == 70
-    assert p1.metrics()["ratelimit_allowed"] + p2.metrics()["ratelimit_allowed"] == 30
+    assert metric_values(p1)["ratelimit_denied"] + metric_values(p2)["ratelimit_denied"] == 70
+    assert metric_values(p1)["ratelimit_allowed"] + metric_values(p2)["ratelimit_allowed"] == 30
     assert shared_keys(rig, "burst") == [b"rl:0:192.0.2.7"]
 
 

@@ -13,6 +13,7 @@ from aiohttp import web
 from conftest import ROOT, proxy, run, upstream, wait_for
 
 from sluice import BUILTIN_FILTERS_DIR
+from sluice.abi import PluginState
 
 FIXTURES = ROOT / "tests" / "fixtures" / "as" / "build"
 FILTERS = BUILTIN_FILTERS_DIR
@@ -251,9 +252,9 @@ def test_client_disconnect_while_a_filter_waits_completes_the_stream() -> None:
                 writer.write(b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n")
                 await writer.drain()
                 await asked.wait()  # the filter holds the request, waiting for its callout
-                assert plugin.active_streams == 1
+                assert plugin.report().active_streams == 1
                 writer.close()  # the client gives up
-                await wait_for(lambda: plugin.active_streams == 0)
+                await wait_for(lambda: plugin.report().active_streams == 0)
                 assert gw.stats.resets["client_disconnect"] == 1
                 hold.set()  # the late callout answer finds the stream gone, harmlessly
                 async with aiohttp.ClientSession() as s, s.get(url(gw, "/y")) as r:
@@ -294,14 +295,14 @@ def test_generation_swap_keeps_in_flight_requests_on_the_old_one() -> None:
             assert gw.generation is new and old.retired and not old.disposed
             async with s.get(url(gw, "/anything")) as r:
                 assert (await r.json())["upstream"] == "new"
-            assert plugin.state != "retired"  # the old request still runs through it
+            assert plugin.report().state is not PluginState.RETIRED  # the old request still runs through it
             release.set()
             resp = await pending
             assert await resp.text() == "old route"
             assert resp.headers["x-as-filter"] == "headers"
             resp.release()
             await wait_for(lambda: old.disposed)
-            assert plugin.state == "retired"
+            assert plugin.report().state is PluginState.RETIRED
             assert old not in gw.retiring
 
     run(main())

@@ -25,6 +25,7 @@ import wasmtime
 from aiohttp import web
 from conftest import run
 
+from sluice.abi import PluginState
 from sluice.proxy.app import Gateway
 from sluice.proxy.config import load_config
 from sluice.proxy.reload import Reloader, ReloadEvent
@@ -286,13 +287,13 @@ def test_in_flight_stream_and_paused_callout_finish_on_their_generation(tmp_path
             callout = asyncio.create_task(paused_on_callout())
             stream = asyncio.create_task(streaming())
             await asyncio.wait_for(r.up.slow_arrived.wait(), 20)
-            await r.until(lambda: _true(old_plugin.active_streams == 2))
+            await r.until(lambda: _true(old_plugin.report().active_streams == 2))
 
             atomic_write(r.filters / "ver.wasm", build_filter("2"))
             async with aiohttp.ClientSession() as probe:
                 await r.until_version(probe, "2")
-            assert old_plugin.retired is False, "the old generation waits for its requests"
-            assert old_plugin.vm_count == 1
+            assert old_plugin.report().state is not PluginState.RETIRED, "the old generation waits for its requests"
+            assert old_plugin.report().vm_count == 1
 
             r.up.release.set()
             status, headers, body = await callout
@@ -301,9 +302,11 @@ def test_in_flight_stream_and_paused_callout_finish_on_their_generation(tmp_path
             assert versions == ["1"] and len(streamed) == 20 * 1024
 
             # Their generation retires with them: ticks stopped, VM released.
-            await r.until(lambda: _true(old_plugin.retired and old_plugin.vm_count == 0))
-            assert old_plugin.root is not None
-            assert old_plugin.root.tick_timer is None and old_plugin.root.deleted
+            await r.until(
+                lambda: _true(old_plugin.report().state is PluginState.RETIRED and old_plugin.report().vm_count == 0)
+            )
+            assert old_plugin._root is not None
+            assert old_plugin._root.tick_timer is None and old_plugin._root.deleted
             assert not r.gateway.retiring
 
     run(main(), timeout=120)
@@ -316,7 +319,7 @@ def test_half_written_module_is_never_served(tmp_path: Path) -> None:
     async def main() -> None:
         async with rig(tmp_path) as r, aiohttp.ClientSession() as session:
             atomic_write(r.filters / "ver.wasm", v1)
-            await r.until(lambda: _true(r.gateway.generation.filters[0].plugin.module.size == len(v1)))
+            await r.until(lambda: _true(r.gateway.generation.filters[0].plugin.report().module.size == len(v1)))
 
             # A plain copy over the old file, written slowly in chunks from another thread.
             def slow_copy() -> None:
@@ -331,11 +334,11 @@ def test_half_written_module_is_never_served(tmp_path: Path) -> None:
             served: Counter[str] = Counter()
             while writer.is_alive():
                 served.update(await r.version(session))
-                assert r.gateway.generation.filters[0].plugin.module.sha256 in good
+                assert r.gateway.generation.filters[0].plugin.report().module.sha256 in good
             writer.join()
             await r.until_version(session, "2")
             assert set(served) <= {"1", "2"}
-            assert r.gateway.generation.filters[0].plugin.module.sha256 in good
+            assert r.gateway.generation.filters[0].plugin.report().module.sha256 in good
 
             # A copy that stops half way (the writer died) is rejected; v2 keeps serving.
             before = len(r.reloader.events)
@@ -495,12 +498,12 @@ def test_callout_answer_for_a_retired_root_is_dropped(tmp_path: Path) -> None:
                 await r.until_version(probe, "2")
                 request.cancel()
                 await session.close()  # the client goes away
-                await r.until(lambda: _true(old_plugin.vm_count == 0))
-                assert old_plugin.root is not None and old_plugin.root.deleted
+                await r.until(lambda: _true(old_plugin.report().vm_count == 0))
+                assert old_plugin._root is not None and old_plugin._root.deleted
                 calls_before = r.gateway.services.calls if r.gateway.services else 0
                 r.up.release.set()  # the callout answers now, to a deleted root
                 await asyncio.sleep(0.3)
-                assert old_plugin.stats.traps == 0 and old_plugin.last_error is None
+                assert old_plugin.report().counters.traps == 0 and old_plugin.report().last_error is None
                 assert await r.version(probe) == ["2"]
                 assert calls_before == (r.gateway.services.calls if r.gateway.services else 0)
                 assert not r.gateway.retiring

@@ -10,7 +10,11 @@ Public API (the only names `proxy` and tests import)::
     ...
     stream.complete()
     plugin.report()                       # PluginReport: state, counters, histograms, metrics (frozen)
+    plugin.set_log_level(LogLevel.DEBUG)
     plugin.retire()                       # stop ticks; VM released when its last stream completes
+
+`Plugin.report()` is how the proxy reads a plugin; everything else in a plugin (VMs, contexts,
+wasmtime objects, the VM-only hooks) is private to `sluice.abi`.
 
 `runtime.load` raises `PluginLoadError` (file + reason) when the module is not wasm, has no ABI
 marker, fails to instantiate, or `proxy_on_vm_start` / `proxy_on_configure` reject it.
@@ -28,10 +32,11 @@ from .api import (
     StreamCallbacks,
     StreamInfo,
 )
+from .compiled import CompiledModule
 from .headers import HeaderMap
-from .plugin import HttpStream, Plugin, PluginStats
+from .plugin import HttpStream, Plugin
 from .report import FilterMetric, ModuleInfo, PluginCounters, PluginReport, PluginState
-from .runtime import CompiledModule, Runtime
+from .runtime import Runtime
 from .shared import InMemorySharedData, SharedData
 from .types import FailurePolicy, FilterStatus, LogLevel, MetricType
 
@@ -56,7 +61,6 @@ __all__ = [
     "PluginReport",
     "PluginSpec",
     "PluginState",
-    "PluginStats",
     "Runtime",
     "SharedData",
     "StreamCallbacks",

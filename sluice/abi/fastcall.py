@@ -1,6 +1,9 @@
 """Fast calls between Python and wasm through wasmtime's raw *unchecked* C API.
 
-This is the only module in sluice that touches ctypes. wasmtime-py's high-level `Func.__call__`
+This is the only module in sluice that touches ctypes or wasmtime-py's private API (`wasmtime._ffi`,
+`Store._context`, `Func._func`, `Memory._memory`, `WasmtimeError._from_ptr`). Those are not a
+stable interface, so importing this module checks that the installed wasmtime is the version
+sluice is pinned to (`WASMTIME_VERSION`) and refuses to run on any other. wasmtime-py's high-level `Func.__call__`
 costs ~25 µs per call into wasm and its host-function trampoline ~8 µs per call out; the unchecked
 API used here costs ~1.5 µs and ~0.3 µs because nothing is boxed: arguments and results travel in
 one preallocated array of 16-byte `wasmtime_val_raw_t` slots packed with `struct`.
@@ -22,17 +25,37 @@ from __future__ import annotations
 import atexit
 import ctypes
 import dataclasses
-import re
 import struct
 import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
+from importlib import metadata
 from time import monotonic as _monotonic
 from typing import Any, Protocol
 
 import wasmtime
-from wasmtime import _ffi as ffi
+
+WASMTIME_VERSION = "50.0.1"
+"""The wasmtime-py release this module's use of private API was written against (pyproject pins it)."""
+
+
+def _check_wasmtime_version() -> None:
+    try:
+        installed = metadata.version("wasmtime")
+    except metadata.PackageNotFoundError:
+        installed = getattr(wasmtime, "__version__", "unknown")
+    if installed != WASMTIME_VERSION:
+        raise ImportError(
+            f"sluice needs wasmtime {WASMTIME_VERSION} but wasmtime {installed} is installed: its fast-call "
+            f"layer uses wasmtime-py internals that change between releases. "
+            f"Install the pinned version: pip install 'wasmtime=={WASMTIME_VERSION}'"
+        )
+
+
+_check_wasmtime_version()
+
+from wasmtime import _ffi as ffi  # noqa: E402 - only once the version is known to match
 
 # The raw entry points, re-bound with our own (cheaper) argument conventions. `argtypes` stays
 # unset on the hot functions so ctypes does no per-argument conversion: every argument we pass
@@ -55,6 +78,13 @@ _define_unchecked.restype = ctypes.c_void_p
 _trap_new = _dll._FuncPtr(("wasmtime_trap_new", _dll))
 _trap_new.restype = ctypes.c_size_t
 _trap_new.argtypes = [ctypes.c_char_p, ctypes.c_size_t]
+_trap_code = _dll._FuncPtr(("wasmtime_trap_code", _dll))
+_trap_code.restype = ctypes.c_bool
+_trap_code.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_uint8)]
+_error_exit_status = _dll._FuncPtr(("wasmtime_error_exit_status", _dll))
+_error_exit_status.restype = ctypes.c_bool
+_error_exit_status.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_int)]
+_TRAP_CODE_INTERRUPT = int(ffi.wasmtime_trap_code_enum.WASMTIME_TRAP_CODE_INTERRUPT.value)
 
 # (env, caller, args_and_results, len) -> wasm_trap_t* (0 = no trap)
 _HOST_CALLBACK = ctypes.CFUNCTYPE(ctypes.c_size_t, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t)
@@ -237,6 +267,11 @@ class HostFunction:
 
 _KEEPALIVE: list[Any] = []  # ctypes callbacks must outlive every linker that uses them
 
+_EXIT_STATUS: list[int | None] = [None]
+"""The exit status a host function (WASI `proc_exit`) ended the running call with, until the call
+that it unwound reports it. A host trap reaches the caller as a plain wasmtime error, which carries
+no exit status of its own."""
+
 
 # The arguments of a host call sit in an array wasmtime owns, at an address that changes per call.
 # One view over the whole user address space reads them with `struct.unpack_from` and writes the
@@ -264,6 +299,8 @@ def _trampoline(index: int, fn: HostFunction) -> Any:
                 write(space, args, result)
             return 0
         except HostTrap as exc:
+            if exc.exit_code is not None:
+                _EXIT_STATUS[0] = exc.exit_code
             msg = str(exc).encode()
             return int(_trap_new(msg, len(msg)))
         except BaseException as exc:  # noqa: BLE001 - nothing may unwind through wasm frames
@@ -334,29 +371,22 @@ class StoreHandle:
 
 
 def _raise_call_failure(err: int, trap: int) -> None:
+    """Turn a failed call into a `WasmTrap`, classified by what wasmtime and our host functions
+    report (trap code, exit status), never by the wording of the message."""
+    exit_code, _EXIT_STATUS[0] = _EXIT_STATUS[0], None
     if err:
+        status = ctypes.c_int(0)
+        wasi_exit = bool(_error_exit_status(err, ctypes.byref(status)))
         error = wasmtime.WasmtimeError._from_ptr(ctypes.cast(err, ctypes.POINTER(ffi.wasmtime_error_t)))
-        code = getattr(error, "code", None)
-        if isinstance(error, wasmtime.ExitTrap):
-            raise WasmTrap(f"proc_exit({code})", exit_code=code)
-        text = summarize_error(str(error))
-        match = _PROC_EXIT.search(text)
-        deadline = _INTERRUPT.search(text) is not None
-        raise WasmTrap("cpu deadline exceeded" if deadline else text, deadline=deadline,
-                       exit_code=int(match.group(1)) if match else None)
+        if wasi_exit:  # wasmtime's own WASI exit (an ExitTrap)
+            raise WasmTrap(f"proc_exit({status.value})", exit_code=status.value)
+        raise WasmTrap(summarize_error(str(error)), exit_code=exit_code)
+    code = ctypes.c_uint8(0)
+    deadline = bool(_trap_code(trap, ctypes.byref(code))) and code.value == _TRAP_CODE_INTERRUPT
     t = wasmtime.Trap._from_ptr(ctypes.cast(trap, ctypes.POINTER(ffi.wasm_trap_t)))
-    trap_code = t.trap_code
-    deadline = trap_code is not None and trap_code.name == "INTERRUPT"
-    message = summarize_error(t.message)
-    exit_code = None
-    match = _PROC_EXIT.search(message)
-    if match:
-        exit_code = int(match.group(1))
-    raise WasmTrap("cpu deadline exceeded" if deadline else message, deadline=deadline, exit_code=exit_code)
-
-
-_PROC_EXIT = re.compile(r"proc_exit\((\d+)\)")
-_INTERRUPT = re.compile(r"\binterrupt\)?$")
+    if deadline:
+        raise WasmTrap("cpu deadline exceeded", deadline=True)
+    raise WasmTrap(summarize_error(t.message), exit_code=exit_code)
 
 
 def summarize_error(message: str) -> str:
@@ -435,7 +465,7 @@ def export_signature(ty: wasmtime.FuncType) -> tuple[str, str]:
 class LinearMemory:
     """Bounds-checked access to one instance's memory.
 
-    `memory_may_move = False` (see `make_engine`) keeps the base address fixed, so one view
+    `memory_may_move = False` (see `_make_engine`) keeps the base address fixed, so one view
     stays valid; it is only widened when an access falls beyond the size last seen (memory never
     shrinks). Every accessor returns None/False instead of raising on an out-of-bounds access, so
     host functions can answer INVALID_MEMORY_ACCESS.

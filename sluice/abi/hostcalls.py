@@ -1,9 +1,11 @@
 """The `env` host functions of the proxy-wasm ABI (reference section 1).
 
 Each function receives its wasm arguments as plain ints (pointers and sizes already unsigned),
-validates every pointer against linear memory, and answers a `WasmResult`; nothing raises into
-wasm except a deliberate trap (`HostTrap`). The union of all ABI versions is defined; behaviour
-that differs by version switches on `vm.abi_version`.
+copies what they point at out of linear memory (validating every pointer), asks the acting
+context or the VM what the call means (`vm.RootContext`, `vm.StreamContext`, `vm.WasmVM`: they
+own the ABI's rules) and writes the answer back as a `WasmResult`, like cpp-host's exports.cc.
+Nothing raises into wasm except a deliberate trap (`HostTrap`). The union of all ABI versions is
+defined; answers that differ by version switch on `vm.abi_version`.
 """
 
 from __future__ import annotations
@@ -11,18 +13,15 @@ from __future__ import annotations
 import struct
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from . import wasi
 from .api import LocalReply
 from .fastcall import HostFunction, HostTrap, LinearMemory, NoMemory
 from .headers import HeaderMap, deserialize_pairs, serialize_pairs
 from .properties import encode, lookup, split_path
-from .types import BufferType, LogLevel, MapType, StreamType, WasmResult
-from .vm import StreamContext
-
-if TYPE_CHECKING:
-    from .vm import WasmVM
+from .types import LogLevel, StreamType, WasmResult
+from .vm import WasmVM
 
 OK = WasmResult.OK
 NOT_FOUND = WasmResult.NOT_FOUND
@@ -71,14 +70,11 @@ class ProxyHostCalls:
     def proxy_set_tick_period_milliseconds(self, period: int) -> int:
         root = self.vm.acting_root()
         if root is not None:
-            self.vm.runtime_hooks.set_tick_period(root, period)
+            self.vm.owner.set_tick_period(root, period)
         return OK
 
     def proxy_get_configuration(self, out_ptr: int, out_size: int) -> int:
-        frame = self.vm.frames[-1]
-        spec = self.vm.spec
-        data = spec.configuration if frame.configuring else spec.vm_configuration
-        return self.vm.return_bytes(data, out_ptr, out_size)
+        return self.vm.return_bytes(self.vm.configuration(), out_ptr, out_size)
 
     def proxy_get_status(self, code_ptr: int, msg_ptr: int, msg_size: int) -> int:
         root = self.vm.acting_root()
@@ -88,33 +84,10 @@ class ProxyHostCalls:
         return self.vm.return_bytes(message, msg_ptr, msg_size)
 
     # -- 1.2 buffers ------------------------------------------------------------------------------
-    def _buffer(self, btype: int) -> bytes | bytearray | None:
-        vm = self.vm
-        if btype == BufferType.HTTP_REQUEST_BODY or btype == BufferType.HTTP_RESPONSE_BODY:
-            ctx = vm.acting_stream()
-            if ctx is None:
-                return b""
-            body = ctx.stream.bodies[btype]
-            return b"" if body is None else body
-        if btype == BufferType.HTTP_CALL_RESPONSE_BODY:
-            root = vm.acting_root()
-            if root is None or root.call_response is None:
-                return None
-            return root.call_response.body
-        if btype == BufferType.VM_CONFIGURATION:
-            return vm.spec.vm_configuration
-        if btype == BufferType.PLUGIN_CONFIGURATION:
-            # Envoy has no plugin-configuration buffer when the configuration is empty: the read
-            # answers NOT_FOUND (the AssemblyScript SDK's default onConfigure then traps).
-            return vm.spec.configuration if vm.frames[-1].configuring and vm.spec.configuration else None
-        if btype == BufferType.FOREIGN_FUNCTION_ARGUMENTS:
-            return vm.frames[-1].foreign_args
-        return None  # downstream/upstream data and gRPC messages: no TCP or gRPC streams here
-
     def proxy_get_buffer_bytes(self, btype: int, start: int, max_size: int, out_ptr: int, out_size: int) -> int:
         if btype > 8:
             return BAD_ARGUMENT
-        buf = self._buffer(btype)
+        buf = self.vm.buffer(btype)
         if buf is None:
             return NOT_FOUND
         size = len(buf)
@@ -129,25 +102,12 @@ class ProxyHostCalls:
         data = self._mem.read(ptr, length)
         if data is None:
             return INVALID_MEMORY_ACCESS
-        if btype not in (BufferType.HTTP_REQUEST_BODY, BufferType.HTTP_RESPONSE_BODY):
-            return BAD_ARGUMENT if self._buffer(btype) is not None else NOT_FOUND
-        ctx = self.vm.acting_stream()
-        if ctx is None:
-            return NOT_FOUND
-        body = ctx.stream.bodies[btype]
-        if body is None:
-            return NOT_FOUND
-        # The general splice is a superset of Envoy's (prepend at 0,0; replace at 0,len; append).
-        length_now = len(body)
-        start = min(start, length_now)
-        end = min(start + size, length_now)
-        body[start:end] = data
-        return OK
+        return self.vm.set_buffer(btype, start, size, data)
 
     def proxy_get_buffer_status(self, btype: int, out_len: int, out_flags: int) -> int:
         if btype > 8:
             return BAD_ARGUMENT
-        buf = self._buffer(btype)
+        buf = self.vm.buffer(btype)
         if buf is None:
             return NOT_FOUND
         if self._mem.write_u32(out_len, len(buf)) and self._mem.write_u32(out_flags, 0):
@@ -156,22 +116,8 @@ class ProxyHostCalls:
 
     # -- 1.3 header maps --------------------------------------------------------------------------
     def _map(self, mtype: int, write: bool = False) -> HeaderMap | None:
-        vm = self.vm
-        if mtype <= MapType.HTTP_RESPONSE_TRAILERS:
-            ctx = vm.acting_stream()
-            if ctx is None:
-                return None
-            stream = ctx.stream
-            if write and stream.in_log:
-                return None
-            return stream.maps[mtype]
-        if mtype in (MapType.HTTP_CALL_RESPONSE_HEADERS, MapType.HTTP_CALL_RESPONSE_TRAILERS) and not write:
-            root = vm.acting_root()
-            if root is None or root.call_response is None:
-                return None
-            response = root.call_response
-            return response.headers if mtype == MapType.HTTP_CALL_RESPONSE_HEADERS else response.trailers
-        return None
+        ctx = self.vm.acting()
+        return ctx.header_map(mtype, write) if ctx is not None else None
 
     def proxy_get_header_map_pairs(self, mtype: int, out_ptr: int, out_size: int) -> int:
         if mtype > 7:
@@ -203,16 +149,15 @@ class ProxyHostCalls:
         vm = self.vm
         frame = vm.frames[-1]
         ctx = frame.effective or frame.context
-        hmap = ctx.stream.maps[mtype] if mtype <= 3 and type(ctx) is StreamContext else self._map(mtype)
-        if hmap is None:
-            if type(ctx) is StreamContext and ctx.stream.in_log:
-                return vm.return_bytes(b"", out_ptr, out_size) if vm.abi_version == "0.1.0" else NOT_FOUND
+        if ctx is None:
             return BAD_ARGUMENT
-        value = hmap.get(key.decode("utf-8", "surrogateescape"))
+        value = ctx.get_header_value(mtype, key.decode("utf-8", "surrogateescape"))
+        if isinstance(value, str):
+            return vm.return_bytes(value.encode("utf-8", "surrogateescape"), out_ptr, out_size)
         if value is None:
             # 0.1.0 answers OK with an empty value for a missing header.
             return vm.return_bytes(b"", out_ptr, out_size) if vm.abi_version == "0.1.0" else NOT_FOUND
-        return vm.return_bytes(value.encode("utf-8", "surrogateescape"), out_ptr, out_size)
+        return value  # the context's error answer
 
     def _key_value(self, kptr: int, klen: int, vptr: int, vlen: int) -> tuple[str, str] | None:
         mem = self._mem
@@ -232,10 +177,7 @@ class ProxyHostCalls:
             return INVALID_MEMORY_ACCESS
         frame = self.vm.frames[-1]
         ctx = frame.effective or frame.context
-        if mtype <= 3 and type(ctx) is StreamContext and not ctx.stream.in_log:
-            hmap = ctx.stream.maps[mtype]
-        else:
-            hmap = self._map(mtype, write=True)
+        hmap = ctx.header_map(mtype, True) if ctx is not None else None
         if hmap is None:
             return BAD_ARGUMENT
         hmap.add(key.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape"))
@@ -300,35 +242,23 @@ class ProxyHostCalls:
         return OK
 
     # -- 1.5 stream control and local responses ---------------------------------------------------
-    def _stream_action(self, stype: int, what: str) -> int:
-        if stype > StreamType.UPSTREAM:
-            return BAD_ARGUMENT
-        ctx = self.vm.acting_stream()
+    def _stream_action(self, stype: int, close: bool) -> int:
+        ctx = self.vm.acting()
         if ctx is None:
-            return NOT_FOUND
-        if stype == StreamType.UPSTREAM and what == "continue":
-            return UNIMPLEMENTED  # as Envoy
-        if stype >= StreamType.DOWNSTREAM:
-            return OK if what == "close" else UNIMPLEMENTED  # no TCP filters here
-        stream = ctx.stream
-        if what == "continue":
-            action = stream.resume_request if stype == StreamType.HTTP_REQUEST else stream.resume_response
-        else:
-            action = stream.reset
-        self.vm.deferred.append(action)
-        return OK
+            return BAD_ARGUMENT if stype > StreamType.UPSTREAM else NOT_FOUND
+        return ctx.stream_action(stype, close)
 
     def proxy_continue_stream(self, stype: int) -> int:
-        return self._stream_action(stype, "continue")
+        return self._stream_action(stype, close=False)
 
     def proxy_close_stream(self, stype: int) -> int:
-        return self._stream_action(stype, "close")
+        return self._stream_action(stype, close=True)
 
     def proxy_continue_request(self) -> int:
-        return self._stream_action(StreamType.HTTP_REQUEST, "continue")
+        return self._stream_action(StreamType.HTTP_REQUEST, close=False)
 
     def proxy_continue_response(self) -> int:
-        return self._stream_action(StreamType.HTTP_RESPONSE, "continue")
+        return self._stream_action(StreamType.HTTP_RESPONSE, close=False)
 
     def proxy_clear_route_cache(self) -> int:
         return OK  # routes are matched after the request-headers phase, so nothing is cached
@@ -342,7 +272,7 @@ class ProxyHostCalls:
         headers = mem.read(hptr, hlen)
         if details is None or body is None or headers is None:
             return INVALID_MEMORY_ACCESS
-        ctx = self.vm.acting_stream()
+        ctx = self.vm.acting()
         if ctx is None:
             return NOT_FOUND
         reply = LocalReply(
@@ -352,12 +282,7 @@ class ProxyHostCalls:
             details=_dec(details).replace(" ", "_"),
             grpc_status=grpc if 0 <= grpc <= 16 else None,
         )
-        frame = self.vm.frames[-1]
-        if frame.context is ctx:
-            frame.local_reply_sent = True
-        stream = ctx.stream
-        self.vm.deferred.append(lambda: stream.reply_locally(reply))
-        return OK
+        return ctx.send_local_response(reply)
 
     # -- 1.6 HTTP callouts ------------------------------------------------------------------------
     def proxy_http_call(
@@ -373,22 +298,15 @@ class ProxyHostCalls:
             return INVALID_MEMORY_ACCESS
         if not mem.write_u32(out_token, 0):
             return INVALID_MEMORY_ACCESS
-        hmap = HeaderMap.deserialize(headers)
-        if not (hmap.get(":method") and hmap.get(":path") and hmap.get(":authority")):
-            return BAD_ARGUMENT
-        if timeout_ms > 0x7FFFFFFF:
-            return BAD_ARGUMENT  # a negative i32
         root = self.vm.acting_root()
-        if root is None:
-            return BAD_ARGUMENT
-        token = self.vm.new_token()
-        accepted = self.vm.runtime_hooks.http_call(
-            root, token, _dec(upstream), hmap, body, HeaderMap.deserialize(trailers),
-            timeout_ms / 1000 if timeout_ms else None,
+        result = (
+            root.http_call(_dec(upstream), HeaderMap.deserialize(headers), body,
+                           HeaderMap.deserialize(trailers), timeout_ms)
+            if root is not None else BAD_ARGUMENT
         )
-        if not accepted:
-            return BAD_ARGUMENT
-        mem.write_u32(out_token, token)
+        if isinstance(result, WasmResult):
+            return result
+        mem.write_u32(out_token, result)
         return OK
 
     # -- 1.7 gRPC: not offered ----------------------------------------------------------------------
@@ -412,7 +330,7 @@ class ProxyHostCalls:
         key = self._mem.read(kptr, klen)
         if key is None:
             return INVALID_MEMORY_ACCESS
-        entry = self.vm.runtime.shared_data.get(self.vm.spec.vm_id, key)
+        entry = self.vm.services.shared_data.get(self.vm.spec.vm_id, key)
         if entry is None:
             return NOT_FOUND
         value, cas = entry
@@ -424,7 +342,7 @@ class ProxyHostCalls:
         kv = self._mem.read(kptr, klen), self._mem.read(vptr, vlen)
         if kv[0] is None or kv[1] is None:
             return INVALID_MEMORY_ACCESS
-        return self.vm.runtime.shared_data.set(self.vm.spec.vm_id, kv[0], kv[1], cas)
+        return self.vm.services.shared_data.set(self.vm.spec.vm_id, kv[0], kv[1], cas)
 
     # -- 1.9 shared queues -------------------------------------------------------------------------
     def proxy_register_shared_queue(self, nptr: int, nlen: int, out_token: int) -> int:
@@ -434,7 +352,7 @@ class ProxyHostCalls:
         root = self.vm.acting_root()
         if root is None:
             return BAD_ARGUMENT
-        token = self.vm.runtime_hooks.register_queue(root, name)
+        token = self.vm.owner.register_queue(root, name)
         return OK if self._mem.write_u32(out_token, token) else INVALID_MEMORY_ACCESS
 
     def proxy_resolve_shared_queue(self, vptr: int, vlen: int, nptr: int, nlen: int, out_token: int) -> int:
@@ -442,7 +360,7 @@ class ProxyHostCalls:
         name = self._mem.read(nptr, nlen)
         if vm_id is None or name is None:
             return INVALID_MEMORY_ACCESS
-        token = self.vm.runtime.queues.resolve(_dec(vm_id) or self.vm.spec.vm_id, name)
+        token = self.vm.services.queues.resolve(_dec(vm_id) or self.vm.spec.vm_id, name)
         if token is None:
             return NOT_FOUND
         return OK if self._mem.write_u32(out_token, token) else INVALID_MEMORY_ACCESS
@@ -451,10 +369,10 @@ class ProxyHostCalls:
         data = self._mem.read(ptr, size)
         if data is None:
             return INVALID_MEMORY_ACCESS
-        return self.vm.runtime.queues.enqueue(token, data)
+        return self.vm.services.queues.enqueue(token, data)
 
     def proxy_dequeue_shared_queue(self, token: int, out_ptr: int, out_size: int) -> int:
-        item = self.vm.runtime.queues.dequeue(token)
+        item = self.vm.services.queues.dequeue(token)
         if isinstance(item, WasmResult):
             return item
         return self.vm.return_bytes(item, out_ptr, out_size)
@@ -491,10 +409,7 @@ class ProxyHostCalls:
 
     def proxy_done(self) -> int:
         root = self.vm.acting_root()
-        if root is None or not root.pending_done:
-            return NOT_FOUND
-        self.vm.deferred.append(lambda: self.vm.runtime_hooks.finish_root(root))
-        return OK
+        return root.done() if root is not None else NOT_FOUND
 
     def proxy_call_foreign_function(
         self, nptr: int, nlen: int, aptr: int, alen: int, out_ptr: int, out_size: int
@@ -504,7 +419,7 @@ class ProxyHostCalls:
         args = mem.read(aptr, alen)
         if name is None or args is None:
             return INVALID_MEMORY_ACCESS
-        shared = self.vm.runtime.shared_data
+        shared = self.vm.services.shared_data
         vm_id = self.vm.spec.vm_id
         if name == FOREIGN_KEYS:
             keys = shared.keys(vm_id, args)

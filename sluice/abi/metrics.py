@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 
+from sluice.histogram import Histogram
+
+from .report import FilterMetric
 from .types import MetricType, WasmResult
 
 HISTOGRAM_BOUNDS: tuple[float, ...] = (
@@ -22,16 +25,15 @@ class Metric:
     type: MetricType
     value: int = 0
     """Counter/gauge value; for histograms the number of samples."""
-    sum: int = 0
-    buckets: list[int] = dataclasses.field(default_factory=list)
-    """Histogram counts per `HISTOGRAM_BOUNDS` entry (cumulative counts are computed on export)."""
+    histogram: Histogram | None = None
+    """For histograms: the recorded values against `HISTOGRAM_BOUNDS`."""
 
 
 class MetricRegistry:
     """The metrics of one plugin. Lives in the plugin, so values survive a VM reload."""
 
     def __init__(self) -> None:
-        self.by_name: dict[tuple[str, MetricType], Metric] = {}
+        self._by_name: dict[tuple[str, MetricType], Metric] = {}
         self._ids: dict[int, Metric] = {}
         self._next = 0
 
@@ -39,12 +41,12 @@ class MetricRegistry:
         if mtype not in (0, 1, 2):
             return None
         kind = MetricType(mtype)
-        metric = self.by_name.get((name, kind))
+        metric = self._by_name.get((name, kind))
         if metric is None:
             metric = Metric(name, kind)
             if kind is MetricType.HISTOGRAM:
-                metric.buckets = [0] * (len(HISTOGRAM_BOUNDS) + 1)
-            self.by_name[(name, kind)] = metric
+                metric.histogram = Histogram(HISTOGRAM_BOUNDS)
+            self._by_name[(name, kind)] = metric
         self._next += 1
         metric_id = (self._next << 2) | mtype
         self._ids[metric_id] = metric
@@ -74,11 +76,8 @@ class MetricRegistry:
             metric.value = value
         else:
             metric.value += 1
-            metric.sum += value
-            idx = 0
-            while idx < len(HISTOGRAM_BOUNDS) and value > HISTOGRAM_BOUNDS[idx]:
-                idx += 1
-            metric.buckets[idx] += 1
+            assert metric.histogram is not None
+            metric.histogram.observe(value)
         return WasmResult.OK
 
     def get(self, metric_id: int) -> int | WasmResult:
@@ -89,9 +88,9 @@ class MetricRegistry:
             return WasmResult.BAD_ARGUMENT
         return metric.value
 
-    def values(self) -> dict[str, int]:
-        """Counter and gauge values, and histogram sample counts, by name."""
-        return {m.name: m.value for m in self.by_name.values()}
-
-    def all(self) -> list[Metric]:
-        return list(self.by_name.values())
+    def report(self) -> tuple[FilterMetric, ...]:
+        """Every metric as read now, in definition order."""
+        return tuple(
+            FilterMetric(m.name, m.type, m.value, m.histogram.snapshot() if m.histogram is not None else None)
+            for m in self._by_name.values()
+        )

@@ -16,10 +16,14 @@ import wasmtime
 
 from . import fastcall
 from .api import Host, PluginLoadError, PluginSpec
+from .compiled import CompiledModule
 from .fastcall import summarize_error
-from .hostcalls import HOST_FUNCTIONS
+from .hostcalls import HOST_FUNCTIONS, bind_host_functions
 from .plugin import Plugin
 from .shared import InMemorySharedData, SharedData, SharedQueues
+from .vm import VMServices
+
+__all__ = ["CompiledModule", "Runtime"]
 
 ABI_MARKERS = {
     "proxy_abi_version_0_1_0": "0.1.0",
@@ -30,24 +34,11 @@ WASM_MAGIC = b"\0asm"
 CORE_VERSION = b"\x01\0\0\0"
 
 
-@dataclasses.dataclass(frozen=True)
-class CompiledModule:
-    path: Path
-    sha256: str
-    size: int
-    abi_version: str
-    module: wasmtime.Module
-    instance_pre: wasmtime.InstancePre
-    compile_seconds: float
-    from_cache: bool
-
-
 def _wasmtime_version() -> str:
     try:
         return metadata.version("wasmtime")
     except metadata.PackageNotFoundError:  # pragma: no cover - running from a source tree
         return "unknown"
-
 
 
 class Runtime:
@@ -56,9 +47,21 @@ class Runtime:
         self.linker = wasmtime.Linker(self.engine)
         fastcall.define_host_functions(self.linker, HOST_FUNCTIONS)
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
-        self.shared_data: SharedData = shared_data if shared_data is not None else InMemorySharedData()
         self.queues = SharedQueues()
+        self._services = VMServices(
+            self.engine, shared_data if shared_data is not None else InMemorySharedData(), self.queues,
+            bind_host_functions,
+        )
         self._cache_tag = f"wasmtime-{_wasmtime_version()}-{platform.machine()}"
+
+    @property
+    def shared_data(self) -> SharedData:
+        return self._services.shared_data
+
+    @shared_data.setter
+    def shared_data(self, store: SharedData) -> None:
+        """Plugins loaded from now on use `store` (those already loaded keep theirs)."""
+        self._services = dataclasses.replace(self._services, shared_data=store)
 
     def close(self) -> None:
         """Nothing to release: the engine and its ticker are shared by the process."""
@@ -129,6 +132,4 @@ class Runtime:
         """
         if module is None:
             module = self.compile(spec.module_path)
-        plugin = Plugin(self, module, spec, host)
-        plugin.start()
-        return plugin
+        return Plugin.start(self._services, module, spec, host)

@@ -1,6 +1,9 @@
-"""One wasm instance of a proxy-wasm module: its store, memory, exports, contexts and call frames.
+"""One wasm instance of a proxy-wasm module (`WasmVM`: store, memory, exports, call frames) and
+its contexts (`RootContext`, `StreamContext`), which own what each ABI call means; the host
+functions (`hostcalls`, `wasi`) only unpack arguments and ask them.
 
-A VM is driven by `Plugin` (root context, failure policy) and `HttpStream` (stream callbacks).
+A VM is driven by `Plugin` (root context, failure policy) and `HttpStream` (stream callbacks),
+which it knows only through the `VMOwner` and `StreamActions` protocols, so it imports neither.
 Rules from cpp-host that this module enforces (reference 1.0, 2.1, 2.4):
 
 * Every call into wasm runs under a frame naming the context whose callback runs; the effective
@@ -15,21 +18,19 @@ from __future__ import annotations
 import dataclasses
 import struct
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 import wasmtime
 
 from . import fastcall
-from .api import CallResponse, Cancellable, Host, PluginSpec, StreamInfo
+from .api import CallResponse, Cancellable, Host, LocalReply, PluginSpec, StreamInfo
+from .compiled import CompiledModule
 from .fastcall import ACTIVE as _ACTIVE
 from .fastcall import LinearMemory, StoreHandle, WasmFunction, WasmTrap, summarize_error
 from .headers import HeaderMap
 from .metrics import MetricRegistry
-from .types import LogLevel, WasmResult
-
-if TYPE_CHECKING:
-    from .plugin import HttpStream
-    from .runtime import CompiledModule, Runtime
+from .shared import SharedData, SharedQueues
+from .types import BufferType, LogLevel, MapType, StreamType, WasmResult
 
 # Callbacks sluice calls, with the wasm signature each must have (params, results). An export with
 # another signature is treated as absent, like cpp-host's wasmtime runtime does. Header callbacks
@@ -59,11 +60,25 @@ CALLBACKS: dict[str, tuple[str, str]] = {
 HEADER_CALLBACKS = ("proxy_on_request_headers", "proxy_on_response_headers")
 START_DEADLINE_MS = 1000.0
 _U32x2 = struct.Struct("<II")
+OK = WasmResult.OK
+BAD_ARGUMENT = WasmResult.BAD_ARGUMENT
+NOT_FOUND = WasmResult.NOT_FOUND
+UNIMPLEMENTED = WasmResult.UNIMPLEMENTED
+# Plain ints for the tests made on every host call (reading an IntEnum member costs far more).
+_LAST_STREAM_MAP = int(MapType.HTTP_RESPONSE_TRAILERS)
+"""Maps 0..3 belong to the stream."""
+_RESPONSE_BODY = int(BufferType.HTTP_RESPONSE_BODY)
+_CALL_RESPONSE_BODY = int(BufferType.HTTP_CALL_RESPONSE_BODY)
+_VM_CONFIGURATION = int(BufferType.VM_CONFIGURATION)
+_PLUGIN_CONFIGURATION = int(BufferType.PLUGIN_CONFIGURATION)
+_FOREIGN_FUNCTION_ARGUMENTS = int(BufferType.FOREIGN_FUNCTION_ARGUMENTS)
 
 
 @dataclasses.dataclass(eq=False)
 class RootContext:
     id: int
+    vm: WasmVM | None
+    """The VM this root lives in; None once that VM is closed (the deleted root stays readable)."""
     tick_period_ms: int = 0
     tick_timer: Cancellable | None = None
     calls: dict[int, Cancellable | None] = dataclasses.field(default_factory=dict)
@@ -73,20 +88,173 @@ class RootContext:
     status: tuple[int, bytes] = (0, b"")
     pending_done: bool = False
     deleted: bool = False
-    vm: Any = None
-    """The WasmVM this root lives in."""
     queue_ready: Callable[[int], None] | None = None
     """Posts proxy_on_queue_ready for this root; bound to the queues it registered."""
 
+    @property
+    def root(self) -> RootContext:
+        return self
+
+    def header_map(self, mtype: int, write: bool) -> HeaderMap | None:
+        """A root sees only the callout response being delivered, read-only."""
+        response = self.call_response
+        if write or response is None:
+            return None
+        if mtype == MapType.HTTP_CALL_RESPONSE_HEADERS:
+            return response.headers
+        if mtype == MapType.HTTP_CALL_RESPONSE_TRAILERS:
+            return response.trailers
+        return None
+
+    def get_header_value(self, mtype: int, key: str) -> str | None | WasmResult:
+        """The value of `key` in map `mtype`; None when the map lacks it."""
+        hmap = self.header_map(mtype, False)
+        return BAD_ARGUMENT if hmap is None else hmap.get(key)
+
+    def body(self, btype: int) -> bytes | bytearray | None:
+        """Buffer `btype` as this context sees it (None: no such buffer here)."""
+        if btype <= _RESPONSE_BODY:  # the request and response bodies (0, 1)
+            return b""
+        if btype == _CALL_RESPONSE_BODY and self.call_response is not None:
+            return self.call_response.body
+        return None
+
+    def set_body(self, btype: int, start: int, size: int, data: bytes) -> WasmResult:
+        return NOT_FOUND  # a root context has no HTTP bodies
+
+    def stream_action(self, stype: int, close: bool) -> WasmResult:
+        return BAD_ARGUMENT if stype > StreamType.UPSTREAM else NOT_FOUND
+
+    def http_call(
+        self, upstream: str, headers: HeaderMap, body: bytes, trailers: HeaderMap, timeout_ms: int
+    ) -> int | WasmResult:
+        """proxy_http_call: the callout's token, or why it was refused."""
+        if not (headers.get(":method") and headers.get(":path") and headers.get(":authority")):
+            return BAD_ARGUMENT
+        if timeout_ms > 0x7FFFFFFF:
+            return BAD_ARGUMENT  # a negative i32
+        vm = self.vm
+        if vm is None:
+            return BAD_ARGUMENT
+        token = vm.new_token()
+        accepted = vm.owner.http_call(
+            self, token, upstream, headers, body, trailers, timeout_ms / 1000 if timeout_ms else None
+        )
+        return token if accepted else BAD_ARGUMENT
+
+    def done(self) -> WasmResult:
+        """proxy_done: the module has finished what made its proxy_on_done answer "not yet"."""
+        vm = self.vm
+        if not self.pending_done or vm is None:
+            return NOT_FOUND
+        owner = vm.owner
+        vm.deferred.append(lambda: owner.finish_root(self))
+        return OK
+
+    def send_local_response(self, reply: LocalReply) -> WasmResult:
+        return NOT_FOUND
+
+
+class StreamActions(Protocol):
+    """What a stream context asks of the host's stream (`plugin.HttpStream`) once its callback
+    has returned: the events the filter raised."""
+
+    info: StreamInfo
+    paused: bool
+
+    def resume_request(self) -> None: ...
+
+    def resume_response(self) -> None: ...
+
+    def reply_locally(self, reply: LocalReply) -> None: ...
+
+    def reset(self) -> None: ...
+
+    def fail(self, reason: str | None) -> None: ...
+
 
 class StreamContext:
-    __slots__ = ("id", "root", "stream", "deleted")
+    """One HTTP stream as its filter sees it: the header maps and bodies of the phase in progress,
+    and what each ABI call on them means (Envoy's rules live here, once)."""
 
-    def __init__(self, context_id: int, root: RootContext, stream: HttpStream) -> None:
+    __slots__ = ("id", "root", "stream", "deleted", "maps", "bodies", "in_log")
+
+    def __init__(self, context_id: int, root: RootContext, stream: StreamActions,
+                 maps: list[HeaderMap | None], bodies: list[bytearray | None]) -> None:
         self.id = context_id
         self.root = root
         self.stream = stream
         self.deleted = False
+        self.maps = maps
+        """Indexed by MapType 0..3; shared with the stream, which fills them phase by phase."""
+        self.bodies = bodies
+        """Indexed by BufferType 0..1, shared like `maps`."""
+        self.in_log = False
+        """proxy_on_log (and done/delete) is running: the stream's maps are read-only."""
+
+    def header_map(self, mtype: int, write: bool) -> HeaderMap | None:
+        """Map `mtype` if it exists and may be used this way now, else None."""
+        if mtype <= _LAST_STREAM_MAP:
+            if write and self.in_log:
+                return None  # Envoy: the access-log phase sees the maps read-only
+            return self.maps[mtype]
+        return self.root.header_map(mtype, write)
+
+    def get_header_value(self, mtype: int, key: str) -> str | None | WasmResult:
+        """The value of `key` in map `mtype`; None when the map lacks it."""
+        hmap = self.maps[mtype] if mtype <= _LAST_STREAM_MAP else self.root.header_map(mtype, False)
+        if hmap is None:
+            # A map this stream never had reads as empty in the log phase (Envoy), else it is an error.
+            return None if self.in_log else BAD_ARGUMENT
+        return hmap.get(key)
+
+    def body(self, btype: int) -> bytes | bytearray | None:
+        if btype <= _RESPONSE_BODY:  # the request and response bodies (0, 1)
+            body = self.bodies[btype]
+            return b"" if body is None else body
+        return self.root.body(btype)
+
+    def set_body(self, btype: int, start: int, size: int, data: bytes) -> WasmResult:
+        """proxy_set_buffer_bytes on a body: replace `size` bytes at `start` with `data`."""
+        body = self.bodies[btype] if btype <= _RESPONSE_BODY else None
+        if body is None:
+            return NOT_FOUND
+        # The general splice is a superset of Envoy's (prepend at 0,0; replace at 0,len; append).
+        length_now = len(body)
+        start = min(start, length_now)
+        end = min(start + size, length_now)
+        body[start:end] = data
+        return OK
+
+    def stream_action(self, stype: int, close: bool) -> WasmResult:
+        """proxy_continue_stream / proxy_close_stream: run once the callback has returned."""
+        if stype > StreamType.UPSTREAM:
+            return BAD_ARGUMENT
+        if stype == StreamType.UPSTREAM and not close:
+            return UNIMPLEMENTED  # as Envoy
+        if stype >= StreamType.DOWNSTREAM:
+            return OK if close else UNIMPLEMENTED  # no TCP filters here
+        stream = self.stream
+        if close:
+            action = stream.reset
+        else:
+            action = stream.resume_request if stype == StreamType.HTTP_REQUEST else stream.resume_response
+        self._vm().deferred.append(action)
+        return OK
+
+    def send_local_response(self, reply: LocalReply) -> WasmResult:
+        vm = self._vm()
+        frame = vm.frames[-1]
+        if frame.context is self:
+            frame.local_reply_sent = True
+        stream = self.stream
+        vm.deferred.append(lambda: stream.reply_locally(reply))
+        return OK
+
+    def _vm(self) -> WasmVM:
+        vm = self.root.vm
+        assert vm is not None  # a context whose VM is closed runs no callbacks
+        return vm
 
 
 Context = RootContext | StreamContext
@@ -97,9 +265,9 @@ class VMOwner(Protocol):
 
     spec: PluginSpec
     host: Host
-    metric_registry: MetricRegistry
+    metrics: MetricRegistry
 
-    def get_log_level(self) -> LogLevel: ...
+    def log_level(self) -> LogLevel: ...
 
     def set_tick_period(self, root: RootContext, period_ms: int) -> None: ...
 
@@ -111,6 +279,20 @@ class VMOwner(Protocol):
     def register_queue(self, root: RootContext, name: bytes) -> int: ...
 
     def finish_root(self, root: RootContext) -> None: ...
+
+
+HostBinder = Callable[["WasmVM"], tuple[list[Callable[..., Any]], Callable[[LinearMemory], None]]]
+"""Builds one VM's host-function implementations (in the linker's order) and a setter for its memory."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class VMServices:
+    """What every VM of the process shares; made by `Runtime`, handed to each plugin and VM."""
+
+    engine: wasmtime.Engine
+    shared_data: SharedData
+    queues: SharedQueues
+    bind_host_functions: HostBinder
 
 
 class Frame:
@@ -130,16 +312,14 @@ class Frame:
 class WasmVM:
     """A live instance. Not thread-safe: all calls happen on the proxy's thread."""
 
-    def __init__(self, runtime: Runtime, module: CompiledModule, owner: VMOwner) -> None:
-        from .hostcalls import bind_host_functions
-
-        self.runtime = runtime
+    def __init__(self, services: VMServices, module: CompiledModule, owner: VMOwner) -> None:
+        self.services = services
         self.module = module
-        self.runtime_hooks = owner
+        self.owner = owner
         self.spec = owner.spec
         self.host = owner.host
-        self.metrics = owner.metric_registry
-        self.log_level = owner.get_log_level
+        self.metrics = owner.metrics
+        self.log_level = owner.log_level
         self.abi_version = module.abi_version
         self.contexts: dict[int, Context] = {}
         self._next_context = 0
@@ -150,9 +330,9 @@ class WasmVM:
         """Why the VM may not be entered any more (proc_exit), or None."""
         self.nested_trap: WasmTrap | None = None
         self.failed_fn: WasmFunction | None = None
-        self.host_impls, bind_memory = bind_host_functions(self)
+        self.host_impls, bind_memory = services.bind_host_functions(self)
 
-        self.store = wasmtime.Store(runtime.engine)
+        self.store = wasmtime.Store(services.engine)
         self.store.set_limits(memory_size=self.spec.memory_limit)
         self.handle = StoreHandle(self.store, self.spec.cpu_deadline_ms)
         self.frames.append(Frame(None))
@@ -362,6 +542,34 @@ class WasmVM:
     def stream_info(self) -> StreamInfo | None:
         stream = self.acting_stream()
         return stream.stream.info if stream is not None else None
+
+    def buffer(self, btype: int) -> bytes | bytearray | None:
+        """Buffer `btype` as the running callback sees it (None: not available here)."""
+        if btype <= _RESPONSE_BODY or btype == _CALL_RESPONSE_BODY:
+            ctx = self.acting()
+            if ctx is None:
+                return b"" if btype <= _RESPONSE_BODY else None
+            return ctx.body(btype)
+        if btype == _VM_CONFIGURATION:
+            return self.spec.vm_configuration
+        if btype == _PLUGIN_CONFIGURATION:
+            # Envoy has no plugin-configuration buffer when the configuration is empty: the read
+            # answers NOT_FOUND (the AssemblyScript SDK's default onConfigure then traps).
+            return self.spec.configuration if self.frames[-1].configuring and self.spec.configuration else None
+        if btype == _FOREIGN_FUNCTION_ARGUMENTS:
+            return self.frames[-1].foreign_args
+        return None  # downstream/upstream data and gRPC messages: no TCP or gRPC streams here
+
+    def set_buffer(self, btype: int, start: int, size: int, data: bytes) -> WasmResult:
+        """proxy_set_buffer_bytes: only the HTTP bodies are writable; the others are read-only."""
+        if btype > _RESPONSE_BODY:
+            return BAD_ARGUMENT if self.buffer(btype) is not None else NOT_FOUND
+        ctx = self.acting()
+        return ctx.set_body(btype, start, size, data) if ctx is not None else NOT_FOUND
+
+    def configuration(self) -> bytes:
+        """proxy_get_configuration: the plugin's configuration while configuring, else the VM's."""
+        return self.spec.configuration if self.frames[-1].configuring else self.spec.vm_configuration
 
     def close(self) -> None:
         """Drop what ties this released VM to itself (host-call objects, contexts, exports), so

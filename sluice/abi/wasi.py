@@ -10,13 +10,10 @@ from __future__ import annotations
 import os
 import struct
 import time
-from typing import TYPE_CHECKING
 
 from .fastcall import HostTrap
 from .types import LogLevel
-
-if TYPE_CHECKING:
-    from .vm import WasmVM
+from .vm import WasmVM
 
 MODULES = ("wasi_snapshot_preview1", "wasi_unstable")
 

@@ -53,7 +53,7 @@ from .metrics import TrafficStats
 from .upstream import ConnectFailed, UpstreamConnection, UpstreamError, UpstreamReset, UpstreamTimeout
 
 if TYPE_CHECKING:
-    from .app import Generation
+    from .generation import Generation
 
 log = logging.getLogger("sluice.server")
 access_log = logging.getLogger("sluice.access")

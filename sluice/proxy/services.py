@@ -21,7 +21,7 @@ from .logs import FilterLogs
 from .upstream import UpstreamError
 
 if TYPE_CHECKING:
-    from .app import Generation
+    from .generation import Generation
 
 log = logging.getLogger("sluice.services")
 
