@@ -22,7 +22,6 @@ import sys
 import time
 import weakref
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from sluice import abi
@@ -30,11 +29,12 @@ from sluice import abi
 from .admin import AdminServer
 from .clusters import ClusterPool
 from .config import FilterConfig, SluiceConfig
-from .logs import variant_header
+from .logs import AccessLog, variant_header
 from .reload import Reloader
 from .routing import Router
-from .server import ProxyServer, ProxyStats
+from .server import ProxyServer
 from .services import Services
+from .stats import ProxyStats
 
 log = logging.getLogger("sluice")
 
@@ -274,7 +274,8 @@ class Gateway:
         """Load the config's filters and listen (default: `config.listen`; port 0 = any)."""
         self.services = Services(lambda: self._generation, asyncio.get_running_loop())
         self.install(await self.build_generation(self.config))
-        self.server.access_log = self.config.access_log is not None
+        if self.config.access_log is not None and self.server.access_log is None:
+            self.server.access_log = AccessLog.open(self.config.access_log)
         listen_host = host if host is not None else self.config.listen.host
         listen_port = port if port is not None else self.config.listen.port
         self.address = await self.server.start(listen_host, listen_port)
@@ -309,20 +310,8 @@ class Gateway:
 
 
 def _setup_logging(config: SluiceConfig) -> None:
+    # The access log is not a `logging` logger: `Gateway.start` opens its buffered writer.
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    access = logging.getLogger("sluice.access")
-    access.propagate = False
-    if config.access_log is None:
-        access.disabled = True
-        return
-    handler: logging.Handler
-    if config.access_log == "stdout":
-        handler = logging.StreamHandler(sys.stdout)
-    else:
-        handler = logging.FileHandler(Path(config.access_log))
-    handler.setFormatter(logging.Formatter("%(message)s"))
-    access.addHandler(handler)
-    access.setLevel(logging.INFO)
 
 
 async def _run(config: SluiceConfig) -> int:
