@@ -163,14 +163,8 @@ class DownstreamConnection(asyncio.Protocol):
         if self._tunnel is not None:
             self._tunnel.client_eof()
             return True  # keep writing the upstream's answer
-        if self._exchange is not None and not self._lingering:
-            # A client that half-closes after its request still reads the response.
-            message = self._messages[0] if self._messages else None
-            if message is not None and not message.complete:
-                # The body stopped short: the request cannot complete.
-                return None
-            self.closing = True
-            return True
+        # Like Envoy (and aiohttp), a client's EOF ends its requests: the connection closes and
+        # an exchange in flight is reset as a client disconnect.
         return None
 
     def pause_writing(self) -> None:
