@@ -111,7 +111,7 @@ class DownstreamConnection(asyncio.Protocol):
         """No further request on this connection (draining, a close asked for, an error)."""
         self._loop = asyncio.get_running_loop()
         self._parser = httptools.HttpRequestParser(self)
-        self._limit = server.max_request_header_size
+        self._limit = server.header_limit()
         self._messages: collections.deque[_Message] = collections.deque()
         self._parsing: _Message | None = None
         self._url: list[bytes] = []
@@ -212,6 +212,7 @@ class DownstreamConnection(asyncio.Protocol):
 
     # -- httptools callbacks -------------------------------------------------------------------
     def on_message_begin(self) -> None:
+        self._limit = self.server.header_limit()
         message = _Message()
         self._parsing = message
         self._messages.append(message)

@@ -46,7 +46,6 @@ from .http import (
     append_value,
     downstream_request_headers,
     path_only,
-    strip_hop_by_hop,
     upstream_request,
 )
 from .stats import status_class
@@ -208,7 +207,6 @@ class Exchange:
                 info.response_code = head.status
                 info.backend_latency_ns = time.monotonic_ns() - self._start
                 headers = head.headers
-                strip_hop_by_hop(headers)
                 if head.upgrade and self._upgrade is not None:
                     headers.add("connection", "upgrade")
                     headers.add("upgrade", self._upgrade)

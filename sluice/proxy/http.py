@@ -40,28 +40,18 @@ BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 _NOT_FORWARDED = frozenset({"host", "content-length", "transfer-encoding", "expect"})
 
 
-def connection_tokens(headers: HeaderMap) -> set[str]:
-    """Header names listed in `Connection` (each is hop-by-hop for this hop only)."""
-    tokens: set[str] = set()
-    for value in headers.get_all("connection"):
-        for token in value.split(","):
-            token = token.strip().lower()
-            if token:
-                tokens.add(token)
+def connection_tokens(values: Iterable[str]) -> set[str]:
+    """Header names listed in `Connection` values (each is hop-by-hop for this hop only)."""
+    tokens = {t.strip().lower() for value in values for t in value.split(",")}
+    tokens.discard("")
     return tokens
 
 
-def strip_hop_by_hop(headers: HeaderMap) -> None:
-    """Remove hop-by-hop headers in place, including every header named by `Connection`."""
-    found = False
-    for name, _ in headers:
-        if name in HOP_BY_HOP:
-            found = True
-            break
-    if not found:
-        return  # the common case for responses: one scan, no copy
-    drop = HOP_BY_HOP | connection_tokens(headers)
-    headers.replace_all([(k, v) for k, v in headers if k not in drop])
+def drop_connection_tokens(fields: list[tuple[str, str]], tokens: set[str]) -> list[tuple[str, str]]:
+    """`fields` without those `Connection` named (`HOP_BY_HOP` ones are gone already)."""
+    if tokens - HOP_BY_HOP:
+        return [(k, v) for k, v in fields if k not in tokens]
+    return fields
 
 
 class RequestIds:
@@ -128,11 +118,8 @@ def downstream_request_headers(
         regular.append((name, value))
     tokens: set[str] = set()
     if connection:
-        for value in connection:
-            tokens.update(t.strip().lower() for t in value.split(","))
-        tokens.discard("")
-        if tokens - HOP_BY_HOP:
-            regular = [(k, v) for k, v in regular if k not in tokens]
+        tokens = connection_tokens(connection)
+        regular = drop_connection_tokens(regular, tokens)
     if "upgrade" not in tokens:
         upgrade = None
     headers = HeaderMap()

@@ -58,6 +58,13 @@ class ProxyServer:
         return str(sock[0]), int(sock[1])
 
     # -- requests ------------------------------------------------------------------------------
+    def header_limit(self) -> int:
+        """`max_request_header_size` of the current generation (a reload changes it)."""
+        try:
+            return self._current().config.max_request_header_size
+        except RuntimeError:  # not started
+            return self.max_request_header_size
+
     def begin(self, client: DownstreamConnection, head: RequestHead) -> Exchange:
         """A request arrived on `client`: its exchange, on the current generation (not started)."""
         gen = self._current()

@@ -25,7 +25,7 @@ import httptools
 from sluice.abi import HeaderMap
 
 from .h1 import chunk, dec, last_chunk, request_head
-from .http import UpstreamRequest
+from .http import HOP_BY_HOP, UpstreamRequest, connection_tokens, drop_connection_tokens
 
 
 class UpstreamError(Exception):
@@ -59,7 +59,8 @@ class ResponseHead:
     def __init__(self, status: int, headers: HeaderMap, keep_alive: bool, upgrade: bool) -> None:
         self.status = status
         self.headers = headers
-        """`:status` first, then the fields as received (names lower-case)."""
+        """`:status` first, then the fields as received (names lower-case), without hop-by-hop
+        fields (RFC 9110 7.6.1: those of `HOP_BY_HOP` and those `Connection` names)."""
         self.keep_alive = keep_alive
         self.upgrade = upgrade
 
@@ -108,9 +109,13 @@ class UpstreamConnection(asyncio.Protocol):
         self._tunnel_rest: list[bytes] = []
         self._timer: asyncio.TimerHandle | None = None
         self._timeout = 0.0
+        self._deadline: float | None = None
+        """loop.time() by which the response head must have come (None: not waiting for one)."""
         # Response state for the current exchange.
         self._head_method = False
         self._fields: list[tuple[str, str]] = []
+        self._connection: list[str] = []
+        self._framed = False  # Content-Length or Transfer-Encoding seen
         self._trailer_fields: list[tuple[str, str]] = []
         self._head: ResponseHead | None = None
         self._head_new = False
@@ -193,26 +198,41 @@ class UpstreamConnection(asyncio.Protocol):
 
     # -- httptools callbacks -------------------------------------------------------------------
     def on_header(self, name: bytes, value: bytes) -> None:
-        if self._head is None:
-            self._fields.append((dec(name).lower(), dec(value)))
-        else:
+        if self._head is not None:
             self._trailer_fields.append((dec(name).lower(), dec(value)))
+            return
+        # Hop-by-hop fields are dropped as they are parsed (one pass, no copy afterwards); what
+        # the framing needs of them is noted on the way.
+        lname = dec(name).lower()
+        if lname in HOP_BY_HOP:
+            if lname == "connection":
+                self._connection.append(dec(value))
+            elif lname == "transfer-encoding":
+                self._framed = True
+            return
+        if lname == "content-length":
+            self._framed = True
+        self._fields.append((lname, dec(value)))
 
     def on_headers_complete(self) -> None:
         status = self._parser.get_status_code()
         if 100 <= status < 200 and status != 101:
             # Interim response (100 Continue, 103 Early Hints): the real one follows.
             self._fields = []
+            self._connection = []
+            self._framed = False
             return
-        self._cancel_timer()
-        headers = HeaderMap()
+        self._deadline = None
         fields = self._fields
+        if self._connection:
+            fields = drop_connection_tokens(fields, connection_tokens(self._connection))
+            self._connection = []
         fields.insert(0, (":status", str(status)))
+        headers = HeaderMap()
         headers.replace_all(fields)
         self._fields = []
-        self._close_delimited = not (
-            status in (204, 304) or self._head_method or "content-length" in headers or "transfer-encoding" in headers
-        )
+        self._close_delimited = not (status in (204, 304) or self._head_method or self._framed)
+        self._framed = False
         self._head = ResponseHead(status, headers, self._parser.should_keep_alive(), status == 101)
         self._head_new = True
         if self._head_method:
@@ -277,9 +297,17 @@ class UpstreamConnection(asyncio.Protocol):
             sink.upstream_failed(exc)
 
     def _expire(self) -> None:
+        # One timer per connection, not per request: it stays armed across the requests of a
+        # kept-alive connection and, when it fires, checks the deadline of the current one.
         self._timer = None
-        if self._head is None and not self._failed:
-            self._fail(UpstreamTimeout(f"no response from {self.endpoint} within {self._timeout:g}s"))
+        deadline = self._deadline
+        if deadline is None or self._failed or self._closed:
+            return
+        remaining = deadline - self._loop.time()
+        if remaining > 0.001:
+            self._timer = self._loop.call_later(remaining, self._expire)
+            return
+        self._fail(UpstreamTimeout(f"no response from {self.endpoint} within {self._timeout:g}s"))
 
     def _cancel_timer(self) -> None:
         if self._timer is not None:
@@ -329,7 +357,11 @@ class UpstreamConnection(asyncio.Protocol):
         self._request_done = not has_body
         if timeout is not None:
             self._timeout = timeout
-            self._timer = self._loop.call_later(timeout, self._expire)
+            self._deadline = self._loop.time() + timeout
+            if self._timer is None:
+                self._timer = self._loop.call_later(timeout, self._expire)
+        else:
+            self._deadline = None
         head = request_head(request.method, request.target, fields)
         if body or end:
             return self.write_body(body, end, head)
@@ -421,7 +453,7 @@ class UpstreamConnection(asyncio.Protocol):
     def detach(self) -> None:
         """The exchange is over (its connection goes back to the pool or is closed)."""
         self._sink = None
-        self._cancel_timer()
+        self._deadline = None
         if self._read_paused:
             self.resume_reading()
 
