@@ -309,7 +309,7 @@ def test_access_log_to_stdout(capfdbinary: pytest.CaptureFixture[bytes]) -> None
 
 def test_sigterm_flushes_the_access_log(tmp_path: Path) -> None:
     """`sluice run` with the access log in a file: every request's line is there after SIGTERM."""
-    from test_proxy_lifecycle import free_port
+    from test_proxy_lifecycle import free_port, wait_serving
 
     path = tmp_path / "access.log"
 
@@ -335,15 +335,7 @@ routes:
             )
             try:
                 async with aiohttp.ClientSession() as s:
-                    for _ in range(300):
-                        try:
-                            async with s.get(f"http://127.0.0.1:{port}/hello?n=0") as r:
-                                if r.status == 200:
-                                    break
-                        except aiohttp.ClientConnectionError:
-                            await asyncio.sleep(0.05)
-                    else:
-                        raise AssertionError("proxy did not start")
+                    await wait_serving(s, f"http://127.0.0.1:{port}/hello?n=0")
                     for i in range(1, 50):
                         async with s.get(f"http://127.0.0.1:{port}/hello?n={i}") as r:
                             assert r.status == 200

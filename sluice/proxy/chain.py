@@ -584,6 +584,8 @@ class FilterChain:
     def acted_filters(self) -> list[str]:
         """Names of the filters that paused, replied locally, reset or changed headers."""
         acted = self.acted
+        if not acted:
+            return []
         return [name for i, name in enumerate(self.names) if acted >> i & 1]
 
     # -- dispatch ------------------------------------------------------------------------------

@@ -57,7 +57,6 @@ def format_time(epoch_ns: int) -> str:
 
 
 def access_record(
-    *,
     start_ns: int,
     method: str,
     path: str,

@@ -96,21 +96,22 @@ class ProxyServer:
         chain = exchange.chain
         headers = info.request_headers
         local = chain.local_reply if chain is not None else None
+        # Positional: this runs for every request.
         record = access_record(
-            start_ns=info.start_time_ns,
-            method=head.method,
-            path=head.target,
-            status=info.response_code,
-            bytes_sent=info.response_size,
-            bytes_received=info.request_size,
-            duration_ns=info.duration_ns or time.monotonic_ns() - exchange.started_ns,
-            upstream=info.upstream_address,
-            cluster=info.cluster_name,
-            route=info.route_name,
-            variant=headers.get(gen.variant_header) if headers is not None else None,
-            filters=chain.acted_filters() if chain is not None else (),
-            source=info.source_address,
-            local_reply=(local.details or "filter") if local is not None else None,
+            info.start_time_ns,
+            head.method,
+            head.target,
+            info.response_code,
+            info.response_size,
+            info.request_size,
+            info.duration_ns or time.monotonic_ns() - exchange.started_ns,
+            info.upstream_address,
+            info.cluster_name,
+            info.route_name,
+            headers.get(gen.variant_header) if headers is not None else None,
+            chain.acted_filters() if chain is not None else (),
+            info.source_address,
+            (local.details or "filter") if local is not None else None,
         )
         sink.write(record)
 
