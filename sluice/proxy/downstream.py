@@ -125,6 +125,7 @@ class DownstreamConnection(asyncio.Protocol):
         self._dispatching = False
         self._pause = 0
         self._upgraded = False  # the parser stopped at an upgrade request: the rest is raw bytes
+        self._broken = False  # the parser failed: the connection ends once what is owed is sent
         self._raw: list[bytes] = []
         self._tunnel: Tunnel | None = None
         self._lingering = False
@@ -184,6 +185,8 @@ class DownstreamConnection(asyncio.Protocol):
         if self._upgraded:
             self._raw.append(data)
             return
+        if self._broken:
+            return  # after a request that could not be parsed, nothing more is
         self._idle_since = None
         try:
             self._parser.feed_data(data)
@@ -193,6 +196,7 @@ class DownstreamConnection(asyncio.Protocol):
             if offset < len(data):
                 self._raw.append(data[offset:])
         except httptools.HttpParserCallbackError as exc:
+            self._broken = True
             if isinstance(exc.__context__, _HeadTooLarge):
                 self._too_large()
             else:
@@ -200,12 +204,14 @@ class DownstreamConnection(asyncio.Protocol):
                 self._bad_request(f"{exc.__context__!r}")
             return
         except httptools.HttpParserError as exc:
+            self._broken = True
             self._bad_request(str(exc))
             return
         if self._parsing is not None and self._parsing.head is None:
             # A head still incomplete: bound what the parser accumulates for it.
             self._head_raw += len(data)
             if self._head_raw > 2 * self._limit + 16384:
+                self._broken = True
                 self._too_large()
                 return
         self._dispatch()
