@@ -275,3 +275,21 @@ def test_slow_upstream_pauses_the_client() -> None:
             writer.close()
 
     run(main(), timeout=120)
+
+
+def test_oversized_head_in_pieces_is_one_431() -> None:
+    async def main() -> None:
+        async with upstream() as up, proxy(config(up, top="max_request_header_size: 2048")) as gw:
+            reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+            writer.write(b"GET / HTTP/1.1\r\nHost: a\r\nX-Big: " + b"v" * 4000 + b"\r\nX-Next: 1\r\n")
+            await writer.drain()
+            await asyncio.sleep(0.05)
+            with contextlib.suppress(ConnectionError):
+                writer.write(b"X-More: " + b"w" * 4000 + b"\r\n\r\n")
+                await writer.drain()
+            status, _, body = split_response(await reader.read())
+            writer.close()
+            assert status == 431 and body == b"request headers too large\n"
+            assert gw.stats.local_replies["request_headers_too_large"] == 1
+
+    run(main())
