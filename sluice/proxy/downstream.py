@@ -47,7 +47,7 @@ PAUSE_TUNNEL = 4
 class RequestHead:
     """A parsed request line and header section, as the client sent it."""
 
-    __slots__ = ("method", "target", "version", "fields", "keep_alive", "upgrade", "has_body", "expect_continue")
+    __slots__ = ("method", "target", "version", "fields", "keep_alive", "has_body", "expect_continue")
 
     def __init__(
         self,
@@ -56,7 +56,6 @@ class RequestHead:
         version: str,
         fields: list[tuple[str, str]],
         keep_alive: bool,
-        upgrade: bool,
         has_body: bool,
         expect_continue: bool,
     ) -> None:
@@ -67,7 +66,6 @@ class RequestHead:
         self.fields = fields
         """Names lower-case, in order."""
         self.keep_alive = keep_alive
-        self.upgrade = upgrade
         self.has_body = has_body
         self.expect_continue = expect_continue
 
@@ -269,7 +267,6 @@ class DownstreamConnection(asyncio.Protocol):
             version,
             self._fields,
             parser.should_keep_alive(),
-            parser.should_upgrade(),
             self._chunked or self._content_length > 0,
             self._expect and version == "1.1",
         )

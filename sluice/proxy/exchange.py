@@ -72,7 +72,7 @@ class Exchange:
     __slots__ = (
         "server", "gen", "stats", "client", "head", "info", "chain", "pool", "conn", "_request", "_upgrade",
         "_start", "_busy", "_done", "_reset_reason", "_connecting", "_pending", "_pending_size", "_retried",
-        "_got_head", "_upstream_done", "_upstream_full", "_status", "_chunked", "_body_allowed", "_keep_alive",
+        "_got_head", "_upstream_full", "_status", "_chunked", "_body_allowed", "_keep_alive",
         "_response_done", "_request_done", "_tunnel",
     )
 
@@ -97,7 +97,6 @@ class Exchange:
         self._pending_size = 0
         self._retried = False
         self._got_head = False
-        self._upstream_done = False
         self._upstream_full = False
         self._status = 0
         self._chunked = False
@@ -196,8 +195,6 @@ class Exchange:
         conn = self.conn
         if self._done or chain is None or conn is None:
             return
-        if complete:
-            self._upstream_done = True
         trailers = conn.response_trailers if complete else None
         self._busy = True
         try:
@@ -595,10 +592,6 @@ class Exchange:
         self.client.abort()
         self._finish(keep_alive=False)
 
-    def close_after(self) -> None:
-        """No further request on this connection once this response is complete."""
-        self._keep_alive = False
-
     def _finish(self, *, keep_alive: bool) -> None:
         if self._done:
             return
@@ -615,7 +608,3 @@ class Exchange:
             chain.complete()
         self.server.ended(self)
         self.client.exchange_done(self, keep_alive and self._reset_reason is None)
-
-    @property
-    def reset_reason(self) -> str | None:
-        return self._reset_reason
