@@ -20,7 +20,7 @@ from conftest import ROOT, run, upstream
 from test_admin import API_KEY, admin_proxy, admin_url, builtin_config, need_filters, proxy_url
 
 from sluice.abi import LogLevel
-from sluice.proxy.logs import AccessLog, FilterLogs, access_record, format_time, variant_header
+from sluice.proxy.logs import AccessLog, AccessLogError, FilterLogs, access_record, format_time, variant_header
 
 # A filter that logs one debug and one info line on every request's headers.
 CHATTY_WAT = """
@@ -295,6 +295,11 @@ def test_access_log_buffers_and_flushes_by_size_time_and_close(tmp_path: Path) -
         assert log.lines_written == per_flush + 2
 
     run(main())
+
+
+def test_access_log_that_cannot_be_opened_says_so(tmp_path: Path) -> None:
+    with pytest.raises(AccessLogError, match=r"cannot open access log .*missing/a.log: No such file"):
+        AccessLog.open(str(tmp_path / "missing" / "a.log"))
 
 
 def test_access_log_to_stdout(capfdbinary: pytest.CaptureFixture[bytes]) -> None:

@@ -29,7 +29,7 @@ from sluice import abi
 from .admin import AdminServer
 from .clusters import ClusterPool
 from .config import FilterConfig, SluiceConfig
-from .logs import AccessLog, variant_header
+from .logs import AccessLog, AccessLogError, variant_header
 from .reload import Reloader
 from .routing import Router
 from .server import ProxyServer
@@ -324,6 +324,9 @@ async def _run(config: SluiceConfig) -> int:
         host, port = await gateway.start()
     except abi.PluginLoadError as exc:
         log.error("cannot load filter: %s", exc)
+        return 1
+    except AccessLogError as exc:
+        log.error("%s", exc.strerror)
         return 1
     except OSError as exc:
         log.error("cannot listen on %s: %s", config.listen, exc.strerror or exc)

@@ -95,6 +95,10 @@ def access_line(record: dict[str, Any]) -> str:
     return orjson.dumps(record).decode()
 
 
+class AccessLogError(OSError):
+    """The access log destination cannot be opened (the message names it)."""
+
+
 class AccessLog:
     """Buffered JSON lines to a binary stream (a file opened for append, or stdout)."""
 
@@ -115,7 +119,10 @@ class AccessLog:
         """"stdout", or a file path (appended to, created if missing)."""
         if destination == "stdout":
             return cls(sys.stdout.buffer, owned=False)
-        fd = os.open(destination, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            fd = os.open(destination, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise AccessLogError(exc.errno, f"cannot open access log {destination}: {exc.strerror}") from None
         return cls(os.fdopen(fd, "ab", buffering=0), owned=True)
 
     def write(self, record: dict[str, Any]) -> None:
