@@ -6,6 +6,7 @@ exactly); the second half with real filters on the real host (AssemblyScript fix
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable
 from pathlib import Path
@@ -17,11 +18,20 @@ from sluice.abi import FilterStatus, HeaderMap, LocalReply, StreamCallbacks, Str
 from sluice.proxy.chain import (
     AbortUpstream,
     Action,
+    ContinueRequest,
     FilterChain,
+    FilterReset,
     ForwardRequestData,
     ForwardRequestHeaders,
     ForwardRequestTrailers,
+    RequestData,
+    RequestHeaders,
+    RequestTrailers,
     ResetStream,
+    ResponseData,
+    ResponseHeaders,
+    ResponseTrailers,
+    SendLocalReply,
     SendResponseData,
     SendResponseHeaders,
     SendResponseTrailers,
@@ -109,16 +119,17 @@ def kinds(actions: list[Action]) -> list[str]:
 
 def test_no_filters_passes_everything_through() -> None:
     chain, _, _ = build()
-    chain.request_headers(req(), False)
-    chain.request_data(b"abc", False)
-    chain.request_data(b"def", True)
+    # The one entry point, with typed events (the methods below are shorthands for it).
+    chain.handle(RequestHeaders(req(), False))
+    chain.handle(RequestData(b"abc", False))
+    chain.handle(RequestData(b"def", True))
     assert kinds(chain.take_actions()) == [
         "ForwardRequestHeaders",
         "ForwardRequestData",
         "ForwardRequestData",
     ]
-    chain.response_headers(resp(), False)
-    chain.response_data(b"x", True)
+    chain.handle(ResponseHeaders(resp(), False))
+    chain.handle(ResponseData(b"x", True))
     actions = chain.take_actions()
     assert isinstance(actions[0], SendResponseHeaders) and isinstance(actions[1], SendResponseData)
     assert chain.response_complete
@@ -149,6 +160,51 @@ def test_streaming_body_is_not_buffered() -> None:
         # Each chunk leaves the chain as soon as it came in.
         assert actions == [ForwardRequestData(b"%d" % i, i == 2)]
     assert ("f1", "req_body", b"2", True) in log
+
+
+def test_events_are_frozen_values() -> None:
+    event = RequestData(b"x", True)
+    assert event == RequestData(b"x", True)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        event.end_of_stream = False  # type: ignore[misc]
+
+
+def test_filter_callbacks_arrive_as_typed_events() -> None:
+    # Events a filter raises go through the same entry point as the sockets' events.
+    chain, _, log = build({"req_headers": S}, {})
+    chain.handle(RequestHeaders(req(method="POST"), False))
+    chain.handle(RequestData(b"ab", False))
+    assert chain.take_actions() == []
+    chain.handle(ContinueRequest(0))
+    actions = chain.take_actions()
+    assert kinds(actions) == ["ForwardRequestHeaders", "ForwardRequestData"]
+    chain.handle(RequestTrailers(HeaderMap([("x-sum", "1")])))
+    assert kinds(chain.take_actions()) == ["ForwardRequestTrailers"]
+    chain.handle(ResponseHeaders(resp(), False))
+    chain.handle(ResponseTrailers(HeaderMap([("x-t", "2")])))
+    assert kinds(chain.take_actions()) == ["SendResponseHeaders", "SendResponseTrailers"]
+    # A reply after the response started can only reset; a reset after that is a no-op.
+    chain.handle(SendLocalReply(1, LocalReply(500, b"late")))
+    assert kinds(chain.take_actions()) == ["ResetStream"]
+    chain.handle(FilterReset(0))
+    assert chain.take_actions() == []
+
+
+def test_headers_comparison_can_be_turned_off() -> None:
+    # "Changed headers" counts as acting only when someone reads it (the access log).
+    for track, acted in ((True, ["f0"]), (False, [])):
+        chain = FilterChain([("f0", lambda cbs: _Rewriter())], track_headers=track)
+        chain.request_headers(req(), True)
+        assert chain.acted_filters() == acted
+
+
+class _Rewriter(Scripted):
+    def __init__(self) -> None:
+        super().__init__("f0", [])
+
+    def request_headers(self, headers: HeaderMap, end_of_stream: bool) -> FilterStatus:
+        headers.set("x-added", "1")
+        return C
 
 
 # -- STOP on headers -------------------------------------------------------------------------------

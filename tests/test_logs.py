@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+import os
+import signal
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -11,11 +16,11 @@ from typing import Any
 import aiohttp
 import pytest
 import wasmtime
-from conftest import run, upstream
+from conftest import ROOT, run, upstream
 from test_admin import API_KEY, admin_proxy, admin_url, builtin_config, need_filters, proxy_url
 
 from sluice.abi import LogLevel
-from sluice.proxy.logs import FilterLogs, access_record, format_time, variant_header
+from sluice.proxy.logs import AccessLog, AccessLogError, FilterLogs, access_record, format_time, variant_header
 
 # A filter that logs one debug and one info line on every request's headers.
 CHATTY_WAT = """
@@ -213,12 +218,13 @@ def test_filter_log_level_changes_take_effect_and_flood_is_limited(tmp_path: Pat
 # -- access log ------------------------------------------------------------------------------------------
 
 
-def test_access_log_json_lines(capture: Capture) -> None:
+def test_access_log_json_lines(tmp_path: Path) -> None:
     need_filters()
+    path = tmp_path / "access.log"
 
     async def main() -> None:
         async with upstream() as up:
-            cfg = builtin_config(up).replace("access_log: null", "access_log: stdout")
+            cfg = builtin_config(up).replace("access_log: null", f"access_log: {path}")
             async with admin_proxy(cfg) as (gw, _admin), aiohttp.ClientSession() as s:
                 assert gw.server.access_log
                 headers = {"x-api-key": API_KEY, "x-variant": "canary"}
@@ -230,7 +236,8 @@ def test_access_log_json_lines(capture: Capture) -> None:
                 async with s.post(proxy_url(gw, "/denied"), data=b"12345") as r:
                     assert r.status == 401
                     denied_size = len(await r.read())
-        lines = capture.messages("sluice.access")
+        # The proxy has stopped: its buffered writer flushed everything on the way out.
+        lines = path.read_text().splitlines()
         assert len(lines) == 3
         ok, plain, denied = (json.loads(line) for line in lines)
         assert set(ok) >= {"time", "method", "path", "status", "bytes", "duration_ms", "upstream", "variant", "filters"}
@@ -265,3 +272,87 @@ def test_access_record_helpers() -> None:
     assert variant_header([Entry("auth.wasm", {}), Entry("ab.wasm", {"header": "X-Arm"})]) == "x-arm"
     assert variant_header([Entry("ab.wasm", {"variants": {"a": 1}})]) == "x-variant"
     assert variant_header([]) == "x-variant"
+
+
+def test_access_log_buffers_and_flushes_by_size_time_and_close(tmp_path: Path) -> None:
+    path = tmp_path / "a.log"
+    record = {"path": "/x" * 100, "status": 200, "note": "caf\u00e9"}
+    line = json.dumps(record, separators=(",", ":"), ensure_ascii=False).encode() + b"\n"
+
+    async def main() -> None:
+        log = AccessLog.open(str(path))
+        log.write(record)
+        assert path.read_bytes() == b""  # buffered
+        await asyncio.sleep(AccessLog.FLUSH_INTERVAL_S * 2)
+        assert path.read_bytes() == line  # flushed by time
+        per_flush = AccessLog.FLUSH_BYTES // len(line) + 1
+        for _ in range(per_flush):
+            log.write(record)
+        assert path.read_bytes() == line * (per_flush + 1)  # flushed by size, at once
+        log.write(record)
+        log.close()
+        assert path.read_bytes() == line * (per_flush + 2)  # and on close
+        assert log.lines_written == per_flush + 2
+
+    run(main())
+
+
+def test_access_log_that_cannot_be_opened_says_so(tmp_path: Path) -> None:
+    with pytest.raises(AccessLogError, match=r"cannot open access log .*missing/a.log: No such file"):
+        AccessLog.open(str(tmp_path / "missing" / "a.log"))
+
+
+def test_access_log_to_stdout(capfdbinary: pytest.CaptureFixture[bytes]) -> None:
+    async def main() -> None:
+        log = AccessLog.open("stdout")
+        log.write({"status": 204})
+        log.close()
+
+    run(main())
+    assert capfdbinary.readouterr().out.endswith(b'{"status":204}\n')
+
+
+def test_sigterm_flushes_the_access_log(tmp_path: Path) -> None:
+    """`sluice run` with the access log in a file: every request's line is there after SIGTERM."""
+    from test_proxy_lifecycle import free_port, wait_serving
+
+    path = tmp_path / "access.log"
+
+    async def main() -> None:
+        async with upstream() as up:
+            port, admin = free_port(), free_port()
+            cfg = tmp_path / "sluice.yaml"
+            cfg.write_text(
+                f"""
+listen: 127.0.0.1:{port}
+admin: {{listen: "127.0.0.1:{admin}"}}
+access_log: {path}
+clusters:
+  web: {{endpoints: ["{up}"]}}
+routes:
+  - match: {{prefix: /}}
+    cluster: web
+"""
+            )
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "sluice.proxy", "run", "-c", str(cfg), cwd=ROOT,
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "PYTHONPATH": str(ROOT)},
+            )
+            try:
+                async with aiohttp.ClientSession() as s:
+                    await wait_serving(s, f"http://127.0.0.1:{port}/hello?n=0")
+                    for i in range(1, 50):
+                        async with s.get(f"http://127.0.0.1:{port}/hello?n={i}") as r:
+                            assert r.status == 200
+                # Right away: the last lines are still in the writer's buffer (100 ms).
+                os.kill(proc.pid, signal.SIGTERM)
+                assert await asyncio.wait_for(proc.wait(), 30) == 0
+            finally:
+                if proc.returncode is None:
+                    proc.kill()
+                    await proc.wait()
+        records = [json.loads(line) for line in path.read_text().splitlines()]
+        paths = [r["path"] for r in records]
+        assert paths[-49:] == [f"/hello?n={i}" for i in range(1, 50)]
+
+    run(main(), timeout=60)

@@ -21,6 +21,18 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+async def wait_serving(s: aiohttp.ClientSession, url: str) -> None:
+    """Wait until a proxy started as a process answers `url` with 200."""
+    for _ in range(300):
+        try:
+            async with s.get(url) as r:
+                if r.status == 200:
+                    return
+        except aiohttp.ClientConnectionError:
+            await asyncio.sleep(0.05)
+    raise AssertionError("proxy did not start")
+
+
 def test_sigterm_drains_in_flight_request_and_exits_0(tmp_path: Path) -> None:
     started = asyncio.Event()
 
@@ -67,16 +79,7 @@ routes:
             )
             try:
                 async with aiohttp.ClientSession() as s:
-                    # Wait until it listens.
-                    for _ in range(300):
-                        try:
-                            async with s.get(f"http://127.0.0.1:{port}/hello") as r:
-                                if r.status == 200:
-                                    break
-                        except aiohttp.ClientConnectionError:
-                            await asyncio.sleep(0.05)
-                    else:
-                        raise AssertionError("proxy did not start")
+                    await wait_serving(s, f"http://127.0.0.1:{port}/hello")
                     pending = asyncio.ensure_future(s.get(f"http://127.0.0.1:{port}/slow"))
                     # Signal only once the request went through the proxy to the upstream.
                     await started.wait()

@@ -17,7 +17,6 @@ import signal
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from sluice import abi
@@ -25,10 +24,12 @@ from sluice import abi
 from .admin import AdminServer
 from .config import SluiceConfig
 from .generation import Generation, LoadedFilter, load_generation
+from .logs import AccessLog, AccessLogError
 from .reload import Reloader
 from .reloadevents import ReloadHistory
-from .server import ProxyServer, ProxyStats
+from .server import ProxyServer
 from .services import Services
+from .stats import ProxyStats
 
 __all__ = ["Gateway", "Generation", "LoadedFilter", "serve"]
 
@@ -150,7 +151,8 @@ class Gateway:
         """Load the config's filters and listen (default: `config.listen`; port 0 = any)."""
         self.services = Services(lambda: self._generation, asyncio.get_running_loop())
         self.install(await self.build_generation(self.config))
-        self.server.access_log = self.config.access_log is not None
+        if self.config.access_log is not None and self.server.access_log is None:
+            self.server.access_log = AccessLog.open(self.config.access_log)
         listen_host = host if host is not None else self.config.listen.host
         listen_port = port if port is not None else self.config.listen.port
         self.address = await self.server.start(listen_host, listen_port)
@@ -185,20 +187,8 @@ class Gateway:
 
 
 def _setup_logging(config: SluiceConfig) -> None:
+    # The access log is not a `logging` logger: `Gateway.start` opens its buffered writer.
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    access = logging.getLogger("sluice.access")
-    access.propagate = False
-    if config.access_log is None:
-        access.disabled = True
-        return
-    handler: logging.Handler
-    if config.access_log == "stdout":
-        handler = logging.StreamHandler(sys.stdout)
-    else:
-        handler = logging.FileHandler(Path(config.access_log))
-    handler.setFormatter(logging.Formatter("%(message)s"))
-    access.addHandler(handler)
-    access.setLevel(logging.INFO)
 
 
 async def _run(config: SluiceConfig) -> int:
@@ -211,6 +201,9 @@ async def _run(config: SluiceConfig) -> int:
         host, port = await gateway.start()
     except abi.PluginLoadError as exc:
         log.error("cannot load filter: %s", exc)
+        return 1
+    except AccessLogError as exc:
+        log.error("%s", exc.strerror)
         return 1
     except OSError as exc:
         log.error("cannot listen on %s: %s", config.listen, exc.strerror or exc)

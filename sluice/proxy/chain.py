@@ -1,9 +1,10 @@
 """`FilterChain`: the per-request filter manager, as a sans-I/O state machine.
 
-Events go in (request/response headers, data and trailers from the sockets, and the asynchronous
-continue/local-reply/reset events the filters raise through their `abi.StreamCallbacks`); actions
-come out (`take_actions()`), for the server to perform. No socket, no event loop, no clock, so it
-is tested by feeding events and looking at actions.
+Typed events go in through one entry point, `handle(event)`: request/response headers, data and
+trailers from the sockets, and the continue/local-reply/reset events the filters raise through
+their `abi.StreamCallbacks` (the methods `request_headers()`... are shorthands for `handle`).
+Typed actions come out (`take_actions()`), for the server to perform. No socket, no event loop,
+no clock, so it is tested by feeding events and looking at actions.
 
 Semantics follow Envoy's filter manager (reference sections 2.3-2.4):
 
@@ -31,7 +32,7 @@ import enum
 import logging
 from collections import deque
 from collections.abc import Callable, Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 from sluice.abi import FilterStatus, HeaderMap, LocalReply, StreamCallbacks
 
@@ -126,6 +127,89 @@ Action = (
     | SendResponseTrailers
     | AbortUpstream
     | ResetStream
+)
+
+
+# -- events ------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True, slots=True)
+class RequestHeaders:
+    """The client's request headers (as `downstream_request_headers` made them)."""
+
+    headers: HeaderMap
+    end_of_stream: bool
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class RequestData:
+    data: bytes | bytearray
+    end_of_stream: bool
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class RequestTrailers:
+    trailers: HeaderMap
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ResponseHeaders:
+    """The upstream's response headers (`:status` first)."""
+
+    headers: HeaderMap
+    end_of_stream: bool
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ResponseData:
+    data: bytes | bytearray
+    end_of_stream: bool
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ResponseTrailers:
+    trailers: HeaderMap
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ContinueRequest:
+    """Filter `index` continued decoding after it stopped (`proxy_continue_stream`)."""
+
+    index: int
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ContinueResponse:
+    """Filter `index` continued encoding after it stopped."""
+
+    index: int
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class SendLocalReply:
+    """Filter `index` answers the request itself; the proxy's own replies (404, 502, 504...)
+    come after every filter, as index len(filters) - 1 (Envoy's router is the last filter)."""
+
+    index: int
+    reply: LocalReply
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class FilterReset:
+    """Filter `index` reset the stream."""
+
+    index: int
+
+
+Event = (
+    RequestHeaders
+    | RequestData
+    | RequestTrailers
+    | ResponseHeaders
+    | ResponseData
+    | ResponseTrailers
+    | ContinueRequest
+    | ContinueResponse
+    | SendLocalReply
+    | FilterReset
 )
 
 
@@ -329,8 +413,6 @@ class _Direction:
 
 
 # -- the chain ---------------------------------------------------------------------------------
-_Event = tuple[str, object, object]
-
 
 class _Callbacks:
     """The `abi.StreamCallbacks` handed to filter `index`: everything becomes a queued event."""
@@ -341,30 +423,30 @@ class _Callbacks:
         self._chain: FilterChain | None = chain
         self._index = index
 
-    def _post(self, event: _Event) -> None:
+    def _post(self, event: Event) -> None:
         # After complete() the chain is gone: a late event (a callout answering after the client
         # left) has nothing to act on.
         if self._chain is not None:
-            self._chain._post(event)
+            self._chain.handle(event)
 
     def detach(self) -> None:
         self._chain = None
 
     def continue_request(self) -> None:
-        self._post(("continue", True, self._index))
+        self._post(ContinueRequest(self._index))
 
     def continue_response(self) -> None:
-        self._post(("continue", False, self._index))
+        self._post(ContinueResponse(self._index))
 
     def send_local_reply(self, reply: LocalReply) -> None:
         if self._chain is not None:
             self._chain.acted |= 1 << self._index
-        self._post(("local_reply", self._index, reply))
+        self._post(SendLocalReply(self._index, reply))
 
     def reset(self) -> None:
         if self._chain is not None:
             self._chain.acted |= 1 << self._index
-        self._post(("reset", self._index, None))
+        self._post(FilterReset(self._index))
 
 
 class FilterChain:
@@ -375,11 +457,15 @@ class FilterChain:
         factories: Sequence[tuple[str, StreamFactory]],
         *,
         max_body_buffer: int = 1 << 20,
+        track_headers: bool = True,
     ) -> None:
         self.max_body_buffer = max_body_buffer
+        self.track_headers = track_headers
+        """Compare headers before and after each filter's headers callback, so that `acted`
+        covers "changed headers" (the access log's `filters`); off when nothing reads it."""
         self.names = [name for name, _ in factories]
         self._actions: list[Action] = []
-        self._queue: deque[_Event] = deque()
+        self._queue: deque[Event] = deque()
         self._running = False
         self._halted = False  # reset: nothing more happens
         self._completed = False
@@ -400,27 +486,44 @@ class FilterChain:
         self._response_started = False  # response headers went to the client
 
     # -- public events -----------------------------------------------------------------------
-    def request_headers(self, headers: HeaderMap, end_of_stream: bool) -> None:
-        self._post(("req_headers", headers, end_of_stream))
+    def handle(self, event: Event) -> None:
+        """Feed one event. Raised from inside a filter call, it is handled once that unwinds."""
+        if self._halted:
+            return
+        if self._running:
+            self._queue.append(event)
+            return
+        self._running = True
+        try:
+            self._dispatch(event)
+            while self._queue and not self._halted:
+                self._dispatch(self._queue.popleft())
+        finally:
+            self._running = False
+        if self._actions and self.on_actions is not None:
+            self.on_actions()
 
-    def request_data(self, data: bytes, end_of_stream: bool) -> None:
-        self._post(("req_data", data, end_of_stream))
+    def request_headers(self, headers: HeaderMap, end_of_stream: bool) -> None:
+        self.handle(RequestHeaders(headers, end_of_stream))
+
+    def request_data(self, data: bytes | bytearray, end_of_stream: bool) -> None:
+        self.handle(RequestData(data, end_of_stream))
 
     def request_trailers(self, trailers: HeaderMap) -> None:
-        self._post(("req_trailers", trailers, None))
+        self.handle(RequestTrailers(trailers))
 
     def response_headers(self, headers: HeaderMap, end_of_stream: bool) -> None:
-        self._post(("resp_headers", headers, end_of_stream))
+        self.handle(ResponseHeaders(headers, end_of_stream))
 
-    def response_data(self, data: bytes, end_of_stream: bool) -> None:
-        self._post(("resp_data", data, end_of_stream))
+    def response_data(self, data: bytes | bytearray, end_of_stream: bool) -> None:
+        self.handle(ResponseData(data, end_of_stream))
 
     def response_trailers(self, trailers: HeaderMap) -> None:
-        self._post(("resp_trailers", trailers, None))
+        self.handle(ResponseTrailers(trailers))
 
     def send_local_reply(self, reply: LocalReply) -> None:
         """A reply from the proxy itself, after the filters (Envoy's router: 404, 502, 504...)."""
-        self._post(("local_reply", len(self.streams) - 1, reply))
+        self.handle(SendLocalReply(len(self.streams) - 1, reply))
 
     def reset(self, reason: str = "reset") -> None:
         """The client or the upstream went away: stop everything (no action is produced)."""
@@ -481,76 +584,64 @@ class FilterChain:
     def acted_filters(self) -> list[str]:
         """Names of the filters that paused, replied locally, reset or changed headers."""
         acted = self.acted
+        if not acted:
+            return []
         return [name for i, name in enumerate(self.names) if acted >> i & 1]
 
-    # -- event loop ----------------------------------------------------------------------------
-    def _post(self, event: _Event) -> None:
-        if self._halted:
-            return
-        if self._running:
-            # Raised from inside a filter call: handled once the current dispatch unwinds.
-            self._queue.append(event)
-            return
-        self._running = True
-        try:
-            self._dispatch(event)
-            while self._queue and not self._halted:
-                self._dispatch(self._queue.popleft())
-        finally:
-            self._running = False
-        if self._actions and self.on_actions is not None:
-            self.on_actions()
+    # -- dispatch ------------------------------------------------------------------------------
+    def _dispatch(self, event: Event) -> None:
+        _HANDLERS[type(event)](self, event)
 
-    def _dispatch(self, event: _Event) -> None:
-        kind, a, b = event
-        if kind == "req_headers":
-            assert isinstance(a, HeaderMap) and isinstance(b, bool)
-            self._dec.on_headers(a, b)
-        elif kind == "req_data":
-            assert isinstance(a, bytes | bytearray) and isinstance(b, bool)
-            if not self._dec.aborted:
-                self._dec.on_data(a, b)
-        elif kind == "req_trailers":
-            assert isinstance(a, HeaderMap)
-            if not self._dec.aborted:
-                self._dec.on_trailers(a)
-        elif kind == "resp_headers":
-            assert isinstance(a, HeaderMap) and isinstance(b, bool)
-            if self._enc is not None:
-                return  # a local reply already answered; the upstream response is moot
-            self._enc = _Direction(self, list(reversed(range(len(self.streams)))), decoding=False)
-            self._enc.on_headers(a, b)
-        elif kind == "resp_data":
-            assert isinstance(a, bytes | bytearray) and isinstance(b, bool)
-            if self._enc is not None and not self._enc.aborted and self.local_reply is None:
-                self._enc.on_data(a, b)
-        elif kind == "resp_trailers":
-            assert isinstance(a, HeaderMap)
-            if self._enc is not None and not self._enc.aborted and self.local_reply is None:
-                self._enc.on_trailers(a)
-        elif kind == "continue":
-            assert isinstance(b, int)
-            direction = self._dec if a else self._enc
-            if direction is not None:
-                direction.resume(b)
-        elif kind == "local_reply":
-            assert isinstance(a, int) and isinstance(b, LocalReply)
-            self._local_reply(a, b)
-        elif kind == "reset":
-            assert isinstance(a, int)
-            self._reset(f"reset by filter {self.names[a]}")
+    def _on_request_headers(self, event: RequestHeaders) -> None:
+        self._dec.on_headers(event.headers, event.end_of_stream)
+
+    def _on_request_data(self, event: RequestData) -> None:
+        if not self._dec.aborted:
+            self._dec.on_data(event.data, event.end_of_stream)
+
+    def _on_request_trailers(self, event: RequestTrailers) -> None:
+        if not self._dec.aborted:
+            self._dec.on_trailers(event.trailers)
+
+    def _on_response_headers(self, event: ResponseHeaders) -> None:
+        if self._enc is not None:
+            return  # a local reply already answered; the upstream response is moot
+        self._enc = _Direction(self, list(reversed(range(len(self.streams)))), decoding=False)
+        self._enc.on_headers(event.headers, event.end_of_stream)
+
+    def _on_response_data(self, event: ResponseData) -> None:
+        if self._enc is not None and not self._enc.aborted and self.local_reply is None:
+            self._enc.on_data(event.data, event.end_of_stream)
+
+    def _on_response_trailers(self, event: ResponseTrailers) -> None:
+        if self._enc is not None and not self._enc.aborted and self.local_reply is None:
+            self._enc.on_trailers(event.trailers)
+
+    def _on_continue_request(self, event: ContinueRequest) -> None:
+        self._dec.resume(event.index)
+
+    def _on_continue_response(self, event: ContinueResponse) -> None:
+        if self._enc is not None:
+            self._enc.resume(event.index)
+
+    def _on_local_reply(self, event: SendLocalReply) -> None:
+        self._local_reply(event.index, event.reply)
+
+    def _on_filter_reset(self, event: FilterReset) -> None:
+        self._reset(f"reset by filter {self.names[event.index]}")
 
     # -- filter calls ----------------------------------------------------------------------------
     # A Python exception out of a stream method is a host bug; the request fails like a filter
     # failure instead of taking the proxy down.
     def _call_headers(self, d: _Direction, index: int, headers: HeaderMap, eos: bool) -> FilterStatus:
         stream = self.streams[index]
-        before = headers.items()  # a shallow list copy: cheap, and how "changed headers" is seen
+        # A shallow list copy is how "changed headers" is seen; only taken when someone reads it.
+        before = headers.items() if self.track_headers else None
         try:
             status = stream.request_headers(headers, eos) if d.decoding else stream.response_headers(headers, eos)
         except Exception:
             return self._filter_crashed(index)
-        if status is not CONTINUE or headers.items() != before:
+        if status is not CONTINUE or (before is not None and headers.items() != before):
             self.acted |= 1 << index
         return self._overridden(index, status)
 
@@ -578,15 +669,15 @@ class FilterChain:
         # A filter that replied or reset during its callback stops there whatever it returned
         # (cpp-host overrides the return value the same way).
         if status is CONTINUE and self._queue:
-            for kind, who, _ in self._queue:
-                if who == index and kind in ("local_reply", "reset"):
+            for event in self._queue:
+                if isinstance(event, SendLocalReply | FilterReset) and event.index == index:
                     return FilterStatus.STOP
         return status
 
     def _filter_crashed(self, index: int) -> FilterStatus:
         self.acted |= 1 << index
         log.exception("filter %s: stream callback raised", self.names[index])
-        self._queue.appendleft(("local_reply", index, LocalReply(503, b"filter failure\n", details="filter_exception")))
+        self._queue.appendleft(SendLocalReply(index, LocalReply(503, b"filter failure\n", details="filter_exception")))
         return FilterStatus.STOP
 
     # -- sinks ---------------------------------------------------------------------------------
@@ -658,3 +749,18 @@ class FilterChain:
         self._actions.append(ResetStream(reason))
         self._halted = True
         self._queue.clear()
+
+
+_HANDLERS: dict[type, Callable[[FilterChain, Any], None]] = {
+    RequestHeaders: FilterChain._on_request_headers,
+    RequestData: FilterChain._on_request_data,
+    RequestTrailers: FilterChain._on_request_trailers,
+    ResponseHeaders: FilterChain._on_response_headers,
+    ResponseData: FilterChain._on_response_data,
+    ResponseTrailers: FilterChain._on_response_trailers,
+    ContinueRequest: FilterChain._on_continue_request,
+    ContinueResponse: FilterChain._on_continue_response,
+    SendLocalReply: FilterChain._on_local_reply,
+    FilterReset: FilterChain._on_filter_reset,
+}
+"""One handler per event type: a dict lookup, not a chain of isinstance tests."""

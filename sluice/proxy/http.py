@@ -6,6 +6,7 @@ server and the upstream client agree on one shape: lower-case names, pseudo-head
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Iterable
 
@@ -28,40 +29,29 @@ HOP_BY_HOP = frozenset(
     }
 )
 
-# Headers a server or client library computes from the framing it actually uses; forwarding the
-# peer's value would contradict that framing after a filter changed the body.
-FRAMING = frozenset({"content-length", "transfer-encoding"})
-
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 
+# Methods whose requests mean to carry content: without a body they still say `content-length: 0`
+# (RFC 9110 8.6), which some upstreams require.
+BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 
-def connection_tokens(headers: HeaderMap) -> set[str]:
-    """Header names listed in `Connection` (each is hop-by-hop for this hop only)."""
-    tokens: set[str] = set()
-    for value in headers.get_all("connection"):
-        for token in value.split(","):
-            token = token.strip().lower()
-            if token:
-                tokens.add(token)
+# Request fields the upstream request does not copy from the filters' map: `host` is rebuilt from
+# `:authority`, the framing is the upstream connection's own, and `expect` was answered here.
+_NOT_FORWARDED = frozenset({"host", "content-length", "transfer-encoding", "expect"})
+
+
+def connection_tokens(values: Iterable[str]) -> set[str]:
+    """Header names listed in `Connection` values (each is hop-by-hop for this hop only)."""
+    tokens = {t.strip().lower() for value in values for t in value.split(",")}
+    tokens.discard("")
     return tokens
 
 
-def is_upgrade(headers: HeaderMap) -> bool:
-    """True for an HTTP/1.1 protocol switch request (WebSocket and friends)."""
-    return "upgrade" in connection_tokens(headers) and bool(headers.get("upgrade"))
-
-
-def strip_hop_by_hop(headers: HeaderMap) -> None:
-    """Remove hop-by-hop headers in place, including every header named by `Connection`."""
-    found = False
-    for name, _ in headers:
-        if name in HOP_BY_HOP:
-            found = True
-            break
-    if not found:
-        return  # the common case for responses: one scan, no copy
-    drop = HOP_BY_HOP | connection_tokens(headers)
-    headers.replace_all([(k, v) for k, v in headers if k not in drop])
+def drop_connection_tokens(fields: list[tuple[str, str]], tokens: set[str]) -> list[tuple[str, str]]:
+    """`fields` without those `Connection` named (`HOP_BY_HOP` ones are gone already)."""
+    if tokens - HOP_BY_HOP:
+        return [(k, v) for k, v in fields if k not in tokens]
+    return fields
 
 
 class RequestIds:
@@ -128,11 +118,8 @@ def downstream_request_headers(
         regular.append((name, value))
     tokens: set[str] = set()
     if connection:
-        for value in connection:
-            tokens.update(t.strip().lower() for t in value.split(","))
-        tokens.discard("")
-        if tokens - HOP_BY_HOP:
-            regular = [(k, v) for k, v in regular if k not in tokens]
+        tokens = connection_tokens(connection)
+        regular = drop_connection_tokens(regular, tokens)
     if "upgrade" not in tokens:
         upgrade = None
     headers = HeaderMap()
@@ -161,27 +148,6 @@ def append_value(headers: HeaderMap, name: str, value: str) -> None:
         headers.add(name, value)
 
 
-def add_forwarding(headers: HeaderMap, client_ip: str, scheme: str) -> None:
-    """X-Forwarded-For/-Proto/-Host and Via on a request going upstream.
-
-    X-Forwarded-Proto and -Host are set only when absent: a proxy in front of us knows better what
-    the original client used.
-    """
-    append_value(headers, "x-forwarded-for", client_ip)
-    if "x-forwarded-proto" not in headers:
-        headers.add("x-forwarded-proto", scheme)
-    if "x-forwarded-host" not in headers:
-        host = headers.get(":authority")
-        if host:
-            headers.add("x-forwarded-host", host)
-    append_value(headers, "via", VIA)
-
-
-def request_target(headers: HeaderMap) -> tuple[str, str, str]:
-    """(method, path, authority) of request headers, with defaults for malformed maps."""
-    return (headers.get(":method") or "GET", headers.get(":path") or "/", headers.get(":authority") or "")
-
-
 def path_only(path: str) -> str:
     """The path of a request target without its query string (what prefixes match against)."""
     cut = path.find("?")
@@ -201,3 +167,62 @@ def local_reply_headers(status: int, body: bytes, extra: tuple[tuple[str, str], 
         else:
             headers.add(name, value)
     return headers
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class UpstreamRequest:
+    """The head of a request to an upstream, as `UpstreamConnection.start_request` writes it."""
+
+    method: str
+    target: str
+    fields: list[tuple[str, str]]
+    """`host` first, then the fields in order; framing fields are added by the connection."""
+    has_body: bool
+    content_length: int | None
+    """Known body length (framed by Content-Length), or None (chunked when there is a body)."""
+    retryable: bool
+    """Idempotent and complete without a body: may go again on a fresh connection."""
+
+
+def upstream_request(
+    headers: HeaderMap,
+    *,
+    default_authority: str = "",
+    host_rewrite: str | None = None,
+    upgrade: str | None = None,
+    end_of_stream: bool,
+    body_length: int | None = None,
+) -> UpstreamRequest:
+    """The upstream request for request headers as the filters left them (proxy and callouts).
+
+    `Host` is `host_rewrite`, else `:authority`, else `default_authority`. The body is framed by
+    `body_length` when the caller knows it (a callout's whole body), else by the client's
+    Content-Length when it gave one, else chunked. A protocol upgrade is asked for again on this
+    hop (`Connection`/`Upgrade` are hop-by-hop).
+    """
+    method = headers.get(":method") or "GET"
+    target = headers.get(":path") or "/"
+    authority = host_rewrite or headers.get(":authority") or default_authority
+    fields: list[tuple[str, str]] = [("host", authority)]
+    content_length: int | None = None
+    for name, value in headers:
+        if name[0] == ":" or name in _NOT_FORWARDED:
+            if name == "content-length" and value.isdigit():
+                content_length = int(value)
+            continue
+        fields.append((name, value))
+    if upgrade is not None:
+        fields.append(("connection", "upgrade"))
+        fields.append(("upgrade", upgrade))
+    if body_length is not None:
+        content_length = body_length
+    if end_of_stream and method in BODY_METHODS:
+        fields.append(("content-length", "0"))
+    return UpstreamRequest(
+        method,
+        target,
+        fields,
+        has_body=not end_of_stream,
+        content_length=content_length if not end_of_stream else None,
+        retryable=end_of_stream and method in IDEMPOTENT_METHODS,
+    )

@@ -17,8 +17,9 @@ from sluice.abi import CallResponse, Cancellable, HeaderMap, LogLevel
 
 from .clusters import ClusterPool
 from .config import HostPort
+from .http import upstream_request
 from .logs import FilterLogs
-from .upstream import UpstreamError
+from .upstream import ResponseHead, UpstreamConnection, UpstreamError
 
 if TYPE_CHECKING:
     from .generation import Generation
@@ -35,6 +36,39 @@ def _upstream_address(text: str) -> tuple[str, int] | None:
     except ValueError:
         return None
     return (address.host, address.port) if address.port > 0 else None
+
+
+class _Collected:
+    """A callout's `ResponseSink`: the whole response, held in memory (bounded), as one future."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, conn: UpstreamConnection) -> None:
+        self.response: asyncio.Future[CallResponse] = loop.create_future()
+        self._conn = conn
+        self._head: ResponseHead | None = None
+        self._chunks: list[bytes] = []
+        self._size = 0
+
+    def upstream_response(self, head: ResponseHead | None, body: bytes, complete: bool) -> None:
+        if self.response.done():
+            return
+        if head is not None:
+            self._head = head
+        if body:
+            self._size += len(body)
+            if self._size > MAX_CALL_RESPONSE:
+                self.response.set_exception(UpstreamError(f"callout response larger than {MAX_CALL_RESPONSE} bytes"))
+                return
+            self._chunks.append(body)
+        if complete and self._head is not None:
+            trailers = self._conn.response_trailers or HeaderMap()
+            self.response.set_result(CallResponse(self._head.headers, b"".join(self._chunks), trailers))
+
+    def upstream_failed(self, exc: UpstreamError) -> None:
+        if not self.response.done():
+            self.response.set_exception(exc)
+
+    def upstream_writable(self) -> None:
+        pass
 
 
 class Services:
@@ -128,32 +162,20 @@ class Services:
             log.exception("callout response handler failed")
 
     async def _exchange(self, pool: ClusterPool, headers: HeaderMap, body: bytes) -> CallResponse:
-        method = headers.get(":method") or "GET"
-        path = headers.get(":path") or "/"
-        authority = pool.host_rewrite or headers.get(":authority") or pool.name
-        fields = [("host", authority)]
-        fields.extend((k, v) for k, v in headers if k[0] != ":" and k not in ("host", "content-length"))
-        retry = not body and method in ("GET", "HEAD", "OPTIONS", "PUT", "DELETE")
-        conn = await pool.acquire(retry=retry)
+        request = upstream_request(
+            headers,
+            default_authority=pool.name,
+            host_rewrite=pool.host_rewrite,
+            end_of_stream=not body,
+            body_length=len(body),
+        )
+        conn = await pool.acquire(retry=request.retryable)
         try:
-            conn.start_request(method, path, fields, body=bool(body), content_length=len(body))
-            if body:
-                await conn.write_body(body, True)
-            head = await conn.read_head(pool.timeout)
-            chunks: list[bytes] = []
-            size = 0
-            while True:
-                data = await conn.read_body()
-                if data is None:
-                    break
-                size += len(data)
-                if size > MAX_CALL_RESPONSE:
-                    raise UpstreamError(f"callout response larger than {MAX_CALL_RESPONSE} bytes")
-                chunks.append(data)
-            return CallResponse(
-                headers=head.headers, body=b"".join(chunks), trailers=conn.response_trailers or HeaderMap()
-            )
+            collected = _Collected(self._loop, conn)
+            conn.start_request(request, collected, pool.timeout, body, end=True)
+            return await collected.response
         finally:
+            conn.detach()
             pool.release(conn)
 
     def close(self) -> None:

@@ -1,11 +1,15 @@
 """A lean HTTP/1.1 client connection for upstream traffic: asyncio protocol + httptools parser.
 
 One `UpstreamConnection` carries one exchange at a time (no pipelining) and goes back to its
-`ClusterPool` when the response ended cleanly and both sides allow keep-alive. Bodies stream in
-both directions with flow control: `write_body` waits while the socket's buffer is full, and the
-response side stops reading from the socket while unread body piles up.
+`ClusterPool` when the response ended cleanly and both sides allow keep-alive. It is driven by
+callbacks, not awaited: the exchange hands a `ResponseSink` to `start_request`, and everything
+the parser found in one read reaches the sink in one `upstream_response` call (head, body so
+far, whether it ended), so a response that came in one segment is forwarded as one write. Flow
+control is explicit both ways: `write_body` says when the socket's buffer is full (the caller
+stops reading its source until `upstream_writable`), and `pause_reading` stops the response while
+the client is slow.
 
-After a `101 Switching Protocols` the connection becomes a byte tunnel (`read_raw`/`write_raw`).
+After a `101 Switching Protocols` the connection becomes a byte tunnel (`attach_tunnel`).
 
 Why not aiohttp's client: see bench/README.md (it was measured; this one is faster per request
 because it does no URL handling, cookie jar, tracing or multidict header copies).
@@ -14,15 +18,15 @@ because it does no URL handling, cookie jar, tracing or multidict header copies)
 from __future__ import annotations
 
 import asyncio
-import collections
-from collections.abc import Iterable
-from typing import cast
+from typing import Protocol, cast
 
 import httptools
 
 from sluice.abi import HeaderMap
 
-READ_HIGH_WATER = 256 * 1024  # unread response body that pauses reading from the socket
+from .config import format_host_port
+from .h1 import chunk, dec, last_chunk, request_head
+from .http import HOP_BY_HOP, UpstreamRequest, connection_tokens, drop_connection_tokens
 
 
 class UpstreamError(Exception):
@@ -56,24 +60,34 @@ class ResponseHead:
     def __init__(self, status: int, headers: HeaderMap, keep_alive: bool, upgrade: bool) -> None:
         self.status = status
         self.headers = headers
-        """`:status` first, then the fields as received (names lower-case)."""
+        """`:status` first, then the fields as received (names lower-case), without hop-by-hop
+        fields (RFC 9110 7.6.1: those of `HOP_BY_HOP` and those `Connection` names)."""
         self.keep_alive = keep_alive
         self.upgrade = upgrade
 
 
-def _enc(text: str) -> bytes:
-    return text.encode("utf-8", "surrogateescape")
+class ResponseSink(Protocol):
+    """Who receives one exchange's response (the proxy's `Exchange`, or a callout)."""
+
+    def upstream_response(self, head: ResponseHead | None, body: bytes, complete: bool) -> None:
+        """What one read brought: the head the first time (else None), body bytes, and whether
+        the response ended (its trailers are then in `response_trailers`)."""
+
+    def upstream_failed(self, exc: UpstreamError) -> None:
+        """The exchange cannot complete: timeout before the head, reset, malformed response."""
+
+    def upstream_writable(self) -> None:
+        """The socket's write buffer drained after `write_body` said it was full."""
 
 
-def _dec(data: bytes) -> str:
-    return data.decode("utf-8", "surrogateescape")
+class TunnelSink(Protocol):
+    """Who receives the upstream's bytes after a 101 (the WebSocket tunnel)."""
 
+    def tunnel_data(self, data: bytes) -> None: ...
 
-def encode_head(method: str, target: str, fields: Iterable[tuple[str, str]]) -> bytes:
-    lines = [f"{method} {target} HTTP/1.1\r\n"]
-    lines.extend(f"{k}: {v}\r\n" for k, v in fields)
-    lines.append("\r\n")
-    return _enc("".join(lines))
+    def tunnel_eof(self) -> None: ...
+
+    def upstream_writable(self) -> None: ...
 
 
 class UpstreamConnection(asyncio.Protocol):
@@ -86,23 +100,31 @@ class UpstreamConnection(asyncio.Protocol):
         """Exchanges started on this connection (more than 1 = it was reused)."""
         self._loop = asyncio.get_running_loop()
         self._closed = False
-        self._close_exc: BaseException | None = None
-        self._write_paused = False
-        self._drain_waiter: asyncio.Future[None] | None = None
+        self.write_paused = False
+        """The socket's write buffer is above its high-water mark."""
         self._read_paused = False
-        # Response state for the current exchange.
         self._parser = httptools.HttpResponseParser(self)
+        self._sink: ResponseSink | None = None
+        self._tunnel: TunnelSink | None = None
+        self._tunnel_mode = False
+        self._tunnel_rest: list[bytes] = []
+        self._timer: asyncio.TimerHandle | None = None
+        self._timeout = 0.0
+        self._deadline: float | None = None
+        """loop.time() by which the response head must have come (None: not waiting for one)."""
+        # Response state for the current exchange.
         self._head_method = False
         self._fields: list[tuple[str, str]] = []
+        self._connection: list[str] = []
+        self._framed = False  # Content-Length or Transfer-Encoding seen
         self._trailer_fields: list[tuple[str, str]] = []
         self._head: ResponseHead | None = None
-        self._head_waiter: asyncio.Future[ResponseHead] | None = None
-        self._chunks: collections.deque[bytes] = collections.deque()
-        self._buffered = 0
+        self._head_new = False
+        self._body: list[bytes] = []
         self._message_done = False
-        self._body_waiter: asyncio.Future[None] | None = None
+        self._done_delivered = False
+        self._failed = False
         self._got_bytes = False
-        self._tunnel = False
         self._close_delimited = False
         # Request state.
         self._chunked = False
@@ -116,273 +138,295 @@ class UpstreamConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True
-        self._close_exc = exc
-        if self._drain_waiter is not None and not self._drain_waiter.done():
-            self._drain_waiter.set_exception(ConnectionResetError("upstream connection lost"))
-        self._fail_waiters(exc)
+        self._cancel_timer()
+        if self._tunnel_mode:
+            if self._tunnel is not None:
+                tunnel, self._tunnel = self._tunnel, None
+                tunnel.tunnel_eof()
+            return
+        self._peer_gone()
 
     def eof_received(self) -> bool | None:
-        # Closing is the right answer: we never half-close towards an HTTP/1.1 upstream except in
-        # a tunnel, and there `read_raw` reports EOF.
-        self._closed_by_peer()
+        if self._tunnel_mode:
+            # Half-close: the client may still send; `tunnel_eof` passes the EOF on.
+            if self._tunnel is not None:
+                self._tunnel.tunnel_eof()
+            return True
+        # Closing is the right answer: we never half-close towards an HTTP/1.1 upstream.
+        self._peer_gone()
         return None
 
     def pause_writing(self) -> None:
-        self._write_paused = True
+        self.write_paused = True
 
     def resume_writing(self) -> None:
-        self._write_paused = False
-        waiter, self._drain_waiter = self._drain_waiter, None
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        self.write_paused = False
+        target = self._tunnel if self._tunnel_mode else self._sink
+        if target is not None:
+            target.upstream_writable()
 
     def data_received(self, data: bytes) -> None:
         self._got_bytes = True
-        if self._tunnel:
-            self._push_chunk(data)
+        if self._tunnel_mode:
+            if self._tunnel is not None:
+                self._tunnel.tunnel_data(data)
+            else:
+                self._tunnel_rest.append(data)
+            return
+        if self._sink is None:
+            # Nobody asked: bytes on an idle keep-alive connection. It cannot be reused safely.
+            self.close()
             return
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
             offset = exc.args[0] if exc.args else len(data)
-            self._start_tunnel(data[offset:])
+            self._tunnel_mode = True
+            if offset < len(data):
+                self._tunnel_rest.append(data[offset:])
         except httptools.HttpParserCallbackError as exc:
             if isinstance(exc.__context__, _SkipBody):
-                self._on_message_complete_skip()
+                self._message_done = True
+                # The parser stopped mid-buffer: the next exchange starts with a fresh one.
+                self._parser = httptools.HttpResponseParser(self)
             else:
-                reason = f"response from {self.endpoint} failed: {exc.__context__!r}"
-                self._fail_waiters(UpstreamReset(reason))
-                self.close()
+                self._fail(UpstreamReset(f"response from {self.endpoint} failed: {exc.__context__!r}"))
+                return
         except httptools.HttpParserError as exc:
-            self._fail_waiters(UpstreamReset(f"malformed response from {self.endpoint}: {exc}"))
-            self.close()
+            self._fail(UpstreamReset(f"malformed response from {self.endpoint}: {exc}"))
+            return
+        self._deliver()
 
     # -- httptools callbacks -------------------------------------------------------------------
     def on_header(self, name: bytes, value: bytes) -> None:
-        if self._head is None:
-            self._fields.append((_dec(name).lower(), _dec(value)))
-        else:
-            self._trailer_fields.append((_dec(name).lower(), _dec(value)))
+        if self._head is not None:
+            self._trailer_fields.append((dec(name).lower(), dec(value)))
+            return
+        # Hop-by-hop fields are dropped as they are parsed (one pass, no copy afterwards); what
+        # the framing needs of them is noted on the way.
+        lname = dec(name).lower()
+        if lname in HOP_BY_HOP:
+            if lname == "connection":
+                self._connection.append(dec(value))
+            elif lname == "transfer-encoding":
+                self._framed = True
+            return
+        if lname == "content-length":
+            self._framed = True
+        self._fields.append((lname, dec(value)))
 
     def on_headers_complete(self) -> None:
         status = self._parser.get_status_code()
         if 100 <= status < 200 and status != 101:
             # Interim response (100 Continue, 103 Early Hints): the real one follows.
             self._fields = []
+            self._connection = []
+            self._framed = False
             return
-        headers = HeaderMap([(":status", str(status))])
-        for name, value in self._fields:
-            headers.add(name, value)
+        self._deadline = None
+        fields = self._fields
+        if self._connection:
+            fields = drop_connection_tokens(fields, connection_tokens(self._connection))
+            self._connection = []
+        fields.insert(0, (":status", str(status)))
+        headers = HeaderMap()
+        headers.replace_all(fields)
         self._fields = []
-        self._close_delimited = not (
-            status in (204, 304) or self._head_method or "content-length" in headers or "transfer-encoding" in headers
-        )
-        head = ResponseHead(status, headers, self._parser.should_keep_alive(), status == 101)
-        self._head = head
-        waiter = self._head_waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(head)
+        self._close_delimited = not (status in (204, 304) or self._head_method or self._framed)
+        self._framed = False
+        self._head = ResponseHead(status, headers, self._parser.should_keep_alive(), status == 101)
+        self._head_new = True
         if self._head_method:
             raise _SkipBody()
 
     def on_body(self, body: bytes) -> None:
-        self._push_chunk(body)
+        self._body.append(body)
 
     def on_message_complete(self) -> None:
         if self._head is None:
             return  # end of an interim response
         self._message_done = True
-        self._wake_body()
 
-    def _on_message_complete_skip(self) -> None:
-        self._message_done = True
-        # The parser stopped mid-buffer: start the next exchange with a fresh one.
-        self._parser = httptools.HttpResponseParser(self)
-        self._wake_body()
-
-    # -- response side -------------------------------------------------------------------------
-    def _push_chunk(self, data: bytes) -> None:
-        if not data:
+    # -- delivery --------------------------------------------------------------------------------
+    def _deliver(self) -> None:
+        sink = self._sink
+        if sink is None or self._failed:
             return
-        self._chunks.append(data)
-        self._buffered += len(data)
-        if self._buffered > READ_HIGH_WATER and not self._read_paused and self.transport is not None:
-            self._read_paused = True
-            self.transport.pause_reading()
-        self._wake_body()
-
-    def _wake_body(self) -> None:
-        waiter, self._body_waiter = self._body_waiter, None
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
-
-    def _closed_by_peer(self) -> None:
-        if self._tunnel:
-            self._message_done = True
-            self._wake_body()
+        head = None
+        if self._head_new:
+            self._head_new = False
+            head = self._head
+        body = self._body
+        data = b"".join(body) if len(body) != 1 else body[0]
+        if body:
+            self._body = []
+        done = self._message_done and not self._done_delivered
+        if head is None and not data and not done:
             return
+        if done:
+            self._done_delivered = True
+        sink.upstream_response(head, data, done)
+
+    def _peer_gone(self) -> None:
         if self._head is not None and not self._message_done and self._close_delimited:
             # A response without Content-Length or chunking ends when the connection does.
             self._message_done = True
             self._head.keep_alive = False
-            self._wake_body()
+            self._deliver()
             return
-        self._fail_waiters(None)
-
-    def _fail_waiters(self, exc: BaseException | None) -> None:
-        head_waiter = self._head_waiter
-        if head_waiter is not None and not head_waiter.done():
-            reason = exc if isinstance(exc, UpstreamError) else None
-            head_waiter.set_exception(
-                reason
-                or UpstreamReset(
+        if self._sink is None or self._done_delivered:
+            self._closed = True
+            return
+        if self._head is None:
+            self._fail(
+                UpstreamReset(
                     f"upstream {self.endpoint} closed the connection before responding",
                     before_response=not self._got_bytes,
                 )
             )
-        body_waiter, self._body_waiter = self._body_waiter, None
-        if body_waiter is not None and not body_waiter.done():
-            body_waiter.set_result(None)
+        else:
+            self._fail(UpstreamReset(f"upstream {self.endpoint} closed the connection mid-response"))
 
-    async def read_head(self, timeout: float | None) -> ResponseHead:
-        if self._head is not None:
-            return self._head
-        if self._closed:
-            raise UpstreamReset(
-                f"upstream {self.endpoint} closed the connection before responding",
-                before_response=not self._got_bytes,
-            )
-        waiter: asyncio.Future[ResponseHead] = self._loop.create_future()
-        self._head_waiter = waiter
-        # A plain timer rather than asyncio.wait_for, which costs an extra future and callbacks
-        # on every request.
-        timer = None
-        if timeout is not None:
-            reason = f"no response from {self.endpoint} within {timeout:g}s"
+    def _fail(self, exc: UpstreamError) -> None:
+        self._cancel_timer()
+        if self._failed:
+            return
+        self._failed = True
+        sink = self._sink
+        self.close()
+        if sink is not None and not self._done_delivered:
+            sink.upstream_failed(exc)
 
-            def expire() -> None:
-                if not waiter.done():
-                    waiter.set_exception(UpstreamTimeout(reason))
+    def _expire(self) -> None:
+        # One timer per connection, not per request: it stays armed across the requests of a
+        # kept-alive connection and, when it fires, checks the deadline of the current one.
+        self._timer = None
+        deadline = self._deadline
+        if deadline is None or self._failed or self._closed:
+            return
+        remaining = deadline - self._loop.time()
+        if remaining > 0.001:
+            self._timer = self._loop.call_later(remaining, self._expire)
+            return
+        self._fail(UpstreamTimeout(f"no response from {self.endpoint} within {self._timeout:g}s"))
 
-            timer = self._loop.call_later(timeout, expire)
-        try:
-            return await waiter
-        finally:
-            self._head_waiter = None
-            if timer is not None:
-                timer.cancel()
-
-    async def read_body(self) -> bytes | None:
-        """The next piece of response body (or tunnel bytes); None at the end."""
-        while True:
-            if self._chunks:
-                if len(self._chunks) == 1:
-                    data = self._chunks.popleft()
-                else:
-                    data = b"".join(self._chunks)
-                    self._chunks.clear()
-                self._buffered = 0
-                if self._read_paused and self.transport is not None and not self._closed:
-                    self._read_paused = False
-                    self.transport.resume_reading()
-                return data
-            if self._message_done:
-                return None
-            if self._closed:
-                raise UpstreamReset(f"upstream {self.endpoint} closed the connection mid-response")
-            waiter: asyncio.Future[None] = self._loop.create_future()
-            self._body_waiter = waiter
-            await waiter
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
     @property
     def response_trailers(self) -> HeaderMap | None:
         return HeaderMap(self._trailer_fields) if self._trailer_fields else None
 
-    def response_complete_after_buffered(self) -> bool:
-        """The response has ended and what is left of it is already buffered here."""
-        return self._message_done
+    def pause_reading(self) -> None:
+        """Stop reading the response (the client is not keeping up)."""
+        if not self._read_paused and self.transport is not None and not self._closed:
+            self._read_paused = True
+            self.transport.pause_reading()
 
-    @property
-    def response_complete(self) -> bool:
-        return self._message_done and not self._chunks
+    def resume_reading(self) -> None:
+        if self._read_paused and self.transport is not None and not self._closed:
+            self._read_paused = False
+            self.transport.resume_reading()
 
     # -- request side --------------------------------------------------------------------------
     def start_request(
-        self,
-        method: str,
-        target: str,
-        fields: list[tuple[str, str]],
-        *,
-        body: bool,
-        content_length: int | None,
-    ) -> None:
-        """Send the request head. Body framing: content_length if given, else chunked if `body`."""
-        if self.transport is None or self._closed:
+        self, request: UpstreamRequest, sink: ResponseSink, timeout: float | None, body: bytes = b"", end: bool = False
+    ) -> bool:
+        """Send the request head (and `body`, in the same write); the response goes to `sink`.
+
+        Body framing: the request's content_length if known, else chunked if it has a body.
+        `timeout`: seconds until the response head, else `sink.upstream_failed(UpstreamTimeout)`.
+        Returns True when the socket's buffer is full (see `write_body`).
+        """
+        transport = self.transport
+        if transport is None or self._closed:
             raise UpstreamReset(f"upstream {self.endpoint} connection is closed", before_response=True)
         self.requests += 1
-        self._head_method = method == "HEAD"
-        self._chunked = body and content_length is None
-        self._remaining = content_length if body else None
+        self._sink = sink
+        has_body = request.has_body
+        content_length = request.content_length
+        self._head_method = request.method == "HEAD"
+        self._chunked = has_body and content_length is None
+        self._remaining = content_length if has_body else None
+        fields = request.fields
         if self._chunked:
             fields = [*fields, ("transfer-encoding", "chunked")]
-        elif body and content_length is not None:
+        elif has_body and content_length is not None:
             fields = [*fields, ("content-length", str(content_length))]
-        self._request_done = not body
-        self.transport.write(encode_head(method, target, fields))
+        self._request_done = not has_body
+        if timeout is not None:
+            self._timeout = timeout
+            self._deadline = self._loop.time() + timeout
+            if self._timer is None:
+                self._timer = self._loop.call_later(timeout, self._expire)
+        else:
+            self._deadline = None
+        head = request_head(request.method, request.target, fields)
+        if body or end:
+            return self.write_body(body, end, head)
+        transport.write(head)
+        return self.write_paused
 
-    async def write_body(self, data: bytes, end: bool) -> None:
+    def write_body(self, data: bytes, end: bool, head: bytes = b"") -> bool:
+        """Send request body (framed as the head said). Returns True when the socket's buffer
+        is full: the caller stops reading its source until `upstream_writable`."""
         transport = self.transport
         if transport is None or self._closed:
             raise UpstreamReset(f"upstream {self.endpoint} connection lost while sending the body")
-        if data:
+        out = head
+        if data and not self._request_done:
             if self._chunked:
-                transport.writelines((b"%x\r\n" % len(data), data, b"\r\n"))
+                out += chunk(data)
             else:
                 if self._remaining is not None:
                     if len(data) > self._remaining:
                         raise UpstreamReset("request body longer than its content-length")
                     self._remaining -= len(data)
-                transport.write(data)
-        if end:
-            self.end_request()
-        if self._write_paused:
-            await self._drain()
+                out = out + data if out else data
+        if end and not self._request_done:
+            self._request_done = True
+            if self._chunked:
+                out += last_chunk(None)
+            elif self._remaining:
+                # The client sent less than it announced; the upstream would wait forever.
+                if out:
+                    transport.write(out)
+                self.close()
+                return False
+        if out:
+            transport.write(out)
+        return self.write_paused
 
     def end_request(self, trailers: HeaderMap | None = None) -> None:
         if self._request_done or self.transport is None or self._closed:
             return
         self._request_done = True
         if self._chunked:
-            tail = b"".join(_enc(f"{k}: {v}\r\n") for k, v in (trailers or ()) if not k.startswith(":"))
-            self.transport.write(b"0\r\n" + tail + b"\r\n")
+            self.transport.write(last_chunk(trailers))
         elif self._remaining:
-            # The client sent less than it announced; the upstream would wait forever.
             self.close()
 
-    async def _drain(self) -> None:
-        if not self._write_paused:
-            return
-        if self._closed:
-            raise UpstreamReset(f"upstream {self.endpoint} connection lost while sending the body")
-        waiter: asyncio.Future[None] = self._loop.create_future()
-        self._drain_waiter = waiter
-        await waiter
-
     # -- tunnel (after 101) --------------------------------------------------------------------
-    def _start_tunnel(self, rest: bytes) -> None:
-        self._tunnel = True
-        self._message_done = False
-        self._push_chunk(rest)
+    def attach_tunnel(self, tunnel: TunnelSink) -> None:
+        """From now on upstream bytes go to `tunnel` (what came with the 101 first)."""
+        self._tunnel_mode = True
+        self._tunnel = tunnel
+        self._sink = None
+        rest, self._tunnel_rest = self._tunnel_rest, []
+        for data in rest:
+            tunnel.tunnel_data(data)
+        if self._closed:
+            self._tunnel = None
+            tunnel.tunnel_eof()
 
-    async def read_raw(self) -> bytes | None:
-        return await self.read_body()
-
-    async def write_raw(self, data: bytes) -> None:
+    def write_raw(self, data: bytes) -> bool:
+        """Tunnel bytes to the upstream; True when its buffer is full."""
         if self.transport is None or self._closed:
-            raise UpstreamReset("tunnel closed")
+            return False
         self.transport.write(data)
-        if self._write_paused:
-            await self._drain()
+        return self.write_paused
 
     def write_eof(self) -> None:
         if self.transport is not None and not self._closed and self.transport.can_write_eof():
@@ -398,27 +442,39 @@ class UpstreamConnection(asyncio.Protocol):
         head = self._head
         return (
             not self.closed
-            and not self._tunnel
+            and not self._tunnel_mode
+            and not self._failed
             and head is not None
             and head.keep_alive
             and self._message_done
-            and not self._chunks
+            and not self._body
             and self._request_done
         )
 
+    def detach(self) -> None:
+        """The exchange is over (its connection goes back to the pool or is closed)."""
+        self._sink = None
+        self._deadline = None
+        if self._read_paused:
+            self.resume_reading()
+
     def reset_for_next(self) -> None:
+        self._sink = None
         self._head = None
+        self._head_new = False
         self._fields = []
         self._trailer_fields = []
         self._message_done = False
+        self._done_delivered = False
+        self._failed = False
         self._got_bytes = False
-        self._chunks.clear()
-        self._buffered = 0
+        self._body = []
         self._request_done = False
         self._chunked = False
         self._remaining = None
 
     def close(self) -> None:
+        self._cancel_timer()
         if self.transport is not None and not self.transport.is_closing():
             self.transport.close()
         self._closed = True
@@ -426,7 +482,7 @@ class UpstreamConnection(asyncio.Protocol):
 
 async def open_connection(host: str, port: int, timeout: float) -> UpstreamConnection:
     loop = asyncio.get_running_loop()
-    endpoint = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    endpoint = format_host_port(host, port)
     try:
         _, protocol = await asyncio.wait_for(
             loop.create_connection(lambda: UpstreamConnection(endpoint), host, port), timeout

@@ -29,6 +29,7 @@ import h2.settings
 
 from sluice.abi import HeaderMap
 
+from ..config import format_host_port
 from ..upstream import ConnectFailed, ResponseHead, UpstreamReset, UpstreamTimeout
 
 # Fields that describe an HTTP/1.1 connection; RFC 9113 8.2.2 forbids them in HTTP/2.
@@ -515,7 +516,7 @@ async def open_h2_connection(
     """Connect (TLS with ALPN h2, or prior-knowledge h2c without `ssl_context`) and wait for the
     server's SETTINGS. Raises ConnectFailed."""
     loop = asyncio.get_running_loop()
-    endpoint = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    endpoint = format_host_port(host, port)
     scheme = "https" if ssl_context is not None else "http"
     try:
         transport, protocol = await asyncio.wait_for(

@@ -1,0 +1,78 @@
+"""The HTTP/1.1 wire format both sides share: head serialization and body framing (RFC 9112).
+
+Parsing is httptools (llhttp) on both sides (`downstream.py` for requests, `upstream.py` for
+responses); what is written back is built here, so the two sides agree byte for byte on how a head
+is spelled, how a chunk is framed and which responses carry no body. Header text is UTF-8 with
+surrogate escapes both ways: whatever bytes came in go out unchanged.
+"""
+
+from __future__ import annotations
+
+import http
+import time
+from collections.abc import Iterable
+
+from sluice.abi import HeaderMap
+
+REASONS: dict[int, bytes] = {s.value: s.phrase.encode() for s in http.HTTPStatus}
+
+LAST_CHUNK = b"0\r\n\r\n"
+CONTINUE_100 = b"HTTP/1.1 100 Continue\r\n\r\n"
+
+
+def enc(text: str) -> bytes:
+    return text.encode("utf-8", "surrogateescape")
+
+
+def dec(data: bytes) -> str:
+    return data.decode("utf-8", "surrogateescape")
+
+
+def request_head(method: str, target: str, fields: Iterable[tuple[str, str]]) -> bytes:
+    """`METHOD target HTTP/1.1` and the fields, as written to an upstream."""
+    lines = [f"{method} {target} HTTP/1.1\r\n"]
+    lines.extend([f"{k}: {v}\r\n" for k, v in fields])
+    lines.append("\r\n")
+    return enc("".join(lines))
+
+
+def response_head(status: int, fields: Iterable[tuple[str, str]]) -> bytes:
+    """The status line and the fields, as written to a client."""
+    reason = REASONS.get(status, b"Unknown")
+    lines = [f"{k}: {v}\r\n" for k, v in fields]
+    lines.append("\r\n")
+    return b"HTTP/1.1 %d %s\r\n" % (status, reason) + enc("".join(lines))
+
+
+def chunk(data: bytes) -> bytes:
+    """One chunk of a chunked body (never empty: an empty chunk ends the body)."""
+    return b"%x\r\n%s\r\n" % (len(data), data)
+
+
+def last_chunk(trailers: HeaderMap | None) -> bytes:
+    """The end of a chunked body, with trailer fields when there are any."""
+    if not trailers:
+        return LAST_CHUNK
+    return b"0\r\n" + enc("".join([f"{k}: {v}\r\n" for k, v in trailers if k[0] != ":"])) + b"\r\n"
+
+
+def response_has_body(status: int, method: str) -> bool:
+    """Whether a response may carry a body at all (RFC 9112 section 6.3, rules 1-2)."""
+    return not (method == "HEAD" or status in (204, 304) or 100 <= status < 200)
+
+
+class HttpDate:
+    """The `Date` field value, formatted once per second (every response carries one)."""
+
+    __slots__ = ("_second", "_value")
+
+    def __init__(self) -> None:
+        self._second = -1
+        self._value = ""
+
+    def now(self) -> str:
+        second = int(time.time())
+        if second != self._second:
+            self._second = second
+            self._value = time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(second))
+        return self._value
