@@ -68,6 +68,9 @@ class PluginSpec:
     log_level: LogLevel = LogLevel.INFO
     reload_backoff_s: float = 1.0
     """First wait before a `reload` policy recreates a failed VM; doubles up to 60 s."""
+    strict_imports: bool = False
+    """Refuse a module importing `env.proxy_*` host calls sluice does not define (by default they
+    are linked to stubs answering UNIMPLEMENTED)."""
 
 
 @dataclasses.dataclass(frozen=True)

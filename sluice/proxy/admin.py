@@ -242,6 +242,7 @@ class AdminServer:
             "module": module.path,
             "sha256": module.sha256,
             "abi_version": module.abi_version,
+            "unknown_imports": list(module.unknown_imports),
             "generation": f.generation,
             "loaded_at": _iso(f.loaded_at),
             "state": report.state.value,

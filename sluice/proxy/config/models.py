@@ -88,6 +88,7 @@ class FilterConfig(_Model):
     match: str | None = None
     log_level: str = "info"
     environment: dict[str, str] = Field(default_factory=dict)
+    strict_imports: bool = False
 
     _module_path: Path | None = PrivateAttr(default=None)
 
@@ -147,6 +148,7 @@ class FilterConfig(_Model):
             cpu_deadline_ms=self.cpu_deadline_ms,
             environment=dict(self.environment),
             log_level=abi.LogLevel.parse(self.log_level),
+            strict_imports=self.strict_imports,
         )
 
 
