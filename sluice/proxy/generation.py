@@ -23,7 +23,7 @@ from sluice import abi
 
 from .clusters import ClusterPool
 from .config import FilterConfig, SluiceConfig
-from .logs import variant_header
+from .logs import FilterLogs, variant_header
 from .routing import Router
 
 __all__ = ["Generation", "LoadedFilter", "load_generation"]
@@ -162,6 +162,11 @@ async def load_generation(
                 if id(f.plugin) not in carried:
                     f.plugin.retire()
             raise
+        # A new plugin starts at its entry's level; a carried-over one keeps its own (set by
+        # `POST /logging` perhaps), and so does its logger.
+        for f in filters:
+            if id(f.plugin) not in carried:
+                FilterLogs.set_level(f.name, f.plugin.report().log_level)
     clusters = {name: ClusterPool.from_config(name, c) for name, c in config.clusters.items()}
     return Generation(number, config, filters, Router(config.routes), clusters)
 
