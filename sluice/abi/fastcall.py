@@ -25,6 +25,7 @@ from __future__ import annotations
 import atexit
 import ctypes
 import dataclasses
+import functools
 import struct
 import sys
 import threading
@@ -343,7 +344,7 @@ def define_host_functions(linker: wasmtime.Linker, functions: Sequence[HostFunct
     a module with stubbed imports, see `define_constant_functions`) creates no ctypes objects.
     """
     for index, fn in enumerate(functions):
-        _define(linker, fn, index, lambda i=index, f=fn: _trampoline(i, f))
+        _define(linker, fn, index, functools.partial(_trampoline, index, fn))
 
 
 def _constant_trampoline(fn: HostFunction, value: int | float) -> Any:
@@ -363,7 +364,7 @@ def define_constant_functions(linker: wasmtime.Linker, functions: Sequence[tuple
     """Define each function as one that ignores its arguments and returns the constant (for
     imports the host does not implement). Needs no active instance: it touches no memory."""
     for fn, value in functions:
-        _define(linker, fn, value if fn.results else None, lambda f=fn, v=value: _constant_trampoline(f, v))
+        _define(linker, fn, value if fn.results else None, functools.partial(_constant_trampoline, fn, value))
 
 
 def import_signature(ty: wasmtime.FuncType) -> tuple[str, str]:

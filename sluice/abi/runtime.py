@@ -19,9 +19,9 @@ from .api import Host, PluginLoadError, PluginSpec
 from .compiled import CompiledModule
 from .fastcall import summarize_error
 from .hostcalls import HOST_FUNCTIONS, bind_host_functions
-from .types import LogLevel, WasmResult
 from .plugin import Plugin
 from .shared import InMemorySharedData, SharedData, SharedQueues
+from .types import LogLevel, WasmResult
 from .vm import VMServices
 
 __all__ = ["CompiledModule", "Runtime"]

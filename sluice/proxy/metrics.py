@@ -13,16 +13,40 @@ Naming scheme (see docs/admin.md):
             ``sluice_upstream_latency_seconds{cluster}`` (histogram), ``sluice_downstream_*``...
 * filters:  ``sluice_filter_*{filter}`` from the host's own accounting (callback time histogram,
             traps, deadlines, failure-policy actions, VM reloads, VM count, linear memory);
-* ABI-defined metrics keep their name as a label, never in the metric name, so any name a filter
-  picks is valid: ``sluice_filter_counter_total{filter,name}``, ``sluice_filter_gauge{filter,name}``,
-  ``sluice_filter_histogram{filter,name}`` (the buckets the host defines, unitless).
+* ABI-defined metrics: one family each, see "Filter-defined metrics" below.
+
+Filter-defined metrics (`proxy_define_metric`)
+Prometheus families for the metrics filters define through the ABI (`proxy_define_metric`).
+
+Each filter-defined metric becomes its own family, named from the metric's name and labelled
+`filter` (the chain entry), as Envoy exports each as its own stat:
+
+* **Tags in the name** (the Istio stats plugin's encoding, which Envoy's tag extraction turns
+  into labels): a name `<base>.<key>=.=<value>;.;<key>=.=<value>;.;...` is the family of
+  `<base>` with a label `key="value"` per group; a name not wholly in that shape is kept whole.
+* **Prefix**: `sluice_filter_<base>`; a base starting with `istiocustom.` (the Istio plugin's stat
+  prefix, which Envoy's Prometheus output drops) is exported bare, so Istio's
+  `istio_requests_total` keeps its name.
+* **Sanitizing**: every character outside `[a-zA-Z0-9_:]` becomes `_`, and a leading digit
+  gets a `_` in front. Dotted tags of the C++ SDK's `Metric` class (`name.tag.value`) have no
+  marker to find them by (Envoy needs configured regexes for them); sluice configures none, so
+  their dots become `_` and the values stay in the name.
+* **Types**: counters are exported with `_total` (a name already ending in `_total` is not
+  doubled), gauges as they are, histograms as Prometheus histograms over the ABI histogram's
+  bounds (`sluice.abi.metrics.HISTOGRAM_BOUNDS`, in whatever unit the filter records).
+* **Clashes**: the same name from several filters (or with several tag sets) is one family with
+  one sample per label set. A name whose family (or one of whose sample names) is already taken
+  by a metric of another type, or by one of sluice's own families, gets the type as a suffix
+  (`_counter`, `_gauge`, `_histogram`); first come, in chain order, keeps the plain name. A scrape
+  never fails on a filter's choice of names.
 """
 
 from __future__ import annotations
 
 import math
+import re
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import (
@@ -33,7 +57,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from sluice.abi import MetricType, PluginState
+from sluice.abi import FilterMetric, MetricType, PluginReport, PluginState
 from sluice.histogram import Histogram, HistogramSnapshot
 
 from .view import ProxyView
@@ -85,10 +109,13 @@ class SluiceCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         gw = self.gateway
-        yield from self._proxy(gw)
-        yield from self._filters(gw)
-        yield from self._clusters(gw)
-        yield from self._reloads(gw)
+        reports: list[tuple[str, PluginReport]] = []
+        own: set[str] = set()
+        for family in (*self._proxy(gw), *self._filters(gw, reports), *self._clusters(gw), *self._reloads(gw)):
+            own.add(family.name)
+            yield family
+        # Last, so that a filter's metric never takes a name sluice's own families use.
+        yield from filter_metric_families(reports, own)
 
     # -- proxy -----------------------------------------------------------------------------------
     def _proxy(self, gw: ProxyView) -> Iterator[Metric]:
@@ -148,7 +175,8 @@ class SluiceCollector(Collector):
         )
 
     # -- filters ---------------------------------------------------------------------------------
-    def _filters(self, gw: ProxyView) -> Iterator[Metric]:
+    def _filters(self, gw: ProxyView, reports: list[tuple[str, PluginReport]]) -> Iterator[Metric]:
+        """sluice's accounting of each filter; appends each filter's report to `reports`."""
         gen = gw.current_generation()
         filters = gen.filters if gen is not None else []
         lf = ["filter"]
@@ -173,19 +201,10 @@ class SluiceCollector(Collector):
         vms = GaugeMetricFamily("sluice_filter_vms", "Live VMs of the filter", labels=lf)
         memory = GaugeMetricFamily("sluice_filter_memory_bytes", "Linear memory of the filter's live VMs", labels=lf)
         up = GaugeMetricFamily("sluice_filter_up", "1 when the filter state is ok", labels=lf)
-        counters = CounterMetricFamily(
-            "sluice_filter_counter", "Counters the filter defines through the ABI", labels=["filter", "name"]
-        )
-        gauges = GaugeMetricFamily(
-            "sluice_filter_gauge", "Gauges the filter defines through the ABI", labels=["filter", "name"]
-        )
-        histograms = HistogramMetricFamily(
-            "sluice_filter_histogram", "Histograms the filter defines through the ABI (values as recorded)",
-            labels=["filter", "name"],
-        )
         for f in filters:
             name = f.name
             report = f.report()
+            reports.append((name, report))
             module = report.module
             counts = report.counters
             state = report.state
@@ -201,16 +220,7 @@ class SluiceCollector(Collector):
             vms.add_metric([name], report.vm_count)
             memory.add_metric([name], report.memory_bytes)
             up.add_metric([name], 1 if state is PluginState.OK else 0)
-            for metric in report.metrics:
-                if metric.type is MetricType.COUNTER:
-                    counters.add_metric([name, metric.name], metric.value)
-                elif metric.type is MetricType.GAUGE:
-                    gauges.add_metric([name, metric.name], metric.value)
-                elif metric.histogram is not None:
-                    hist = metric.histogram
-                    histograms.add_metric([name, metric.name], prometheus_buckets(hist), hist.sum)
         yield from (info, callbacks, streams, traps, deadlines, policy, vm_reloads, vms, memory, up)
-        yield from (counters, gauges, histograms)
 
     # -- clusters --------------------------------------------------------------------------------
     def _clusters(self, gw: ProxyView) -> Iterator[Metric]:
@@ -241,6 +251,125 @@ class SluiceCollector(Collector):
         family.add_metric(["ok"], history.counts.ok if history is not None else 0)
         family.add_metric(["failed"], history.counts.failed if history is not None else 0)
         yield family
+
+
+# -- filter-defined metrics ------------------------------------------------------------------------
+
+PREFIX = "sluice_filter_"
+ISTIO_PREFIX = "istiocustom."
+
+_TAG = re.compile(r"([^=;.]+)=\.=(.*?);\.;")
+_INVALID = re.compile(r"[^a-zA-Z0-9_:]")
+_TYPE_NAMES = {MetricType.COUNTER: "counter", MetricType.GAUGE: "gauge", MetricType.HISTOGRAM: "histogram"}
+
+
+def split_tags(name: str) -> tuple[str, tuple[tuple[str, str], ...]]:
+    """(base name, tags) of `<base>.<key>=.=<value>;.;<key>=.=<value>;.;...`; a name without
+    that shape is its own base with no tags."""
+    first = name.find("=.=")
+    if first < 0:
+        return name, ()
+    base, dot, _ = name[:first].rpartition(".")
+    if not dot or not base:
+        return name, ()
+    tags: list[tuple[str, str]] = []
+    at = len(base) + 1
+    while at < len(name):
+        match = _TAG.match(name, at)
+        if match is None:
+            return name, ()  # not the encoding after all: keep the name whole
+        tags.append((match.group(1), match.group(2)))
+        at = match.end()
+    return base, tuple(tags)
+
+
+def sanitize(text: str) -> str:
+    out = _INVALID.sub("_", text)
+    return f"_{out}" if not out or out[0].isdigit() else out
+
+
+def family_name(base: str, mtype: MetricType) -> str:
+    """The Prometheus family name of a base metric name (without a counter's `_total`)."""
+    name = sanitize(base[len(ISTIO_PREFIX):]) if base.startswith(ISTIO_PREFIX) else PREFIX + sanitize(base)
+    if mtype is MetricType.COUNTER and name.endswith("_total"):
+        name = name[: -len("_total")]
+    return name
+
+
+def _label(key: str) -> str:
+    label = sanitize(key)
+    # `filter` is ours; names starting with `__` are reserved by Prometheus.
+    return f"tag_{label}" if label == "filter" or label.startswith("__") else label
+
+
+def _sample_names(name: str, mtype: MetricType) -> tuple[str, ...]:
+    if mtype is MetricType.COUNTER:
+        return (name, f"{name}_total", f"{name}_created")
+    if mtype is MetricType.HISTOGRAM:
+        return (name, f"{name}_bucket", f"{name}_sum", f"{name}_count", f"{name}_created")
+    return (name,)
+
+
+class _Families:
+    def __init__(self, reserved: Iterable[str]) -> None:
+        self.by_name: dict[str, tuple[MetricType, Metric]] = {}
+        self.samples: dict[str, str] = {}
+        """Sample name -> the family that emits it ("" for sluice's own families)."""
+        for name in reserved:
+            for sample in _sample_names(name, MetricType.HISTOGRAM):
+                self.samples[sample] = ""
+
+    def family(self, base: str, mtype: MetricType) -> Metric:
+        name = family_name(base, mtype)
+        for candidate in (name, f"{name}_{_TYPE_NAMES[mtype]}"):
+            known = self.by_name.get(candidate)
+            if known is not None and known[0] is mtype:
+                return known[1]
+            if known is None and all(self.samples.get(s, candidate) == candidate
+                                     for s in _sample_names(candidate, mtype)):
+                break
+        else:  # pragma: no cover - the suffixed name is taken too: number it
+            n = 2
+            while f"{candidate}_{n}" in self.by_name:
+                n += 1
+            candidate = f"{candidate}_{n}"
+        metric = Metric(candidate, f"Defined by a filter through the ABI as {base!r}", _TYPE_NAMES[mtype])
+        self.by_name[candidate] = (mtype, metric)
+        for sample in _sample_names(candidate, mtype):
+            self.samples[sample] = candidate
+        return metric
+
+
+def _add(metric: Metric, m: FilterMetric, labels: dict[str, str]) -> None:
+    if m.type is MetricType.COUNTER:
+        metric.add_sample(metric.name + "_total", labels, float(m.value))
+    elif m.type is MetricType.GAUGE:
+        metric.add_sample(metric.name, labels, float(m.value))
+    elif m.histogram is not None:
+        for bound, count in prometheus_buckets(m.histogram):
+            metric.add_sample(metric.name + "_bucket", {**labels, "le": bound}, count)
+        metric.add_sample(metric.name + "_count", labels, float(m.histogram.count))
+        metric.add_sample(metric.name + "_sum", labels, float(m.histogram.sum))
+
+
+def filter_metric_families(reports: Iterable[tuple[str, PluginReport]], reserved: Iterable[str]) -> Iterator[Metric]:
+    """The families of every filter-defined metric; `reserved`: family names sluice uses itself."""
+    families = _Families(reserved)
+    seen: set[tuple[str, tuple[tuple[str, str], ...]]] = set()
+    for filter_name, report in reports:
+        for m in report.metrics:
+            base, tags = split_tags(m.name)
+            metric = families.family(base, m.type)
+            labels = {"filter": filter_name}
+            for key, value in tags:
+                labels.setdefault(_label(key), value)
+            series = (metric.name, tuple(sorted(labels.items())))
+            if series in seen:
+                continue  # the same series twice (a filter defining one name twice): first wins
+            seen.add(series)
+            _add(metric, m, labels)
+    for _, metric in families.by_name.values():
+        yield metric
 
 
 def _labelled_counter(name: str, doc: str, label: str, values: Mapping[str, int]) -> CounterMetricFamily:
