@@ -49,12 +49,13 @@ def g(name: str, value: int) -> FilterMetric:
     return FilterMetric(name, MetricType.GAUGE, value)
 
 
-def test_istio_tags_become_labels_and_the_istio_prefix_is_dropped() -> None:
-    name = "istiocustom.istio_requests_total.reporter=.=destination;.;response_code=.=200;.;"
-    assert split_tags(name) == ("istiocustom.istio_requests_total",
-                                (("reporter", "destination"), ("response_code", "200")))
-    # Not the encoding: kept whole (and sanitized).
+def test_istio_tags_become_labels() -> None:
+    name = "reporter=.=destination;.;response_code=.=200;.;istio_requests_total"
+    assert split_tags(name) == ("istio_requests_total", (("reporter", "destination"), ("response_code", "200")))
+    # Not the encoding: kept whole (and sanitized). Values may hold dots and be empty.
     assert split_tags("a=.=b;.;") == ("a=.=b;.;", ())
+    assert split_tags("x.y=.=b;.;n") == ("x.y=.=b;.;n", ())
+    assert split_tags("k=.=v.1;.;e=.=;.;n") == ("n", (("k", "v.1"), ("e", "")))
     out = scrape([("stats", report(c(name, 3)))])
     key = "istio_requests_total[('filter', 'stats'), ('reporter', 'destination'), ('response_code', '200')]"
     assert out[key] == ("counter", 3.0)
@@ -62,20 +63,20 @@ def test_istio_tags_become_labels_and_the_istio_prefix_is_dropped() -> None:
 
 def test_each_metric_its_own_family_two_filters_share_one() -> None:
     out = scrape([("a", report(c("hits", 2), g("queue.depth", 5))), ("b", report(c("hits", 7)))])
-    assert out["sluice_filter_hits_total[('filter', 'a')]"] == ("counter", 2.0)
-    assert out["sluice_filter_hits_total[('filter', 'b')]"] == ("counter", 7.0)
-    assert out["sluice_filter_queue_depth[('filter', 'a')]"] == ("gauge", 5.0)
+    assert out["hits_total[('filter', 'a')]"] == ("counter", 2.0)
+    assert out["hits_total[('filter', 'b')]"] == ("counter", 7.0)
+    assert out["queue_depth[('filter', 'a')]"] == ("gauge", 5.0)
 
 
 def test_type_clashes_and_sluice_names_get_a_suffix() -> None:
     out = scrape(
-        [("a", report(c("x", 1), g("streams", 4))), ("b", report(g("x", 9), c("x_total", 3)))],
+        [("a", report(c("x", 1), g("sluice_filter_streams", 4))), ("b", report(g("x", 9), c("x_total", 3)))],
         reserved=["sluice_filter_streams"],
     )
-    assert out["sluice_filter_x_total[('filter', 'a')]"] == ("counter", 1.0)
-    assert out["sluice_filter_x_gauge[('filter', 'b')]"] == ("gauge", 9.0)
+    assert out["x_total[('filter', 'a')]"] == ("counter", 1.0)
+    assert out["x_gauge[('filter', 'b')]"] == ("gauge", 9.0)
     # `x_total` as a counter is the family `x` already has: same type, joins it.
-    assert out["sluice_filter_x_total[('filter', 'b')]"] == ("counter", 3.0)
+    assert out["x_total[('filter', 'b')]"] == ("counter", 3.0)
     assert out["sluice_filter_streams_gauge[('filter', 'a')]"] == ("gauge", 4.0)
 
 
@@ -84,8 +85,8 @@ def test_histograms_use_the_abi_bounds() -> None:
     for v in (3.0, 30.0, 300.0):
         hist.observe(v)
     out = scrape([("a", report(FilterMetric("latency_ms", MetricType.HISTOGRAM, 3, hist.snapshot())))])
-    assert out["sluice_filter_latency_ms_count[('filter', 'a')]"] == ("histogram", 3.0)
-    assert out["sluice_filter_latency_ms_sum[('filter', 'a')]"] == ("histogram", 333.0)
-    assert out["sluice_filter_latency_ms_bucket[('filter', 'a'), ('le', '+Inf')]"] == ("histogram", 3.0)
-    buckets = [k for k in out if k.startswith("sluice_filter_latency_ms_bucket")]
+    assert out["latency_ms_count[('filter', 'a')]"] == ("histogram", 3.0)
+    assert out["latency_ms_sum[('filter', 'a')]"] == ("histogram", 333.0)
+    assert out["latency_ms_bucket[('filter', 'a'), ('le', '+Inf')]"] == ("histogram", 3.0)
+    buckets = [k for k in out if k.startswith("latency_ms_bucket")]
     assert len(buckets) == len(HISTOGRAM_BOUNDS) + 1

@@ -22,11 +22,13 @@ Each filter-defined metric becomes its own family, named from the metric's name 
 `filter` (the chain entry), as Envoy exports each as its own stat:
 
 * **Tags in the name** (the Istio stats plugin's encoding, which Envoy's tag extraction turns
-  into labels): a name `<base>.<key>=.=<value>;.;<key>=.=<value>;.;...` is the family of
-  `<base>` with a label `key="value"` per group; a name not wholly in that shape is kept whole.
-* **Prefix**: `sluice_filter_<base>`; a base starting with `istiocustom.` (the Istio plugin's stat
-  prefix, which Envoy's Prometheus output drops) is exported bare, so Istio's
-  `istio_requests_total` keeps its name.
+  into labels with the regexes Istio's bootstrap configures): a name
+  `<key>=.=<value>;.;<key>=.=<value>;.;<base>` (what the C++ SDK's tagged `Metric` builds with
+  Istio's separators) is the family of `<base>` with a label `key="value"` per group.
+* **No prefix**, as Envoy exports Wasm-defined stats (its `wasmcustom` stat namespace, which its
+  Prometheus output strips): Istio's `istio_requests_total` keeps its name, the auth filter's
+  `auth_allowed` is `auth_allowed_total{filter="auth"}`. A name that would join one of sluice's
+  own families (all `sluice_*`) gets a type suffix instead (see Clashes).
 * **Sanitizing**: every character outside `[a-zA-Z0-9_:]` becomes `_`, and a leading digit
   gets a `_` in front. Dotted tags of the C++ SDK's `Metric` class (`name.tag.value`) have no
   marker to find them by (Envoy needs configured regexes for them); sluice configures none, so
@@ -255,8 +257,6 @@ class SluiceCollector(Collector):
 
 # -- filter-defined metrics ------------------------------------------------------------------------
 
-PREFIX = "sluice_filter_"
-ISTIO_PREFIX = "istiocustom."
 
 _TAG = re.compile(r"([^=;.]+)=\.=(.*?);\.;")
 _INVALID = re.compile(r"[^a-zA-Z0-9_:]")
@@ -264,23 +264,15 @@ _TYPE_NAMES = {MetricType.COUNTER: "counter", MetricType.GAUGE: "gauge", MetricT
 
 
 def split_tags(name: str) -> tuple[str, tuple[tuple[str, str], ...]]:
-    """(base name, tags) of `<base>.<key>=.=<value>;.;<key>=.=<value>;.;...`; a name without
-    that shape is its own base with no tags."""
-    first = name.find("=.=")
-    if first < 0:
-        return name, ()
-    base, dot, _ = name[:first].rpartition(".")
-    if not dot or not base:
-        return name, ()
+    """(base name, tags) of `<key>=.=<value>;.;<key>=.=<value>;.;<base>`, the names the proxy-wasm
+    C++ SDK's tagged `Metric` builds with Istio's separators; any other name is its own base."""
     tags: list[tuple[str, str]] = []
-    at = len(base) + 1
-    while at < len(name):
-        match = _TAG.match(name, at)
-        if match is None:
-            return name, ()  # not the encoding after all: keep the name whole
+    at = 0
+    while (match := _TAG.match(name, at)) is not None:
         tags.append((match.group(1), match.group(2)))
         at = match.end()
-    return base, tuple(tags)
+    base = name[at:]
+    return (base, tuple(tags)) if tags and base else (name, ())
 
 
 def sanitize(text: str) -> str:
@@ -290,7 +282,7 @@ def sanitize(text: str) -> str:
 
 def family_name(base: str, mtype: MetricType) -> str:
     """The Prometheus family name of a base metric name (without a counter's `_total`)."""
-    name = sanitize(base[len(ISTIO_PREFIX):]) if base.startswith(ISTIO_PREFIX) else PREFIX + sanitize(base)
+    name = sanitize(base)
     if mtype is MetricType.COUNTER and name.endswith("_total"):
         name = name[: -len("_total")]
     return name
