@@ -8,11 +8,13 @@ provide refuses the module with a message naming each import.
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
+import aiohttp
 import pytest
 import wasmtime
-from hosting import FilterRig
+from hosting import FilterRig, live_proxy
 
 from sluice import abi
 from sluice.abi.types import LogLevel, WasmResult
@@ -105,3 +107,27 @@ def test_stubs_stay_with_their_module(higress: Path, tmp_path: Path) -> None:
         second = rig.load(plain, name="second", strict_imports=True)
         assert second.report().module.unknown_imports == ()
         assert rig.runtime.compile(plain).unknown_imports == ()
+
+
+def test_through_the_live_proxy_unknown_imports_are_in_filters(higress: Path, tmp_path: Path,
+                                                               caplog: pytest.LogCaptureFixture) -> None:
+    def config(port: int) -> str:
+        return (
+            "listen: 127.0.0.1:0\nadmin: {listen: \"127.0.0.1:0\"}\naccess_log: null\nfilters_dir: filters\n"
+            f"cache_dir: cache\nclusters: {{up: {{endpoints: [\"127.0.0.1:{port}\"]}}}}\n"
+            "chain: [{name: hi, module: higress.wasm}]\nroutes: [{match: {prefix: /}, cluster: up}]\n"
+        )
+
+    async def main() -> None:
+        modules = {"higress.wasm": higress.read_bytes()}
+        async with live_proxy(tmp_path, config, modules) as live, aiohttp.ClientSession() as s:
+            async with s.get(live.url("/")) as r:
+                assert r.status == 200 and await r.text() == "up"
+            async with s.get(live.admin_url("/filters")) as r:
+                info = (await r.json())["hi"]
+        assert info["abi_version"] == "0.2.100"
+        assert info["unknown_imports"] == ["proxy_set_active_span_tag", "proxy_made_up_counter"]
+        warned = [r.getMessage() for r in caplog.records if "does not define" in r.getMessage()]
+        assert len(warned) == 1 and "proxy_set_active_span_tag, proxy_made_up_counter" in warned[0]
+
+    asyncio.run(main())

@@ -10,22 +10,17 @@ Prometheus families with labels.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import shutil
-from collections.abc import AsyncIterator
+from collections.abc import Callable
 from pathlib import Path
 
 import aiohttp
 import pytest
-from aiohttp import web
+from hosting import LiveProxy, live_proxy
 from prometheus_client.parser import text_string_to_metric_families
 
-from sluice.proxy.admin import AdminServer
-from sluice.proxy.app import Gateway
-from sluice.proxy.config import load_config
-
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "zig" / "node_stats.wasm"
+MODULES = {"node_stats.wasm": FIXTURE.read_bytes()}
 
 NODE = """\
 node:
@@ -57,39 +52,16 @@ routes:
 """
 
 
-@contextlib.asynccontextmanager
-async def live(tmp: Path, node: str, direction: str) -> AsyncIterator[tuple[Gateway, AdminServer]]:
-    async def answer(request: web.Request) -> web.Response:
-        return web.Response(status=404 if request.path == "/missing" else 200, text="reviews")
-
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", answer)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    (tmp / "filters").mkdir()
-    shutil.copyfile(FIXTURE, tmp / "filters" / "node_stats.wasm")
-    path = tmp / "sluice.yaml"
-    path.write_text(CONFIG.format(node=node, direction=direction, port=runner.addresses[0][1]))
-    gateway = Gateway(load_config(path))
-    await gateway.start("127.0.0.1", 0)
-    admin = AdminServer(gateway)
-    await admin.start("127.0.0.1", 0)
-    try:
-        yield gateway, admin
-    finally:
-        await admin.stop()
-        await gateway.stop(drain_timeout=5.0)
-        await runner.cleanup()
+def config(node: str, direction: str) -> Callable[[int], str]:
+    return lambda port: CONFIG.format(node=node, direction=direction, port=port)
 
 
-async def traffic_and_stats(gw: Gateway, admin: AdminServer) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+async def traffic_and_stats(live: LiveProxy) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
     async with aiohttp.ClientSession() as s:
         for path in ("/", "/reviews/1", "/missing"):
-            async with s.get(f"http://127.0.0.1:{gw.port}{path}") as r:
+            async with s.get(live.url(path)) as r:
                 await r.read()
-        async with s.get(f"http://127.0.0.1:{admin.port}/stats") as r:
+        async with s.get(live.admin_url("/stats")) as r:
             assert r.status == 200
             text = await r.text()
     samples: dict[tuple[str, frozenset[tuple[str, str]]], float] = {}
@@ -119,8 +91,8 @@ def test_istio_style_stats_with_node_metadata(tmp_path: Path, caplog: pytest.Log
     caplog.set_level(logging.INFO, logger="sluice.filter.stats")
 
     async def main() -> None:
-        async with live(tmp_path, NODE, "inbound") as (gw, admin):
-            samples = await traffic_and_stats(gw, admin)
+        async with live_proxy(tmp_path, config(NODE, "inbound"), MODULES) as live:
+            samples = await traffic_and_stats(live)
         ok = frozenset(labels("200").items())
         missing = frozenset(labels("404").items())
         assert samples[("istio_requests_total", ok)] == 2
@@ -144,8 +116,8 @@ def test_without_a_node_section_metadata_is_an_empty_struct(tmp_path: Path,
     caplog.set_level(logging.INFO, logger="sluice.filter.stats")
 
     async def main() -> None:
-        async with live(tmp_path, "", "outbound") as (gw, admin):
-            samples = await traffic_and_stats(gw, admin)
+        async with live_proxy(tmp_path, config("", "outbound"), MODULES) as live:
+            samples = await traffic_and_stats(live)
         outbound = labels("200", reporter="source", destination_workload="unknown",
                           destination_workload_namespace="unknown", destination_app="unknown",
                           destination_version="unknown")

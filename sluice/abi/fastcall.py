@@ -369,19 +369,10 @@ def define_constant_functions(linker: wasmtime.Linker, functions: Sequence[tuple
 
 def import_signature(ty: wasmtime.FuncType) -> tuple[str, str]:
     """Kinds string of an imported function type (at most one result), or raise ValueError."""
-    names = {"i32": "i", "i64": "q", "f32": "f", "f64": "d"}
-    kinds = []
-    for group in (ty.params, ty.results):
-        out = []
-        for t in group:
-            key = str(t)
-            if key not in names:
-                raise ValueError(f"unsupported value type {key}")
-            out.append(names[key])
-        kinds.append("".join(out))
-    if len(kinds[1]) > 1:
+    params, results = _signature(ty, _IMPORT_KINDS)
+    if len(results) > 1:
         raise ValueError("more than one result")
-    return kinds[0], kinds[1]
+    return params, results
 
 
 # -- calls into wasm -------------------------------------------------------------------------
@@ -497,7 +488,17 @@ class WasmFunction:
 
 def export_signature(ty: wasmtime.FuncType) -> tuple[str, str]:
     """Kinds string of a function type, or raise ValueError for types sluice never calls."""
-    names = {"i32": "i", "i64": "q", "f64": "d"}
+    return _signature(ty, _EXPORT_KINDS)
+
+
+_EXPORT_KINDS = {"i32": "i", "i64": "q", "f64": "d"}
+"""Value types of the exports sluice calls."""
+_IMPORT_KINDS = {**_EXPORT_KINDS, "f32": "f"}
+"""Value types a stubbed import may use (stubs never read their arguments)."""
+
+
+def _signature(ty: wasmtime.FuncType, names: dict[str, str]) -> tuple[str, str]:
+    """(params, results) kinds of `ty`, or ValueError for a type outside `names`."""
 
     def kinds(types: Sequence[wasmtime.ValType]) -> str:
         out = []
