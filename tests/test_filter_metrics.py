@@ -90,3 +90,22 @@ def test_histograms_use_the_abi_bounds() -> None:
     assert out["latency_ms_bucket[('filter', 'a'), ('le', '+Inf')]"] == ("histogram", 3.0)
     buckets = [k for k in out if k.startswith("latency_ms_bucket")]
     assert len(buckets) == len(HISTOGRAM_BOUNDS) + 1
+
+
+def test_reserved_label_names_and_a_third_clash() -> None:
+    name = "filter=.=mine;.;le=.=5;.;code=.=200;.;calls"
+    out = scrape([("a", report(c(name, 1), g("calls", 2), FilterMetric("calls_counter", MetricType.GAUGE, 3)))])
+    assert out["calls_total[('code', '200'), ('filter', 'a'), ('tag_filter', 'mine'), ('tag_le', '5')]"] == (
+        "counter", 1.0)
+    assert out["calls_gauge[('filter', 'a')]"] == ("gauge", 2.0)
+    # `calls_counter` as a gauge: its own plain name is free (the counter family is `calls`).
+    assert out["calls_counter[('filter', 'a')]"] == ("gauge", 3.0)
+    clash = scrape([("a", report(c("y", 1), g("y", 2), g("y_gauge", 3), FilterMetric("y", MetricType.HISTOGRAM, 0)))])
+    assert clash["y_total[('filter', 'a')]"] == ("counter", 1.0)
+    assert clash["y_gauge[('filter', 'a')]"] == ("gauge", 2.0)
+    # `y_gauge` is a gauge family already, but holds a series with these labels: the next name.
+    assert clash["y_gauge_gauge[('filter', 'a')]"] == ("gauge", 3.0)
+    same = scrape([("a", report(g("a.b", 1), g("a_b", 2))), ("b", report(g("a_b", 5)))])
+    assert same["a_b[('filter', 'a')]"] == ("gauge", 1.0)
+    assert same["a_b_gauge[('filter', 'a')]"] == ("gauge", 2.0)
+    assert same["a_b[('filter', 'b')]"] == ("gauge", 5.0)

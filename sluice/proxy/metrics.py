@@ -15,11 +15,8 @@ Naming scheme (see docs/admin.md):
             traps, deadlines, failure-policy actions, VM reloads, VM count, linear memory);
 * ABI-defined metrics: one family each, see "Filter-defined metrics" below.
 
-Filter-defined metrics (`proxy_define_metric`)
-Prometheus families for the metrics filters define through the ABI (`proxy_define_metric`).
-
-Each filter-defined metric becomes its own family, named from the metric's name and labelled
-`filter` (the chain entry), as Envoy exports each as its own stat:
+Filter-defined metrics (`proxy_define_metric`): each metric becomes its own family, named from
+the metric's name and labelled `filter` (the chain entry), as Envoy exports each as its own stat:
 
 * **Tags in the name** (the Istio stats plugin's encoding, which Envoy's tag extraction turns
   into labels with the regexes Istio's bootstrap configures): a name
@@ -39,12 +36,14 @@ Each filter-defined metric becomes its own family, named from the metric's name 
 * **Clashes**: the same name from several filters (or with several tag sets) is one family with
   one sample per label set. A name whose family (or one of whose sample names) is already taken
   by a metric of another type, or by one of sluice's own families, gets the type as a suffix
-  (`_counter`, `_gauge`, `_histogram`); first come, in chain order, keeps the plain name. A scrape
-  never fails on a filter's choice of names.
+  (`_counter`, `_gauge`, `_histogram`; then numbered); first come, in chain order, keeps the plain
+  name. Two names that sanitize to the same series are kept apart the same way. A scrape never
+  fails on a filter's choice of names.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
 import time
@@ -290,8 +289,8 @@ def family_name(base: str, mtype: MetricType) -> str:
 
 def _label(key: str) -> str:
     label = sanitize(key)
-    # `filter` is ours; names starting with `__` are reserved by Prometheus.
-    return f"tag_{label}" if label == "filter" or label.startswith("__") else label
+    # `filter` is ours, `le` a histogram's, `quantile` a summary's; `__*` is Prometheus's.
+    return f"tag_{label}" if label in ("filter", "le", "quantile") or label.startswith("__") else label
 
 
 def _sample_names(name: str, mtype: MetricType) -> tuple[str, ...]:
@@ -307,24 +306,30 @@ class _Families:
         self.by_name: dict[str, tuple[MetricType, Metric]] = {}
         self.samples: dict[str, str] = {}
         """Sample name -> the family that emits it ("" for sluice's own families)."""
+        self.series: set[tuple[str, tuple[tuple[str, str], ...]]] = set()
         for name in reserved:
             for sample in _sample_names(name, MetricType.HISTOGRAM):
                 self.samples[sample] = ""
 
-    def family(self, base: str, mtype: MetricType) -> Metric:
+    def _free(self, name: str, mtype: MetricType) -> bool:
+        return name not in self.by_name and all(self.samples.get(s, name) == name for s in _sample_names(name, mtype))
+
+    def family(self, base: str, mtype: MetricType, labels: dict[str, str]) -> Metric:
+        """The family for one series: the plain name, else with the type as a suffix (then
+        numbered, should even that be taken). A family of the same type is joined unless it
+        already has a series with these labels (two names that sanitize alike)."""
         name = family_name(base, mtype)
-        for candidate in (name, f"{name}_{_TYPE_NAMES[mtype]}"):
+        suffixed = f"{name}_{_TYPE_NAMES[mtype]}"
+        series = tuple(sorted(labels.items()))
+        candidates = itertools.chain((name, suffixed), (f"{suffixed}_{n}" for n in itertools.count(2)))
+        for candidate in candidates:
             known = self.by_name.get(candidate)
-            if known is not None and known[0] is mtype:
+            if known is not None and known[0] is mtype and (candidate, series) not in self.series:
+                self.series.add((candidate, series))
                 return known[1]
-            if known is None and all(self.samples.get(s, candidate) == candidate
-                                     for s in _sample_names(candidate, mtype)):
+            if self._free(candidate, mtype):
                 break
-        else:  # pragma: no cover - the suffixed name is taken too: number it
-            n = 2
-            while f"{candidate}_{n}" in self.by_name:
-                n += 1
-            candidate = f"{candidate}_{n}"
+        self.series.add((candidate, series))
         metric = Metric(candidate, f"Defined by a filter through the ABI as {base!r}", _TYPE_NAMES[mtype])
         self.by_name[candidate] = (mtype, metric)
         for sample in _sample_names(candidate, mtype):
@@ -347,19 +352,13 @@ def _add(metric: Metric, m: FilterMetric, labels: dict[str, str]) -> None:
 def filter_metric_families(reports: Iterable[tuple[str, PluginReport]], reserved: Iterable[str]) -> Iterator[Metric]:
     """The families of every filter-defined metric; `reserved`: family names sluice uses itself."""
     families = _Families(reserved)
-    seen: set[tuple[str, tuple[tuple[str, str], ...]]] = set()
     for filter_name, report in reports:
         for m in report.metrics:
             base, tags = split_tags(m.name)
-            metric = families.family(base, m.type)
             labels = {"filter": filter_name}
             for key, value in tags:
                 labels.setdefault(_label(key), value)
-            series = (metric.name, tuple(sorted(labels.items())))
-            if series in seen:
-                continue  # the same series twice (a filter defining one name twice): first wins
-            seen.add(series)
-            _add(metric, m, labels)
+            _add(families.family(base, m.type, labels), m, labels)
     for _, metric in families.by_name.values():
         yield metric
 
