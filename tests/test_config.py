@@ -179,7 +179,8 @@ def test_unknown_keys_name_the_key_and_its_line() -> None:
     assert errors == [
         "t.yaml:4: admin.tokn: unknown key 'tokn'; did you mean 'token'?",
         "t.yaml:5: colour: unknown key 'colour' (allowed: listen, admin, filters_dir, clusters, chain, "
-        "routes, max_body_buffer, max_request_header_size, drain_timeout, access_log, cache_dir)",
+        "routes, max_body_buffer, max_request_header_size, drain_timeout, access_log, cache_dir, node, "
+            "traffic_direction)",
         "t.yaml:9: chain[0].modul: unknown key 'modul'; did you mean 'module'?",
     ]
 
@@ -587,3 +588,34 @@ clusters:
 """
     )
     assert (config.clusters["b"].timeout, config.clusters["b"].connect_timeout) == (3.0, 1.0)
+
+
+# -- node, traffic_direction, strict_imports (issue 14) -------------------------------------------------
+
+
+def test_node_and_traffic_direction_reach_the_plugin_spec() -> None:
+    config = parse_config(textwrap.dedent("""\
+        listen: 127.0.0.1:8080
+        node:
+          id: sidecar~1
+          cluster: reviews
+          metadata: {WORKLOAD_NAME: reviews-v1, LABELS: {app: reviews}, replicas: 2}
+        traffic_direction: outbound
+        chain:
+          - {name: f, module: f.wasm, strict_imports: true}
+        """))
+    spec = config.plugin_spec(config.chain[0])
+    assert spec.node == abi.NodeInfo("sidecar~1", "reviews", {"WORKLOAD_NAME": "reviews-v1",
+                                                              "LABELS": {"app": "reviews"}, "replicas": 2})
+    assert spec.listener_direction == 2
+    assert spec.strict_imports is True
+    plain = parse_config("listen: 127.0.0.1:8080\nchain: [{name: f, module: f.wasm}]\n")
+    spec = plain.plugin_spec(plain.chain[0])
+    assert spec.node == abi.NodeInfo() and spec.listener_direction == 0 and spec.strict_imports is False
+
+
+def test_bad_node_and_traffic_direction() -> None:
+    assert "traffic_direction" in one_error("listen: 127.0.0.1:8080\ntraffic_direction: sideways\n")
+    error = one_error("listen: 127.0.0.1:8080\nnode: {metadata: {ratio: .nan}}\n")
+    assert "t.yaml:2: node.metadata" in error and "JSON values only" in error
+    assert "node.colour" in one_error("listen: 127.0.0.1:8080\nnode: {colour: red}\n")

@@ -29,7 +29,7 @@ import dataclasses
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from .headers import HeaderMap
 from .types import FailurePolicy, LogLevel
@@ -45,6 +45,16 @@ class PluginLoadError(Exception):
         super().__init__(f"{path}: {reason}")
         self.path = str(path)
         self.reason = reason
+
+
+@dataclasses.dataclass(frozen=True)
+class NodeInfo:
+    """The proxy's identity as Envoy's bootstrap `node` gives it (property `node`)."""
+
+    id: str = ""
+    cluster: str = ""
+    metadata: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    """JSON-like values (str, int/float, bool, None, lists, string-keyed maps): a Struct."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,6 +78,14 @@ class PluginSpec:
     log_level: LogLevel = LogLevel.INFO
     reload_backoff_s: float = 1.0
     """First wait before a `reload` policy recreates a failed VM; doubles up to 60 s."""
+    node: NodeInfo = dataclasses.field(default_factory=NodeInfo)
+    """Property `node` / `xds.node`."""
+    listener_direction: int = 0
+    """Property `listener_direction` / `xds.listener_direction`: Envoy's TrafficDirection
+    (0 unspecified, 1 inbound, 2 outbound)."""
+    strict_imports: bool = False
+    """Refuse a module importing `env.proxy_*` host calls sluice does not define (by default they
+    are linked to stubs answering UNIMPLEMENTED)."""
 
 
 @dataclasses.dataclass(frozen=True)

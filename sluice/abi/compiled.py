@@ -19,3 +19,5 @@ class CompiledModule:
     instance_pre: wasmtime.InstancePre
     compile_seconds: float
     from_cache: bool
+    unknown_imports: tuple[str, ...] = ()
+    """`env.proxy_*` imports sluice does not define, linked to stubs answering UNIMPLEMENTED."""

@@ -25,6 +25,7 @@ from __future__ import annotations
 import atexit
 import ctypes
 import dataclasses
+import functools
 import struct
 import sys
 import threading
@@ -92,10 +93,11 @@ _FINALIZER = ctypes.CFUNCTYPE(None, ctypes.c_void_p)
 
 _SLOT = 16  # sizeof(wasmtime_val_raw_t)
 
-# Value kinds in signatures: i = i32 (signed), I = i32 read as unsigned, q = i64, Q = i64 unsigned, d = f64.
+# Value kinds in signatures: i = i32 (signed), I = i32 read as unsigned, q = i64, Q = i64 unsigned,
+# f = f32, d = f64.
 _WASM_TYPE = {"i": wasmtime.ValType.i32(), "I": wasmtime.ValType.i32(), "q": wasmtime.ValType.i64(),
-              "Q": wasmtime.ValType.i64(), "d": wasmtime.ValType.f64()}
-_PACK = {"i": "i12x", "I": "I12x", "q": "q8x", "Q": "Q8x", "d": "d8x"}
+              "Q": wasmtime.ValType.i64(), "f": wasmtime.ValType.f32(), "d": wasmtime.ValType.f64()}
+_PACK = {"i": "i12x", "I": "I12x", "q": "q8x", "Q": "Q8x", "f": "f12x", "d": "d8x"}
 
 
 class WasmTrap(Exception):
@@ -265,8 +267,6 @@ class HostFunction:
     """At most one result kind."""
 
 
-_KEEPALIVE: list[Any] = []  # ctypes callbacks must outlive every linker that uses them
-
 _EXIT_STATUS: list[int | None] = [None]
 """The exit status a host function (WASI `proc_exit`) ended the running call with, until the call
 that it unwound reports it. A host trap reaches the caller as a plain wasmtime error, which carries
@@ -279,7 +279,7 @@ no exit status of its own."""
 # addresses wasmtime hands us are ever touched through it.
 _ADDRESS_SPACE = memoryview((ctypes.c_ubyte * (1 << 47)).from_address(0))
 _RESULT = {"i": struct.Struct("<i"), "I": struct.Struct("<I"), "q": struct.Struct("<q"),
-           "Q": struct.Struct("<Q"), "d": struct.Struct("<d")}
+           "Q": struct.Struct("<Q"), "f": struct.Struct("<f"), "d": struct.Struct("<d")}
 
 
 def _trampoline(index: int, fn: HostFunction) -> Any:
@@ -312,24 +312,67 @@ def _trampoline(index: int, fn: HostFunction) -> Any:
 
 _NO_FINALIZER = _FINALIZER()  # a NULL function pointer: nothing to finalize
 
+_CALLBACKS: dict[tuple[HostFunction, int | float | None], tuple[Any, wasmtime.FuncType]] = {}
+"""One ctypes callback and function type per definition, kept for the life of the process and
+shared by every linker that defines it. Key: (definition, its index in a table) for host
+functions, (definition, the constant) for constant functions."""
+
+
+def _define(linker: wasmtime.Linker, fn: HostFunction, key: int | float | None, make: Callable[[], Any]) -> None:
+    entry = _CALLBACKS.get((fn, key))
+    if entry is None:
+        ty = wasmtime.FuncType([_WASM_TYPE[k] for k in fn.params], [_WASM_TYPE[k] for k in fn.results])
+        entry = _CALLBACKS[(fn, key)] = (make(), ty)
+    cb, ty = entry
+    mod = fn.module.encode()
+    name = fn.name.encode()
+    err = _define_unchecked(
+        ctypes.c_void_p(ctypes.cast(linker.ptr(), ctypes.c_void_p).value),
+        ctypes.c_char_p(mod), ctypes.c_size_t(len(mod)),
+        ctypes.c_char_p(name), ctypes.c_size_t(len(name)),
+        ctypes.c_void_p(ctypes.cast(ty.ptr(), ctypes.c_void_p).value),
+        cb, ctypes.c_void_p(0), _NO_FINALIZER,
+    )
+    if err:
+        raise wasmtime.WasmtimeError._from_ptr(ctypes.cast(err, ctypes.POINTER(ffi.wasmtime_error_t)))
+
 
 def define_host_functions(linker: wasmtime.Linker, functions: Sequence[HostFunction]) -> None:
-    """Define `functions` on `linker`; function i dispatches to `ACTIVE[-1].host_impls[i]`."""
+    """Define `functions` on `linker`; function i dispatches to `ACTIVE[-1].host_impls[i]`.
+
+    Callbacks are made once per definition, so defining the same table on another linker (for
+    a module with stubbed imports, see `define_constant_functions`) creates no ctypes objects.
+    """
     for index, fn in enumerate(functions):
-        ty = wasmtime.FuncType([_WASM_TYPE[k] for k in fn.params], [_WASM_TYPE[k] for k in fn.results])
-        cb = _trampoline(index, fn)
-        _KEEPALIVE.append((cb, ty))
-        mod = fn.module.encode()
-        name = fn.name.encode()
-        err = _define_unchecked(
-            ctypes.c_void_p(ctypes.cast(linker.ptr(), ctypes.c_void_p).value),
-            ctypes.c_char_p(mod), ctypes.c_size_t(len(mod)),
-            ctypes.c_char_p(name), ctypes.c_size_t(len(name)),
-            ctypes.c_void_p(ctypes.cast(ty.ptr(), ctypes.c_void_p).value),
-            cb, ctypes.c_void_p(0), _NO_FINALIZER,
-        )
-        if err:
-            raise wasmtime.WasmtimeError._from_ptr(ctypes.cast(err, ctypes.POINTER(ffi.wasmtime_error_t)))
+        _define(linker, fn, index, functools.partial(_trampoline, index, fn))
+
+
+def _constant_trampoline(fn: HostFunction, value: int | float) -> Any:
+    write = _RESULT[fn.results].pack_into if fn.results else None
+    space = _ADDRESS_SPACE
+    result = float(value) if fn.results in ("f", "d") else int(value)
+
+    def callback(_env: int, _caller: int, args: int, _nargs: int) -> int:
+        if write is not None:
+            write(space, args, result)
+        return 0
+
+    return _HOST_CALLBACK(callback)
+
+
+def define_constant_functions(linker: wasmtime.Linker, functions: Sequence[tuple[HostFunction, int | float]]) -> None:
+    """Define each function as one that ignores its arguments and returns the constant (for
+    imports the host does not implement). Needs no active instance: it touches no memory."""
+    for fn, value in functions:
+        _define(linker, fn, value if fn.results else None, functools.partial(_constant_trampoline, fn, value))
+
+
+def import_signature(ty: wasmtime.FuncType) -> tuple[str, str]:
+    """Kinds string of an imported function type (at most one result), or raise ValueError."""
+    params, results = _signature(ty, _IMPORT_KINDS)
+    if len(results) > 1:
+        raise ValueError("more than one result")
+    return params, results
 
 
 # -- calls into wasm -------------------------------------------------------------------------
@@ -445,7 +488,17 @@ class WasmFunction:
 
 def export_signature(ty: wasmtime.FuncType) -> tuple[str, str]:
     """Kinds string of a function type, or raise ValueError for types sluice never calls."""
-    names = {"i32": "i", "i64": "q", "f64": "d"}
+    return _signature(ty, _EXPORT_KINDS)
+
+
+_EXPORT_KINDS = {"i32": "i", "i64": "q", "f64": "d"}
+"""Value types of the exports sluice calls."""
+_IMPORT_KINDS = {**_EXPORT_KINDS, "f32": "f"}
+"""Value types a stubbed import may use (stubs never read their arguments)."""
+
+
+def _signature(ty: wasmtime.FuncType, names: dict[str, str]) -> tuple[str, str]:
+    """(params, results) kinds of `ty`, or ValueError for a type outside `names`."""
 
     def kinds(types: Sequence[wasmtime.ValType]) -> str:
         out = []

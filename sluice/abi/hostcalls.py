@@ -325,6 +325,15 @@ class ProxyHostCalls:
     def proxy_grpc_close(self, *_: int) -> int:
         return UNIMPLEMENTED
 
+    # -- Higress (ABI 0.2.100) Redis: not offered yet -----------------------------------------------
+    # Higress's SDKs turn any status but OK into an error of the Redis client (12 becomes their
+    # "unimplemented" error), so a plugin loads and only its Redis features fail.
+    def proxy_redis_init(self, *_: int) -> int:
+        return UNIMPLEMENTED
+
+    def proxy_redis_call(self, *_: int) -> int:
+        return UNIMPLEMENTED
+
     # -- 1.8 shared data ---------------------------------------------------------------------------
     def proxy_get_shared_data(self, kptr: int, klen: int, out_ptr: int, out_size: int, out_cas: int) -> int:
         key = self._mem.read(kptr, klen)
@@ -488,6 +497,9 @@ ENV_FUNCTIONS: list[tuple[str, str, str]] = [
     ("proxy_grpc_send", "IIII", "i"),
     ("proxy_grpc_cancel", "I", "i"),
     ("proxy_grpc_close", "I", "i"),
+    # (cluster, username, password as ptr/len pairs, timeout_ms) and (cluster, query, out callout id)
+    ("proxy_redis_init", "IIIIIII", "i"),
+    ("proxy_redis_call", "IIIII", "i"),
     ("proxy_get_shared_data", "IIIII", "i"),
     ("proxy_set_shared_data", "IIIII", "i"),
     ("proxy_register_shared_queue", "III", "i"),

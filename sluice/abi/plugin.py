@@ -404,7 +404,9 @@ class Plugin:
         return PluginReport(
             name=self._spec.name,
             state=self._state(),
-            module=ModuleInfo(str(module.path), module.sha256, module.size, module.abi_version),
+            module=ModuleInfo(
+                str(module.path), module.sha256, module.size, module.abi_version, module.unknown_imports
+            ),
             counters=PluginCounters(
                 streams=c.streams, callbacks=callback_seconds.count, traps=c.traps, deadlines=c.deadlines,
                 fail_closed=c.fail_closed, fail_open=c.fail_open, reloads=c.reloads,

@@ -8,9 +8,11 @@ back to the stream's filter state set by `proxy_set_property` (Envoy's `wasm.<na
 from __future__ import annotations
 
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
-from .api import PluginSpec, StreamInfo
+from . import protobuf
+from .api import NodeInfo, PluginSpec, StreamInfo
 from .headers import HeaderMap, serialize_pairs
 
 Value = str | bytes | int | bool | dict[str, str] | None
@@ -135,7 +137,53 @@ _PLUGIN: dict[str, Callable[[PluginSpec], Value]] = {
     "plugin_name": lambda spec: spec.name,
     "plugin_root_id": lambda spec: spec.root_id,
     "plugin_vm_id": lambda spec: spec.vm_id,
+    "listener_direction": lambda spec: spec.listener_direction,
+    "xds.listener_direction": lambda spec: spec.listener_direction,
 }
+
+
+def _metadata_value(v: Any) -> Value:
+    """A node metadata value the way Envoy serializes a `google.protobuf.Value`: strings raw,
+    numbers as an 8-byte double, bools one byte, null as no bytes; a nested struct is a map
+    (pairs format, each value by these rules; Istio reads LABELS that way), a list the pairs
+    format with the elements as keys."""
+    if v is None:
+        return b""
+    if isinstance(v, bool):
+        return v
+    if isinstance(v, int | float):
+        return struct.pack("<d", float(v))
+    if isinstance(v, str):
+        return v
+    if isinstance(v, Mapping):
+        return serialize_pairs((encode(str(k)), encode(_metadata_value(x))) for k, x in v.items())
+    if isinstance(v, Sequence):
+        return serialize_pairs((encode(_metadata_value(x)), b"") for x in v)
+    return None
+
+
+def _node(node: NodeInfo, rest: list[str]) -> Value:
+    """`node` / `xds.node`: the whole Node as protobuf, or one field; metadata indexes deeper."""
+    if not rest:
+        return protobuf.node(node.id, node.cluster, node.metadata)
+    field, rest = rest[0], rest[1:]
+    if field == "id" and not rest:
+        return node.id
+    if field == "cluster" and not rest:
+        return node.cluster
+    if field != "metadata":
+        return None
+    if not rest:
+        return protobuf.struct_message(node.metadata)  # an empty Struct is no bytes, and valid
+    value: Any = node.metadata
+    for seg in rest:
+        if isinstance(value, Mapping) and seg in value:
+            value = value[seg]
+        elif isinstance(value, list) and seg.isdigit() and int(seg) < len(value):
+            value = value[int(seg)]
+        else:
+            return None
+    return _metadata_value(value)
 
 
 def lookup(segments: list[str], spec: PluginSpec, info: StreamInfo | None) -> Value:
@@ -145,6 +193,8 @@ def lookup(segments: list[str], spec: PluginSpec, info: StreamInfo | None) -> Va
     top = segments[0]
     if top in _PLUGIN:
         return _PLUGIN[top](spec) if len(segments) == 1 else None
+    if top in ("node", "xds.node"):
+        return _node(spec.node, segments[1:])
     if info is None:
         return None
     value: Value = None

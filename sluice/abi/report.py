@@ -31,6 +31,8 @@ class ModuleInfo:
     sha256: str
     size: int
     abi_version: str
+    unknown_imports: tuple[str, ...] = ()
+    """Host calls the module imports that sluice does not define (they answer UNIMPLEMENTED)."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

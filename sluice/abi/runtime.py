@@ -21,6 +21,7 @@ from .fastcall import summarize_error
 from .hostcalls import HOST_FUNCTIONS, bind_host_functions
 from .plugin import Plugin
 from .shared import InMemorySharedData, SharedData, SharedQueues
+from .types import LogLevel, WasmResult
 from .vm import VMServices
 
 __all__ = ["CompiledModule", "Runtime"]
@@ -29,6 +30,8 @@ ABI_MARKERS = {
     "proxy_abi_version_0_1_0": "0.1.0",
     "proxy_abi_version_0_2_0": "0.2.0",
     "proxy_abi_version_0_2_1": "0.2.1",
+    # Higress: 0.2.1 plus proxy_get_log_level and its Redis calls (see hostcalls.py).
+    "proxy_abi_version_0_2_100": "0.2.100",
 }
 WASM_MAGIC = b"\0asm"
 CORE_VERSION = b"\x01\0\0\0"
@@ -46,6 +49,7 @@ class Runtime:
         self.engine = fastcall.engine()
         self.linker = wasmtime.Linker(self.engine)
         fastcall.define_host_functions(self.linker, HOST_FUNCTIONS)
+        self._defined = frozenset((fn.module, fn.name) for fn in HOST_FUNCTIONS)
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
         self.queues = SharedQueues()
         self._services = VMServices(
@@ -94,13 +98,57 @@ class Runtime:
                 break
         if abi_version is None:
             raise PluginLoadError(
-                path, "not a proxy-wasm module: no proxy_abi_version_0_1_0/0_2_0/0_2_1 export"
+                path, "not a proxy-wasm module: no proxy_abi_version_0_1_0/0_2_0/0_2_1/0_2_100 export"
             )
+        stubs = self._stubs_for(path, module)
+        linker = self.linker if not stubs else self._linker_with(stubs)
         try:
-            instance_pre = self.linker.instantiate_pre(module)
+            instance_pre = linker.instantiate_pre(module)
         except wasmtime.WasmtimeError as exc:
             raise PluginLoadError(path, f"cannot link: {summarize_error(str(exc))}") from None
-        return CompiledModule(path, digest, len(wasm), abi_version, module, instance_pre, elapsed, from_cache)
+        return CompiledModule(
+            path, digest, len(wasm), abi_version, module, instance_pre, elapsed, from_cache,
+            unknown_imports=tuple(fn.name for fn in stubs),
+        )
+
+    def _stubs_for(self, path: Path, module: wasmtime.Module) -> list[fastcall.HostFunction]:
+        """The module's `env.proxy_*` function imports sluice does not define (to be linked to
+        stubs answering UNIMPLEMENTED); raises PluginLoadError naming every other import sluice
+        cannot provide."""
+        stubs: list[fastcall.HostFunction] = []
+        refused: list[str] = []
+        for imp in module.imports:
+            name = imp.name or ""
+            if (imp.module, name) in self._defined:
+                continue
+            ty = imp.type
+            label = f"{imp.module}.{name}"
+            if not isinstance(ty, wasmtime.FuncType):
+                refused.append(f"{label} (not a function)")
+            elif imp.module != "env" or not name.startswith("proxy_"):
+                refused.append(label)
+            else:
+                try:
+                    params, results = fastcall.import_signature(ty)
+                except ValueError as exc:
+                    refused.append(f"{label} ({exc})")
+                    continue
+                stubs.append(fastcall.HostFunction("env", name, params, results))
+        if refused:
+            raise PluginLoadError(path, f"imports that sluice does not provide: {', '.join(refused)}")
+        return stubs
+
+    def _linker_with(self, stubs: list[fastcall.HostFunction]) -> wasmtime.Linker:
+        """A linker for one module: every host function plus `stubs`, each answering
+        UNIMPLEMENTED (i32 result) or zero (other results). The process-wide linker stays as it
+        is, so no other module sees these names."""
+        linker = wasmtime.Linker(self.engine)
+        fastcall.define_host_functions(linker, HOST_FUNCTIONS)
+        unimplemented = int(WasmResult.UNIMPLEMENTED)
+        fastcall.define_constant_functions(
+            linker, [(fn, unimplemented if fn.results == "i" else 0) for fn in stubs]
+        )
+        return linker
 
     def _compile_cached(self, path: Path, wasm: bytes, digest: str) -> tuple[wasmtime.Module, bool]:
         cached = self.cache_dir / f"{digest}-{self._cache_tag}.cwasm" if self.cache_dir else None
@@ -132,4 +180,15 @@ class Runtime:
         """
         if module is None:
             module = self.compile(spec.module_path)
-        return Plugin.start(self._services, module, spec, host)
+        names = ", ".join(module.unknown_imports)
+        if module.unknown_imports and spec.strict_imports:
+            raise PluginLoadError(
+                module.path, f"imports host calls sluice does not define (strict_imports is set): {names}"
+            )
+        plugin = Plugin.start(self._services, module, spec, host)
+        if module.unknown_imports:
+            host.log(
+                spec.name, LogLevel.WARN,
+                f"filter {spec.name}: host calls sluice does not define answer UNIMPLEMENTED: {names}",
+            )
+        return plugin

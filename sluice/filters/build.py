@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """Rebuild sluice's built-in Zig filters (and the Zig example) byte for byte.
 
-    python sluice/filters/build.py            # rebuild sluice/filters/auth.wasm, ratelimit.wasm, ab.wasm and
-                                       # examples/zig-filter/add_header.wasm in place
+    python sluice/filters/build.py            # rebuild sluice/filters/auth.wasm, ratelimit.wasm, ab.wasm,
+                                       # examples/zig-filter/add_header.wasm and the test fixture
+                                       # tests/fixtures/zig/node_stats.wasm in place
     python sluice/filters/build.py --check    # rebuild into a temp dir; exit 1 naming each stale file
 
 Needs the PyPI package `ziglang==0.14.1` (`pip install -e .[build]`), run as `python -m ziglang`.
@@ -54,6 +55,8 @@ TARGETS: tuple[Target, ...] = (
     Target("ratelimit", "sluice/filters/src/ratelimit.zig", "sluice/filters/ratelimit.wasm"),
     Target("ab", "sluice/filters/src/ab.zig", "sluice/filters/ab.wasm"),
     Target("add_header", "examples/zig-filter/add_header.zig", "examples/zig-filter/add_header.wasm"),
+    # Test fixtures: filters the tests run through the live proxy.
+    Target("node_stats", "tests/fixtures/zig/node_stats.zig", "tests/fixtures/zig/node_stats.wasm"),
 )
 
 

@@ -34,7 +34,7 @@ from sluice.abi import LogLevel
 from sluice.histogram import HistogramSnapshot
 
 from .generation import LoadedFilter
-from .logs import PYTHON_LEVELS
+from .logs import PYTHON_LEVELS, FilterLogs
 from .metrics import make_registry
 from .reloadevents import ReloadEvent, ReloadTrigger
 from .view import ProxyControl
@@ -242,6 +242,7 @@ class AdminServer:
             "module": module.path,
             "sha256": module.sha256,
             "abi_version": module.abi_version,
+            "unknown_imports": list(module.unknown_imports),
             "generation": f.generation,
             "loaded_at": _iso(f.loaded_at),
             "state": report.state.value,
@@ -351,8 +352,7 @@ class AdminServer:
             logging.getLogger("sluice").setLevel(py_level)
         for f in filters:
             f.plugin.set_log_level(level)
-            # The Python side must pass the lines the filter now emits.
-            logging.getLogger(f"sluice.filter.{f.name}").setLevel(py_level)
+            FilterLogs.set_level(f.name, level)
         target = name if name is not None else "sluice and all filters"
         log.info("log level set to %s for %s", level.name.lower(), target)
         return web.json_response(self._levels())

@@ -205,7 +205,7 @@ def _check(args: argparse.Namespace) -> int:
         for index, entry in enumerate(config.chain):
             try:
                 module = runtime.compile(entry.module_path)
-                plugin = runtime.load(entry.to_plugin_spec(), host, module=module)
+                plugin = runtime.load(config.plugin_spec(entry), host, module=module)
             except abi.PluginLoadError as exc:
                 print(f"{config.where('chain', index)} ({entry.name}): {exc}", file=sys.stderr)
                 failed += 1

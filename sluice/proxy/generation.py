@@ -23,7 +23,7 @@ from sluice import abi
 
 from .clusters import ClusterPool
 from .config import FilterConfig, SluiceConfig
-from .logs import variant_header
+from .logs import FilterLogs, variant_header
 from .routing import Router
 
 __all__ = ["Generation", "LoadedFilter", "load_generation"]
@@ -146,7 +146,10 @@ async def load_generation(
         modules = await asyncio.gather(
             *(loop.run_in_executor(None, engine.compile, f.module_path) for f in config.chain)
         )
-        reusable = {} if previous is None else {f.name: f for f in previous.filters}
+        same_node = previous is not None and (previous.config.node, previous.config.traffic_direction) == (
+            config.node, config.traffic_direction
+        )
+        reusable = {f.name: f for f in previous.filters} if previous is not None and same_node else {}
         carried: set[int] = set()
         try:
             for entry, module in zip(config.chain, modules, strict=True):
@@ -155,13 +158,18 @@ async def load_generation(
                     filters.append(dataclasses.replace(old, config=entry))
                     carried.add(id(old.plugin))
                 else:
-                    plugin = engine.load(entry.to_plugin_spec(), host, module=module)
+                    plugin = engine.load(config.plugin_spec(entry), host, module=module)
                     filters.append(LoadedFilter(entry, plugin, number, now))
         except BaseException:
             for f in filters:
                 if id(f.plugin) not in carried:
                     f.plugin.retire()
             raise
+        # A new plugin starts at its entry's level; a carried-over one keeps its own (set by
+        # `POST /logging` perhaps), and so does its logger.
+        for f in filters:
+            if id(f.plugin) not in carried:
+                FilterLogs.set_level(f.name, f.plugin.report().log_level)
     clusters = {name: ClusterPool.from_config(name, c) for name, c in config.clusters.items()}
     return Generation(number, config, filters, Router(config.routes), clusters)
 

@@ -223,6 +223,12 @@ class FilterLogs:
     def logger(plugin: str) -> logging.Logger:
         return logging.getLogger(f"sluice.filter.{plugin}")
 
+    @classmethod
+    def set_level(cls, plugin: str, level: LogLevel) -> None:
+        """Let the filter's Python logger pass every line the filter emits at `level` (the level
+        itself is applied in `abi`; without this the logger would stay at the root's INFO)."""
+        cls.logger(plugin).setLevel(PYTHON_LEVELS[level])
+
     def log(self, plugin: str, level: LogLevel, message: str) -> bool:
         """Log one filter line unless its bucket is empty. Returns whether it was logged."""
         logger = self.logger(plugin)

@@ -13,16 +13,41 @@ Naming scheme (see docs/admin.md):
             ``sluice_upstream_latency_seconds{cluster}`` (histogram), ``sluice_downstream_*``...
 * filters:  ``sluice_filter_*{filter}`` from the host's own accounting (callback time histogram,
             traps, deadlines, failure-policy actions, VM reloads, VM count, linear memory);
-* ABI-defined metrics keep their name as a label, never in the metric name, so any name a filter
-  picks is valid: ``sluice_filter_counter_total{filter,name}``, ``sluice_filter_gauge{filter,name}``,
-  ``sluice_filter_histogram{filter,name}`` (the buckets the host defines, unitless).
+* ABI-defined metrics: one family each, see "Filter-defined metrics" below.
+
+Filter-defined metrics (`proxy_define_metric`): each metric becomes its own family, named from
+the metric's name and labelled `filter` (the chain entry), as Envoy exports each as its own stat:
+
+* **Tags in the name** (the Istio stats plugin's encoding, which Envoy's tag extraction turns
+  into labels with the regexes Istio's bootstrap configures): a name
+  `<key>=.=<value>;.;<key>=.=<value>;.;<base>` (what the C++ SDK's tagged `Metric` builds with
+  Istio's separators) is the family of `<base>` with a label `key="value"` per group.
+* **No prefix**, as Envoy exports Wasm-defined stats (its `wasmcustom` stat namespace, which its
+  Prometheus output strips): Istio's `istio_requests_total` keeps its name, the auth filter's
+  `auth_allowed` is `auth_allowed_total{filter="auth"}`. A name that would join one of sluice's
+  own families (all `sluice_*`) gets a type suffix instead (see Clashes).
+* **Sanitizing**: every character outside `[a-zA-Z0-9_:]` becomes `_`, and a leading digit
+  gets a `_` in front. Dotted tags of the C++ SDK's `Metric` class (`name.tag.value`) have no
+  marker to find them by (Envoy needs configured regexes for them); sluice configures none, so
+  their dots become `_` and the values stay in the name.
+* **Types**: counters are exported with `_total` (a name already ending in `_total` is not
+  doubled), gauges as they are, histograms as Prometheus histograms over the ABI histogram's
+  bounds (`sluice.abi.metrics.HISTOGRAM_BOUNDS`, in whatever unit the filter records).
+* **Clashes**: the same name from several filters (or with several tag sets) is one family with
+  one sample per label set. A name whose family (or one of whose sample names) is already taken
+  by a metric of another type, or by one of sluice's own families, gets the type as a suffix
+  (`_counter`, `_gauge`, `_histogram`; then numbered); first come, in chain order, keeps the plain
+  name. Two names that sanitize to the same series are kept apart the same way. A scrape never
+  fails on a filter's choice of names.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
+import re
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import (
@@ -33,7 +58,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from sluice.abi import MetricType, PluginState
+from sluice.abi import FilterMetric, MetricType, PluginReport, PluginState
 from sluice.histogram import Histogram, HistogramSnapshot
 
 from .view import ProxyView
@@ -85,10 +110,13 @@ class SluiceCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         gw = self.gateway
-        yield from self._proxy(gw)
-        yield from self._filters(gw)
-        yield from self._clusters(gw)
-        yield from self._reloads(gw)
+        reports: list[tuple[str, PluginReport]] = []
+        own: set[str] = set()
+        for family in (*self._proxy(gw), *self._filters(gw, reports), *self._clusters(gw), *self._reloads(gw)):
+            own.add(family.name)
+            yield family
+        # Last, so that a filter's metric never takes a name sluice's own families use.
+        yield from filter_metric_families(reports, own)
 
     # -- proxy -----------------------------------------------------------------------------------
     def _proxy(self, gw: ProxyView) -> Iterator[Metric]:
@@ -148,7 +176,8 @@ class SluiceCollector(Collector):
         )
 
     # -- filters ---------------------------------------------------------------------------------
-    def _filters(self, gw: ProxyView) -> Iterator[Metric]:
+    def _filters(self, gw: ProxyView, reports: list[tuple[str, PluginReport]]) -> Iterator[Metric]:
+        """sluice's accounting of each filter; appends each filter's report to `reports`."""
         gen = gw.current_generation()
         filters = gen.filters if gen is not None else []
         lf = ["filter"]
@@ -173,19 +202,10 @@ class SluiceCollector(Collector):
         vms = GaugeMetricFamily("sluice_filter_vms", "Live VMs of the filter", labels=lf)
         memory = GaugeMetricFamily("sluice_filter_memory_bytes", "Linear memory of the filter's live VMs", labels=lf)
         up = GaugeMetricFamily("sluice_filter_up", "1 when the filter state is ok", labels=lf)
-        counters = CounterMetricFamily(
-            "sluice_filter_counter", "Counters the filter defines through the ABI", labels=["filter", "name"]
-        )
-        gauges = GaugeMetricFamily(
-            "sluice_filter_gauge", "Gauges the filter defines through the ABI", labels=["filter", "name"]
-        )
-        histograms = HistogramMetricFamily(
-            "sluice_filter_histogram", "Histograms the filter defines through the ABI (values as recorded)",
-            labels=["filter", "name"],
-        )
         for f in filters:
             name = f.name
             report = f.report()
+            reports.append((name, report))
             module = report.module
             counts = report.counters
             state = report.state
@@ -201,16 +221,7 @@ class SluiceCollector(Collector):
             vms.add_metric([name], report.vm_count)
             memory.add_metric([name], report.memory_bytes)
             up.add_metric([name], 1 if state is PluginState.OK else 0)
-            for metric in report.metrics:
-                if metric.type is MetricType.COUNTER:
-                    counters.add_metric([name, metric.name], metric.value)
-                elif metric.type is MetricType.GAUGE:
-                    gauges.add_metric([name, metric.name], metric.value)
-                elif metric.histogram is not None:
-                    hist = metric.histogram
-                    histograms.add_metric([name, metric.name], prometheus_buckets(hist), hist.sum)
         yield from (info, callbacks, streams, traps, deadlines, policy, vm_reloads, vms, memory, up)
-        yield from (counters, gauges, histograms)
 
     # -- clusters --------------------------------------------------------------------------------
     def _clusters(self, gw: ProxyView) -> Iterator[Metric]:
@@ -241,6 +252,115 @@ class SluiceCollector(Collector):
         family.add_metric(["ok"], history.counts.ok if history is not None else 0)
         family.add_metric(["failed"], history.counts.failed if history is not None else 0)
         yield family
+
+
+# -- filter-defined metrics ------------------------------------------------------------------------
+
+
+_TAG = re.compile(r"([^=;.]+)=\.=(.*?);\.;")
+_INVALID = re.compile(r"[^a-zA-Z0-9_:]")
+_TYPE_NAMES = {MetricType.COUNTER: "counter", MetricType.GAUGE: "gauge", MetricType.HISTOGRAM: "histogram"}
+
+
+def split_tags(name: str) -> tuple[str, tuple[tuple[str, str], ...]]:
+    """(base name, tags) of `<key>=.=<value>;.;<key>=.=<value>;.;<base>`, the names the proxy-wasm
+    C++ SDK's tagged `Metric` builds with Istio's separators; any other name is its own base."""
+    tags: list[tuple[str, str]] = []
+    at = 0
+    while (match := _TAG.match(name, at)) is not None:
+        tags.append((match.group(1), match.group(2)))
+        at = match.end()
+    base = name[at:]
+    return (base, tuple(tags)) if tags and base else (name, ())
+
+
+def sanitize(text: str) -> str:
+    out = _INVALID.sub("_", text)
+    return f"_{out}" if not out or out[0].isdigit() else out
+
+
+def family_name(base: str, mtype: MetricType) -> str:
+    """The Prometheus family name of a base metric name (without a counter's `_total`)."""
+    name = sanitize(base)
+    if mtype is MetricType.COUNTER and name.endswith("_total"):
+        name = name[: -len("_total")]
+    return name
+
+
+def _label(key: str) -> str:
+    label = sanitize(key)
+    # `filter` is ours, `le` a histogram's, `quantile` a summary's; `__*` is Prometheus's.
+    return f"tag_{label}" if label in ("filter", "le", "quantile") or label.startswith("__") else label
+
+
+def _sample_names(name: str, mtype: MetricType) -> tuple[str, ...]:
+    if mtype is MetricType.COUNTER:
+        return (name, f"{name}_total", f"{name}_created")
+    if mtype is MetricType.HISTOGRAM:
+        return (name, f"{name}_bucket", f"{name}_sum", f"{name}_count", f"{name}_created")
+    return (name,)
+
+
+class _Families:
+    def __init__(self, reserved: Iterable[str]) -> None:
+        self.by_name: dict[str, tuple[MetricType, Metric]] = {}
+        self.samples: dict[str, str] = {}
+        """Sample name -> the family that emits it ("" for sluice's own families)."""
+        self.series: set[tuple[str, tuple[tuple[str, str], ...]]] = set()
+        for name in reserved:
+            for sample in _sample_names(name, MetricType.HISTOGRAM):
+                self.samples[sample] = ""
+
+    def _free(self, name: str, mtype: MetricType) -> bool:
+        return name not in self.by_name and all(self.samples.get(s, name) == name for s in _sample_names(name, mtype))
+
+    def family(self, base: str, mtype: MetricType, labels: dict[str, str]) -> Metric:
+        """The family for one series: the plain name, else with the type as a suffix (then
+        numbered, should even that be taken). A family of the same type is joined unless it
+        already has a series with these labels (two names that sanitize alike)."""
+        name = family_name(base, mtype)
+        suffixed = f"{name}_{_TYPE_NAMES[mtype]}"
+        series = tuple(sorted(labels.items()))
+        candidates = itertools.chain((name, suffixed), (f"{suffixed}_{n}" for n in itertools.count(2)))
+        for candidate in candidates:
+            known = self.by_name.get(candidate)
+            if known is not None and known[0] is mtype and (candidate, series) not in self.series:
+                self.series.add((candidate, series))
+                return known[1]
+            if self._free(candidate, mtype):
+                break
+        self.series.add((candidate, series))
+        metric = Metric(candidate, f"Defined by a filter through the ABI as {base!r}", _TYPE_NAMES[mtype])
+        self.by_name[candidate] = (mtype, metric)
+        for sample in _sample_names(candidate, mtype):
+            self.samples[sample] = candidate
+        return metric
+
+
+def _add(metric: Metric, m: FilterMetric, labels: dict[str, str]) -> None:
+    if m.type is MetricType.COUNTER:
+        metric.add_sample(metric.name + "_total", labels, float(m.value))
+    elif m.type is MetricType.GAUGE:
+        metric.add_sample(metric.name, labels, float(m.value))
+    elif m.histogram is not None:
+        for bound, count in prometheus_buckets(m.histogram):
+            metric.add_sample(metric.name + "_bucket", {**labels, "le": bound}, count)
+        metric.add_sample(metric.name + "_count", labels, float(m.histogram.count))
+        metric.add_sample(metric.name + "_sum", labels, float(m.histogram.sum))
+
+
+def filter_metric_families(reports: Iterable[tuple[str, PluginReport]], reserved: Iterable[str]) -> Iterator[Metric]:
+    """The families of every filter-defined metric; `reserved`: family names sluice uses itself."""
+    families = _Families(reserved)
+    for filter_name, report in reports:
+        for m in report.metrics:
+            base, tags = split_tags(m.name)
+            labels = {"filter": filter_name}
+            for key, value in tags:
+                labels.setdefault(_label(key), value)
+            _add(families.family(base, m.type, labels), m, labels)
+    for _, metric in families.by_name.values():
+        yield metric
 
 
 def _labelled_counter(name: str, doc: str, label: str, values: Mapping[str, int]) -> CounterMetricFamily:

@@ -106,6 +106,7 @@ const hs = struct {
     extern "env" fn proxy_set_shared_data(kp: [*]const u8, kl: usize, vp: [*]const u8, vl: usize, cas: u32) u32;
     extern "env" fn proxy_define_metric(t: u32, np: [*]const u8, nl: usize, out_id: *u32) u32;
     extern "env" fn proxy_increment_metric(id: u32, offset: i64) u32;
+    extern "env" fn proxy_record_metric(id: u32, value: u64) u32;
     extern "env" fn proxy_call_foreign_function(np: [*]const u8, nl: usize, ap: [*]const u8, al: usize, out_ptr: *?[*]u8, out_len: *usize) u32;
 };
 
@@ -355,6 +356,11 @@ pub fn defineMetric(t: MetricType, name: []const u8) u32 {
 
 pub fn incrementMetric(id: u32, offset: i64) void {
     if (id != 0) _ = hs.proxy_increment_metric(id, offset);
+}
+
+/// Sets a gauge, or adds a sample to a histogram.
+pub fn recordMetric(id: u32, value: u64) void {
+    if (id != 0) _ = hs.proxy_record_metric(id, value);
 }
 
 // ---------------------------------------------------------------------------------------------

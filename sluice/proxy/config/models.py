@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -28,7 +29,13 @@ from .errors import Loc, format_loc
 from .values import TOKEN_RE, Count, HostPort, MiB, Name, Seconds, Size, not_bool, payload_bytes
 from .yamlindex import LineIndex, line_for, line_key
 
-__all__ = ["AdminConfig", "ClusterConfig", "FilterConfig", "RouteConfig", "RouteMatch", "SluiceConfig", "cross_check"]
+__all__ = [
+    "AdminConfig", "ClusterConfig", "FilterConfig", "NodeConfig", "RouteConfig", "RouteMatch", "SluiceConfig",
+    "cross_check",
+]
+
+TRAFFIC_DIRECTIONS = {"unspecified": 0, "inbound": 1, "outbound": 2}
+"""`traffic_direction` -> Envoy's TrafficDirection, the filters' property `listener_direction`."""
 
 
 def _context(info: ValidationInfo) -> Mapping[str, Any]:
@@ -88,6 +95,7 @@ class FilterConfig(_Model):
     match: str | None = None
     log_level: str = "info"
     environment: dict[str, str] = Field(default_factory=dict)
+    strict_imports: bool = False
 
     _module_path: Path | None = PrivateAttr(default=None)
 
@@ -147,7 +155,29 @@ class FilterConfig(_Model):
             cpu_deadline_ms=self.cpu_deadline_ms,
             environment=dict(self.environment),
             log_level=abi.LogLevel.parse(self.log_level),
+            strict_imports=self.strict_imports,
         )
+
+
+class NodeConfig(_Model):
+    """The proxy's identity, the filters' property `node` (Envoy's bootstrap `node`)."""
+
+    id: str = ""
+    cluster: str = ""
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("metadata")
+    @classmethod
+    def _struct_compatible(cls, value: dict[str, Any]) -> dict[str, Any]:
+        # It becomes a google.protobuf.Struct: JSON values only.
+        try:
+            payload_bytes(value)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"must hold JSON values only (it becomes a protobuf Struct): {exc}") from None
+        return value
+
+    def to_node_info(self) -> abi.NodeInfo:
+        return abi.NodeInfo(id=self.id, cluster=self.cluster, metadata=self.metadata)
 
 
 class RouteMatch(_Model):
@@ -226,6 +256,8 @@ class SluiceConfig(_Model):
     drain_timeout: Annotated[float, BeforeValidator(not_bool), Field(ge=0, allow_inf_nan=False)] = 30.0
     access_log: str | None = Field(default="stdout", min_length=1)
     cache_dir: Path = Field(default=Path(".sluice-cache"), validate_default=True)
+    node: NodeConfig = Field(default_factory=NodeConfig)
+    traffic_direction: Literal["unspecified", "inbound", "outbound"] = "unspecified"
 
     _source_path: Path | None = PrivateAttr(default=None)
     _source_name: str = PrivateAttr(default="<config>")
@@ -263,6 +295,14 @@ class SluiceConfig(_Model):
             if problems:
                 raise ValueError("; ".join(f"{format_loc(loc)}: {msg}" for loc, msg in problems))
         return self
+
+    def plugin_spec(self, entry: FilterConfig) -> abi.PluginSpec:
+        """What the host needs to load `entry`: the entry's own settings and the proxy's node."""
+        return dataclasses.replace(
+            entry.to_plugin_spec(),
+            node=self.node.to_node_info(),
+            listener_direction=TRAFFIC_DIRECTIONS[self.traffic_direction],
+        )
 
     def line_of(self, *loc: str | int) -> int | None:
         """The YAML line of a key or list item, e.g. `line_of("chain", 0)`; None if unknown."""
