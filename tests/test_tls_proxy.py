@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import hashlib
 import json
 import shutil
 import ssl
+import textwrap
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -251,3 +253,78 @@ def test_mtls_required_properties_and_refusals_counted(files: Path, ca: trustme.
     if shutil.which("openssl") is None:
         pytest.skip("openssl is not installed")
     run(main())
+
+
+# -- certificate reload, /certs, /stats ------------------------------------------------------------
+
+
+async def served_fingerprint(port: int, ca: trustme.CA) -> str:
+    _, writer = await asyncio.open_connection("127.0.0.1", port, ssl=client_ctx(ca), server_hostname="localhost")
+    der = writer.get_extra_info("ssl_object").getpeercert(binary_form=True)
+    writer.close()
+    return hashlib.sha256(der).hexdigest().upper()
+
+
+def test_certificates_hot_reload_with_admin_certs_and_stats(files: Path, ca: trustme.CA) -> None:
+    from sluice.proxy.admin import AdminServer
+    from sluice.proxy.config import load_config
+
+    async def main() -> None:
+        async with upstream() as up:
+            path = files / "sluice.yaml"
+            path.write_text(textwrap.dedent(tls_config(up)))
+            gw = Gateway(load_config(path))
+            await gw.start()
+            admin = AdminServer(gw)
+            await admin.start("127.0.0.1", 0)
+            try:
+                async with aiohttp.ClientSession() as s:
+                    async with s.get(f"http://127.0.0.1:{admin.port}/certs") as r:
+                        body = await r.json()
+                    (listener,) = body["listeners"]
+                    assert listener["listener"] == f"127.0.0.1:{gw.port}" and listener["errors"] == {}
+                    first, second = listener["certificates"]
+                    assert first["names"] == ["localhost", "api.example.test"] and first["default"] is True
+                    assert second["names"] == ["*.other.test"]
+                    assert first["expires_in_seconds"] > 0
+                    before = await served_fingerprint(gw.port, ca)
+                    assert before == first["fingerprint_sha256"]
+
+                    # A new pair written in place is picked up by the watcher.
+                    fresh = write_pair(files, ca.issue_cert("localhost", "new.example.test"), "server")
+                    await wait_until_served(gw.port, ca, lambda fp: fp != before)
+                    assert gw.tls_listeners()[0].tls.certificates[0].names == ("localhost", "new.example.test")
+                    running = await served_fingerprint(gw.port, ca)
+
+                    # A broken pair keeps the running one; the error shows in /certs.
+                    fresh.key_file.write_bytes(b"not a key\n")
+                    await wait_for(lambda: bool(gw.tls_listeners()[0].tls.errors))
+                    assert await served_fingerprint(gw.port, ca) == running
+                    async with s.get(f"http://127.0.0.1:{admin.port}/certs") as r:
+                        errors = (await r.json())["listeners"][0]["errors"]
+                    assert "not a PEM private key" in errors[str(files / "server.crt")]
+                    seen, _ = await echo(gw.port, client_ctx(ca))
+                    assert seen["x-forwarded-proto"] == "https"
+
+                    async with s.get(f"http://127.0.0.1:{admin.port}/stats") as r:
+                        stats = await r.text()
+                    label = f'listener="127.0.0.1:{gw.port}"'
+                    expiry = [line for line in stats.splitlines()
+                              if line.startswith("sluice_tls_certificate_expiry_seconds{") and "server.crt" in line]
+                    assert len(expiry) == 1 and label in expiry[0] and float(expiry[0].split()[-1]) > 0, stats
+                    handshakes = [ln for ln in stats.splitlines() if ln.startswith("sluice_tls_handshakes_total{")]
+                    assert handshakes and label in handshakes[0] and float(handshakes[0].split()[-1]) >= 4
+            finally:
+                await admin.stop()
+                await gw.stop(drain_timeout=5.0)
+
+    run(main())
+
+
+async def wait_until_served(port: int, ca: trustme.CA, ok: Any, timeout: float = 10.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not ok(await served_fingerprint(port, ca)):
+        if loop.time() > deadline:
+            raise AssertionError("the new certificate was not served in time")
+        await asyncio.sleep(0.05)

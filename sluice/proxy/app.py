@@ -17,6 +17,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from sluice import abi
@@ -24,6 +25,7 @@ from sluice import abi
 from .admin import AdminServer
 from .config import SluiceConfig
 from .generation import Generation, LoadedFilter, load_generation
+from .listener import TlsListener
 from .logs import AccessLog, AccessLogError
 from .reload import Reloader
 from .reloadevents import ReloadHistory
@@ -75,6 +77,18 @@ class Gateway:
     def suppressed_log_lines(self, filter_name: str) -> int:
         services = self.services
         return services.filter_logs.suppressed_total.get(filter_name, 0) if services is not None else 0
+
+    # -- TLS listeners ---------------------------------------------------------------------------
+    def tls_listeners(self) -> list[TlsListener]:
+        return self.server.tls_listeners
+
+    def certificate_files(self) -> set[Path]:
+        """Every file a TLS listener reads (pairs, client CA): watched by hot reload."""
+        return {path for t in self.server.tls_listeners for path in t.tls.watched_paths()}
+
+    def reload_certificates(self) -> list[str]:
+        """Re-read the listeners' certificate files (a broken pair keeps the running one); the errors."""
+        return [error for t in self.server.tls_listeners for error in t.reload_certificates()]
 
     def drain(self) -> None:
         """Begin graceful shutdown (`POST /drain`): /ready answers 503 from now on."""

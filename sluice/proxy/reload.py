@@ -76,6 +76,10 @@ class ReloadTarget(Protocol):
 
     def install(self, gen: Generation) -> Generation | None: ...
 
+    def certificate_files(self) -> set[Path]: ...
+
+    def reload_certificates(self) -> list[str]: ...
+
 
 class _StillChanging(Exception):
     """A file changed while it was being read: wait for its next change (not an error)."""
@@ -175,7 +179,9 @@ class Reloader:
 
     # -- the admin entry point -------------------------------------------------------------------
     async def reload(self, trigger: ReloadTrigger = ReloadTrigger.ADMIN) -> ReloadEvent:
-        """Re-read the config, rebuild every changed filter and swap; the same path a file change takes."""
+        """Re-read the config, rebuild every changed filter and swap; the same path a file change takes.
+        The listeners' certificates are re-read too."""
+        self.gateway.reload_certificates()
         event = await self._attempt(trigger, set(), settle=False)
         if event is None:  # only when shutting down (nothing is settled here)
             gen = self.gateway.generation
@@ -188,12 +194,14 @@ class Reloader:
         dirs = {self.config_path.parent, Path(config.filters_dir)}
         dirs.update(Path(entry.module_path).parent for entry in config.chain)
         dirs.update(path.parent for path in self._wanted)
+        dirs.update(path.parent for path in self.gateway.certificate_files())
         return tuple(sorted(d for d in dirs if d.is_dir()))
 
     def _interesting(self) -> set[Path]:
         paths = {self.config_path}
         paths.update(Path(entry.module_path) for entry in self.gateway.config.chain)
         paths.update(self._wanted)
+        paths.update(self.gateway.certificate_files())
         return paths
 
     def _filter(self, change: watchfiles.Change, path: str) -> bool:
@@ -218,6 +226,13 @@ class Reloader:
                     changed = {Path(path) for _, path in changes} & self._interesting()
                     if not changed:
                         continue
+                    certificates = changed & self.gateway.certificate_files()
+                    if certificates:
+                        # Certificates are the listeners', not a generation's: they swap on their own.
+                        await self._settle_certificates(certificates)
+                        changed -= certificates
+                        if not changed:
+                            continue
                     trigger = ReloadTrigger.CONFIG if self.config_path in changed else ReloadTrigger.FILE
                     try:
                         await self._attempt(trigger, changed, settle=True)
@@ -227,6 +242,16 @@ class Reloader:
                         break  # filters_dir moved: watch the new directories
             finally:
                 await watcher.aclose()
+
+    async def _settle_certificates(self, changed: set[Path]) -> None:
+        """A certificate or key was rewritten: wait until it stops changing (a cert and its key are
+        often written one after the other), then let each listener re-read its pairs."""
+        for _ in range(20):  # bounded: a file rewritten without pause is read as it then is
+            first = {path: _stat(path) for path in changed}
+            await asyncio.sleep(SETTLE_INTERVAL_S)
+            if all(_stat(path) == stat for path, stat in first.items()):
+                break
+        self.gateway.reload_certificates()
 
     # -- one attempt -------------------------------------------------------------------------------
     async def _attempt(self, trigger: ReloadTrigger, changed: set[Path], *, settle: bool) -> ReloadEvent | None:
