@@ -328,3 +328,77 @@ async def wait_until_served(port: int, ca: trustme.CA, ok: Any, timeout: float =
         if loop.time() > deadline:
             raise AssertionError("the new certificate was not served in time")
         await asyncio.sleep(0.05)
+
+
+# -- upstream TLS ----------------------------------------------------------------------------------
+
+
+@asynccontextmanager
+async def tls_upstream(ctx: ssl.SSLContext) -> AsyncIterator[str]:
+    """The demo echo upstream behind TLS; yields "127.0.0.1:port"."""
+    from aiohttp import web
+    from demo_upstream import create_app
+
+    runner = web.AppRunner(create_app("secure"), access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=ctx)
+    await site.start()
+    server = site._server  # noqa: SLF001 - the bound port is only known here
+    assert server is not None and server.sockets
+    try:
+        yield f"127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    finally:
+        await runner.cleanup()
+
+
+def upstream_config(up: str, tls: str) -> str:
+    return f"""
+    listen: 127.0.0.1:0
+    access_log: null
+    filters_dir: .
+    clusters:
+      web: {{endpoints: ["{up}"], tls: {tls}}}
+    chain:
+      - {{name: props, module: props.wasm}}
+    routes:
+      - match: {{prefix: /}}
+        cluster: web
+    """
+
+
+def test_upstream_tls_with_sni_verification_and_client_certificate(files: Path, ca: trustme.CA) -> None:
+    server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ca.issue_cert("backend.internal").configure_cert(server_ctx)
+    # The upstream asks for a client certificate from the client CA (mTLS towards the upstream).
+    server_ctx.load_verify_locations(files / "client-ca.pem")
+    server_ctx.verify_mode = ssl.CERT_REQUIRED
+    write_ca(files, ca, "server-ca")
+
+    async def get(gw: Gateway) -> tuple[int, dict[str, str], str]:
+        async with aiohttp.ClientSession() as s, s.get(f"http://127.0.0.1:{gw.port}/anything") as r:
+            text = await r.text()
+            return r.status, {k.lower(): v for k, v in r.headers.items()}, text
+
+    async def main() -> None:
+        async with tls_upstream(server_ctx) as up:
+            good = "{sni: backend.internal, ca_file: server-ca.pem, client_cert: client.crt, client_key: client.key}"
+            async with gateway(upstream_config(up, good), files) as gw:
+                status, headers, text = await get(gw)
+                assert status == 200, text
+                assert json.loads(text)["upstream"] == "secure"
+                assert headers["x-prop-7"] in ("TLSv1.3", "TLSv1.2")
+            # Verification is on by default: the system store does not know the test CA.
+            async with gateway(upstream_config(up, "{sni: backend.internal}"), files) as gw:
+                status, _, text = await get(gw)
+                assert status == 502 and "upstream connect error" in text
+                assert gw.generation.clusters["web"].connect_failures == 1
+            # The wrong name is refused too.
+            async with gateway(upstream_config(up, "{sni: other.internal, ca_file: server-ca.pem}"), files) as gw:
+                status, _, _ = await get(gw)
+                assert status == 502
+        # A plain upstream: no upstream.tls_version.
+        async with upstream() as plain, gateway(upstream_config(plain, "null"), files) as gw:
+            status, headers, _ = await get(gw)
+            assert status == 200 and headers["x-prop-7"] == "<missing>"
+
+    run(main())

@@ -400,6 +400,8 @@ class Exchange:
             return
         self.conn = conn
         self.info.upstream_address = conn.endpoint
+        if conn.tls_version:
+            self.info.upstream_tls_version = conn.tls_version
         self.stats.upstream_requests += 1
         request = self._request
         assert request is not None
