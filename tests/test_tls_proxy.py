@@ -402,3 +402,50 @@ def test_upstream_tls_with_sni_verification_and_client_certificate(files: Path, 
             assert status == 200 and headers["x-prop-7"] == "<missing>"
 
     run(main())
+
+
+# -- the auth filter by client certificate ---------------------------------------------------------
+
+
+def test_auth_filter_by_client_certificate_subject_and_uri_san(files: Path, ca: trustme.CA) -> None:
+    auth = {
+        "client_certs": [
+            {"uri_san": "spiffe://example.test/alice", "as": "alice"},
+            {"subject": "CN=bob,O=Sluice Tests"},
+        ],
+        "api_keys": [{"key": "k-1", "subject": "keyholder"}],
+    }
+    client_ca = trustme.CA()
+    write_ca(files, client_ca, "client-ca")  # one CA signs alice, bob and carol
+    client_cert_with_uri(client_ca, files, "alice", "alice", "spiffe://example.test/alice")
+    client_cert_with_uri(client_ca, files, "bob", "bob", "spiffe://example.test/bob")
+    client_cert_with_uri(client_ca, files, "carol", "carol", "spiffe://example.test/carol")
+
+    async def main() -> None:
+        async with upstream() as up:
+            text = tls_config(up, "client_auth: optional\n          client_ca: client-ca.pem").replace(
+                "{name: props, module: props.wasm}",
+                f"{{name: auth, module: {ROOT / 'sluice' / 'filters' / 'auth.wasm'}, config: {json.dumps(auth)}}}",
+            )
+            async with gateway(text, files) as gw:
+                seen, _ = await echo(gw.port, client_ctx(ca, files / "alice"))
+                assert seen["x-auth-subject"] == "alice"  # by URI SAN, named by "as"
+                seen, _ = await echo(gw.port, client_ctx(ca, files / "bob"))
+                assert seen["x-auth-subject"] == "CN=bob,O=Sluice Tests"  # by subject
+                connector = aiohttp.TCPConnector(ssl=client_ctx(ca, files / "carol"), resolver=_Loopback())
+                async with aiohttp.ClientSession(connector=connector) as s:
+                    async with s.get(f"https://localhost:{gw.port}/anything") as r:
+                        assert r.status == 401 and await r.text() == "unknown client certificate"
+                    # An unknown certificate does not stop another credential.
+                    async with s.get(f"https://localhost:{gw.port}/anything", headers={"x-api-key": "k-1"}) as r:
+                        assert r.status == 200
+                        headers = {k.lower(): v for k, v in json.loads(await r.text())["headers"]}
+                        assert headers["x-auth-subject"] == "keyholder"
+                # No certificate at all (optional): missing credentials.
+                connector = aiohttp.TCPConnector(ssl=client_ctx(ca), resolver=_Loopback())
+                async with aiohttp.ClientSession(connector=connector) as s, s.get(
+                    f"https://localhost:{gw.port}/anything"
+                ) as r:
+                    assert r.status == 401 and await r.text() == "missing credentials"
+
+    run(main())
