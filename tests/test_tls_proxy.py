@@ -449,3 +449,28 @@ def test_auth_filter_by_client_certificate_subject_and_uri_san(files: Path, ca: 
                     assert r.status == 401 and await r.text() == "missing credentials"
 
     run(main())
+
+
+def test_a_changed_tls_block_needs_a_restart_and_says_so(files: Path, ca: trustme.CA) -> None:
+    from sluice.proxy.config import load_config
+
+    async def main() -> None:
+        async with upstream() as up:
+            path = files / "sluice.yaml"
+            path.write_text(textwrap.dedent(tls_config(up)))
+            gw = Gateway(load_config(path))
+            await gw.start()
+            try:
+                assert gw.reloader is not None
+                path.write_text(textwrap.dedent(tls_config(up, "min_version: '1.3'")))
+                event = await gw.reloader.reload()
+                assert event.ok, event
+                (note,) = event.notes
+                assert note.startswith("listen: the tls settings of https://127.0.0.1:0 changed: needs a restart")
+                assert gw.config.listeners[0].tls is not None and gw.config.listeners[0].tls.min_version == "1.2"
+                seen, _ = await echo(gw.port, client_ctx(ca))
+                assert seen["x-prop-0"] in ("TLSv1.3", "TLSv1.2")
+            finally:
+                await gw.stop(drain_timeout=5.0)
+
+    run(main())

@@ -40,7 +40,7 @@ import watchfiles
 
 from sluice import abi
 
-from .config import ConfigError, SluiceConfig, load_config
+from .config import ConfigError, HostPort, SluiceConfig, load_config
 from .generation import Generation
 from .reloadevents import ReloadEvent, ReloadHistory, ReloadTrigger
 
@@ -383,8 +383,14 @@ class Reloader:
         notes: list[str] = []
         update: dict[str, object] = {}
         if new.listen != old.listen:
-            notes.append(f"listen changed from {old.listen} to {new.listen}: needs a restart "
-                         f"(still serving on {old.listen})")
+            # One address prints as before; listeners as their URLs (their TLS blocks change too).
+            was, now = (str(c.listen) if isinstance(c.listen, HostPort) else ", ".join(map(str, c.listeners))
+                        for c in (old, new))
+            if was == now:
+                notes.append(f"listen: the tls settings of {was} changed: needs a restart "
+                             "(still serving with the previous ones; certificate files reload by themselves)")
+            else:
+                notes.append(f"listen changed from {was} to {now}: needs a restart (still serving on {was})")
             update["listen"] = old.listen
         if new.admin.listen != old.admin.listen:
             notes.append(f"admin.listen changed from {old.admin.listen} to {new.admin.listen}: needs a restart "
