@@ -474,3 +474,28 @@ def test_a_changed_tls_block_needs_a_restart_and_says_so(files: Path, ca: trustm
                 await gw.stop(drain_timeout=5.0)
 
     run(main())
+
+
+def test_curl_over_tls_with_sni_and_a_client_certificate(files: Path, ca: trustme.CA) -> None:
+    if shutil.which("curl") is None:
+        pytest.skip("curl is not installed")
+    ca_file = write_ca(files, ca, "server-ca")
+    tls = "client_auth: optional\n          client_ca: client-ca.pem"
+
+    async def main() -> None:
+        async with upstream() as up, gateway(tls_config(up, tls), files) as gw:
+            proc = await asyncio.create_subprocess_exec(
+                "curl", "-sS", "--http1.1", "--cacert", str(ca_file),
+                "--resolve", f"api.example.test:{gw.port}:127.0.0.1",
+                "--cert", str(files / "client.crt"), "--key", str(files / "client.key"),
+                f"https://api.example.test:{gw.port}/anything",
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            )
+            out, err = await asyncio.wait_for(proc.communicate(), 20)
+            assert proc.returncode == 0, err
+            headers = {k.lower(): v for k, v in json.loads(out)["headers"]}
+            assert headers["x-prop-1"] == "api.example.test" and headers["x-prop-2"] == "1"
+            assert headers["x-prop-4"] == "spiffe://example.test/alice"
+            assert headers["x-forwarded-proto"] == "https"
+
+    run(main())
