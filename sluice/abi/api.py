@@ -184,3 +184,8 @@ class StreamInfo:
     backend_latency_ns: int = 0
     filter_state: dict[str, bytes] = dataclasses.field(default_factory=dict)
     """Values set by `proxy_set_property`, shared by the stream's filters."""
+    connection_properties: Mapping[str, str | bool] | None = None
+    """A TLS connection's `connection.<name>` properties (`tls_version`, `requested_server_name`,
+    `mtls`, `subject_peer_certificate`, `uri_san_peer_certificate`, ...); None: not TLS."""
+    upstream_tls_version: str = ""
+    """`upstream.tls_version` (`TLSv1.3`); "" when the upstream connection is not TLS."""

@@ -211,9 +211,14 @@ def lookup(segments: list[str], spec: PluginSpec, info: StreamInfo | None) -> Va
         elif top == "destination":
             value = _address(info.destination_address, field)
         elif top == "upstream":
-            value = _address(info.upstream_address, field)
+            if field == "tls_version":
+                value = info.upstream_tls_version or None
+            else:
+                value = _address(info.upstream_address, field)
         elif field == "id":
             value = info.connection_id
+        elif info.connection_properties is not None:
+            value = info.connection_properties.get(field)
         elif field == "mtls":
             value = False
     elif top == "connection_id" and not rest:

@@ -37,6 +37,7 @@ from .generation import LoadedFilter
 from .logs import PYTHON_LEVELS, FilterLogs
 from .metrics import make_registry
 from .reloadevents import ReloadEvent, ReloadTrigger
+from .tls.export import certs_json
 from .view import ProxyControl
 
 log = logging.getLogger("sluice.admin")
@@ -133,6 +134,7 @@ class AdminServer:
         app.router.add_get("/stats", self.stats)
         app.router.add_get("/filters", self.filters)
         app.router.add_get("/clusters", self.clusters)
+        app.router.add_get("/certs", self.certs)
         app.router.add_get("/config", self.config)
         app.router.add_post("/reload", self.reload)
         app.router.add_get("/logging", self.logging_levels)
@@ -301,6 +303,10 @@ class AdminServer:
 
     async def clusters(self, request: web.Request) -> web.StreamResponse:
         return web.json_response(self._clusters())
+
+    async def certs(self, request: web.Request) -> web.StreamResponse:
+        """Each TLS listener's certificates (names, expiry) and the errors of its last reload."""
+        return web.json_response(certs_json({t.name: t.tls for t in self.gateway.tls_listeners()}))
 
     async def config(self, request: web.Request) -> web.StreamResponse:
         config = self.gateway.config

@@ -17,6 +17,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from sluice import abi
@@ -24,12 +25,15 @@ from sluice import abi
 from .admin import AdminServer
 from .config import SluiceConfig
 from .generation import Generation, LoadedFilter, load_generation
+from .listener import TlsListener
 from .logs import AccessLog, AccessLogError
 from .reload import Reloader
 from .reloadevents import ReloadHistory
 from .server import ProxyServer
 from .services import Services
 from .stats import ProxyStats
+from .tls.certs import CertificateError
+from .tls.server import ServerTls
 
 __all__ = ["Gateway", "Generation", "LoadedFilter", "serve"]
 
@@ -50,6 +54,9 @@ class Gateway:
         self.services: Services | None = None
         self.server = ProxyServer(self._current, self.stats, max_request_header_size=config.max_request_header_size)
         self.address: tuple[str, int] | None = None
+        """The first listener's address."""
+        self.addresses: list[tuple[str, int]] = []
+        """Every listener's, in `listen` order."""
         self.draining = False
         self.on_drain: Callable[[], None] | None = None
         """Begins shutdown; `sluice run` sets it to what SIGTERM does. `drain()` (admin) calls it."""
@@ -70,6 +77,18 @@ class Gateway:
     def suppressed_log_lines(self, filter_name: str) -> int:
         services = self.services
         return services.filter_logs.suppressed_total.get(filter_name, 0) if services is not None else 0
+
+    # -- TLS listeners ---------------------------------------------------------------------------
+    def tls_listeners(self) -> list[TlsListener]:
+        return self.server.tls_listeners
+
+    def certificate_files(self) -> set[Path]:
+        """Every file a TLS listener reads (pairs, client CA): watched by hot reload."""
+        return {path for t in self.server.tls_listeners for path in t.tls.watched_paths()}
+
+    def reload_certificates(self) -> list[str]:
+        """Re-read the listeners' certificate files (a broken pair keeps the running one); the errors."""
+        return [error for t in self.server.tls_listeners for error in t.reload_certificates()]
 
     def drain(self) -> None:
         """Begin graceful shutdown (`POST /drain`): /ready answers 503 from now on."""
@@ -153,9 +172,13 @@ class Gateway:
         self.install(await self.build_generation(self.config))
         if self.config.access_log is not None and self.server.access_log is None:
             self.server.access_log = AccessLog.open(self.config.access_log)
-        listen_host = host if host is not None else self.config.listen.host
-        listen_port = port if port is not None else self.config.listen.port
-        self.address = await self.server.start(listen_host, listen_port)
+        # Every TLS listener's certificates load before anything listens: a bad pair stops the start.
+        listeners = [(entry, ServerTls(entry.tls.settings()) if entry.tls else None) for entry in self.config.listeners]
+        for position, (entry, tls) in enumerate(listeners):
+            listen_host = host if host is not None and position == 0 else entry.address.host
+            listen_port = port if port is not None and position == 0 else entry.address.port
+            self.addresses.append(await self.server.start(listen_host, listen_port, tls))
+        self.address = self.addresses[0]
         if self.watch and self.config.source_path is not None and self.reloader is None:
             self.reloader = Reloader(self, self.config.source_path)
             await self.reloader.start()
@@ -205,8 +228,11 @@ async def _run(config: SluiceConfig) -> int:
     except AccessLogError as exc:
         log.error("%s", exc.strerror)
         return 1
+    except CertificateError as exc:
+        log.error("cannot load a listener certificate: %s", exc)
+        return 1
     except OSError as exc:
-        log.error("cannot listen on %s: %s", config.listen, exc.strerror or exc)
+        log.error("cannot listen on %s: %s", ", ".join(map(str, config.listeners)), exc.strerror or exc)
         return 1
     gateway.on_drain = stop.set  # POST /drain takes the SIGTERM path
     admin = AdminServer(gateway)

@@ -11,10 +11,13 @@
 from __future__ import annotations
 
 import asyncio
+import ssl
 import time
 from collections.abc import Callable
 
 from .config import ClusterConfig, format_host_port
+from .tls.certs import CertificateError
+from .tls.client import ClientTlsSettings, build_client_context
 from .upstream import ConnectFailed, UpstreamConnection, open_connection
 
 
@@ -53,6 +56,7 @@ class ClusterPool:
         host_rewrite: str | None = None,
         max_connections: int = 256,
         clock: Callable[[], float] = time.monotonic,
+        tls: ClientTlsSettings | None = None,
     ) -> None:
         if not endpoints:
             raise ValueError(f"cluster {name}: no endpoints")
@@ -70,6 +74,15 @@ class ClusterPool:
         self.connect_failures = 0
         self.reuses = 0
         self.overflows = 0
+        self.tls = tls
+        self._ssl: ssl.SSLContext | None = None
+        self._tls_error: str | None = None
+        """The cluster's TLS files no longer load (they did when the config did): connects fail."""
+        if tls is not None:
+            try:
+                self._ssl = build_client_context(tls)
+            except CertificateError as exc:
+                self._tls_error = str(exc)
 
     @classmethod
     def from_config(cls, name: str, config: ClusterConfig) -> ClusterPool:
@@ -80,6 +93,7 @@ class ClusterPool:
             connect_timeout=config.connect_timeout,
             host_rewrite=config.host_rewrite,
             max_connections=config.max_connections,
+            tls=config.tls.settings() if config.tls is not None else None,
         )
 
     # -- endpoint choice ---------------------------------------------------------------------
@@ -146,7 +160,15 @@ class ClusterPool:
                     return conn
         self.connects += 1
         try:
-            conn = await open_connection(endpoint.host, endpoint.port, self.connect_timeout)
+            if self.tls is None:
+                conn = await open_connection(endpoint.host, endpoint.port, self.connect_timeout)
+            else:
+                if self._tls_error is not None:
+                    raise ConnectFailed(f"cluster {self.name}: TLS: {self._tls_error}")
+                conn = await open_connection(
+                    endpoint.host, endpoint.port, self.connect_timeout, self._ssl,
+                    self.tls.server_hostname(endpoint.host),
+                )
         except ConnectFailed:
             self.connect_failures += 1
             self._mark_failed(endpoint)

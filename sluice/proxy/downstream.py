@@ -132,6 +132,12 @@ class ConnectionOwner(Protocol):
 class DownstreamConnection(asyncio.Protocol):
     """One client connection of the proxy listener."""
 
+    # Class attributes, so a plain connection pays nothing for them; a TLS listener's
+    # connections (listener.TlsDownstreamConnection) set their own.
+    scheme = "http"
+    tls_properties: dict[str, str | bool] | None = None
+    """The `connection.*` properties of a TLS connection (tls.connection.TlsConnectionInfo)."""
+
     def __init__(self, server: ConnectionOwner) -> None:
         self.server = server
         self.transport: asyncio.Transport | None = None

@@ -135,8 +135,12 @@ class Exchange:
         info.source_address = client.peer
         info.destination_address = client.local
         info.protocol = f"HTTP/{head.version}"
+        scheme = client.scheme
+        if client.tls_properties is not None:
+            info.scheme = scheme
+            info.connection_properties = client.tls_properties
         headers, self._upgrade = downstream_request_headers(
-            head.method, head.target, head.fields, client.peer_ip, "http", self.server.request_ids
+            head.method, head.target, head.fields, client.peer_ip, scheme, self.server.request_ids
         )
         info.request_headers = headers
         gen = self.gen
@@ -396,6 +400,8 @@ class Exchange:
             return
         self.conn = conn
         self.info.upstream_address = conn.endpoint
+        if conn.tls_version:
+            self.info.upstream_tls_version = conn.tls_version
         self.stats.upstream_requests += 1
         request = self._request
         assert request is not None

@@ -61,6 +61,7 @@ from prometheus_client.registry import Collector
 from sluice.abi import FilterMetric, MetricType, PluginReport, PluginState
 from sluice.histogram import Histogram, HistogramSnapshot
 
+from .tls.export import CertificateExpiryCollector, HandshakeCollector
 from .view import ProxyView
 
 UPSTREAM_BOUNDS_S: tuple[float, ...] = (
@@ -375,4 +376,6 @@ def make_registry(view: ProxyView) -> tuple[CollectorRegistry, SluiceCollector]:
     registry = CollectorRegistry(auto_describe=False)
     collector = SluiceCollector(view)
     registry.register(collector)
+    registry.register(CertificateExpiryCollector(lambda: [(t.name, t.tls) for t in view.tls_listeners()]))
+    registry.register(HandshakeCollector(lambda: [(t.name, t.handshakes) for t in view.tls_listeners()]))
     return registry, collector

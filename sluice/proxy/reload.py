@@ -40,7 +40,7 @@ import watchfiles
 
 from sluice import abi
 
-from .config import ConfigError, SluiceConfig, load_config
+from .config import ConfigError, HostPort, SluiceConfig, load_config
 from .generation import Generation
 from .reloadevents import ReloadEvent, ReloadHistory, ReloadTrigger
 
@@ -75,6 +75,10 @@ class ReloadTarget(Protocol):
     async def build_generation(self, config: SluiceConfig, previous: Generation | None = None) -> Generation: ...
 
     def install(self, gen: Generation) -> Generation | None: ...
+
+    def certificate_files(self) -> set[Path]: ...
+
+    def reload_certificates(self) -> list[str]: ...
 
 
 class _StillChanging(Exception):
@@ -175,7 +179,9 @@ class Reloader:
 
     # -- the admin entry point -------------------------------------------------------------------
     async def reload(self, trigger: ReloadTrigger = ReloadTrigger.ADMIN) -> ReloadEvent:
-        """Re-read the config, rebuild every changed filter and swap; the same path a file change takes."""
+        """Re-read the config, rebuild every changed filter and swap; the same path a file change takes.
+        The listeners' certificates are re-read too."""
+        self.gateway.reload_certificates()
         event = await self._attempt(trigger, set(), settle=False)
         if event is None:  # only when shutting down (nothing is settled here)
             gen = self.gateway.generation
@@ -188,12 +194,14 @@ class Reloader:
         dirs = {self.config_path.parent, Path(config.filters_dir)}
         dirs.update(Path(entry.module_path).parent for entry in config.chain)
         dirs.update(path.parent for path in self._wanted)
+        dirs.update(path.parent for path in self.gateway.certificate_files())
         return tuple(sorted(d for d in dirs if d.is_dir()))
 
     def _interesting(self) -> set[Path]:
         paths = {self.config_path}
         paths.update(Path(entry.module_path) for entry in self.gateway.config.chain)
         paths.update(self._wanted)
+        paths.update(self.gateway.certificate_files())
         return paths
 
     def _filter(self, change: watchfiles.Change, path: str) -> bool:
@@ -218,6 +226,13 @@ class Reloader:
                     changed = {Path(path) for _, path in changes} & self._interesting()
                     if not changed:
                         continue
+                    certificates = changed & self.gateway.certificate_files()
+                    if certificates:
+                        # Certificates are the listeners', not a generation's: they swap on their own.
+                        await self._settle_certificates(certificates)
+                        changed -= certificates
+                        if not changed:
+                            continue
                     trigger = ReloadTrigger.CONFIG if self.config_path in changed else ReloadTrigger.FILE
                     try:
                         await self._attempt(trigger, changed, settle=True)
@@ -227,6 +242,16 @@ class Reloader:
                         break  # filters_dir moved: watch the new directories
             finally:
                 await watcher.aclose()
+
+    async def _settle_certificates(self, changed: set[Path]) -> None:
+        """A certificate or key was rewritten: wait until it stops changing (a cert and its key are
+        often written one after the other), then let each listener re-read its pairs."""
+        for _ in range(20):  # bounded: a file rewritten without pause is read as it then is
+            first = {path: _stat(path) for path in changed}
+            await asyncio.sleep(SETTLE_INTERVAL_S)
+            if all(_stat(path) == stat for path, stat in first.items()):
+                break
+        self.gateway.reload_certificates()
 
     # -- one attempt -------------------------------------------------------------------------------
     async def _attempt(self, trigger: ReloadTrigger, changed: set[Path], *, settle: bool) -> ReloadEvent | None:
@@ -358,8 +383,14 @@ class Reloader:
         notes: list[str] = []
         update: dict[str, object] = {}
         if new.listen != old.listen:
-            notes.append(f"listen changed from {old.listen} to {new.listen}: needs a restart "
-                         f"(still serving on {old.listen})")
+            # One address prints as before; listeners as their URLs (their TLS blocks change too).
+            was, now = (str(c.listen) if isinstance(c.listen, HostPort) else ", ".join(map(str, c.listeners))
+                        for c in (old, new))
+            if was == now:
+                notes.append(f"listen: the tls settings of {was} changed: needs a restart "
+                             "(still serving with the previous ones; certificate files reload by themselves)")
+            else:
+                notes.append(f"listen changed from {was} to {now}: needs a restart (still serving on {was})")
             update["listen"] = old.listen
         if new.admin.listen != old.admin.listen:
             notes.append(f"admin.listen changed from {old.admin.listen} to {new.admin.listen}: needs a restart "

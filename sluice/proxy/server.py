@@ -17,8 +17,11 @@ from .downstream import DownstreamConnection, RequestHead
 from .exchange import Exchange
 from .h1 import HttpDate
 from .http import RequestIds
+from .listener import TlsDownstreamConnection, TlsListener
 from .logs import AccessLog, access_record
 from .stats import ProxyStats
+from .tls.acceptor import TlsAcceptor
+from .tls.server import ServerTls
 
 if TYPE_CHECKING:
     from .generation import Generation
@@ -46,6 +49,9 @@ class ProxyServer:
         self.date = HttpDate()
         self.connections: set[DownstreamConnection] = set()
         self._server: asyncio.base_events.Server | None = None
+        """The first listener (`port`)."""
+        self._servers: list[asyncio.base_events.Server] = []
+        self.tls_listeners: list[TlsListener] = []
         self._draining = False
         self._all_closed: asyncio.Future[None] | None = None
 
@@ -53,13 +59,29 @@ class ProxyServer:
     def tracks_headers(self) -> bool:
         return self.access_log is not None
 
-    async def start(self, host: str, port: int) -> tuple[str, int]:
+    async def start(self, host: str, port: int, tls: ServerTls | None = None) -> tuple[str, int]:
+        """Listen on one more address (plain, or TLS with `tls`); returns the bound address."""
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(
-            lambda: DownstreamConnection(self), host, port, reuse_address=True, backlog=1024
-        )
-        sock = self._server.sockets[0].getsockname()
-        return str(sock[0]), int(sock[1])
+        listener: TlsListener | None = None
+        factory: Callable[[], asyncio.Protocol]
+        if tls is None:
+            factory = lambda: DownstreamConnection(self)  # noqa: E731
+        else:
+            secure = listener = TlsListener(f"{host}:{port}", tls)
+
+            def factory() -> asyncio.Protocol:
+                return TlsAcceptor(secure.tls, lambda: TlsDownstreamConnection(self, secure), secure.handshakes)
+
+        server = await loop.create_server(factory, host, port, reuse_address=True, backlog=1024)
+        if self._server is None:
+            self._server = server
+        self._servers.append(server)
+        sock = server.sockets[0].getsockname()
+        address = str(sock[0]), int(sock[1])
+        if listener is not None:
+            listener.name = f"{address[0]}:{address[1]}"
+            self.tls_listeners.append(listener)
+        return address
 
     # -- requests ------------------------------------------------------------------------------
     def header_limit(self) -> int:
@@ -128,8 +150,8 @@ class ProxyServer:
     async def stop_accepting(self) -> None:
         """Stop listening; idle keep-alive connections close now, busy ones after their response."""
         self._draining = True
-        if self._server is not None:
-            self._server.close()
+        for server in self._servers:
+            server.close()
         for client in list(self.connections):
             client.drain()
 
@@ -144,8 +166,8 @@ class ProxyServer:
                 log.info("drain timeout: cutting %d connections", len(self.connections))
                 for client in list(self.connections):
                     client.abort()
-        if self._server is not None:
-            await self._server.wait_closed()
+        for server in self._servers:
+            await server.wait_closed()
         if self.access_log is not None:
             self.access_log.close()
 

@@ -18,6 +18,7 @@ because it does no URL handling, cookie jar, tracing or multidict header copies)
 from __future__ import annotations
 
 import asyncio
+import ssl
 from typing import Protocol, cast
 
 import httptools
@@ -92,6 +93,9 @@ class TunnelSink(Protocol):
 
 class UpstreamConnection(asyncio.Protocol):
     """One keep-alive connection to one endpoint."""
+
+    tls_version = ""
+    """`TLSv1.3` on a TLS connection (set once connected); a class attribute so plain ones pay nothing."""
 
     def __init__(self, endpoint: str) -> None:
         self.endpoint = endpoint
@@ -480,15 +484,37 @@ class UpstreamConnection(asyncio.Protocol):
         self._closed = True
 
 
-async def open_connection(host: str, port: int, timeout: float) -> UpstreamConnection:
+async def open_connection(
+    host: str,
+    port: int,
+    timeout: float,
+    ssl_context: ssl.SSLContext | None = None,
+    server_hostname: str | None = None,
+) -> UpstreamConnection:
+    """Connect (and with `ssl_context`, run the TLS handshake, `server_hostname` as SNI and the
+    name the certificate must carry) within `timeout`."""
     loop = asyncio.get_running_loop()
     endpoint = format_host_port(host, port)
     try:
-        _, protocol = await asyncio.wait_for(
-            loop.create_connection(lambda: UpstreamConnection(endpoint), host, port), timeout
-        )
+        if ssl_context is None:
+            _, protocol = await asyncio.wait_for(
+                loop.create_connection(lambda: UpstreamConnection(endpoint), host, port), timeout
+            )
+        else:
+            transport, protocol = await asyncio.wait_for(
+                loop.create_connection(
+                    lambda: UpstreamConnection(endpoint), host, port, ssl=ssl_context,
+                    server_hostname=server_hostname, ssl_handshake_timeout=timeout,
+                ),
+                timeout,
+            )
+            ssl_obj = transport.get_extra_info("ssl_object")
+            protocol.tls_version = (ssl_obj.version() if ssl_obj is not None else None) or "TLS"
     except TimeoutError:
         raise ConnectFailed(f"connect to {endpoint} timed out after {timeout:g}s") from None
+    except ssl.SSLError as exc:
+        detail = getattr(exc, "verify_message", None) or exc.reason or exc
+        raise ConnectFailed(f"TLS handshake with {endpoint} failed: {detail}") from None
     except OSError as exc:
         raise ConnectFailed(f"connect to {endpoint} failed: {exc.strerror or exc}") from None
     return protocol

@@ -17,6 +17,8 @@ from sluice.histogram import Histogram
 from .config import SluiceConfig
 from .generation import Generation
 from .reloadevents import ReloadHistory, ReloadSource
+from .tls.acceptor import HandshakeStats
+from .tls.server import ServerTls
 
 __all__ = ["ProxyControl", "ProxyCounters", "ProxyView", "TrafficCounters"]
 
@@ -74,8 +76,25 @@ class ProxyCounters(Protocol):
     def traffic(self) -> TrafficCounters: ...
 
 
+class TlsListenerView(Protocol):
+    """One TLS listener as the admin API and `/stats` read it (`listener.TlsListener`)."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def tls(self) -> ServerTls: ...
+
+    @property
+    def handshakes(self) -> HandshakeStats: ...
+
+
 class ProxyView(Protocol):
     """What `/stats` and the admin API read of the running proxy."""
+
+    def tls_listeners(self) -> Sequence[TlsListenerView]:
+        """The TLS listeners (certificates, handshake counters), in `listen` order."""
+        ...
 
     @property
     def config(self) -> SluiceConfig:

@@ -1,8 +1,9 @@
-//! auth.wasm: API keys, HS256 JWTs and an optional external authorization callout.
+//! auth.wasm: client certificates, API keys, HS256 JWTs and an optional external authorization callout.
 //!
 //! Order per request: exempt path prefix -> allow untouched (client-supplied subject header removed);
-//! otherwise the API key header (when API keys are configured and the header is present), else a
-//! bearer JWT (when `jwt` is configured). No/invalid credential -> 401 with
+//! otherwise a verified client certificate (when `client_certs` is configured and the connection is
+//! mTLS) whose subject or URI SAN is listed, else the API key header (when API keys are configured
+//! and the header is present), else a bearer JWT (when `jwt` is configured). No/invalid credential -> 401 with
 //! `WWW-Authenticate: Bearer realm="sluice"`; subject not in `allowed_subjects` -> 403; then the
 //! `ext_authz` callout when configured (2xx allows, another status is replied as is, a failed call 503).
 const std = @import("std");
@@ -18,6 +19,10 @@ const HmacSha256 = std.crypto.auth.hmac.sha2.HmacSha256;
 const b64 = std.base64.url_safe_no_pad;
 
 const ApiKey = struct { digest: [32]u8, subject: []const u8 };
+
+/// A client certificate the listener verified, recognised by its subject (RFC 4514, as the
+/// `connection.subject_peer_certificate` property gives it) or its first URI SAN.
+const ClientCert = struct { by_uri_san: bool, value: []const u8, subject: []const u8 };
 
 const Jwt = struct {
     secret: []const u8,
@@ -35,6 +40,7 @@ const ExtAuthz = struct {
 };
 
 const Config = struct {
+    client_certs: []const ClientCert = &.{},
     api_keys: []const ApiKey = &.{},
     api_key_header: []const u8 = "x-api-key",
     jwt: ?Jwt = null,
@@ -92,8 +98,24 @@ fn parseConfig(r: *pw.ConfigReader, bytes: []const u8) !Config {
     const obj = try r.object(try r.parse(bytes), "configuration", &.{
         "api_keys",         "api_key_header", "jwt",               "ext_authz",
         "allowed_subjects", "subject_header", "strip_credentials", "exempt_paths",
+        "client_certs",
     });
     var c = Config{};
+    if (obj.get("client_certs")) |v| {
+        const items = try r.array(v, "client_certs");
+        const certs = a.alloc(ClientCert, items.len) catch return r.oom();
+        for (items, 0..) |item, i| {
+            const what = std.mem.concat(a, u8, &.{ "client_certs[", pw.itoa(i), "]" }) catch return r.oom();
+            const o = try r.object(item, what, &.{ "subject", "uri_san", "as" });
+            const subject = o.get("subject");
+            const uri = o.get("uri_san");
+            if ((subject == null) == (uri == null)) return r.fail(&.{ what, " needs exactly one of \"subject\" and \"uri_san\"" });
+            certs[i].by_uri_san = uri != null;
+            certs[i].value = try r.nonEmptyString(subject orelse uri.?, what);
+            certs[i].subject = if (o.get("as")) |s| try r.nonEmptyString(s, what) else certs[i].value;
+        }
+        c.client_certs = certs;
+    }
     if (obj.get("api_keys")) |v| {
         const items = try r.array(v, "api_keys");
         const keys = a.alloc(ApiKey, items.len) catch return r.oom();
@@ -169,8 +191,8 @@ fn parseConfig(r: *pw.ConfigReader, bytes: []const u8) !Config {
         }
         c.ext_authz = e;
     }
-    if (c.api_keys.len == 0 and c.jwt == null and c.ext_authz == null)
-        return r.fail(&.{"no authentication method configured (api_keys, jwt or ext_authz)"});
+    if (c.client_certs.len == 0 and c.api_keys.len == 0 and c.jwt == null and c.ext_authz == null)
+        return r.fail(&.{"no authentication method configured (client_certs, api_keys, jwt or ext_authz)"});
     return c;
 }
 
@@ -188,6 +210,21 @@ fn checkApiKey(c: *const Config, presented: []const u8) ?[]const u8 {
         if (std.crypto.timing_safe.eql([32]u8, digest, k.digest) and found == null) found = k.subject;
     }
     return found;
+}
+
+/// The identity of the connection's verified client certificate, null without one. `unknown` is set
+/// when a certificate was presented that no `client_certs` entry names.
+fn checkClientCert(c: *const Config, unknown: *bool) ?[]const u8 {
+    const mtls = pw.getProperty(&.{ "connection", "mtls" }) orelse return null;
+    if (mtls.len != 1 or mtls[0] == 0) return null;
+    const subject = pw.getProperty(&.{ "connection", "subject_peer_certificate" }) orelse "";
+    const uri = pw.getProperty(&.{ "connection", "uri_san_peer_certificate" }) orelse "";
+    for (c.client_certs) |cert| {
+        const presented = if (cert.by_uri_san) uri else subject;
+        if (presented.len > 0 and std.mem.eql(u8, presented, cert.value)) return cert.subject;
+    }
+    unknown.* = true;
+    return null;
 }
 
 fn decodeB64(part: []const u8) ?[]u8 {
@@ -359,6 +396,11 @@ pub const Stream = struct {
         return .pause;
     }
 
+    fn denyMissing(self: *Stream, unknown_cert: bool) pw.Action {
+        if (unknown_cert) return self.deny(401, "unknown client certificate", "auth_unknown_client_certificate");
+        return self.deny(401, "missing credentials", "auth_missing_credentials");
+    }
+
     fn allow(self: *Stream) void {
         const c = &self.root.config;
         pw.removeHeader(.request_headers, c.subject_header);
@@ -387,9 +429,14 @@ pub const Stream = struct {
             }
         }
 
-        const local = c.api_keys.len > 0 or c.jwt != null;
+        const local = c.client_certs.len > 0 or c.api_keys.len > 0 or c.jwt != null;
         var identified = false;
-        if (local) {
+        var unknown_cert = false;
+        const cert_subject = if (c.client_certs.len > 0) checkClientCert(c, &unknown_cert) else null;
+        if (cert_subject) |subject| {
+            self.setSubject(subject);
+            identified = true;
+        } else if (local) {
             const api_key = if (c.api_keys.len > 0) pw.getHeader(.request_headers, c.api_key_header) else null;
             if (api_key) |key| {
                 const subject = checkApiKey(c, key) orelse return self.deny(401, "invalid api key", "auth_invalid_api_key");
@@ -397,7 +444,7 @@ pub const Stream = struct {
                 identified = true;
             } else if (c.jwt) |*j| {
                 const authz = pw.getHeader(.request_headers, "authorization") orelse
-                    return self.deny(401, "missing credentials", "auth_missing_credentials");
+                    return self.denyMissing(unknown_cert);
                 const prefix = "bearer ";
                 if (authz.len <= prefix.len or !std.ascii.eqlIgnoreCase(authz[0..prefix.len], prefix))
                     return self.deny(401, "missing credentials", "auth_missing_credentials");
@@ -409,7 +456,7 @@ pub const Stream = struct {
                 self.setSubject(id.subject);
                 identified = true;
             } else {
-                return self.deny(401, "missing credentials", "auth_missing_credentials");
+                return self.denyMissing(unknown_cert);
             }
         }
         if (identified) {

@@ -12,7 +12,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from .errors import ConfigError, Loc, describe, format_loc, message
-from .models import SluiceConfig, cross_check
+from .models import LISTEN_TAGS, SluiceConfig, cross_check
 from .yamlindex import line_for, load_yaml
 
 __all__ = ["load_config", "parse_config"]
@@ -43,7 +43,8 @@ def parse_config(text: str, source: str = "<string>", base_dir: Path = Path(".")
     except ValidationError as exc:
         for error in exc.errors(include_url=False):
             # Errors about a dict key carry a trailing '[key]'; the key's own line is what we want.
-            loc = tuple(part for part in error["loc"] if part != "[key]")
+            # `listen`'s union adds its branch name: the path is what the file says.
+            loc = tuple(part for part in error["loc"] if part != "[key]" and part not in LISTEN_TAGS)
             report(loc, message(error, SluiceConfig))
     for loc, problem in cross_check(data):
         report(loc, problem)

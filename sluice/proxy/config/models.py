@@ -16,8 +16,10 @@ from pydantic import (
     BaseModel,
     BeforeValidator,
     ConfigDict,
+    Discriminator,
     Field,
     PrivateAttr,
+    Tag,
     ValidationInfo,
     field_validator,
     model_validator,
@@ -26,6 +28,7 @@ from pydantic import (
 from sluice import abi
 
 from .errors import Loc, format_loc
+from .listeners import ClusterTlsConfig, ListenerConfig
 from .values import TOKEN_RE, Count, HostPort, MiB, Name, Seconds, Size, not_bool, payload_bytes
 from .yamlindex import LineIndex, line_for, line_key
 
@@ -71,6 +74,15 @@ class ClusterConfig(_Model):
     connect_timeout: Seconds = 2.0
     host_rewrite: str | None = Field(default=None, min_length=1)
     max_connections: Count = 256
+    tls: ClusterTlsConfig | None = None
+    protocol: Literal["http1", "http2"] = "http1"
+
+    @field_validator("protocol")
+    @classmethod
+    def _wired_protocol(cls, value: str) -> str:
+        if value == "http2":
+            raise ValueError("http2 upstreams are not wired yet: use http1")
+        return value
 
     @field_validator("endpoints")
     @classmethod
@@ -244,8 +256,23 @@ class RouteConfig(_Model):
     name: str | None = None
 
 
+def _listen_kind(value: object) -> str:
+    # A list of mappings is a list of listeners; anything else is read (and worded) as an address.
+    if isinstance(value, list) and value and all(isinstance(v, Mapping | ListenerConfig) for v in value):
+        return "[listeners]"
+    return "[address]"
+
+
+LISTEN_TAGS = frozenset({"[listeners]", "[address]"})
+"""The union's branch names pydantic puts into error locations (load.py leaves them out)."""
+
+
 class SluiceConfig(_Model):
-    listen: HostPort
+    listen: Annotated[
+        Annotated[HostPort, Tag("[address]")] | Annotated[list[ListenerConfig], Tag("[listeners]")],
+        Discriminator(_listen_kind),
+    ]
+    """One plain HTTP address, or a list of listeners (each with an optional `tls:`)."""
     admin: AdminConfig = Field(default_factory=AdminConfig)
     filters_dir: Path = Field(default=Path("filters"), validate_default=True)
     clusters: dict[Name, ClusterConfig] = Field(default_factory=dict)
@@ -262,6 +289,24 @@ class SluiceConfig(_Model):
     _source_path: Path | None = PrivateAttr(default=None)
     _source_name: str = PrivateAttr(default="<config>")
     _lines: LineIndex = PrivateAttr(default_factory=dict)
+
+    @field_validator("listen")
+    @classmethod
+    def _some_listener(cls, value: HostPort | list[ListenerConfig]) -> HostPort | list[ListenerConfig]:
+        if isinstance(value, list):
+            seen: set[HostPort] = set()
+            for listener in value:
+                if listener.address.port != 0 and listener.address in seen:
+                    raise ValueError(f"address {listener.address} is listed twice")
+                seen.add(listener.address)
+        return value
+
+    @property
+    def listeners(self) -> list[ListenerConfig]:
+        """`listen` as a list: one plain listener when it is a single address."""
+        if isinstance(self.listen, HostPort):
+            return [ListenerConfig(address=self.listen)]
+        return self.listen
 
     @property
     def source_path(self) -> Path | None:
@@ -377,8 +422,12 @@ def cross_check(data: object) -> list[tuple[Loc, str]]:
                 else:
                     route_names[name] = index
 
-    listen = _as_hostport(_field(data, "listen"))
+    listen = _field(data, "listen")
     admin_listen = _as_hostport(_field(_field(data, "admin"), "listen"))
-    if listen is not None and listen == admin_listen and listen.port != 0:
-        problems.append((("admin", "listen"), f"same address as listen ({listen})"))
+    addresses = [_as_hostport(_field(item, "address")) for item in listen] if isinstance(listen, list) else [
+        _as_hostport(listen)
+    ]
+    for address in addresses:
+        if address is not None and address == admin_listen and address.port != 0:
+            problems.append((("admin", "listen"), f"same address as listen ({address})"))
     return problems

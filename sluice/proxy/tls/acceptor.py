@@ -59,7 +59,11 @@ class TlsAcceptor(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         raw = cast(asyncio.Transport, transport)
         loop = asyncio.get_running_loop()
-        app = self._app_factory()
+        # The application protocol only comes in once the handshake is done; until then a holder
+        # keeps what arrives: the SSL protocol may pass on the first request (sent right behind
+        # the client's Finished) before start_tls returns, and the application must see
+        # connection_made before any data.
+        app = _Holder()
         # start_tls must take the socket over before this method returns: uvloop starts reading
         # right after connection_made (undoing any pause_reading here), and a ClientHello that
         # arrived before the takeover would reach this object and be lost. So the coroutine is
@@ -91,13 +95,46 @@ class TlsAcceptor(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         pass
 
-    def _handed_over(self, app: asyncio.Protocol, secure: asyncio.Transport | None) -> None:
+    def _handed_over(self, holder: _Holder, secure: asyncio.Transport | None) -> None:
         if secure is None:  # the transport was closed under us
             self._stats.failed["closed"] += 1
             return
         self._stats.completed += 1
+        app = self._app_factory()
+        secure.set_protocol(app)
         app.connection_made(secure)
+        holder.replay(app, secure)
 
     def _failed(self, raw: asyncio.Transport, exc: BaseException) -> None:
         self._stats.failed[failure_reason(exc)] += 1
         raw.close()
+
+
+class _Holder(asyncio.Protocol):
+    """The secure transport's protocol from the handshake until the application takes over."""
+
+    def __init__(self) -> None:
+        self._data: list[bytes] = []
+        self._eof = False
+        self._lost: tuple[Exception | None] | None = None
+
+    def data_received(self, data: bytes) -> None:
+        self._data.append(data)
+
+    def eof_received(self) -> bool | None:
+        self._eof = True
+        return True  # the application decides once it has the connection
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._lost = (exc,)
+
+    def replay(self, app: asyncio.Protocol, secure: asyncio.Transport) -> None:
+        for data in self._data:
+            if secure.is_closing():
+                break
+            app.data_received(data)
+        self._data = []
+        if self._eof and not app.eof_received():
+            secure.close()
+        if self._lost is not None:
+            app.connection_lost(self._lost[0])
