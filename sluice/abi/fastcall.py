@@ -10,8 +10,9 @@ one preallocated array of 16-byte `wasmtime_val_raw_t` slots packed with `struct
 
 Layers (wasmtime-py itself wraps the C API the same way):
 
-* `engine()`: one engine per process with epoch interruption, and a native timer that advances
-  the epoch so every call into wasm gets a wall-clock deadline.
+* `engine()`: one engine per process with epoch interruption, and a native ticker (one thread of
+  the compiled `_ticker`, else a POSIX timer) that advances the epoch, so every call into wasm
+  gets a wall-clock deadline.
 * `HostFunction` / `define_host_functions`: host functions defined once on a `Linker`; each
   dispatches to the *active* instance's Python implementation (`ACTIVE[-1]`), so instantiating a
   VM does not create any new ctypes callbacks.
@@ -167,6 +168,25 @@ _SIGEV_THREAD = 2
 _CLOCK_MONOTONIC = 1
 
 
+def _start_thread_ticker(engine: wasmtime.Engine) -> bool:
+    """Advance the epoch from one native thread (the compiled `_ticker`): no Python runs, no
+    thread is created per tick. Returns False when the extension was not built."""
+    try:
+        from . import _ticker
+    except ImportError:
+        return False
+    # The thread gets its own handle on the (reference-counted) engine and never gives it back.
+    handle = ffi.wasmtime_engine_clone(engine.ptr())
+    engine_address = ctypes.cast(handle, ctypes.c_void_p).value
+    tick_address = ctypes.cast(_increment_epoch, ctypes.c_void_p).value
+    if not engine_address or not tick_address:
+        return False
+    if not _ticker.start(tick_address, engine_address, int(EPOCH_TICK_S * 1e9)):
+        return False
+    atexit.register(_ticker.stop)
+    return True
+
+
 def _start_native_ticker(engine: wasmtime.Engine) -> bool:
     """Advance the epoch from a POSIX timer whose notify function *is*
     `wasmtime_engine_increment_epoch`: no Python runs, so no GIL is needed to tick.
@@ -215,6 +235,9 @@ class _ThreadTicker:
 
 
 _ENGINE: wasmtime.Engine | None = None
+TICKER: list[str] = [""]
+"""Which ticker advances the epoch once the engine exists: "thread" (the compiled `_ticker`),
+"timer" (a POSIX timer, one thread created per tick by libc) or "python" (a Python thread)."""
 _engine_lock = threading.Lock()
 
 
@@ -228,13 +251,18 @@ def engine() -> wasmtime.Engine:
     with _engine_lock:
         if _ENGINE is None:
             made = _make_engine()
-            if _start_native_ticker(made):
+            if _start_thread_ticker(made):
+                TICKER[0] = "thread"
+            elif _start_native_ticker(made):
+                TICKER[0] = "timer"
+            if TICKER[0]:
                 # The epoch advances without Python, so a call into wasm may keep the GIL: that
                 # saves a release and re-acquire on every call and host call (~7% of a stream).
                 # A runaway filter is still interrupted, by the native timer.
                 _call_unchecked = _pydll._FuncPtr(("wasmtime_func_call_unchecked", _pydll))
                 _call_unchecked.restype = ctypes.c_size_t
             else:
+                TICKER[0] = "python"
                 _ThreadTicker(made)
             _ENGINE = made
         return _ENGINE

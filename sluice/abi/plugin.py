@@ -623,7 +623,7 @@ class HttpStream:
                 if self._ctx is None and self._maps[0] is not None:
                     self._create_context()  # Envoy: the access-log hook creates it if needed
                 ctx = self._ctx
-                if ctx is not None and self._mode is _WASM:
+                if ctx is not None and self._mode is _WASM and vm.end_of_stream:
                     ctx.in_log = True
                     try:
                         vm.invoke_each(vm.end_of_stream, ctx, (ctx.id,))

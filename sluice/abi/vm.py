@@ -325,6 +325,7 @@ class WasmVM:
         self._next_context = 0
         self._next_token = 0
         self.frames: list[Frame] = []
+        self._outer_frame = Frame(None)
         self.deferred: list[Callable[[], None]] = []
         self.dead: str | None = None
         """Why the VM may not be entered any more (proc_exit), or None."""
@@ -440,13 +441,22 @@ class WasmVM:
         """`call` for a function already looked up (the per-request path)."""
         if self.dead is not None:
             raise WasmTrap(f"VM is no longer usable: {self.dead}")
-        frame = Frame(context, configuring)
         frames = self.frames
         outermost = not frames
+        if outermost:
+            # The outermost frame is reused (nothing keeps a frame once its call returned):
+            # resetting its fields is cheaper than a new object, on every callback.
+            frame = self._outer_frame
+            frame.context = context
+            frame.effective = None
+            frame.configuring = configuring
+            frame.local_reply_sent = False
+            frame.foreign_args = None
+            self.handle.arm_deadline()
+        else:
+            frame = Frame(context, configuring)
         frames.append(frame)
         _ACTIVE.append(self)
-        if outermost:
-            self.handle.arm_deadline()
         try:
             result = fn(*args)
         except WasmTrap as exc:
@@ -454,6 +464,8 @@ class WasmVM:
         finally:
             _ACTIVE.pop()
             frames.pop()
+            if outermost:  # a kept context would tie the VM to itself (no refcount release)
+                frame.context = frame.effective = None
         if frame.local_reply_sent and result is not None:
             result = 1  # a local reply overrides the callback's return value to "stop"
         if outermost and self.deferred:

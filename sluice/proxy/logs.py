@@ -2,7 +2,7 @@
 
 Access log: one JSON object per request, to stdout or to the file `access_log` names. Fields: see
 `access_record` and docs/admin.md. `AccessLog` encodes records with orjson into a buffer that is
-written when it reaches 64 KiB, 100 ms after its first line, and on shutdown (`close()`): one
+written when it reaches 256 KiB, 100 ms after its first line, and on shutdown (`close()`): one
 write per many requests instead of a `logging` call per request, and nothing lost on SIGTERM
 (`sluice run` drains, then closes the log).
 
@@ -100,7 +100,10 @@ class AccessLogError(OSError):
 class AccessLog:
     """Buffered JSON lines to a binary stream (a file opened for append, or stdout)."""
 
-    FLUSH_BYTES = 64 * 1024
+    FLUSH_BYTES = 256 * 1024
+    """Large enough that the 100 ms timer, not the size, paces the writes up to ~2.5 MB/s of log
+    (~8k requests/s): at most 10 writes a second. Each write to a file in the config file's
+    directory also wakes the hot-reload watcher (~0.7 ms of CPU per wake-up, measured)."""
     FLUSH_INTERVAL_S = 0.1
 
     def __init__(self, stream: IO[bytes], *, owned: bool) -> None:
