@@ -16,6 +16,7 @@ import wasmtime
 
 from . import fastcall
 from .api import Host, PluginLoadError, PluginSpec
+from .component import CompiledComponent, ComponentPlugin, compile_component, is_component
 from .fastcall import summarize_error
 from .hostcalls import HOST_FUNCTIONS
 from .plugin import Plugin
@@ -64,7 +65,7 @@ class Runtime:
         """Nothing to release: the engine and its ticker are shared by the process."""
 
     # -- compiling ----------------------------------------------------------------------------
-    def compile(self, path: Path | str) -> CompiledModule:
+    def compile(self, path: Path | str) -> CompiledModule | CompiledComponent:
         """Validate and compile a module (CPU-heavy: call it off the event loop).
 
         Raises PluginLoadError naming the file and the reason.
@@ -76,6 +77,8 @@ class Runtime:
             raise PluginLoadError(path, f"cannot read the file: {exc.strerror or exc}") from None
         if wasm[:4] != WASM_MAGIC:
             raise PluginLoadError(path, "not a WebAssembly module (the file does not start with \\0asm)")
+        if is_component(wasm):
+            return compile_component(self.engine, path, wasm, self.cache_dir, self._cache_tag)
         if wasm[4:8] != CORE_VERSION:
             raise PluginLoadError(
                 path, "a WebAssembly component or unknown binary version; sluice runs proxy-wasm core modules"
@@ -122,13 +125,19 @@ class Runtime:
         return module, False
 
     # -- loading ------------------------------------------------------------------------------
-    def load(self, spec: PluginSpec, host: Host, module: CompiledModule | None = None) -> Plugin:
+    def load(
+        self, spec: PluginSpec, host: Host, module: CompiledModule | CompiledComponent | None = None
+    ) -> Plugin | ComponentPlugin:
         """Instantiate a VM for `spec` and run its root context through vm_start and configure.
 
         Raises PluginLoadError (file + reason) when any step fails.
         """
         if module is None:
             module = self.compile(spec.module_path)
-        plugin = Plugin(self, module, spec, host)
+        plugin: Plugin | ComponentPlugin
+        if isinstance(module, CompiledComponent):
+            plugin = ComponentPlugin(self, module, spec, host)
+        else:
+            plugin = Plugin(self, module, spec, host)
         plugin.start()
         return plugin

@@ -1,0 +1,373 @@
+"""The component half of the fast-call layer: calls into WASI 0.2 components and their host
+functions through wasmtime's raw component C API (`wasmtime_component_func_call`,
+`wasmtime_component_linker_instance_add_func`), like `fastcall` does for core modules.
+
+This module and `fastcall` are the only ones that touch ctypes or wasmtime-py's private API.
+
+Why not `wasmtime.component.Func.__call__`: it looks the function type up and converts every value
+through Python objects on every call (~200 µs for ten headers), and its value conventions cannot
+express `result<option<T>, enum>`. Here a value is a 32-byte `wasmtime_component_val_t` (kind
+byte, then a 24-byte union) packed with `struct` straight into one buffer:
+
+* arguments are *borrowed* by wasmtime (`Val::from(&c_val)`), so they live in Python-owned memory,
+  pointers included, and a whole header list is one `pack_into` with a cached format;
+* results are *owned* by wasmtime: read through one view of the address space, then dropped with
+  `wasmtime_component_val_delete` (drop in place) and the slot reset to a plain `bool`;
+* host-function results are dropped by wasmtime after the callback, so they are built with
+  wasmtime's own allocators (`wasm_byte_vec_new`, `wasmtime_component_val_new`, ...).
+
+Only the shapes of the `sluice:filter@0.1.0` world are encoded and decoded (see `ComponentCodec`
+users in `component.py`); an unexpected shape raises `ValueError`, which the caller reports.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import struct
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import wasmtime
+from wasmtime import _ffi as ffi
+from wasmtime import component as wc
+
+from .fastcall import StoreHandle, WasmTrap, summarize_error
+
+_dll = ffi.dll
+_func_call = _dll._FuncPtr(("wasmtime_component_func_call", _dll))
+_func_call.restype = ctypes.c_void_p
+_post_return = _dll._FuncPtr(("wasmtime_component_func_post_return", _dll))
+_post_return.restype = ctypes.c_void_p
+_val_delete = _dll._FuncPtr(("wasmtime_component_val_delete", _dll))
+_val_delete.restype = None
+_val_new = _dll._FuncPtr(("wasmtime_component_val_new", _dll))
+_val_new.restype = ctypes.c_void_p
+_byte_vec_new = _dll._FuncPtr(("wasm_byte_vec_new", _dll))
+_byte_vec_new.restype = None
+_record_new_uninit = _dll._FuncPtr(("wasmtime_component_valrecord_new_uninit", _dll))
+_record_new_uninit.restype = None
+_error_new = _dll._FuncPtr(("wasmtime_error_new", _dll))
+_error_new.restype = ctypes.c_void_p
+_error_new.argtypes = [ctypes.c_char_p]
+_add_func = _dll._FuncPtr(("wasmtime_component_linker_instance_add_func", _dll))
+_add_func.restype = ctypes.c_void_p
+
+# (env, context, func type, args, nargs, results, nresults) -> wasmtime_error_t* (NULL = ok)
+_CALLBACK = ctypes.CFUNCTYPE(
+    ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+    ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p, ctypes.c_size_t,
+)
+_FINALIZER = ctypes.CFUNCTYPE(None, ctypes.c_void_p)
+_NO_FINALIZER = _FINALIZER()
+
+# Value kinds (wasmtime/component/val.h).
+U8, U16, U32, STRING, LIST, RECORD, TUPLE, VARIANT, ENUM, OPTION, RESULT = 2, 4, 6, 12, 13, 14, 15, 16, 17, 18, 19
+VAL = struct.Struct("<B7xQQQ")
+"""kind, then the union as three words (string/list: size, data; variant: name size, name, payload)."""
+_SLOT = VAL.size
+_ENTRY = 48  # wasmtime_component_valrecord_entry_t: name (16 bytes), value (32)
+_RESULT_VAL = struct.Struct("<B7x?7xQ")  # result: kind, is_ok, payload pointer
+_ADDRESS_SPACE = memoryview((ctypes.c_ubyte * (1 << 47)).from_address(0))
+"""The whole address space as bytes, read only at addresses wasmtime hands us (as in `fastcall`)."""
+
+Pair = tuple[bytes, bytes]
+
+
+def to_utf8(text: str) -> bytes:
+    """Strings crossing into a component must be UTF-8: bytes that were not (kept by
+    surrogateescape in `HeaderMap`) become U+FFFD."""
+    try:
+        return text.encode()
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "replace")
+
+
+# -- arguments: Python-owned, borrowed by wasmtime ----------------------------------------------
+
+
+class ArgBuffer:
+    """One reusable buffer per instance that arguments are packed into (grows when needed)."""
+
+    __slots__ = ("buf", "view", "base", "top")
+
+    def __init__(self, size: int = 16384) -> None:
+        self.buf = ctypes.create_string_buffer(size)
+        self.view = memoryview(self.buf).cast("B")
+        self.base = ctypes.addressof(self.buf)
+        self.top = 0
+
+    def reset(self, needed: int) -> None:
+        """Start a new argument list that needs at most `needed` bytes."""
+        if needed > len(self.view):
+            self.buf = ctypes.create_string_buffer(max(needed, 2 * len(self.view)))
+            self.view = memoryview(self.buf).cast("B")
+            self.base = ctypes.addressof(self.buf)
+        self.top = 0
+
+    def alloc(self, size: int) -> int:
+        """Offset of `size` fresh bytes, 8-aligned."""
+        at = self.top
+        self.top = at + ((size + 7) & ~7)
+        return at
+
+    def blob(self, data: bytes) -> int:
+        """Copy `data` in; its absolute address."""
+        at = self.alloc(len(data))
+        self.view[at : at + len(data)] = data
+        return self.base + at
+
+    def val(self, at: int, kind: int, a: int = 0, b: int = 0, c: int = 0) -> None:
+        VAL.pack_into(self.view, at, kind, a, b, c)
+
+    def string(self, at: int, data: bytes) -> None:
+        self.val(at, STRING, len(data), self.blob(data))
+
+    def headers(self, at: int, pairs: Sequence[Pair]) -> None:
+        """`list<tuple<string, string>>` at offset `at`: one pack_into for the whole tree."""
+        n = len(pairs)
+        tuples = self.alloc(_SLOT * n)
+        strings = self.alloc(_SLOT * 2 * n)
+        blob = b"".join([x for pair in pairs for x in pair])
+        addr = self.blob(blob) if blob else self.base
+        base = self.base
+        values: list[int] = [LIST, n, base + tuples, 0]
+        pos = addr
+        for i in range(n):
+            values += (TUPLE, 2, base + strings + 64 * i, 0)
+        for name, value in pairs:
+            values += (STRING, len(name), pos, 0, STRING, len(value), pos + len(name), 0)
+            pos += len(name) + len(value)
+        VAL.pack_into(self.view, at, *values[:4])
+        if n:
+            _vals_format(3 * n).pack_into(self.view, tuples, *values[4:])
+
+    def bytes_list(self, at: int, data: bytes) -> None:
+        """`list<u8>`: one 32-byte value per byte (the C API has no cheaper form)."""
+        n = len(data)
+        items = self.alloc(_SLOT * n)
+        self.val(at, LIST, n, self.base + items)
+        fmt = _vals_format(n)
+        values: list[int] = []
+        for byte in data:
+            values += (U8, byte, 0, 0)
+        if n:
+            fmt.pack_into(self.view, items, *values)
+
+    def record(self, at: int, fields: Sequence[str]) -> list[int]:
+        """A record value at `at`; returns the offsets where each field's value must be written."""
+        entries = self.alloc(_ENTRY * len(fields))
+        self.val(at, RECORD, len(fields), self.base + entries)
+        offsets = []
+        for i, name in enumerate(fields):
+            raw = name.encode()
+            struct.pack_into("<QQ", self.view, entries + _ENTRY * i, len(raw), self.blob(raw))
+            offsets.append(entries + _ENTRY * i + 16)
+        return offsets
+
+
+_FORMATS: dict[int, struct.Struct] = {}
+
+
+def _vals_format(count: int) -> struct.Struct:
+    fmt = _FORMATS.get(count)
+    if fmt is None:
+        fmt = _FORMATS[count] = struct.Struct("<" + "B7xQQQ" * count)
+    return fmt
+
+
+def headers_size(pairs: Sequence[Pair]) -> int:
+    """Upper bound of the bytes `ArgBuffer.headers` uses for `pairs`."""
+    return _SLOT * (1 + 3 * len(pairs)) + sum(len(n) + len(v) for n, v in pairs) + 16
+
+
+# -- results: owned by wasmtime, read then dropped ---------------------------------------------
+
+
+def read_val(addr: int) -> tuple[int, int, int, int]:
+    kind, a, b, c = VAL.unpack_from(_ADDRESS_SPACE, addr)
+    return kind, a, b, c
+
+
+def read_string(addr: int) -> str:
+    kind, size, data, _ = VAL.unpack_from(_ADDRESS_SPACE, addr)
+    if kind != STRING:
+        raise ValueError(f"expected a string, found value kind {kind}")
+    return _ADDRESS_SPACE[data : data + size].tobytes().decode()
+
+
+def read_name(size: int, data: int) -> str:
+    return _ADDRESS_SPACE[data : data + size].tobytes().decode()
+
+
+def read_list(addr: int) -> list[int]:
+    """Addresses of a list's (or tuple's) elements."""
+    kind, size, data, _ = VAL.unpack_from(_ADDRESS_SPACE, addr)
+    if kind not in (LIST, TUPLE):
+        raise ValueError(f"expected a list, found value kind {kind}")
+    return [data + _SLOT * i for i in range(size)]
+
+
+def read_headers(addr: int) -> list[tuple[str, str]]:
+    kind, size, data, _ = VAL.unpack_from(_ADDRESS_SPACE, addr)
+    if kind != LIST:
+        raise ValueError(f"expected a header list, found value kind {kind}")
+    out = []
+    space = _ADDRESS_SPACE
+    unpack = VAL.unpack_from
+    for i in range(size):
+        _, _, pair, _ = unpack(space, data + _SLOT * i)
+        _, nl, np, _ = unpack(space, pair)
+        _, vl, vp, _ = unpack(space, pair + _SLOT)
+        out.append((space[np : np + nl].tobytes().decode(), space[vp : vp + vl].tobytes().decode()))
+    return out
+
+
+def read_bytes(addr: int) -> bytes:
+    return bytes(VAL.unpack_from(_ADDRESS_SPACE, a)[1] & 0xFF for a in read_list(addr))
+
+
+def read_record(addr: int) -> list[int]:
+    """Addresses of a record's field values, in declaration order."""
+    kind, size, data, _ = VAL.unpack_from(_ADDRESS_SPACE, addr)
+    if kind != RECORD:
+        raise ValueError(f"expected a record, found value kind {kind}")
+    return [data + _ENTRY * i + 16 for i in range(size)]
+
+
+def read_variant(addr: int) -> tuple[str, int]:
+    """Case name and payload address (0 without payload) of a variant."""
+    kind, size, name, payload = VAL.unpack_from(_ADDRESS_SPACE, addr)
+    if kind != VARIANT:
+        raise ValueError(f"expected a variant, found value kind {kind}")
+    return read_name(size, name), payload
+
+
+def read_result(addr: int) -> tuple[bool, int]:
+    kind, ok, payload = _RESULT_VAL.unpack_from(_ADDRESS_SPACE, addr)
+    if kind != RESULT:
+        raise ValueError(f"expected a result, found value kind {kind}")
+    return ok, payload
+
+
+# -- host-function results: allocated by wasmtime ----------------------------------------------
+
+
+class OwnedBuilder:
+    """Builds result values wasmtime will own (and free) in a scratch buffer."""
+
+    __slots__ = ("scratch", "addr")
+
+    def __init__(self) -> None:
+        self.scratch = ctypes.create_string_buffer(_SLOT * 4)
+        self.addr = ctypes.addressof(self.scratch)
+
+    @staticmethod
+    def string_at(addr: int, kind: int, data: bytes) -> None:
+        """A string (or enum case name) value written at `addr`, its bytes copied by wasmtime."""
+        struct.pack_into("<B", _ADDRESS_SPACE, addr, kind)
+        _byte_vec_new(ctypes.c_void_p(addr + 8), ctypes.c_size_t(len(data)), ctypes.c_char_p(data))
+
+    def boxed_enum(self, case: str) -> int:
+        self.string_at(self.addr, ENUM, case.encode())
+        return int(_val_new(ctypes.c_void_p(self.addr)))
+
+    def result(self, out: int, ok: bool, payload: int) -> None:
+        _RESULT_VAL.pack_into(_ADDRESS_SPACE, out, RESULT, ok, payload)
+
+    def boxed_some_record(self, fields: Sequence[tuple[str, int, bytes | int]]) -> int:
+        """`some(record)` boxed; fields are (name, kind, value) with STRING or U32 values."""
+        rec = self.addr
+        struct.pack_into("<B", _ADDRESS_SPACE, rec, RECORD)
+        _record_new_uninit(ctypes.c_void_p(rec + 8), ctypes.c_size_t(len(fields)))
+        entries = VAL.unpack_from(_ADDRESS_SPACE, rec)[2]
+        for i, (name, kind, value) in enumerate(fields):
+            entry = entries + _ENTRY * i
+            raw = name.encode()
+            _byte_vec_new(ctypes.c_void_p(entry), ctypes.c_size_t(len(raw)), ctypes.c_char_p(raw))
+            if isinstance(value, bytes):
+                self.string_at(entry + 16, kind, value)
+            else:
+                VAL.pack_into(_ADDRESS_SPACE, entry + 16, kind, value, 0, 0)
+        record = int(_val_new(ctypes.c_void_p(rec)))
+        VAL.pack_into(_ADDRESS_SPACE, self.addr, OPTION, record, 0, 0)
+        return int(_val_new(ctypes.c_void_p(self.addr)))
+
+
+def host_error(message: str) -> int:
+    """A wasmtime_error_t* that makes the calling component trap with `message`."""
+    return int(_error_new(message.encode().replace(b"\0", b" ")))
+
+
+# -- host functions ----------------------------------------------------------------------------
+
+HostImpl = Callable[[int, int, int], None]
+"""(args address, results address, number of results) -> None; raise to trap the guest."""
+
+_KEEPALIVE: list[Any] = []
+
+
+def define_func(instance: wc.LinkerInstance, name: str, impl: HostImpl, label: str) -> None:
+    """Define `name` on a linker instance; exceptions from `impl` trap the calling guest."""
+
+    def callback(_env: int, _ctx: int, _ty: int, args: int, _nargs: int, results: int, nresults: int) -> int:
+        try:
+            impl(args or 0, results or 0, nresults)
+            return 0
+        except BaseException as exc:  # noqa: BLE001 - nothing may unwind through wasm frames
+            return host_error(f"host function {label} failed: {type(exc).__name__}: {exc}")
+
+    cb = _CALLBACK(callback)
+    _KEEPALIVE.append(cb)
+    raw = name.encode()
+    err = _add_func(
+        ctypes.c_void_p(ctypes.cast(instance.ptr(), ctypes.c_void_p).value),
+        ctypes.c_char_p(raw), ctypes.c_size_t(len(raw)), cb, ctypes.c_void_p(0), _NO_FINALIZER,
+    )
+    if err:
+        raise _error(err)
+
+
+def _error(err: int) -> wasmtime.WasmtimeError:
+    return wasmtime.WasmtimeError._from_ptr(ctypes.cast(err, ctypes.POINTER(ffi.wasmtime_error_t)))
+
+
+# -- calls into a component --------------------------------------------------------------------
+
+
+class ComponentFunction:
+    """One exported function of one component instance with one (owned) result value."""
+
+    __slots__ = ("name", "_handle", "_func", "_func_ref", "_results", "_results_addr")
+
+    def __init__(self, handle: StoreHandle, name: str, func: wc.Func) -> None:
+        self.name = name
+        self._handle = handle
+        self._func = func._func  # the wasmtime_component_func_t struct, kept alive here
+        self._func_ref = ctypes.byref(self._func)
+        self._results = ctypes.create_string_buffer(_SLOT)  # a `bool false`: nothing to drop
+        self._results_addr = ctypes.addressof(self._results)
+
+    def call(self, args: ArgBuffer, nargs: int, decode: Callable[[int], Any]) -> Any:
+        """Call with `nargs` values packed at the start of `args`; `decode` reads the result.
+
+        Raises WasmTrap for traps, deadlines and host-function failures; ValueError (from
+        `decode`) for a result of an unexpected shape.
+        """
+        err = _func_call(self._func_ref, self._handle.ctx, ctypes.c_void_p(args.base), ctypes.c_size_t(nargs),
+                         ctypes.c_void_p(self._results_addr), ctypes.c_size_t(1))
+        if err:
+            raise _trap(int(err))
+        try:
+            return decode(self._results_addr)
+        finally:
+            _val_delete(ctypes.c_void_p(self._results_addr))
+            ctypes.memset(self._results_addr, 0, _SLOT)
+            err = _post_return(self._func_ref, self._handle.ctx)
+            if err:
+                raise _trap(int(err))
+
+
+def _trap(err: int) -> WasmTrap:
+    text = summarize_error(str(_error(err)))
+    deadline = text.endswith("interrupt") or "wasm trap: interrupt" in text
+    return WasmTrap("cpu deadline exceeded" if deadline else text, deadline=deadline)
