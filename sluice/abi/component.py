@@ -140,19 +140,16 @@ def _shared_get(args: int, results: int, _n: int) -> None:
     inst = _ACTIVE[-1]
     plugin = inst.plugin
     found = plugin.shared_data.get(plugin.spec.vm_id, fc.to_utf8(fc.read_string(args)))
-    out = inst.owned
     if found is None:
-        none = fc.OwnedBuilder()
-        fc.VAL.pack_into(fc._ADDRESS_SPACE, none.addr, fc.OPTION, 0, 0, 0)
-        out.result(results, True, int(fc._val_new(fc.ctypes.c_void_p(none.addr))))
+        inst.results.ok_option(results, None)
         return
     value, cas = found
     try:
         value.decode()
     except UnicodeDecodeError:
-        out.result(results, False, out.boxed_enum("not-utf8"))
+        inst.results.err_enum(results, "not-utf8")
         return
-    out.result(results, True, out.boxed_some_record([("value", fc.STRING, value), ("cas", fc.U32, cas)]))
+    inst.results.ok_option(results, [("value", fc.STRING, value), ("cas", fc.U32, cas)])
 
 
 def _shared_set(args: int, results: int, _n: int) -> None:
@@ -174,9 +171,9 @@ def _shared_delete(args: int, results: int, _n: int) -> None:
 
 def _shared_answer(inst: _Instance, results: int, status: WasmResult) -> None:
     if status is WasmResult.OK:
-        inst.owned.result(results, True, 0)
+        inst.results.ok(results)
     else:
-        inst.owned.result(results, False, inst.owned.boxed_enum(_SHARED_ERRORS.get(status, "not-found")))
+        inst.results.err_enum(results, _SHARED_ERRORS.get(status, "not-found"))
 
 
 _LINKERS: dict[bool, wc.Linker] = {}
@@ -276,18 +273,13 @@ def _decode_configured(addr: int) -> str | None:
     return None if ok else (fc.read_string(payload) if payload else "")
 
 
-def _pairs(headers: HeaderMap) -> list[fc.Pair]:
-    enc = fc.to_utf8
-    return [(enc(k), enc(v)) for k, v in headers]
-
-
 # -- one instance --------------------------------------------------------------------------------
 
 
 class _Instance:
     """One store with one instance of the component."""
 
-    __slots__ = ("plugin", "store", "handle", "funcs", "args", "owned", "dead", "streams")
+    __slots__ = ("plugin", "store", "handle", "funcs", "args", "results", "dead", "streams")
 
     def __init__(self, plugin: ComponentPlugin) -> None:
         self.plugin = plugin
@@ -300,7 +292,7 @@ class _Instance:
             self.store.set_wasi(plugin.restricted_wasi())
         self.handle = StoreHandle(self.store, spec.cpu_deadline_ms)
         self.args = fc.ArgBuffer()
-        self.owned = fc.OwnedBuilder()
+        self.results = fc.HostResult()
         self.dead: str | None = None
         self.streams = 0
         self.handle.arm_deadline_ms(CONFIGURE_DEADLINE_MS)
@@ -340,11 +332,11 @@ class _Instance:
         return result
 
     def head_hook(self, name: str, headers: HeaderMap) -> Action:
-        pairs = _pairs(headers)
+        items = headers.items()
         args = self.args
-        args.reset(fc.headers_size(pairs))
+        args.reset(fc.headers_size(items))
         args.alloc(fc.VAL.size)
-        args.headers(0, pairs)
+        args.headers(0, items)
         return self.call(name, 1, _decode_action)  # type: ignore[return-value]
 
     def callout_response(self, response: CallResponse | None) -> Action:
@@ -356,14 +348,14 @@ class _Instance:
         else:
             status_text = response.headers.get(":status") or "0"
             status = int(status_text) if status_text.isdigit() else 0
-            pairs = _pairs(response.headers)
-            args.reset(fc.headers_size(pairs) + fc.VAL.size * (len(response.body) + 8) + 256)
+            items = response.headers.items()
+            args.reset(fc.headers_size(items) + fc.VAL.size * (len(response.body) + 8) + 256)
             args.alloc(fc.VAL.size)
             record = args.alloc(fc.VAL.size)
             args.val(0, fc.OPTION, args.base + record)
             status_at, headers_at, body_at = args.record(record, ("status", "headers", "body"))
             args.val(status_at, fc.U16, status)
-            args.headers(headers_at, pairs)
+            args.headers(headers_at, items)
             args.bytes_list(body_at, response.body)
         return self.call("on-callout-response", 1, _decode_action)  # type: ignore[return-value]
 

@@ -40,12 +40,8 @@ _post_return = _dll._FuncPtr(("wasmtime_component_func_post_return", _dll))
 _post_return.restype = ctypes.c_void_p
 _val_delete = _dll._FuncPtr(("wasmtime_component_val_delete", _dll))
 _val_delete.restype = None
-_val_new = _dll._FuncPtr(("wasmtime_component_val_new", _dll))
-_val_new.restype = ctypes.c_void_p
-_byte_vec_new = _dll._FuncPtr(("wasm_byte_vec_new", _dll))
-_byte_vec_new.restype = None
-_record_new_uninit = _dll._FuncPtr(("wasmtime_component_valrecord_new_uninit", _dll))
-_record_new_uninit.restype = None
+_val_clone = _dll._FuncPtr(("wasmtime_component_val_clone", _dll))
+_val_clone.restype = None
 _error_new = _dll._FuncPtr(("wasmtime_error_new", _dll))
 _error_new.restype = ctypes.c_void_p
 _error_new.argtypes = [ctypes.c_char_p]
@@ -69,9 +65,6 @@ _ENTRY = 48  # wasmtime_component_valrecord_entry_t: name (16 bytes), value (32)
 _RESULT_VAL = struct.Struct("<B7x?7xQ")  # result: kind, is_ok, payload pointer
 _ADDRESS_SPACE = memoryview((ctypes.c_ubyte * (1 << 47)).from_address(0))
 """The whole address space as bytes, read only at addresses wasmtime hands us (as in `fastcall`)."""
-
-Pair = tuple[bytes, bytes]
-
 
 def to_utf8(text: str) -> bytes:
     """Strings crossing into a component must be UTF-8: bytes that were not (kept by
@@ -122,24 +115,36 @@ class ArgBuffer:
     def string(self, at: int, data: bytes) -> None:
         self.val(at, STRING, len(data), self.blob(data))
 
-    def headers(self, at: int, pairs: Sequence[Pair]) -> None:
-        """`list<tuple<string, string>>` at offset `at`: one pack_into for the whole tree."""
-        n = len(pairs)
+    def headers(self, at: int, items: Sequence[tuple[str, str]]) -> None:
+        """`list<tuple<string, string>>` at offset `at`: one pack_into for the whole tree.
+
+        Call `reset(headers_size(items))` first. ASCII heads (the usual case) are encoded with
+        one `encode` for all names and values together.
+        """
+        n = len(items)
         tuples = self.alloc(_SLOT * n)
         strings = self.alloc(_SLOT * 2 * n)
-        blob = b"".join([x for pair in pairs for x in pair])
+        flat = [x for pair in items for x in pair]
+        text = "".join(flat)
+        blob = text.encode("utf-8", "replace")
+        if len(blob) == len(text):
+            lens = [len(x) for x in flat]
+        else:
+            raw = [to_utf8(x) for x in flat]
+            blob = b"".join(raw)
+            lens = [len(x) for x in raw]
         addr = self.blob(blob) if blob else self.base
         base = self.base
-        values: list[int] = [LIST, n, base + tuples, 0]
+        VAL.pack_into(self.view, at, LIST, n, base + tuples, 0)
+        if not n:
+            return
+        first = base + strings
+        values = [v for i in range(n) for v in (TUPLE, 2, first + 64 * i, 0)]
         pos = addr
-        for i in range(n):
-            values += (TUPLE, 2, base + strings + 64 * i, 0)
-        for name, value in pairs:
-            values += (STRING, len(name), pos, 0, STRING, len(value), pos + len(name), 0)
-            pos += len(name) + len(value)
-        VAL.pack_into(self.view, at, *values[:4])
-        if n:
-            _vals_format(3 * n).pack_into(self.view, tuples, *values[4:])
+        for length in lens:
+            values += (STRING, length, pos, 0)
+            pos += length
+        _vals_format(3 * n).pack_into(self.view, tuples, *values)
 
     def bytes_list(self, at: int, data: bytes) -> None:
         """`list<u8>`: one 32-byte value per byte (the C API has no cheaper form)."""
@@ -175,9 +180,9 @@ def _vals_format(count: int) -> struct.Struct:
     return fmt
 
 
-def headers_size(pairs: Sequence[Pair]) -> int:
-    """Upper bound of the bytes `ArgBuffer.headers` uses for `pairs`."""
-    return _SLOT * (1 + 3 * len(pairs)) + sum(len(n) + len(v) for n, v in pairs) + 16
+def headers_size(items: Sequence[tuple[str, str]]) -> int:
+    """Upper bound of the bytes `ArgBuffer.headers` uses for `items` (3 UTF-8 bytes a character)."""
+    return _SLOT * (1 + 3 * len(items)) + 3 * sum(len(n) + len(v) for n, v in items) + 16
 
 
 # -- results: owned by wasmtime, read then dropped ---------------------------------------------
@@ -252,45 +257,55 @@ def read_result(addr: int) -> tuple[bool, int]:
 # -- host-function results: allocated by wasmtime ----------------------------------------------
 
 
-class OwnedBuilder:
-    """Builds result values wasmtime will own (and free) in a scratch buffer."""
+class HostResult:
+    """Writes a host function's result: the value is built in a Python-owned scratch buffer with
+    borrowed pointers (as arguments are), then deep-copied into wasmtime-owned memory with one
+    `wasmtime_component_val_clone`, because wasmtime drops the results after the callback."""
 
-    __slots__ = ("scratch", "addr")
+    __slots__ = ("scratch",)
 
     def __init__(self) -> None:
-        self.scratch = ctypes.create_string_buffer(_SLOT * 4)
-        self.addr = ctypes.addressof(self.scratch)
+        self.scratch = ArgBuffer(4096)
 
-    @staticmethod
-    def string_at(addr: int, kind: int, data: bytes) -> None:
-        """A string (or enum case name) value written at `addr`, its bytes copied by wasmtime."""
-        struct.pack_into("<B", _ADDRESS_SPACE, addr, kind)
-        _byte_vec_new(ctypes.c_void_p(addr + 8), ctypes.c_size_t(len(data)), ctypes.c_char_p(data))
+    def _commit(self, out: int) -> None:
+        _val_clone(ctypes.c_void_p(self.scratch.base), ctypes.c_void_p(out))
 
-    def boxed_enum(self, case: str) -> int:
-        self.string_at(self.addr, ENUM, case.encode())
-        return int(_val_new(ctypes.c_void_p(self.addr)))
+    def ok(self, out: int) -> None:
+        """`ok` of a `result<_, E>`."""
+        s = self.scratch
+        s.reset(_SLOT)
+        _RESULT_VAL.pack_into(s.view, 0, RESULT, True, 0)
+        self._commit(out)
 
-    def result(self, out: int, ok: bool, payload: int) -> None:
-        _RESULT_VAL.pack_into(_ADDRESS_SPACE, out, RESULT, ok, payload)
+    def err_enum(self, out: int, case: str) -> None:
+        """`err(case)` of a `result<T, enum>`."""
+        s = self.scratch
+        raw = case.encode()
+        s.reset(2 * _SLOT + len(raw) + 8)
+        s.alloc(_SLOT)
+        payload = s.alloc(_SLOT)
+        VAL.pack_into(s.view, payload, ENUM, len(raw), s.blob(raw), 0)
+        _RESULT_VAL.pack_into(s.view, 0, RESULT, False, s.base + payload)
+        self._commit(out)
 
-    def boxed_some_record(self, fields: Sequence[tuple[str, int, bytes | int]]) -> int:
-        """`some(record)` boxed; fields are (name, kind, value) with STRING or U32 values."""
-        rec = self.addr
-        struct.pack_into("<B", _ADDRESS_SPACE, rec, RECORD)
-        _record_new_uninit(ctypes.c_void_p(rec + 8), ctypes.c_size_t(len(fields)))
-        entries = VAL.unpack_from(_ADDRESS_SPACE, rec)[2]
-        for i, (name, kind, value) in enumerate(fields):
-            entry = entries + _ENTRY * i
-            raw = name.encode()
-            _byte_vec_new(ctypes.c_void_p(entry), ctypes.c_size_t(len(raw)), ctypes.c_char_p(raw))
-            if isinstance(value, bytes):
-                self.string_at(entry + 16, kind, value)
-            else:
-                VAL.pack_into(_ADDRESS_SPACE, entry + 16, kind, value, 0, 0)
-        record = int(_val_new(ctypes.c_void_p(rec)))
-        VAL.pack_into(_ADDRESS_SPACE, self.addr, OPTION, record, 0, 0)
-        return int(_val_new(ctypes.c_void_p(self.addr)))
+    def ok_option(self, out: int, fields: Sequence[tuple[str, int, bytes | int]] | None) -> None:
+        """`ok(none)` or `ok(some(record))` with (name, kind, value) fields of kind STRING or U32."""
+        s = self.scratch
+        s.reset(8 * _SLOT + 64 + sum(len(v) + 8 for _, _, v in fields or () if isinstance(v, bytes)))
+        s.alloc(_SLOT)
+        option = s.alloc(_SLOT)
+        _RESULT_VAL.pack_into(s.view, 0, RESULT, True, s.base + option)
+        if fields is None:
+            VAL.pack_into(s.view, option, OPTION, 0, 0, 0)
+        else:
+            record = s.alloc(_SLOT)
+            VAL.pack_into(s.view, option, OPTION, s.base + record, 0, 0)
+            for at, (_, kind, value) in zip(s.record(record, [f[0] for f in fields]), fields):
+                if isinstance(value, bytes):
+                    VAL.pack_into(s.view, at, kind, len(value), s.blob(value), 0)
+                else:
+                    VAL.pack_into(s.view, at, kind, value, 0, 0)
+        self._commit(out)
 
 
 def host_error(message: str) -> int:
