@@ -447,8 +447,15 @@ class ComponentPlugin:
         self.stats.streams += 1
         inst = None if self.retired else self._instance_for_stream()
         if inst is None:
+            # No usable instance: the stream gets the failure policy (the 503 goes out when the
+            # request arrives, as for a proxy-wasm filter).
             stream = ComponentStream(self, None, info, callbacks)
-            stream.fail(None)
+            if self.spec.failure_policy is FailurePolicy.FAIL_OPEN:
+                self.stats.fail_open += 1
+                stream.bypass = True
+            else:
+                self.stats.fail_closed += 1
+                stream.failed = True
             return stream
         inst.streams += 1
         return ComponentStream(self, inst, info, callbacks)
