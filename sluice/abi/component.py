@@ -141,7 +141,7 @@ def _shared_get(args: int, results: int, _n: int) -> None:
     plugin = inst.plugin
     found = plugin.shared_data.get(plugin.spec.vm_id, fc.to_utf8(fc.read_string(args)))
     if found is None:
-        inst.results.ok_option(results, None)
+        inst.results.ok_none(results)
         return
     value, cas = found
     try:
@@ -149,7 +149,7 @@ def _shared_get(args: int, results: int, _n: int) -> None:
     except UnicodeDecodeError:
         inst.results.err_enum(results, "not-utf8")
         return
-    inst.results.ok_option(results, [("value", fc.STRING, value), ("cas", fc.U32, cas)])
+    inst.results.ok_entry(results, value, cas)
 
 
 def _shared_set(args: int, results: int, _n: int) -> None:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import ctypes
 import struct
+from itertools import accumulate
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -138,13 +139,16 @@ class ArgBuffer:
         VAL.pack_into(self.view, at, LIST, n, base + tuples, 0)
         if not n:
             return
-        first = base + strings
-        values = [v for i in range(n) for v in (TUPLE, 2, first + 64 * i, 0)]
-        pos = addr
-        for length in lens:
-            values += (STRING, length, pos, 0)
-            pos += length
-        _vals_format(3 * n).pack_into(self.view, tuples, *values)
+        key = (n, base + strings)
+        values = _TUPLES.get(key)
+        if values is None:
+            if len(_TUPLES) > 256:
+                _TUPLES.clear()
+            values = _TUPLES[key] = [v for i in range(n) for v in (TUPLE, 2, base + strings + 64 * i, 0)]
+        starts = accumulate(lens, initial=addr)
+        _vals_format(3 * n).pack_into(
+            self.view, tuples, *values, *[v for length, pos in zip(lens, starts) for v in (STRING, length, pos, 0)]
+        )
 
     def bytes_list(self, at: int, data: bytes) -> None:
         """`list<u8>`: one 32-byte value per byte (the C API has no cheaper form)."""
@@ -171,6 +175,9 @@ class ArgBuffer:
 
 
 _FORMATS: dict[int, struct.Struct] = {}
+_TUPLES: dict[tuple[int, int], list[int]] = {}
+"""The tuple values of a header list of n pairs whose strings start at an address: these only
+change when an argument buffer moves, so they are built once."""
 
 
 def _vals_format(count: int) -> struct.Struct:
@@ -262,13 +269,17 @@ class HostResult:
     borrowed pointers (as arguments are), then deep-copied into wasmtime-owned memory with one
     `wasmtime_component_val_clone`, because wasmtime drops the results after the callback."""
 
-    __slots__ = ("scratch",)
+    __slots__ = ("scratch", "entry", "_entry_at")
 
     def __init__(self) -> None:
         self.scratch = ArgBuffer(4096)
+        self.entry = ArgBuffer(4096)
+        self._entry_at = 0
+        """Base address of `entry` when the entry tree was laid out in it (0: not yet)."""
 
-    def _commit(self, out: int) -> None:
-        _val_clone(ctypes.c_void_p(self.scratch.base), ctypes.c_void_p(out))
+    def _commit(self, out: int, buffer: ArgBuffer | None = None) -> None:
+        src = (buffer or self.scratch).base
+        _val_clone(ctypes.c_void_p(src), ctypes.c_void_p(out))
 
     def ok(self, out: int) -> None:
         """`ok` of a `result<_, E>`."""
@@ -288,24 +299,39 @@ class HostResult:
         _RESULT_VAL.pack_into(s.view, 0, RESULT, False, s.base + payload)
         self._commit(out)
 
-    def ok_option(self, out: int, fields: Sequence[tuple[str, int, bytes | int]] | None) -> None:
-        """`ok(none)` or `ok(some(record))` with (name, kind, value) fields of kind STRING or U32."""
+    def ok_none(self, out: int) -> None:
+        """`ok(none)` of a `result<option<T>, E>`."""
         s = self.scratch
-        s.reset(8 * _SLOT + 64 + sum(len(v) + 8 for _, _, v in fields or () if isinstance(v, bytes)))
-        s.alloc(_SLOT)
-        option = s.alloc(_SLOT)
-        _RESULT_VAL.pack_into(s.view, 0, RESULT, True, s.base + option)
-        if fields is None:
-            VAL.pack_into(s.view, option, OPTION, 0, 0, 0)
-        else:
-            record = s.alloc(_SLOT)
-            VAL.pack_into(s.view, option, OPTION, s.base + record, 0, 0)
-            for at, (_, kind, value) in zip(s.record(record, [f[0] for f in fields]), fields):
-                if isinstance(value, bytes):
-                    VAL.pack_into(s.view, at, kind, len(value), s.blob(value), 0)
-                else:
-                    VAL.pack_into(s.view, at, kind, value, 0, 0)
+        s.reset(2 * _SLOT)
+        _RESULT_VAL.pack_into(s.view, 0, RESULT, True, s.base + _SLOT)
+        VAL.pack_into(s.view, _SLOT, OPTION, 0, 0, 0)
         self._commit(out)
+
+    def ok_entry(self, out: int, value: bytes, cas: int) -> None:
+        """`ok(some(entry { value, cas }))` of shared-data's `get` (the hot host-call result).
+
+        The tree (result, option, record, two named fields) is laid out once per buffer; a call
+        writes only the value's bytes and the two field values.
+        """
+        s = self.entry
+        s.reset(_ENTRY_VALUE + len(value))
+        if self._entry_at != s.base:
+            self._entry_at = base = s.base
+            _RESULT_VAL.pack_into(s.view, 0, RESULT, True, base + _SLOT)
+            VAL.pack_into(s.view, _SLOT, OPTION, base + 2 * _SLOT, 0, 0)
+            VAL.pack_into(s.view, 2 * _SLOT, RECORD, 2, base + 3 * _SLOT, 0)
+            struct.pack_into("<QQ", s.view, 3 * _SLOT, 5, base + _ENTRY_NAMES)
+            struct.pack_into("<QQ", s.view, 3 * _SLOT + _ENTRY, 3, base + _ENTRY_NAMES + 8)
+            s.view[_ENTRY_NAMES : _ENTRY_NAMES + 11] = b"value\0\0\0cas"
+        view = s.view
+        view[_ENTRY_VALUE : _ENTRY_VALUE + len(value)] = value
+        VAL.pack_into(view, 3 * _SLOT + 16, STRING, len(value), s.base + _ENTRY_VALUE, 0)
+        VAL.pack_into(view, 3 * _SLOT + _ENTRY + 16, U32, cas, 0, 0)
+        self._commit(out, s)
+
+
+_ENTRY_NAMES = 3 * _SLOT + 2 * _ENTRY
+_ENTRY_VALUE = _ENTRY_NAMES + 16
 
 
 def host_error(message: str) -> int:
