@@ -28,6 +28,7 @@ from .api import (
     StreamCallbacks,
     StreamInfo,
 )
+from .component import ComponentPlugin, ComponentStream
 from .headers import HeaderMap
 from .plugin import HttpStream, Plugin, PluginStats
 from .report import FilterMetric, ModuleInfo, PluginCounters, PluginReport, PluginState
@@ -35,11 +36,17 @@ from .runtime import CompiledModule, Runtime
 from .shared import InMemorySharedData, SharedData
 from .types import FailurePolicy, FilterStatus, LogLevel, MetricType
 
+Filter = Plugin | ComponentPlugin
+"""What `Runtime.load` returns: a proxy-wasm `Plugin` or a `ComponentPlugin` (same interface)."""
+
 __all__ = [
     "CallResponse",
     "Cancellable",
     "CompiledModule",
+    "ComponentPlugin",
+    "ComponentStream",
     "FailurePolicy",
+    "Filter",
     "FilterMetric",
     "FilterStatus",
     "HeaderMap",

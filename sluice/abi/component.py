@@ -31,7 +31,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from time import perf_counter
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import wasmtime
 from wasmtime import component as wc
@@ -259,7 +259,8 @@ def _decode_action(addr: int) -> Action:
         return Edits(remove, tuple(fc.read_headers(fields[1])), tuple(fc.read_headers(fields[2])))
     if case == "reply":
         status = fc.read_val(fields[0])[1] & 0xFFFF
-        return LocalReply(status, fc.read_bytes(fields[2]), tuple(fc.read_headers(fields[1])), details="component_reply")
+        headers = tuple(fc.read_headers(fields[1]))
+        return LocalReply(status, fc.read_bytes(fields[2]), headers, details="component_reply")
     if case == "callout":
         return Callout(
             fc.read_string(fields[0]), tuple(fc.read_headers(fields[1])), fc.read_bytes(fields[2]),
@@ -307,7 +308,9 @@ class _Instance:
                 raise PluginLoadError(spec.module_path, f"export {name} is not a function")
             self.funcs[name] = fc.ComponentFunction(self.handle, name, func)
 
-    def call(self, name: str, nargs: int, decode: Callable[[int], object], *, deadline_ms: float | None = None) -> object:
+    def call(
+        self, name: str, nargs: int, decode: Callable[[int], object], *, deadline_ms: float | None = None
+    ) -> object:
         if deadline_ms is None:
             self.handle.arm_deadline()
         else:
@@ -549,8 +552,8 @@ class ComponentPlugin:
         )
 
 
-class _RuntimeLike:
-    """What a ComponentPlugin needs of the Runtime (typing only; `Runtime` has these)."""
+class _RuntimeLike(Protocol):
+    """What a ComponentPlugin needs of the Runtime (`Runtime` has these)."""
 
     engine: wasmtime.Engine
     shared_data: SharedData

@@ -24,8 +24,8 @@ from __future__ import annotations
 
 import ctypes
 import struct
-from itertools import accumulate
 from collections.abc import Callable, Sequence
+from itertools import accumulate
 from typing import Any
 
 import wasmtime
@@ -145,10 +145,9 @@ class ArgBuffer:
             if len(_TUPLES) > 256:
                 _TUPLES.clear()
             values = _TUPLES[key] = [v for i in range(n) for v in (TUPLE, 2, base + strings + 64 * i, 0)]
-        starts = accumulate(lens, initial=addr)
-        _vals_format(3 * n).pack_into(
-            self.view, tuples, *values, *[v for length, pos in zip(lens, starts) for v in (STRING, length, pos, 0)]
-        )
+        starts = accumulate(lens, initial=addr)  # one more than lens: strict=False
+        strings_values = [v for length, pos in zip(lens, starts, strict=False) for v in (STRING, length, pos, 0)]
+        _vals_format(3 * n).pack_into(self.view, tuples, *values, *strings_values)
 
     def bytes_list(self, at: int, data: bytes) -> None:
         """`list<u8>`: one 32-byte value per byte (the C API has no cheaper form)."""

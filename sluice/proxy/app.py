@@ -44,7 +44,7 @@ class LoadedFilter:
     """One chain entry with its loaded plugin."""
 
     config: FilterConfig
-    plugin: abi.Plugin
+    plugin: abi.Filter
 
     @property
     def name(self) -> str:
@@ -55,10 +55,10 @@ class LoadedFilter:
         return self.config.match
 
 
-_loaded: weakref.WeakKeyDictionary[abi.Plugin, tuple[int, float]] = weakref.WeakKeyDictionary()
+_loaded: weakref.WeakKeyDictionary[abi.Filter, tuple[int, float]] = weakref.WeakKeyDictionary()
 
 
-def loaded_in(plugin: abi.Plugin) -> tuple[int, float] | None:
+def loaded_in(plugin: abi.Filter) -> tuple[int, float] | None:
     """(generation number, time.time()) of the generation that first served `plugin` (admin API)."""
     return _loaded.get(plugin)
 

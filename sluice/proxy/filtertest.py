@@ -122,7 +122,7 @@ class FilterRig:
         self.loop = asyncio.new_event_loop()
         self.runtime = abi.Runtime(cache_dir=cache_dir)
         self.host = RigHost(self.loop, clusters or {})
-        self.plugins: list[abi.Plugin] = []
+        self.plugins: list[abi.Filter] = []
 
     @property
     def logs(self) -> list[tuple[str, LogLevel, str]]:
@@ -147,7 +147,7 @@ class FilterRig:
 
     def load(
         self, module_path: str | Path, config: Any = None, *, name: str = "filter", **spec: Any
-    ) -> abi.Plugin:
+    ) -> abi.Filter:
         """Load a filter; `config` may be bytes, a str, or any JSON value (encoded compactly)."""
         if config is None:
             configuration = b""
@@ -170,7 +170,7 @@ class FilterRig:
 
     def request(
         self,
-        plugin: abi.Plugin,
+        plugin: abi.Filter,
         method: str = "GET",
         path: str = "/",
         headers: Iterable[tuple[str, str]] = (),
@@ -191,7 +191,7 @@ class FilterRig:
 
     async def exchange(
         self,
-        plugin: abi.Plugin,
+        plugin: abi.Filter,
         method: str = "GET",
         path: str = "/",
         headers: Iterable[tuple[str, str]] = (),
