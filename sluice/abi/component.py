@@ -407,10 +407,10 @@ class ComponentPlugin:
 
     def restricted_wasi(self) -> wasmtime.WasiConfig:
         config = wasmtime.WasiConfig()
-        config.env([(k, v) for k, v in self.spec.environment.items()])
-        config.argv([self.spec.name])
-        config.stdout_custom(lambda data: self._wasi_output(LogLevel.INFO, data))
-        config.stderr_custom(lambda data: self._wasi_output(LogLevel.ERROR, data))
+        config.env = [(k, v) for k, v in self.spec.environment.items()]
+        config.argv = [self.spec.name]
+        config.stdout_custom = lambda data: self._wasi_output(LogLevel.INFO, data)
+        config.stderr_custom = lambda data: self._wasi_output(LogLevel.ERROR, data)
         return config
 
     def _wasi_output(self, level: LogLevel, data: bytes) -> int:
