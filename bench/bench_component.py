@@ -6,9 +6,12 @@ Measures, in one run:
     `on-request` with 10 headers (one log, one shared-data get and set, one header edit
     applied), `on-response` (one header added), complete — through the component half of the
     fast-call layer (sluice/abi/fastcall_component.py);
-  * for scale, one `on-request` call through wasmtime-py's public component API is not
-    measured here: its values cannot express `result<option<entry>, error>` (see the module
-    docstring of fastcall_component), so it cannot run this world at all.
+  * the same per-request loop through the componentize-py example (examples/component-python,
+    built and cached by its build.py; skipped when componentize-py is not installed);
+  * for scale, in the same run, a proxy-wasm filter doing the same work through the core-module
+    fast-call layer (tests/fixtures/wat/shared_counter.wat: shared get+set, one header write).
+  wasmtime-py's public component API is not measured: its values cannot express
+  `result<option<entry>, error>` (see fastcall_component's docstring), so it cannot run this world.
 
 Medians of --rounds rounds of --requests requests each (the machine may be shared: medians).
 
@@ -20,11 +23,14 @@ from __future__ import annotations
 import argparse
 import gc
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+import wasmtime
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -32,7 +38,10 @@ sys.path.insert(0, str(ROOT))
 from sluice import abi  # noqa: E402
 
 COUNTER = ROOT / "tests" / "fixtures" / "components" / "build" / "counter.wasm"
+PROXY_WASM_COUNTER = ROOT / "tests" / "fixtures" / "wat" / "shared_counter.wat"
+PYTHON_BUILD = ROOT / "examples" / "component-python" / "build.py"
 TARGET_REQUEST_US = 30.0
+TARGET_PYTHON_US = 60.0
 TARGET_CACHED_COMPILE_MS = 50.0
 
 
@@ -81,6 +90,29 @@ def one_round(plugin: Any, requests: int) -> float:
         gc.enable()
 
 
+def per_request(path: Path, rounds: int, requests: int, **spec: Any) -> list[float]:
+    runtime = abi.Runtime()
+    plugin = runtime.load(abi.PluginSpec(name=path.stem, module_path=path, vm_id="bench", **spec), _NullHost())
+    one_round(plugin, 200)  # warm-up
+    return [one_round(plugin, requests) for _ in range(rounds)]
+
+
+def python_component() -> Path | None:
+    import importlib.util
+
+    if importlib.util.find_spec("componentize_py") is None:
+        return None
+    proc = subprocess.run([sys.executable, str(PYTHON_BUILD)], capture_output=True, text=True, check=True)
+    return Path(proc.stdout.strip())
+
+
+def line(label: str, values: list[float], requests: int, target: float | None = None) -> str:
+    med = statistics.median(values)
+    verdict = f"; target <= {target:g}: {'met' if med <= target else 'NOT met'}" if target else ""
+    return (f"{label:<44} {med:7.1f} us/request (median of {len(values)} x {requests}; "
+            f"min {min(values):.1f}, max {max(values):.1f}{verdict})")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=5000)
@@ -100,21 +132,30 @@ def main() -> int:
             assert again.from_cache
         cached_ms = statistics.median(cached_ms_all)
 
-    runtime = abi.Runtime()
-    spec = abi.PluginSpec(name="counter", module_path=COUNTER, configuration=b"{}", vm_id="bench")
-    plugin = runtime.load(spec, _NullHost(), module=runtime.compile(COUNTER))
-    one_round(plugin, 200)  # warm-up
-    per_request = [one_round(plugin, args.requests) for _ in range(args.rounds)]
-    median = statistics.median(per_request)
-    assert runtime.shared_data.get("bench", b"hits") is not None
+    # Interleave the filters round by round, so load from other work hits them alike.
+    with tempfile.TemporaryDirectory() as tmp:
+        wasm = Path(tmp) / "shared_counter.wasm"
+        wasm.write_bytes(wasmtime.wat2wasm(PROXY_WASM_COUNTER.read_text()))
+        python = python_component()
+        results: dict[str, list[float]] = {"component": [], "proxy-wasm": [], "python": []}
+        for _ in range(args.rounds):
+            results["component"] += per_request(COUNTER, 1, args.requests, configuration=b"{}")
+            results["proxy-wasm"] += per_request(wasm, 1, args.requests)
+            if python is not None:
+                results["python"] += per_request(python, 1, max(args.requests // 5, 200), configuration=b"{}")
 
     print(f"component: {COUNTER.relative_to(ROOT)} ({compiled.size} bytes)")
     print(f"compile cold:              {cold_ms:8.1f} ms")
     print(f"compile from disk cache:   {cached_ms:8.2f} ms   "
           f"(median of {args.rounds}; target <= {TARGET_CACHED_COMPILE_MS:g})")
-    print(f"request (10 headers, log, shared get+set, 2 hooks): {median:6.1f} us   "
-          f"(median of {args.rounds} x {args.requests}; min {min(per_request):.1f}, max {max(per_request):.1f}; "
-          f"target <= {TARGET_REQUEST_US:g})")
+    print("per request: stream create, request head (10 headers: shared get + set, one header edit),")
+    print("             response head (2 headers, one header added), complete")
+    print(line("WAT component (compiled guest)", results["component"], args.requests, TARGET_REQUEST_US))
+    print(line("proxy-wasm WAT filter, same work (reference)", results["proxy-wasm"], args.requests))
+    if results["python"]:
+        print(line("componentize-py component", results["python"], max(args.requests // 5, 200), TARGET_PYTHON_US))
+    else:
+        print("componentize-py component: not measured (componentize-py not installed)")
     return 0
 
 

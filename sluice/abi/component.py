@@ -251,12 +251,18 @@ class Callout:
 Action = Edits | LocalReply | Callout
 
 
+_NO_EDITS = Edits()
+
+
 def _decode_action(addr: int) -> Action:
     case, payload = fc.read_variant(addr)
     fields = fc.read_record(payload)
     if case == "continue":
-        remove = tuple(fc.read_string(a) for a in fc.read_list(fields[0]))
-        return Edits(remove, tuple(fc.read_headers(fields[1])), tuple(fc.read_headers(fields[2])))
+        remove_at, set_at, add_at = fields
+        remove = tuple(fc.read_string(a) for a in fc.read_list(remove_at)) if fc.list_size(remove_at) else ()
+        set_ = tuple(fc.read_headers(set_at)) if fc.list_size(set_at) else ()
+        add = tuple(fc.read_headers(add_at)) if fc.list_size(add_at) else ()
+        return Edits(remove, set_, add) if remove or set_ or add else _NO_EDITS
     if case == "reply":
         status = fc.read_val(fields[0])[1] & 0xFFFF
         headers = tuple(fc.read_headers(fields[1]))

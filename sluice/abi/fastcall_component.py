@@ -25,7 +25,7 @@ from __future__ import annotations
 import ctypes
 import struct
 from collections.abc import Callable, Sequence
-from itertools import accumulate
+from itertools import accumulate, chain
 from typing import Any
 
 import wasmtime
@@ -82,20 +82,22 @@ def to_utf8(text: str) -> bytes:
 class ArgBuffer:
     """One reusable buffer per instance that arguments are packed into (grows when needed)."""
 
-    __slots__ = ("buf", "view", "base", "top")
+    __slots__ = ("buf", "view", "base", "pointer", "top")
 
     def __init__(self, size: int = 16384) -> None:
+        self._allocate(size)
+        self.top = 0
+
+    def _allocate(self, size: int) -> None:
         self.buf = ctypes.create_string_buffer(size)
         self.view = memoryview(self.buf).cast("B")
         self.base = ctypes.addressof(self.buf)
-        self.top = 0
+        self.pointer = ctypes.c_void_p(self.base)
 
     def reset(self, needed: int) -> None:
         """Start a new argument list that needs at most `needed` bytes."""
         if needed > len(self.view):
-            self.buf = ctypes.create_string_buffer(max(needed, 2 * len(self.view)))
-            self.view = memoryview(self.buf).cast("B")
-            self.base = ctypes.addressof(self.buf)
+            self._allocate(max(needed, 2 * len(self.view)))
         self.top = 0
 
     def alloc(self, size: int) -> int:
@@ -125,15 +127,15 @@ class ArgBuffer:
         n = len(items)
         tuples = self.alloc(_SLOT * n)
         strings = self.alloc(_SLOT * 2 * n)
-        flat = [x for pair in items for x in pair]
+        flat = list(chain.from_iterable(items))
         text = "".join(flat)
         blob = text.encode("utf-8", "replace")
         if len(blob) == len(text):
-            lens = [len(x) for x in flat]
+            lens = list(map(len, flat))
         else:
             raw = [to_utf8(x) for x in flat]
             blob = b"".join(raw)
-            lens = [len(x) for x in raw]
+            lens = list(map(len, raw))
         addr = self.blob(blob) if blob else self.base
         base = self.base
         VAL.pack_into(self.view, at, LIST, n, base + tuples, 0)
@@ -145,9 +147,10 @@ class ArgBuffer:
             if len(_TUPLES) > 256:
                 _TUPLES.clear()
             values = _TUPLES[key] = [v for i in range(n) for v in (TUPLE, 2, base + strings + 64 * i, 0)]
-        starts = accumulate(lens, initial=addr)  # one more than lens: strict=False
-        strings_values = [v for length, pos in zip(lens, starts, strict=False) for v in (STRING, length, pos, 0)]
-        _vals_format(3 * n).pack_into(self.view, tuples, *values, *strings_values)
+        string_values = [STRING, 0, 0, 0] * (2 * n)
+        string_values[1::4] = lens
+        string_values[2::4] = accumulate(lens[:-1], initial=addr)
+        _vals_format(3 * n).pack_into(self.view, tuples, *values, *string_values)
 
     def bytes_list(self, at: int, data: bytes) -> None:
         """`list<u8>`: one 32-byte value per byte (the C API has no cheaper form)."""
@@ -216,6 +219,13 @@ def read_list(addr: int) -> list[int]:
     if kind not in (LIST, TUPLE):
         raise ValueError(f"expected a list, found value kind {kind}")
     return [data + _SLOT * i for i in range(size)]
+
+
+def list_size(addr: int) -> int:
+    kind, size, _, _ = VAL.unpack_from(_ADDRESS_SPACE, addr)
+    if kind != LIST:
+        raise ValueError(f"expected a list, found value kind {kind}")
+    return int(size)
 
 
 def read_headers(addr: int) -> list[tuple[str, str]]:
@@ -377,7 +387,8 @@ def _error(err: int) -> wasmtime.WasmtimeError:
 class ComponentFunction:
     """One exported function of one component instance with one (owned) result value."""
 
-    __slots__ = ("name", "_handle", "_func", "_func_ref", "_results", "_results_addr")
+    __slots__ = ("name", "_handle", "_func", "_func_ref", "_results", "_results_addr", "_results_ptr",
+                 "_results_view")
 
     def __init__(self, handle: StoreHandle, name: str, func: wc.Func) -> None:
         self.name = name
@@ -386,6 +397,8 @@ class ComponentFunction:
         self._func_ref = ctypes.byref(self._func)
         self._results = ctypes.create_string_buffer(_SLOT)  # a `bool false`: nothing to drop
         self._results_addr = ctypes.addressof(self._results)
+        self._results_ptr = ctypes.c_void_p(self._results_addr)
+        self._results_view = memoryview(self._results).cast("B")
 
     def call(self, args: ArgBuffer, nargs: int, decode: Callable[[int], Any]) -> Any:
         """Call with `nargs` values packed at the start of `args`; `decode` reads the result.
@@ -393,18 +406,22 @@ class ComponentFunction:
         Raises WasmTrap for traps, deadlines and host-function failures; ValueError (from
         `decode`) for a result of an unexpected shape.
         """
-        err = _func_call(self._func_ref, self._handle.ctx, ctypes.c_void_p(args.base), ctypes.c_size_t(nargs),
-                         ctypes.c_void_p(self._results_addr), ctypes.c_size_t(1))
+        err = _func_call(self._func_ref, self._handle.ctx, args.pointer, _COUNTS[nargs], self._results_ptr, _ONE)
         if err:
             raise _trap(int(err))
         try:
             return decode(self._results_addr)
         finally:
-            _val_delete(ctypes.c_void_p(self._results_addr))
-            ctypes.memset(self._results_addr, 0, _SLOT)
+            _val_delete(self._results_ptr)
+            self._results_view[:_SLOT] = _NO_VALUE  # back to `bool false`: nothing to drop
             err = _post_return(self._func_ref, self._handle.ctx)
             if err:
                 raise _trap(int(err))
+
+
+_COUNTS = [ctypes.c_size_t(i) for i in range(8)]
+_ONE = _COUNTS[1]
+_NO_VALUE = bytes(_SLOT)
 
 
 def _trap(err: int) -> WasmTrap:
