@@ -107,3 +107,85 @@ def test_component_actions_through_the_proxy() -> None:
                 assert "CPU deadline" in (report.last_error or "")
 
     run(main())
+
+
+def test_admin_and_hot_reload_see_a_component_like_a_module(tmp_path: Path) -> None:
+    """`/filters` and `/metrics` report the component; a generation swap (new config) retires
+    its plugin only after the in-flight request through it has finished, and nothing fails."""
+    import asyncio
+
+    from conftest import make_config, wait_for
+
+    from prometheus_client import generate_latest
+
+    from sluice.proxy.admin import AdminServer
+    from sluice.proxy.metrics import make_registry
+
+    (tmp_path / "counter.wasm").write_bytes((COMPONENTS / "counter.wasm").read_bytes())
+    release = asyncio.Event()
+    entered = asyncio.Event()
+
+    async def slow(request: web.Request) -> web.Response:
+        entered.set()
+        await release.wait()
+        return web.Response(text="slow")
+
+    async def fast(request: web.Request) -> web.Response:
+        return web.Response(text="fast")
+
+    def config(up: str, label: str) -> str:
+        return f"""
+        listen: 127.0.0.1:0
+        access_log: null
+        filters_dir: {tmp_path}
+        clusters:
+          up: {{endpoints: ["{up}"]}}
+        chain:
+          - name: component-counter
+            module: counter.wasm
+            config: {{label: {label}}}
+        routes:
+          - match: {{prefix: /}}
+            cluster: up
+        """
+
+    async def main() -> None:
+        app = web.Application()
+        app.router.add_get("/slow", slow)
+        app.router.add_get("/fast", fast)
+        async with upstream(app) as up, proxy(config(up, "one")) as gw, aiohttp.ClientSession() as s:
+            admin = AdminServer(gw)
+            await admin.start("127.0.0.1", 0)
+            try:
+                async with s.get(f"http://127.0.0.1:{gw.port}/fast") as r:
+                    assert r.status == 200 and r.headers["x-component"] == "counter"
+                async with s.get(f"http://127.0.0.1:{admin.port}/filters") as r:
+                    body = await r.json()
+                text = str(body)
+                assert "component sluice:filter@0.1.0" in text and "component-counter" in text
+                metrics = generate_latest(make_registry(gw)[0]).decode()
+                assert 'abi_version="component sluice:filter@0.1.0"' in metrics, metrics
+
+                old = gw.generation
+                plugin = old.filters[0].plugin
+                pending = asyncio.ensure_future(s.get(f"http://127.0.0.1:{gw.port}/slow"))
+                await entered.wait()
+                new = await gw.build_generation(make_config(config(up, "two")))
+                assert gw.install(new) is old
+                assert new.filters[0].plugin is not plugin  # the config changed: a new plugin
+                statuses = []
+                for _ in range(5):
+                    async with s.get(f"http://127.0.0.1:{gw.port}/fast") as r:
+                        statuses.append(r.status)
+                assert statuses == [200] * 5
+                assert plugin.state != "retired" and plugin.active_streams == 1  # still serving /slow
+                release.set()
+                resp = await pending
+                assert resp.status == 200 and await resp.text() == "slow"
+                resp.release()
+                await wait_for(lambda: old.disposed)
+                assert plugin.state == "retired" and plugin.vm_count == 0
+            finally:
+                await admin.stop()
+
+    run(main())
