@@ -35,6 +35,8 @@ import wasmtime
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench_abi import _Callbacks, _NullHost  # noqa: E402  (the same stand-ins as the proxy-wasm bench)
+
 from sluice import abi  # noqa: E402
 
 COUNTER = ROOT / "tests" / "fixtures" / "components" / "build" / "counter.wasm"
@@ -43,24 +45,6 @@ PYTHON_BUILD = ROOT / "examples" / "component-python" / "build.py"
 TARGET_REQUEST_US = 30.0
 TARGET_PYTHON_US = 60.0
 TARGET_CACHED_COMPILE_MS = 50.0
-
-
-class _NullHost:
-    def http_call(self, *args: Any) -> bool:
-        return False
-
-    def call_later(self, delay_s: float, callback: Any) -> Any:
-        return None
-
-    def log(self, plugin: str, level: abi.LogLevel, message: str) -> None:
-        pass
-
-
-class _Callbacks:
-    def continue_request(self) -> None: ...
-    def continue_response(self) -> None: ...
-    def send_local_reply(self, reply: abi.LocalReply) -> None: ...
-    def reset(self) -> None: ...
 
 
 def request_headers() -> abi.HeaderMap:

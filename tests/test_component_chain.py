@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import aiohttp
 import wasmtime
 from aiohttp import web
-from conftest import ROOT, proxy, run, upstream
+from conftest import ROOT, make_config, proxy, run, upstream, wait_for
+from prometheus_client import generate_latest
+
+from sluice.proxy.admin import AdminServer
+from sluice.proxy.metrics import make_registry
 
 COMPONENTS = ROOT / "tests" / "fixtures" / "components" / "build"
 WAT = ROOT / "tests" / "fixtures" / "wat"
@@ -112,15 +117,6 @@ def test_component_actions_through_the_proxy() -> None:
 def test_admin_and_hot_reload_see_a_component_like_a_module(tmp_path: Path) -> None:
     """`/filters` and `/metrics` report the component; a generation swap (new config) retires
     its plugin only after the in-flight request through it has finished, and nothing fails."""
-    import asyncio
-
-    from conftest import make_config, wait_for
-
-    from prometheus_client import generate_latest
-
-    from sluice.proxy.admin import AdminServer
-    from sluice.proxy.metrics import make_registry
-
     (tmp_path / "counter.wasm").write_bytes((COMPONENTS / "counter.wasm").read_bytes())
     release = asyncio.Event()
     entered = asyncio.Event()

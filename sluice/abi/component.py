@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import os
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -36,12 +34,13 @@ from typing import TYPE_CHECKING, Protocol
 import wasmtime
 from wasmtime import component as wc
 
+from . import diskcache
 from . import fastcall_component as fc
 from .api import CallResponse, Host, LocalReply, PluginLoadError, PluginSpec, StreamCallbacks, StreamInfo
 from .fastcall import StoreHandle, WasmTrap, summarize_error
 from .headers import HeaderMap
 from .metrics import MetricRegistry
-from .plugin import CALLBACK_BOUNDS_S, MAX_BACKOFF_S, PluginStats
+from .plugin import _DETACHED, CALLBACK_BOUNDS_S, MAX_BACKOFF_S, PluginStats, _failure_reply
 from .report import ModuleInfo, PluginCounters, PluginReport, PluginState
 from .types import FailurePolicy, FilterStatus, LogLevel, WasmResult
 
@@ -110,14 +109,7 @@ def compile_component(
         except wasmtime.WasmtimeError as exc:
             raise PluginLoadError(path, f"invalid component: {summarize_error(str(exc))}") from None
         if cached is not None:
-            try:
-                cached.parent.mkdir(parents=True, exist_ok=True)
-                fd, tmp = tempfile.mkstemp(dir=cached.parent, suffix=".tmp")
-                with os.fdopen(fd, "wb") as out:
-                    out.write(component.serialize())
-                os.replace(tmp, cached)  # atomic: a concurrent reader never sees half a file
-            except OSError:
-                pass  # a read-only cache directory only costs compile time
+            diskcache.store(cached, component.serialize())
     elapsed = perf_counter() - started
     wasi = inspect(path, engine, component)
     return CompiledComponent(path, digest, len(wasm), ABI_VERSION, component, wasi, elapsed, from_cache)
@@ -735,18 +727,4 @@ class ComponentStream:
             self.plugin.stream_done(self.inst)
         self.request_headers_map = None
         self.callbacks = _DETACHED
-
-
-class _Detached:
-    def continue_request(self) -> None: ...
-    def continue_response(self) -> None: ...
-    def send_local_reply(self, reply: LocalReply) -> None: ...
-    def reset(self) -> None: ...
-
-
-_DETACHED = _Detached()
-
-
-def _failure_reply(name: str) -> LocalReply:
-    return LocalReply(503, f"filter {name} failed\n".encode(), details="wasm_fail_stream")
 

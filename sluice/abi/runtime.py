@@ -5,16 +5,14 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import os
 import platform
-import tempfile
 import time
 from importlib import metadata
 from pathlib import Path
 
 import wasmtime
 
-from . import fastcall
+from . import diskcache, fastcall
 from .api import Host, PluginLoadError, PluginSpec
 from .component import CompiledComponent, ComponentPlugin, compile_component, is_component
 from .fastcall import summarize_error
@@ -114,14 +112,7 @@ class Runtime:
         except wasmtime.WasmtimeError as exc:
             raise PluginLoadError(path, f"invalid WebAssembly: {summarize_error(str(exc))}") from None
         if cached is not None:
-            try:
-                cached.parent.mkdir(parents=True, exist_ok=True)
-                fd, tmp = tempfile.mkstemp(dir=cached.parent, suffix=".tmp")
-                with os.fdopen(fd, "wb") as out:
-                    out.write(module.serialize())
-                os.replace(tmp, cached)  # atomic: a concurrent reader never sees half a file
-            except OSError:
-                pass  # a read-only cache directory only costs compile time
+            diskcache.store(cached, module.serialize())
         return module, False
 
     # -- loading ------------------------------------------------------------------------------
