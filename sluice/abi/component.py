@@ -175,6 +175,8 @@ def _linker(engine: wasmtime.Engine, wasi: bool) -> wc.Linker:
     """The linker for components without (False) or with (True) WASI 0.2 imports."""
     linker = _LINKERS.get(wasi)
     if linker is None:
+        if not _LINKERS:
+            fc.keep_gil_if_ticking_natively()
         linker = wc.Linker(engine)
         if wasi:
             linker.add_wasip2()
