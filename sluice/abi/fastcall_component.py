@@ -420,6 +420,8 @@ class ComponentFunction:
                 raise _trap(int(err))
 
 
+_FUNCFLAG_PYTHONAPI: int = getattr(ctypes, "_FUNCFLAG_PYTHONAPI", 4)
+"""Set on the function pointers of a `ctypes.PyDLL` (they keep the GIL)."""
 _COUNTS = [ctypes.c_size_t(i) for i in range(8)]
 _ONE = _COUNTS[1]
 _NO_VALUE = bytes(_SLOT)
@@ -431,7 +433,7 @@ def keep_gil_if_ticking_natively() -> None:
     and per host call (~20% of a request). With the thread ticker the GIL must be released, or
     a runaway guest could never be interrupted. Call after `fastcall.engine()`."""
     global _func_call, _post_return
-    if not getattr(type(fastcall._call_unchecked), "_flags_", 0) & ctypes._FUNCFLAG_PYTHONAPI:
+    if not getattr(type(fastcall._call_unchecked), "_flags_", 0) & _FUNCFLAG_PYTHONAPI:
         return
     pydll = ctypes.PyDLL(_dll._name)
     _func_call = pydll._FuncPtr(("wasmtime_component_func_call", pydll))
