@@ -74,11 +74,11 @@ def one_round(plugin: Any, requests: int) -> float:
         gc.enable()
 
 
-def per_request(path: Path, rounds: int, requests: int, **spec: Any) -> list[float]:
+def load(path: Path, **spec: Any) -> Any:
     runtime = abi.Runtime()
     plugin = runtime.load(abi.PluginSpec(name=path.stem, module_path=path, vm_id="bench", **spec), _NullHost())
     one_round(plugin, 200)  # warm-up
-    return [one_round(plugin, requests) for _ in range(rounds)]
+    return plugin
 
 
 def python_component() -> Path | None:
@@ -116,17 +116,19 @@ def main() -> int:
             assert again.from_cache
         cached_ms = statistics.median(cached_ms_all)
 
+    python_requests = max(args.requests // 5, 200)
     # Interleave the filters round by round, so load from other work hits them alike.
     with tempfile.TemporaryDirectory() as tmp:
         wasm = Path(tmp) / "shared_counter.wasm"
         wasm.write_bytes(wasmtime.wat2wasm(PROXY_WASM_COUNTER.read_text()))
         python = python_component()
+        plugins = {"component": load(COUNTER, configuration=b"{}"), "proxy-wasm": load(wasm)}
+        if python is not None:
+            plugins["python"] = load(python, configuration=b"{}")
         results: dict[str, list[float]] = {"component": [], "proxy-wasm": [], "python": []}
         for _ in range(args.rounds):
-            results["component"] += per_request(COUNTER, 1, args.requests, configuration=b"{}")
-            results["proxy-wasm"] += per_request(wasm, 1, args.requests)
-            if python is not None:
-                results["python"] += per_request(python, 1, max(args.requests // 5, 200), configuration=b"{}")
+            for name, plugin in plugins.items():
+                results[name].append(one_round(plugin, args.requests if name != "python" else python_requests))
 
     print(f"component: {COUNTER.relative_to(ROOT)} ({compiled.size} bytes)")
     print(f"compile cold:              {cold_ms:8.1f} ms")
@@ -137,7 +139,7 @@ def main() -> int:
     print(line("WAT component (compiled guest)", results["component"], args.requests, TARGET_REQUEST_US))
     print(line("proxy-wasm WAT filter, same work (reference)", results["proxy-wasm"], args.requests))
     if results["python"]:
-        print(line("componentize-py component", results["python"], max(args.requests // 5, 200), TARGET_PYTHON_US))
+        print(line("componentize-py component", results["python"], python_requests, TARGET_PYTHON_US))
     else:
         print("componentize-py component: not measured (componentize-py not installed)")
     return 0

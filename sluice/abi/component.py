@@ -306,7 +306,7 @@ class _Instance:
             func = instance.get_func(self.store, name)
             if func is None:
                 raise PluginLoadError(spec.module_path, f"export {name} is not a function")
-            self.funcs[name] = fc.ComponentFunction(self.handle, name, func)
+            self.funcs[name] = fc.ComponentFunction(self.handle, name, func, keep_gil=not compiled.wasi)
 
     def call(
         self, name: str, nargs: int, decode: Callable[[int], object], *, deadline_ms: float | None = None

@@ -40,6 +40,9 @@ _func_call = _dll._FuncPtr(("wasmtime_component_func_call", _dll))
 _func_call.restype = ctypes.c_void_p
 _post_return = _dll._FuncPtr(("wasmtime_component_func_post_return", _dll))
 _post_return.restype = ctypes.c_void_p
+_gil_func_call = _func_call
+_gil_post_return = _post_return
+"""The same entry points keeping the GIL (see `keep_gil_if_ticking_natively`)."""
 _val_delete = _dll._FuncPtr(("wasmtime_component_val_delete", _dll))
 _val_delete.restype = None
 _val_clone = _dll._FuncPtr(("wasmtime_component_val_clone", _dll))
@@ -389,10 +392,14 @@ class ComponentFunction:
     """One exported function of one component instance with one (owned) result value."""
 
     __slots__ = ("name", "_handle", "_func", "_func_ref", "_results", "_results_addr", "_results_ptr",
-                 "_results_view")
+                 "_results_view", "_call", "_post")
 
-    def __init__(self, handle: StoreHandle, name: str, func: wc.Func) -> None:
+    def __init__(self, handle: StoreHandle, name: str, func: wc.Func, *, keep_gil: bool) -> None:
+        """`keep_gil` only for components without WASI imports: wasmtime's WASI may run stdout
+        writes on another thread, whose Python callback needs the GIL (it would deadlock)."""
         self.name = name
+        self._call = _gil_func_call if keep_gil else _func_call
+        self._post = _gil_post_return if keep_gil else _post_return
         self._handle = handle
         self._func = func._func  # the wasmtime_component_func_t struct, kept alive here
         self._func_ref = ctypes.byref(self._func)
@@ -407,7 +414,7 @@ class ComponentFunction:
         Raises WasmTrap for traps, deadlines and host-function failures; ValueError (from
         `decode`) for a result of an unexpected shape.
         """
-        err = _func_call(self._func_ref, self._handle.ctx, args.pointer, _COUNTS[nargs], self._results_ptr, _ONE)
+        err = self._call(self._func_ref, self._handle.ctx, args.pointer, _COUNTS[nargs], self._results_ptr, _ONE)
         if err:
             raise _trap(int(err))
         try:
@@ -415,7 +422,7 @@ class ComponentFunction:
         finally:
             _val_delete(self._results_ptr)
             self._results_view[:_SLOT] = _NO_VALUE  # back to `bool false`: nothing to drop
-            err = _post_return(self._func_ref, self._handle.ctx)
+            err = self._post(self._func_ref, self._handle.ctx)
             if err:
                 raise _trap(int(err))
 
@@ -428,18 +435,19 @@ _NO_VALUE = bytes(_SLOT)
 
 
 def keep_gil_if_ticking_natively() -> None:
-    """Call into components without releasing the GIL when `fastcall` found the native epoch
-    ticker (its own calls then keep the GIL too): that saves a release and re-acquire per call
-    and per host call (~20% of a request). With the thread ticker the GIL must be released, or
-    a runaway guest could never be interrupted. Call after `fastcall.engine()`."""
-    global _func_call, _post_return
+    """Let calls into components without WASI imports keep the GIL when `fastcall` found the
+    native epoch ticker (its own calls then keep the GIL too): that saves a release and
+    re-acquire per call and per host call (~20% of a request). With the thread ticker the GIL
+    must be released, or a runaway guest could never be interrupted. Call after
+    `fastcall.engine()`."""
+    global _gil_func_call, _gil_post_return
     if not getattr(type(fastcall._call_unchecked), "_flags_", 0) & _FUNCFLAG_PYTHONAPI:
         return
     pydll = ctypes.PyDLL(_dll._name)
-    _func_call = pydll._FuncPtr(("wasmtime_component_func_call", pydll))
-    _func_call.restype = ctypes.c_void_p
-    _post_return = pydll._FuncPtr(("wasmtime_component_func_post_return", pydll))
-    _post_return.restype = ctypes.c_void_p
+    _gil_func_call = pydll._FuncPtr(("wasmtime_component_func_call", pydll))
+    _gil_func_call.restype = ctypes.c_void_p
+    _gil_post_return = pydll._FuncPtr(("wasmtime_component_func_post_return", pydll))
+    _gil_post_return.restype = ctypes.c_void_p
 
 
 def _trap(err: int) -> WasmTrap:
