@@ -125,6 +125,8 @@ def _log(args: int, _results: int, _n: int) -> None:
     inst = _ACTIVE[-1]
     kind, size, name, _ = fc.read_val(args)
     level = _LEVELS.get(fc.read_name(size, name), LogLevel.INFO) if kind == fc.ENUM else LogLevel.INFO
+    if level < inst.plugin.log_level:
+        return  # below the filter's level: not even decoded
     inst.plugin.guest_log(level, fc.read_string(args + fc.VAL.size), fc.read_string(args + 2 * fc.VAL.size))
 
 
