@@ -64,7 +64,7 @@ class Runtime:
 
     # -- compiling ----------------------------------------------------------------------------
     def compile(self, path: Path | str) -> CompiledModule | CompiledComponent:
-        """Validate and compile a module (CPU-heavy: call it off the event loop).
+        """Validate and compile a module or a component (CPU-heavy: call it off the event loop).
 
         Raises PluginLoadError naming the file and the reason.
         """
@@ -79,7 +79,7 @@ class Runtime:
             return compile_component(self.engine, path, wasm, self.cache_dir, self._cache_tag)
         if wasm[4:8] != CORE_VERSION:
             raise PluginLoadError(
-                path, "a WebAssembly component or unknown binary version; sluice runs proxy-wasm core modules"
+                path, "an unknown WebAssembly binary version (neither a core module nor a component)"
             )
         digest = hashlib.sha256(wasm).hexdigest()
         started = time.perf_counter()
