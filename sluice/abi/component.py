@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import os
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -282,7 +284,7 @@ def _decode_configured(addr: int) -> str | None:
 class _Instance:
     """One store with one instance of the component."""
 
-    __slots__ = ("plugin", "store", "handle", "funcs", "args", "results", "dead", "streams")
+    __slots__ = ("plugin", "store", "handle", "funcs", "args", "results", "dead", "streams", "output")
 
     def __init__(self, plugin: ComponentPlugin) -> None:
         self.plugin = plugin
@@ -291,8 +293,10 @@ class _Instance:
         spec = plugin.spec
         self.store = wasmtime.Store(engine)
         self.store.set_limits(memory_size=spec.memory_limit)
+        self.output: _GuestOutput | None = None
         if compiled.wasi:
-            self.store.set_wasi(plugin.restricted_wasi())
+            self.output = _GuestOutput()
+            self.store.set_wasi(plugin.restricted_wasi(self.output))
         self.handle = StoreHandle(self.store, spec.cpu_deadline_ms)
         self.args = fc.ArgBuffer()
         self.results = fc.HostResult()
@@ -325,6 +329,8 @@ class _Instance:
             raise
         finally:
             _ACTIVE.pop()
+            if self.output is not None:
+                self.output.drain(self.plugin.guest_log)
 
     def configure(self, config: str) -> str | None:
         args = self.args
@@ -363,6 +369,40 @@ class _Instance:
             args.headers(headers_at, items)
             args.bytes_list(body_at, response.body)
         return self.call("on-callout-response", 1, _decode_action)  # type: ignore[return-value]
+
+
+class _GuestOutput:
+    """A WASI guest's stdout and stderr, written by wasmtime to two unlinked temporary files and
+    read into the filter's log after every call.
+
+    Not wasmtime-py's `stdout_custom` callbacks: wasmtime's WASI runs those on its own threads,
+    which then need the GIL: a call keeping the GIL deadlocks, and one at interpreter exit
+    aborts the process. Files involve no Python outside the calling thread.
+    """
+
+    LEVELS = (LogLevel.INFO, LogLevel.ERROR)
+
+    def __init__(self) -> None:
+        # Open for the instance's lifetime; closed (and freed) when the instance goes.
+        self.files = [tempfile.TemporaryFile(prefix="sluice-wasi-") for _ in self.LEVELS]  # noqa: SIM115
+        self.offsets = [0, 0]
+        self.pending = [b"", b""]
+
+    def attach(self, config: wasmtime.WasiConfig) -> None:
+        # wasmtime opens the path itself; /proc/self/fd names the open (already unlinked) file.
+        config.stdout_file = f"/proc/self/fd/{self.files[0].fileno()}"
+        config.stderr_file = f"/proc/self/fd/{self.files[1].fileno()}"
+
+    def drain(self, log: Callable[[LogLevel, str, str], None]) -> None:
+        for i, level in enumerate(self.LEVELS):
+            fd = self.files[i].fileno()
+            data = os.pread(fd, 1 << 16, self.offsets[i])
+            if not data:
+                continue
+            self.offsets[i] += len(data)
+            *lines, self.pending[i] = (self.pending[i] + data).split(b"\n")
+            for line in lines:
+                log(level, "", line.decode("utf-8", "replace"))
 
 
 # -- the plugin -----------------------------------------------------------------------------------
@@ -407,19 +447,12 @@ class ComponentPlugin:
             raise PluginLoadError(path, f"configure rejected the configuration: {error}")
         return inst
 
-    def restricted_wasi(self) -> wasmtime.WasiConfig:
+    def restricted_wasi(self, output: _GuestOutput) -> wasmtime.WasiConfig:
         config = wasmtime.WasiConfig()
         config.env = [(k, v) for k, v in self.spec.environment.items()]
         config.argv = [self.spec.name]
-        config.stdout_custom = lambda data: self._wasi_output(LogLevel.INFO, data)
-        config.stderr_custom = lambda data: self._wasi_output(LogLevel.ERROR, data)
+        output.attach(config)
         return config
-
-    def _wasi_output(self, level: LogLevel, data: bytes) -> int:
-        text = data.decode("utf-8", "replace").rstrip("\n")
-        if text:
-            self.guest_log(level, "", text)
-        return len(data)
 
     def guest_log(self, level: LogLevel, context: str, message: str) -> None:
         if level >= self.log_level:

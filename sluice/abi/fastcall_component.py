@@ -395,8 +395,9 @@ class ComponentFunction:
                  "_results_view", "_call", "_post")
 
     def __init__(self, handle: StoreHandle, name: str, func: wc.Func, *, keep_gil: bool) -> None:
-        """`keep_gil` only for components without WASI imports: wasmtime's WASI may run stdout
-        writes on another thread, whose Python callback needs the GIL (it would deadlock)."""
+        """`keep_gil` only for components without WASI imports: wasmtime's WASI runs work on
+        threads of its own, and a Python callback there (wasmtime-py's custom stdout was one)
+        would deadlock on the GIL. sluice now installs none, but stays conservative."""
         self.name = name
         self._call = _gil_func_call if keep_gil else _func_call
         self._post = _gil_post_return if keep_gil else _post_return
