@@ -76,6 +76,9 @@ def one_round(plugin: Any, requests: int) -> float:
 
 def load(path: Path, **spec: Any) -> Any:
     runtime = abi.Runtime()
+    # A generous CPU deadline: on a loaded machine a 20 ms wall-clock deadline can trip, and a
+    # failed filter's cheap failure path would then flatter the figures.
+    spec.setdefault("cpu_deadline_ms", 1000.0)
     plugin = runtime.load(abi.PluginSpec(name=path.stem, module_path=path, vm_id="bench", **spec), _NullHost())
     one_round(plugin, 200)  # warm-up
     return plugin
@@ -130,6 +133,10 @@ def main() -> int:
             for name, plugin in plugins.items():
                 results[name].append(one_round(plugin, args.requests if name != "python" else python_requests))
 
+    for name, plugin in plugins.items():
+        counters = plugin.report().counters
+        if counters.traps or counters.deadlines or counters.fail_closed or counters.fail_open:
+            print(f"WARNING: {name} failed during the run ({counters}): its figure is not valid")
     print(f"component: {COUNTER.relative_to(ROOT)} ({compiled.size} bytes)")
     print(f"compile cold:              {cold_ms:8.1f} ms")
     print(f"compile from disk cache:   {cached_ms:8.2f} ms   "
