@@ -32,6 +32,8 @@ check-built: $(VENV)/.installed
 	$(PY) sluice/filters/build.py --check
 	$(PY) tests/fixtures/as/build.py --check
 	$(PY) tests/fixtures/as/build.py --project examples/assemblyscript --check
+	$(PY) tests/fixtures/components/build.py --check
+	$(PY) examples/component-zig/build.py --check
 
 bench: $(VENV)/.installed
 	$(PY) bench/bench_abi.py

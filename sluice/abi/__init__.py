@@ -3,8 +3,8 @@
 Public API (the only names `proxy` and tests import)::
 
     runtime = Runtime(cache_dir=Path(".sluice-cache"))       # one per process
-    module = runtime.compile(path)        # CompiledModule; safe to run in a worker thread
-    plugin = runtime.load(spec, host, module=module)           # VM + root context, vm_start, configure
+    module = runtime.compile(path)        # CompiledFilter (module or component); safe in a worker thread
+    plugin = runtime.load(spec, host, module=module)           # Filter: VM + root context, vm_start, configure
     stream = plugin.new_stream(StreamInfo(...), callbacks)     # one per HTTP request
     stream.request_headers(headers, end_of_stream) -> FilterStatus
     ...
@@ -13,8 +13,9 @@ Public API (the only names `proxy` and tests import)::
     plugin.set_log_level(LogLevel.DEBUG)
     plugin.retire()                       # stop ticks; VM released when its last stream completes
 
-`Plugin.report()` is how the proxy reads a plugin; everything else in a plugin (VMs, contexts,
-wasmtime objects, the VM-only hooks) is private to `sluice.abi`.
+A `Filter` is a proxy-wasm `Plugin` or a `ComponentPlugin` (a WASI 0.2 component, component.py);
+both offer exactly the calls above. `report()` is how the proxy reads a filter; everything else in
+one (VMs, instances, contexts, wasmtime objects, the VM-only hooks) is private to `sluice.abi`.
 
 `runtime.load` raises `PluginLoadError` (file + reason) when the module is not wasm, has no ABI
 marker, fails to instantiate, or `proxy_on_vm_start` / `proxy_on_configure` reject it.
@@ -33,19 +34,25 @@ from .api import (
     StreamCallbacks,
     StreamInfo,
 )
-from .compiled import CompiledModule
+from .compiled import CompiledComponent, CompiledFilter, CompiledModule
+from .component import ComponentPlugin, ComponentStream
 from .headers import HeaderMap
 from .plugin import HttpStream, Plugin
 from .report import FilterMetric, ModuleInfo, PluginCounters, PluginReport, PluginState
-from .runtime import Runtime
+from .runtime import Filter, Runtime
 from .shared import InMemorySharedData, SharedData
 from .types import FailurePolicy, FilterStatus, LogLevel, MetricType
 
 __all__ = [
     "CallResponse",
     "Cancellable",
+    "CompiledComponent",
+    "CompiledFilter",
     "CompiledModule",
+    "ComponentPlugin",
+    "ComponentStream",
     "FailurePolicy",
+    "Filter",
     "FilterMetric",
     "FilterStatus",
     "HeaderMap",

@@ -1,6 +1,8 @@
 """Fast calls between Python and wasm through wasmtime's raw *unchecked* C API.
 
-This is the only module in sluice that touches ctypes or wasmtime-py's private API (`wasmtime._ffi`,
+This module and its component half (`fastcall_component`, which takes its C entry points from
+`raw_function` here, after the version check) are the only ones in sluice that touch ctypes or
+wasmtime-py's private API (`wasmtime._ffi`,
 `Store._context`, `Func._func`, `Memory._memory`, `WasmtimeError._from_ptr`). Those are not a
 stable interface, so importing this module checks that the installed wasmtime is the version
 sluice is pinned to (`WASMTIME_VERSION`) and refuses to run on any other. wasmtime-py's high-level `Func.__call__`
@@ -259,13 +261,34 @@ def engine() -> wasmtime.Engine:
                 # The epoch advances without Python, so a call into wasm may keep the GIL: that
                 # saves a release and re-acquire on every call and host call (~7% of a stream).
                 # A runaway filter is still interrupted, by the native timer.
-                _call_unchecked = _pydll._FuncPtr(("wasmtime_func_call_unchecked", _pydll))
-                _call_unchecked.restype = ctypes.c_size_t
+                _call_unchecked = raw_function("wasmtime_func_call_unchecked", ctypes.c_size_t, keep_gil=True)
             else:
                 TICKER[0] = "python"
                 _ThreadTicker(made)
             _ENGINE = made
         return _ENGINE
+
+
+def native_ticker() -> bool:
+    """Whether the epoch advances without Python (the native thread or POSIX timer of `engine()`):
+    then calls into wasm may keep the GIL, since nothing Python needs to run to interrupt a
+    runaway filter."""
+    return TICKER[0] in ("thread", "timer")
+
+
+def raw_function(name: str, restype: Any, *, keep_gil: bool = False) -> Any:
+    """An entry point of wasmtime's C library with no `argtypes` (callers pass ctypes objects of
+    the right width), keeping the GIL during the call if `keep_gil` (only with `native_ticker()`).
+    For the component half of this layer (`fastcall_component`)."""
+    lib = _pydll if keep_gil else _dll
+    fn = lib._FuncPtr((name, lib))
+    fn.restype = restype
+    return fn
+
+
+def wasmtime_error(err: int) -> wasmtime.WasmtimeError:
+    """Take ownership of a `wasmtime_error_t*` returned by the C API."""
+    return wasmtime.WasmtimeError._from_ptr(ctypes.cast(err, ctypes.POINTER(ffi.wasmtime_error_t)))
 
 
 def deadline_ticks(deadline_ms: float) -> int:
@@ -362,7 +385,7 @@ def _define(linker: wasmtime.Linker, fn: HostFunction, key: int | float | None, 
         cb, ctypes.c_void_p(0), _NO_FINALIZER,
     )
     if err:
-        raise wasmtime.WasmtimeError._from_ptr(ctypes.cast(err, ctypes.POINTER(ffi.wasmtime_error_t)))
+        raise wasmtime_error(err)
 
 
 def define_host_functions(linker: wasmtime.Linker, functions: Sequence[HostFunction]) -> None:
@@ -448,7 +471,7 @@ def _raise_call_failure(err: int, trap: int) -> None:
     if err:
         status = ctypes.c_int(0)
         wasi_exit = bool(_error_exit_status(err, ctypes.byref(status)))
-        error = wasmtime.WasmtimeError._from_ptr(ctypes.cast(err, ctypes.POINTER(ffi.wasmtime_error_t)))
+        error = wasmtime_error(err)
         if wasi_exit:  # wasmtime's own WASI exit (an ExitTrap)
             raise WasmTrap(f"proc_exit({status.value})", exit_code=status.value)
         raise WasmTrap(summarize_error(str(error)), exit_code=exit_code)

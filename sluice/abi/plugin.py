@@ -16,44 +16,22 @@ queues, proxy_done) go through `_VMHooks`, so they are not part of `Plugin`'s AP
 
 from __future__ import annotations
 
-import dataclasses
-import enum
-import time
 from time import perf_counter
 
 from sluice.histogram import Histogram
 
-from .api import CallResponse, Cancellable, Host, LocalReply, PluginLoadError, PluginSpec, StreamCallbacks, StreamInfo
+from .api import CallResponse, Host, LocalReply, PluginLoadError, PluginSpec, StreamCallbacks, StreamInfo
+from .common import CALLBACK_BOUNDS_S, DETACHED, Counters, Replacement, StreamMode, build_report, failure_reply
 from .compiled import CompiledModule
 from .fastcall import WasmTrap
 from .headers import HeaderMap
 from .metrics import MetricRegistry
-from .report import ModuleInfo, PluginCounters, PluginReport, PluginState
+from .report import ModuleInfo, PluginReport, PluginState
 from .types import FailurePolicy, FilterStatus, LogLevel
 from .vm import RootContext, StreamContext, VMServices, WasmVM
 
 CONTINUE = FilterStatus.CONTINUE
 STOP = FilterStatus.STOP
-
-CALLBACK_BOUNDS_S: tuple[float, ...] = (
-    5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1,
-)
-"""Upper bounds of the callback-time histogram (seconds); the report carries them."""
-MAX_BACKOFF_S = 60.0
-
-
-@dataclasses.dataclass(slots=True)
-class _Counters:
-    """The plugin's running counts; `PluginReport.counters` is their frozen copy."""
-
-    streams: int = 0
-    traps: int = 0
-    deadlines: int = 0
-    fail_closed: int = 0
-    fail_open: int = 0
-    reloads: int = 0
-    reload_failures: int = 0
-
 
 class _VMHooks:
     """The plugin as its VMs see it (`vm.VMOwner`): the services whose state outlives one VM.
@@ -96,7 +74,7 @@ class Plugin:
         self._spec = spec
         self._host = host
         self._metrics = MetricRegistry()
-        self._counters = _Counters()
+        self._counters = Counters()
         self._callback_time = Histogram(CALLBACK_BOUNDS_S)
         self._log_level = spec.log_level
         self._hooks = _VMHooks(self)
@@ -106,10 +84,7 @@ class Plugin:
         self._retired = False
         self._vms: dict[WasmVM, int] = {}
         """Live VMs and their active stream counts."""
-        self._backoff = spec.reload_backoff_s
-        self._next_reload = 0.0
-        self._replace_pending = False
-        self._replace_timer: Cancellable | None = None
+        self._replacement = Replacement(host, spec.reload_backoff_s, self._replace_vm)
 
     @classmethod
     def start(cls, services: VMServices, module: CompiledModule, spec: PluginSpec, host: Host) -> Plugin:
@@ -331,9 +306,7 @@ class Plugin:
     def retire(self) -> None:
         """Stop ticks; release every VM once its last stream completes (hot reload, shutdown)."""
         self._retired = True
-        if self._replace_timer is not None:
-            self._replace_timer.cancel()
-            self._replace_timer = None
+        self._replacement.stop()
         for vm, count in list(self._vms.items()):
             for ctx in vm.contexts.values():
                 if isinstance(ctx, RootContext) and ctx.tick_timer is not None:
@@ -356,24 +329,10 @@ class Plugin:
         if vm.dead is not None:
             self._fail_paused_streams(vm)  # nothing will ever resume them
         if vm is self._vm and (vm.dead is not None or self._spec.failure_policy is FailurePolicy.RELOAD):
-            self._schedule_replacement()
+            self._replacement.schedule()
 
-    def _schedule_replacement(self) -> None:
-        """A fresh VM is due: build it from a timer once the backoff allows, never on the path of
-        the request that failed (instantiating takes far longer than serving one)."""
-        self._replace_pending = True
-        if self._replace_timer is not None or self._retired:
-            return
-        delay = max(0.0, self._next_reload - time.monotonic())
-        self._replace_timer = self._host.call_later(delay, self._replace_vm)
-
-    def _replace_vm(self) -> None:
-        self._replace_timer = None
-        if self._retired or not self._replace_pending:
-            return
-        self._replace_pending = False
-        self._next_reload = time.monotonic() + self._backoff
-        self._backoff = min(self._backoff * 2, MAX_BACKOFF_S)
+    def _replace_vm(self) -> bool:
+        """Build the fresh VM (run by `Replacement`, from a timer); whether it succeeded."""
         old = self._vm
         try:
             vm, root = self._create_vm()
@@ -381,13 +340,13 @@ class Plugin:
             self._counters.reload_failures += 1
             self._last_error = f"reload failed: {exc.reason}"
             self._host.log(self._spec.name, LogLevel.ERROR, f"filter {self._spec.name} {self._last_error}")
-            self._schedule_replacement()  # again, after the (doubled) backoff
-            return
+            return False
         self._counters.reloads += 1
         self._vm, self._root = vm, root
         self._vms[vm] = 0
         if old is not None and self._vms.get(old, 0) <= 0:
             self._release(old)
+        return True
 
     def _fail_paused_streams(self, vm: WasmVM) -> None:
         """A root callback trapped: streams waiting on it would hang, so fail them now."""
@@ -398,24 +357,13 @@ class Plugin:
     # -- reporting ---------------------------------------------------------------------------------
     def report(self) -> PluginReport:
         """Everything the proxy may know about this filter, as frozen values read now."""
-        c = self._counters
-        callback_seconds = self._callback_time.snapshot()
         module = self._module
-        return PluginReport(
-            name=self._spec.name,
-            state=self._state(),
-            module=ModuleInfo(
+        return build_report(
+            self._spec.name, self._state(),
+            ModuleInfo(
                 str(module.path), module.sha256, module.size, module.abi_version, module.unknown_imports
             ),
-            counters=PluginCounters(
-                streams=c.streams, callbacks=callback_seconds.count, traps=c.traps, deadlines=c.deadlines,
-                fail_closed=c.fail_closed, fail_open=c.fail_open, reloads=c.reloads,
-                reload_failures=c.reload_failures,
-            ),
-            callback_seconds=callback_seconds,
-            metrics=self._metrics.report(),
-            last_error=self._last_error,
-            log_level=self._log_level,
+            self._counters, self._callback_time, self._metrics.report(), self._last_error, self._log_level,
             vm_count=len(self._vms),
             active_streams=sum(max(n, 0) for n in self._vms.values()),
             memory_bytes=sum(vm.memory_bytes() for vm in self._vms),
@@ -426,27 +374,16 @@ class Plugin:
             return PluginState.RETIRED
         if self._vm is None or self._vm.dead is not None:
             return PluginState.FAILED
-        if self._replace_pending:
+        if self._replacement.pending:
             return PluginState.RELOADING
         return PluginState.OK
 
 
-class _Mode(enum.Enum):
-    """How a stream goes through its filter."""
-
-    WASM = "wasm"
-    """Through the filter's callbacks."""
-    FAILED = "failed"
-    """Failed closed: every request phase is answered with the failure reply."""
-    BYPASS = "bypass"
-    """Failed open: the filter is skipped."""
-
-
 # Module-level aliases: on Python 3.11 reading a member off its enum class costs ~10 times a
 # global lookup, and the stream methods test the mode several times per request.
-_WASM = _Mode.WASM
-_FAILED = _Mode.FAILED
-_BYPASS = _Mode.BYPASS
+_WASM = StreamMode.WASM
+_FAILED = StreamMode.FAILED
+_BYPASS = StreamMode.BYPASS
 
 
 class HttpStream:
@@ -456,7 +393,7 @@ class HttpStream:
                  "paused", "completed", "_request_args3", "_response_args3", "_observe")
 
     def __init__(
-        self, plugin: Plugin, vm: WasmVM | None, info: StreamInfo, callbacks: StreamCallbacks, mode: _Mode
+        self, plugin: Plugin, vm: WasmVM | None, info: StreamInfo, callbacks: StreamCallbacks, mode: StreamMode
     ) -> None:
         self._plugin = plugin
         self._vm = vm
@@ -534,7 +471,7 @@ class HttpStream:
             counters.fail_closed += 1
             self._mode = _FAILED
             self.paused = False
-            self._callbacks.send_local_reply(_failure_reply(plugin._spec.name))
+            self._callbacks.send_local_reply(failure_reply(plugin._spec.name))
 
     def _status(self, result: int | None, continue_values: tuple[int, ...]) -> FilterStatus:
         if self._mode is _BYPASS:
@@ -605,7 +542,7 @@ class HttpStream:
         if not self.paused:
             # A failed-closed filter answers every request phase with its 503, once.
             self.paused = True
-            self._callbacks.send_local_reply(_failure_reply(self._plugin._spec.name))
+            self._callbacks.send_local_reply(failure_reply(self._plugin._spec.name))
         return STOP
 
     # -- end of stream -------------------------------------------------------------------------
@@ -649,7 +586,7 @@ class HttpStream:
             self._ctx = None
         self._maps = [None, None, None, None]
         self._bodies = [None, None]
-        self._callbacks = _DETACHED
+        self._callbacks = DETACHED
 
     # -- events raised by the filter (run after its callback returned) -------------------------
     def resume_request(self) -> None:
@@ -674,19 +611,3 @@ class HttpStream:
         if self.completed:
             return
         self._callbacks.reset()
-
-
-class _Detached:
-    """The callbacks of a completed stream: events after the end go nowhere."""
-
-    def continue_request(self) -> None: ...
-    def continue_response(self) -> None: ...
-    def send_local_reply(self, reply: LocalReply) -> None: ...
-    def reset(self) -> None: ...
-
-
-_DETACHED = _Detached()
-
-
-def _failure_reply(name: str) -> LocalReply:
-    return LocalReply(503, f"filter {name} failed\n".encode(), details="wasm_fail_stream")

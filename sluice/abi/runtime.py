@@ -5,18 +5,17 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import os
 import platform
-import tempfile
 import time
 from importlib import metadata
 from pathlib import Path
 
 import wasmtime
 
-from . import fastcall
+from . import diskcache, fastcall
 from .api import Host, PluginLoadError, PluginSpec
-from .compiled import CompiledModule
+from .compiled import CompiledComponent, CompiledFilter, CompiledModule
+from .component import ComponentPlugin, compile_component, is_component
 from .fastcall import summarize_error
 from .hostcalls import HOST_FUNCTIONS, bind_host_functions
 from .plugin import Plugin
@@ -24,7 +23,12 @@ from .shared import InMemorySharedData, SharedData, SharedQueues
 from .types import LogLevel, WasmResult
 from .vm import VMServices
 
-__all__ = ["CompiledModule", "Runtime"]
+__all__ = ["CompiledModule", "Filter", "Runtime"]
+
+Filter = Plugin | ComponentPlugin
+"""What `Runtime.load` returns: a proxy-wasm `Plugin` or a `ComponentPlugin`. Both offer the proxy
+the same five things (`name`, `new_stream`, `report`, `set_log_level`, `retire`), so it never
+needs to know which kind a filter is."""
 
 ABI_MARKERS = {
     "proxy_abi_version_0_1_0": "0.1.0",
@@ -71,8 +75,8 @@ class Runtime:
         """Nothing to release: the engine and its ticker are shared by the process."""
 
     # -- compiling ----------------------------------------------------------------------------
-    def compile(self, path: Path | str) -> CompiledModule:
-        """Validate and compile a module (CPU-heavy: call it off the event loop).
+    def compile(self, path: Path | str) -> CompiledFilter:
+        """Validate and compile a module or a component (CPU-heavy: call it off the event loop).
 
         Raises PluginLoadError naming the file and the reason.
         """
@@ -83,9 +87,11 @@ class Runtime:
             raise PluginLoadError(path, f"cannot read the file: {exc.strerror or exc}") from None
         if wasm[:4] != WASM_MAGIC:
             raise PluginLoadError(path, "not a WebAssembly module (the file does not start with \\0asm)")
+        if is_component(wasm):
+            return compile_component(self.engine, path, wasm, self.cache_dir, self._cache_tag)
         if wasm[4:8] != CORE_VERSION:
             raise PluginLoadError(
-                path, "a WebAssembly component or unknown binary version; sluice runs proxy-wasm core modules"
+                path, "an unknown WebAssembly binary version (neither a core module nor a component)"
             )
         digest = hashlib.sha256(wasm).hexdigest()
         started = time.perf_counter()
@@ -162,24 +168,22 @@ class Runtime:
         except wasmtime.WasmtimeError as exc:
             raise PluginLoadError(path, f"invalid WebAssembly: {summarize_error(str(exc))}") from None
         if cached is not None:
-            try:
-                cached.parent.mkdir(parents=True, exist_ok=True)
-                fd, tmp = tempfile.mkstemp(dir=cached.parent, suffix=".tmp")
-                with os.fdopen(fd, "wb") as out:
-                    out.write(module.serialize())
-                os.replace(tmp, cached)  # atomic: a concurrent reader never sees half a file
-            except OSError:
-                pass  # a read-only cache directory only costs compile time
+            diskcache.store(cached, module.serialize())
         return module, False
 
     # -- loading ------------------------------------------------------------------------------
-    def load(self, spec: PluginSpec, host: Host, module: CompiledModule | None = None) -> Plugin:
-        """Instantiate a VM for `spec` and run its root context through vm_start and configure.
+    def load(
+        self, spec: PluginSpec, host: Host, module: CompiledFilter | None = None
+    ) -> Filter:
+        """Instantiate a VM for `spec` and run its root context through vm_start and configure (for a
+        component: instantiate it and call `configure`).
 
         Raises PluginLoadError (file + reason) when any step fails.
         """
         if module is None:
             module = self.compile(spec.module_path)
+        if isinstance(module, CompiledComponent):
+            return ComponentPlugin.start(self._services, module, spec, host)
         names = ", ".join(module.unknown_imports)
         if module.unknown_imports and spec.strict_imports:
             raise PluginLoadError(

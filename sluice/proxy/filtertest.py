@@ -118,9 +118,10 @@ _RESUME = {True: "continue_request", False: "continue_response"}
 
 
 class _PhaseLog(FilterStream):
-    """The filter's `abi.HttpStream` as the chain drives it, noting each callback's answer."""
+    """The filter's stream (an `abi.HttpStream` or `abi.ComponentStream`) as the chain drives it,
+    noting each callback's answer."""
 
-    def __init__(self, stream: abi.HttpStream, events: list[str]) -> None:
+    def __init__(self, stream: FilterStream, events: list[str]) -> None:
         self.stream = stream
         self.events = events
         """The filter's events so far (`Recorder.events`)."""
@@ -200,7 +201,7 @@ class FilterRig:
         self.loop = asyncio.new_event_loop()
         self.runtime = abi.Runtime(cache_dir=cache_dir)
         self.host = RigHost(self.loop, clusters or {})
-        self.plugins: list[abi.Plugin] = []
+        self.plugins: list[abi.Filter] = []
 
     @property
     def logs(self) -> list[tuple[str, LogLevel, str]]:
@@ -225,7 +226,7 @@ class FilterRig:
 
     def load(
         self, module_path: str | Path, config: Any = None, *, name: str = "filter", **spec: Any
-    ) -> abi.Plugin:
+    ) -> abi.Filter:
         """Load a filter; `config` may be bytes, a str, or any JSON value (encoded compactly)."""
         if config is None:
             configuration = b""
@@ -248,7 +249,7 @@ class FilterRig:
 
     def request(
         self,
-        plugin: abi.Plugin,
+        plugin: abi.Filter,
         method: str = "GET",
         path: str = "/",
         headers: Iterable[tuple[str, str]] = (),
@@ -269,7 +270,7 @@ class FilterRig:
 
     async def exchange(
         self,
-        plugin: abi.Plugin,
+        plugin: abi.Filter,
         method: str = "GET",
         path: str = "/",
         headers: Iterable[tuple[str, str]] = (),

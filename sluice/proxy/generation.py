@@ -1,7 +1,7 @@
 """`Generation` (one per loaded config) and `LoadedFilter` (one chain entry with its plugin).
 
 A `Generation` is everything a request needs that comes from the config: the compiled filter
-chain (FilterConfig + abi.Plugin pairs), the Router and the ClusterPools. A request takes the
+chain (FilterConfig + abi.Filter pairs), the Router and the ClusterPools. A request takes the
 current generation once, when it starts, and keeps it to the end, so a reload swaps
 `Gateway.generation` in one assignment and never changes the rules under a request in flight.
 A replaced generation retires when its last request ends: its plugins are retired (ticks stop,
@@ -36,7 +36,7 @@ class LoadedFilter:
     """One chain entry with its loaded plugin."""
 
     config: FilterConfig
-    plugin: abi.Plugin
+    plugin: abi.Filter
     generation: int
     """Number of the generation that first served this plugin (a carried-over plugin keeps it)."""
     loaded_at: float
@@ -174,5 +174,5 @@ async def load_generation(
     return Generation(number, config, filters, Router(config.routes), clusters)
 
 
-def _reusable(report: abi.PluginReport, module: abi.CompiledModule) -> bool:
+def _reusable(report: abi.PluginReport, module: abi.CompiledFilter) -> bool:
     return report.module.sha256 == module.sha256 and report.state is not abi.PluginState.RETIRED
