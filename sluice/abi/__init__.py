@@ -32,7 +32,8 @@ from .headers import HeaderMap
 from .plugin import HttpStream, Plugin, PluginStats
 from .report import FilterMetric, ModuleInfo, PluginCounters, PluginReport, PluginState
 from .runtime import CompiledModule, Runtime
-from .shared import InMemorySharedData, SharedData
+from .shared import InMemorySharedData, Queues, SharedData
+from .shared_lmdb import LmdbQueues, LmdbSharedData, LmdbStore
 from .types import FailurePolicy, FilterStatus, LogLevel, MetricType
 
 __all__ = [
@@ -46,6 +47,9 @@ __all__ = [
     "Host",
     "HttpStream",
     "InMemorySharedData",
+    "LmdbQueues",
+    "LmdbSharedData",
+    "LmdbStore",
     "LocalReply",
     "LogLevel",
     "MetricType",
@@ -57,6 +61,7 @@ __all__ = [
     "PluginSpec",
     "PluginState",
     "PluginStats",
+    "Queues",
     "Runtime",
     "SharedData",
     "StreamCallbacks",

@@ -19,7 +19,7 @@ from .api import Host, PluginLoadError, PluginSpec
 from .fastcall import summarize_error
 from .hostcalls import HOST_FUNCTIONS
 from .plugin import Plugin
-from .shared import InMemorySharedData, SharedData, SharedQueues
+from .shared import InMemorySharedData, Queues, SharedData, SharedQueues
 
 ABI_MARKERS = {
     "proxy_abi_version_0_1_0": "0.1.0",
@@ -51,13 +51,15 @@ def _wasmtime_version() -> str:
 
 
 class Runtime:
-    def __init__(self, cache_dir: Path | str | None = None, shared_data: SharedData | None = None) -> None:
+    def __init__(
+        self, cache_dir: Path | str | None = None, shared_data: SharedData | None = None, queues: Queues | None = None
+    ) -> None:
         self.engine = fastcall.engine()
         self.linker = wasmtime.Linker(self.engine)
         fastcall.define_host_functions(self.linker, HOST_FUNCTIONS)
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
         self.shared_data: SharedData = shared_data if shared_data is not None else InMemorySharedData()
-        self.queues = SharedQueues()
+        self.queues: Queues = queues if queues is not None else SharedQueues()
         self._cache_tag = f"wasmtime-{_wasmtime_version()}-{platform.machine()}"
 
     def close(self) -> None:

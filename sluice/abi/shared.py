@@ -72,6 +72,20 @@ class InMemorySharedData:
         return len(self._spaces.get(vm_id, {}))
 
 
+class Queues(Protocol):
+    """Shared queues: `SharedQueues` serves one process, `shared_lmdb.LmdbQueues` a host."""
+
+    def register(self, vm_id: str, name: bytes, on_ready: Callable[[int], None]) -> int: ...
+
+    def resolve(self, vm_id: str, name: bytes) -> int | None: ...
+
+    def enqueue(self, token: int, data: bytes) -> WasmResult: ...
+
+    def dequeue(self, token: int) -> bytes | WasmResult: ...
+
+    def unbind(self, on_ready: Callable[[int], None]) -> None: ...
+
+
 @dataclasses.dataclass
 class _Queue:
     vm_id: str
