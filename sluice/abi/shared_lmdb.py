@@ -202,12 +202,10 @@ class LmdbQueues:
             if ready is not None:
                 ready(token)
             return
-        try:
+        # Owner not running (restarting) or its socket buffer full: the items wait in LMDB and
+        # its next register delivers the wake-up.
+        with contextlib.suppress(OSError):
             self._sock.sendto(_TOKEN.pack(token), _notify_address(self.store.path, owner))
-        except OSError:
-            # Owner not running (restarting) or its socket buffer full: the items wait in LMDB
-            # and its next register delivers the wake-up.
-            pass
 
     # -- Queues ---------------------------------------------------------------------------------
     def register(self, vm_id: str, name: bytes, on_ready: Callable[[int], None]) -> int:

@@ -35,6 +35,7 @@ from .reload import Reloader
 from .routing import Router
 from .server import ProxyServer, ProxyStats
 from .services import Services
+from .sharing import SharedDataCollector, build_runtime
 
 log = logging.getLogger("sluice")
 
@@ -179,7 +180,7 @@ class Gateway:
     @property
     def runtime(self) -> abi.Runtime:
         if self._runtime is None:
-            self._runtime = abi.Runtime(cache_dir=self.config.cache_dir)
+            self._runtime = build_runtime(self.config)
         return self._runtime
 
     async def build_generation(self, config: SluiceConfig, previous: Generation | None = None) -> Generation:
@@ -341,6 +342,7 @@ async def _run(config: SluiceConfig) -> int:
         return 1
     gateway.on_drain = stop.set  # POST /drain takes the SIGTERM path
     admin = AdminServer(gateway)
+    admin.registry.register(SharedDataCollector(lambda: gateway.runtime if gateway.config.chain else None))
     try:
         admin_host, admin_port = await admin.start()
     except OSError as exc:

@@ -37,6 +37,8 @@ from pydantic_core import ErrorDetails, core_schema
 
 from sluice import abi
 
+from .config_scaling import SharedDataConfig, Workers
+
 __all__ = [
     "AdminConfig",
     "ClusterConfig",
@@ -420,6 +422,8 @@ class SluiceConfig(_Model):
     drain_timeout: Annotated[float, BeforeValidator(_not_bool), Field(ge=0, allow_inf_nan=False)] = 30.0
     access_log: str | None = Field(default="stdout", min_length=1)
     cache_dir: Path = Field(default=Path(".sluice-cache"), validate_default=True)
+    workers: Workers = 1
+    shared_data: SharedDataConfig = Field(default_factory=SharedDataConfig)
 
     _source_path: Path | None = PrivateAttr(default=None)
     _source_name: str = PrivateAttr(default="<config>")

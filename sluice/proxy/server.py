@@ -738,6 +738,8 @@ class ProxyServer:
         self._limits = {"max_line_size": limit, "max_field_size": limit, "max_headers": 1024}
         self._draining = False
         self.access_log = False
+        self.reuse_port = False
+        """SO_REUSEPORT: each worker process binds its own socket on the same address (Linux)."""
 
     async def start(self, host: str, port: int) -> tuple[str, int]:
         loop = asyncio.get_running_loop()
@@ -749,7 +751,9 @@ class ProxyServer:
             keepalive_timeout=75.0,
             **self._limits,
         )
-        self._server = await loop.create_server(self._web, host, port, reuse_address=True, backlog=1024)
+        self._server = await loop.create_server(
+            self._web, host, port, reuse_address=True, reuse_port=self.reuse_port or None, backlog=1024
+        )
         sock = self._server.sockets[0].getsockname()
         return str(sock[0]), int(sock[1])
 
