@@ -158,6 +158,12 @@ def _run(args: argparse.Namespace) -> int:
     config = _load(args.config)
     if config is None:
         return 1
+    from sluice.proxy.config_scaling import resolve_workers
+
+    if resolve_workers(config.workers) > 1:
+        from sluice.proxy.supervisor import serve_fleet
+
+        return serve_fleet(config)
     # Imported here so that `check` and `filter test` do not pull in the HTTP server.
     from sluice.proxy.app import serve
 
