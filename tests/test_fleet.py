@@ -77,3 +77,213 @@ def test_burst_on_one_key_is_exact_across_two_workers(tmp_path: Path) -> None:
             assert status == 0, fleet.log()
 
     run(body(), timeout=120)
+
+
+def _sample(text: str, name: str, **labels: str) -> float:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
+                return float(s.value)
+    raise AssertionError(f"no sample {name} {labels}")
+
+
+async def _stats(fleet: Fleet) -> str:
+    import aiohttp
+
+    async with aiohttp.ClientSession() as session, session.get(f"{fleet.admin}/stats") as r:
+        assert r.status == 200
+        return await r.text()
+
+
+def test_stats_sum_counters_and_label_gauges_per_worker(tmp_path: Path) -> None:
+    async def body() -> None:
+        async with upstream() as up:
+            fleet = Fleet(tmp_path, fleet_config(up, RATELIMIT))
+            try:
+                await fleet.start()
+                clients = [await Client.connect(fleet.port) for _ in range(20)]
+                for c in clients:
+                    for i in range(3):
+                        await c.get("/", {"x-key": f"k{i}"})
+                    c.close()
+                await asyncio.sleep(0.1)
+                text = await _stats(fleet)
+                info = await fleet.get_json("/workers")
+                per_worker = [w["info"]["requests_total"] for w in info["workers"]]
+                assert sum(per_worker) == 60 and all(n > 0 for n in per_worker)
+                assert _sample(text, "sluice_downstream_requests_total") == 60  # summed
+                assert _sample(text, "sluice_requests_total", status_class="2xx") == 60
+                # Histograms merge by summing buckets: the count is every request's.
+                assert _sample(text, "sluice_upstream_latency_seconds_count", cluster="up") == 60
+                for worker in ("0", "1"):  # gauges stay per worker
+                    assert _sample(text, "sluice_downstream_requests_active", worker=worker) == 0
+                    assert _sample(text, "sluice_worker_up", worker=worker) == 1
+                    assert _sample(text, "sluice_worker_restarts_total", worker=worker) == 0
+                assert _sample(text, "sluice_shared_data_keys", worker="0") == 3  # host-wide: LMDB
+                assert "_created" not in text.split("sluice_worker_restarts")[0]
+                ready = await fleet.get_json("/ready")
+                assert ready["ready"] and set(ready["workers"]) == {"0", "1"}
+            finally:
+                fleet.stop()
+                fleet.kill_all()
+
+    run(body(), timeout=120)
+
+
+def test_kill_9_of_a_worker_costs_only_its_connections(tmp_path: Path) -> None:
+    async def body() -> None:
+        async with upstream() as up:
+            fleet = Fleet(tmp_path, fleet_config(up, RATELIMIT.replace("burst: 50", "burst: 1000000")))
+            try:
+                await fleet.start()
+                pids = await fleet.worker_pids()
+                clients = [await Client.connect(fleet.port) for _ in range(16)]
+                owner = {c: owner_pid(fleet.port, c.local_port, pids) for c in clients}
+                assert set(owner.values()) == set(pids)
+                victim, survivor = pids
+                stop = asyncio.Event()
+                results: dict[Client, list[int]] = {c: [] for c in clients}
+
+                async def loop(c: Client) -> None:
+                    while not stop.is_set():
+                        try:
+                            status, _ = await c.get("/", {"x-key": "k"})
+                            results[c].append(status)
+                        except (ConnectionError, asyncio.IncompleteReadError, ValueError, IndexError):
+                            results[c].append(0)
+                            return  # this connection died with its worker
+
+                tasks = [asyncio.create_task(loop(c)) for c in clients]
+                await asyncio.sleep(0.5)
+                killed_at = time.monotonic()
+                os.kill(victim, signal.SIGKILL)
+                restarted = None
+                while time.monotonic() - killed_at < 10:
+                    info = await fleet.get_json("/workers")
+                    slots = info["workers"]
+                    if all(w["state"] == "running" for w in slots) and victim not in [w["pid"] for w in slots]:
+                        restarted = time.monotonic() - killed_at
+                        break
+                    await asyncio.sleep(0.02)
+                await asyncio.sleep(0.5)  # the survivor keeps serving after the restart too
+                stop.set()
+                await asyncio.gather(*tasks)
+                assert restarted is not None and restarted < 2.0, (restarted, fleet.log())
+                for c in clients:
+                    if owner[c] == survivor:
+                        assert results[c] and set(results[c]) == {200}, (collections.Counter(results[c]), fleet.log())
+                    else:
+                        assert results[c][-1] == 0  # the victim's connections ended
+                    c.close()
+                text = await _stats(fleet)
+                index = pids.index(victim)
+                assert _sample(text, "sluice_worker_restarts_total", worker=str(index)) == 1
+                assert "exited with status -9" in fleet.log()
+                fresh = await Client.connect(fleet.port)  # and the fleet serves new connections
+                assert (await fresh.get("/", {"x-key": "k"}))[0] == 200
+                fresh.close()
+            finally:
+                fleet.stop()
+                fleet.kill_all()
+
+    run(body(), timeout=120)
+
+
+def _versioned(directory: Path, version: str) -> str:
+    from test_reload import atomic_write, build_filter
+
+    wasm = build_filter(version)
+    atomic_write(directory / "versioned.wasm", wasm)
+    return hashlib.sha256(wasm).hexdigest()
+
+
+VERSIONED = """
+          - name: versioned
+            module: versioned.wasm
+"""
+
+
+def test_hot_reload_under_load_swaps_every_worker_and_drops_nothing(tmp_path: Path) -> None:
+    filters = tmp_path / "filters"
+    filters.mkdir()
+    _versioned(filters, "1")
+
+    async def body() -> None:
+        async with upstream() as up:
+            fleet = Fleet(tmp_path, fleet_config(up, VERSIONED, filters_dir=filters))
+            try:
+                await fleet.start()
+                stop = asyncio.Event()
+                seen: list[tuple[float, int, str | None]] = []
+
+                async def loop() -> None:
+                    c = await Client.connect(fleet.port)
+                    try:
+                        while not stop.is_set():
+                            status, headers = await c.get("/")
+                            seen.append((time.monotonic(), status, headers.get("x-version")))
+                    finally:
+                        c.close()
+
+                tasks = [asyncio.create_task(loop()) for _ in range(16)]
+                await asyncio.sleep(0.3)
+                v2 = _versioned(filters, "2")  # the file watcher picks it up
+                deadline = time.monotonic() + 30
+                while time.monotonic() < deadline:
+                    filt = (await fleet.get_json("/filters")).get("versioned", {})
+                    hashes = {w["sha256"] for w in filt.get("workers", {}).values()}
+                    if hashes == {v2} and len(filt["workers"]) == 2:
+                        break
+                    await asyncio.sleep(0.05)
+                swapped = time.monotonic()
+                await asyncio.sleep(0.3)
+                stop.set()
+                await asyncio.gather(*tasks)
+                assert all(status == 200 for _, status, _ in seen), collections.Counter(s for _, s, _ in seen)
+                assert {v for _, _, v in seen} == {"1", "2"}
+                assert all(v == "2" for t, _, v in seen if t > swapped + 0.05)
+                workers = (await fleet.get_json("/workers"))["workers"]
+                assert [w["info"]["version"] for w in workers] == [2, 2]
+
+                # A module that fails to load: reported once, every worker stays on version 2.
+                (filters / "versioned.wasm").write_bytes(b"\0asm\x01\0\0\0garbage")
+                status, event = await fleet.post("/reload")
+                assert status == 500 and not event["ok"]
+                assert "versioned.wasm" in event["error"] and event["generation"] == 2
+                workers = (await fleet.get_json("/workers"))["workers"]
+                assert [w["info"]["version"] for w in workers] == [2, 2]
+                filt = (await fleet.get_json("/filters"))["versioned"]
+                assert {w["sha256"] for w in filt["workers"].values()} == {v2}
+                c = await Client.connect(fleet.port)
+                assert (await c.get("/"))[1].get("x-version") == "2"
+                c.close()
+            finally:
+                fleet.stop()
+                fleet.kill_all()
+            assert fleet.log().count("fleet reload failed") >= 1
+
+    run(body(), timeout=120)
+
+
+def test_sigterm_drains_in_flight_requests_and_exits_0(tmp_path: Path) -> None:
+    async def body() -> None:
+        async with upstream() as up:
+            fleet = Fleet(tmp_path, fleet_config(up, RATELIMIT.replace("burst: 50", "burst: 1000")))
+            try:
+                await fleet.start()
+                clients = [await Client.connect(fleet.port) for _ in range(8)]
+                pending = [asyncio.create_task(c.get("/slow?ms=1000", {"x-key": "k"})) for c in clients]
+                await asyncio.sleep(0.4)
+                loop = asyncio.get_running_loop()
+                status = await loop.run_in_executor(None, fleet.stop)
+                answers = await asyncio.gather(*pending)
+                assert [a[0] for a in answers] == [200] * 8
+                assert status == 0, fleet.log()
+                for c in clients:
+                    c.close()
+            finally:
+                fleet.kill_all()
+
+    run(body(), timeout=120)

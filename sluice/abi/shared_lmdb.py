@@ -72,9 +72,19 @@ class LmdbStore:
         self.meta = self.env.open_db(b"meta")
         self.queue_names = self.env.open_db(b"queue_names")
         self.queue_items = self.env.open_db(b"queue_items")
+        self.errors = 0
+        """Transactions LMDB failed (this process); each is logged."""
+        # Reader slots of processes that died (a killed worker) would keep old pages from reuse.
+        self.env.reader_check()
 
     def close(self) -> None:
         self.env.close()
+
+    def failed(self, what: str, exc: lmdb.Error) -> WasmResult:
+        """A transaction that LMDB itself refused (I/O error, a lock it could not recover)."""
+        self.errors += 1
+        log.error("shared data %s failed in %s: %s", what, self.path, exc)
+        return WasmResult.INTERNAL_FAILURE
 
     def next_counter(self, txn: lmdb.Transaction, name: bytes) -> int:
         """Bump a u32 counter in `meta` inside `txn`; never returns 0."""
@@ -114,17 +124,22 @@ class LmdbSharedData:
         except lmdb.MapFullError:
             self.refused += 1
             return WasmResult.INTERNAL_FAILURE
+        except lmdb.Error as exc:
+            return self.store.failed("set", exc)
         return WasmResult.OK
 
     def delete(self, vm_id: str, key: bytes, cas: int) -> WasmResult:
-        with self.store.env.begin(write=True, db=self.store.data) as txn:
-            k = _space_key(vm_id, key)
-            current = txn.get(k)
-            if current is None:
-                return WasmResult.NOT_FOUND
-            if cas != 0 and cas != _U32.unpack_from(current)[0]:
-                return WasmResult.CAS_MISMATCH
-            txn.delete(k)
+        try:
+            with self.store.env.begin(write=True, db=self.store.data) as txn:
+                k = _space_key(vm_id, key)
+                current = txn.get(k)
+                if current is None:
+                    return WasmResult.NOT_FOUND
+                if cas != 0 and cas != _U32.unpack_from(current)[0]:
+                    return WasmResult.CAS_MISMATCH
+                txn.delete(k)
+        except lmdb.Error as exc:
+            return self.store.failed("delete", exc)
         return WasmResult.OK
 
     def keys(self, vm_id: str, prefix: bytes) -> list[bytes]:
@@ -248,6 +263,8 @@ class LmdbQueues:
         except lmdb.MapFullError:
             self.refused += 1
             return WasmResult.INTERNAL_FAILURE
+        except lmdb.Error as exc:
+            return store.failed("enqueue", exc)
         if owner_raw is not None:
             self._wake(bytes(owner_raw[4:]).decode(), token)
         return WasmResult.OK
@@ -255,16 +272,19 @@ class LmdbQueues:
     def dequeue(self, token: int) -> bytes | WasmResult:
         store = self.store
         tkey = _TOKEN.pack(token)
-        with store.env.begin(write=True) as txn:
-            meta = txn.get(tkey, db=store.meta)
-            if meta is None:
-                return WasmResult.NOT_FOUND
-            head, tail = _QUEUE_META.unpack_from(meta)
-            if head == tail:
-                return WasmResult.EMPTY
-            item_key = tkey + struct.pack(">Q", head)
-            item = txn.pop(item_key, db=store.queue_items)
-            txn.put(tkey, _QUEUE_META.pack(head + 1, tail) + bytes(meta[_QUEUE_META.size :]), db=store.meta)
+        try:
+            with store.env.begin(write=True) as txn:
+                meta = txn.get(tkey, db=store.meta)
+                if meta is None:
+                    return WasmResult.NOT_FOUND
+                head, tail = _QUEUE_META.unpack_from(meta)
+                if head == tail:
+                    return WasmResult.EMPTY
+                item_key = tkey + struct.pack(">Q", head)
+                item = txn.pop(item_key, db=store.queue_items)
+                txn.put(tkey, _QUEUE_META.pack(head + 1, tail) + bytes(meta[_QUEUE_META.size :]), db=store.meta)
+        except lmdb.Error as exc:
+            return store.failed("dequeue", exc)
         return b"" if item is None else bytes(item)
 
     def unbind(self, on_ready: Callable[[int], None]) -> None:

@@ -69,3 +69,8 @@ class SharedDataCollector(Collector):
         refused.add_metric(["data"], data.refused)
         refused.add_metric(["queue"], queues.refused if isinstance(queues, abi.LmdbQueues) else 0)
         yield refused
+        errors = CounterMetricFamily(
+            "sluice_shared_data_errors", "Host-wide store transactions LMDB failed (each is logged)"
+        )
+        errors.add_metric([], data.store.errors)
+        yield errors

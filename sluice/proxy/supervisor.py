@@ -28,6 +28,7 @@ import asyncio
 import contextlib
 import dataclasses
 import enum
+import json
 import logging
 import os
 import shutil
@@ -179,6 +180,8 @@ class Supervisor:
         self._watcher_stop = asyncio.Event()
         self._session: aiohttp.ClientSession | None = None
         self._sessions: dict[int, aiohttp.ClientSession] = {}
+        self._standby: asyncio.subprocess.Process | None = None
+        self._standby_starting = False
 
     # -- snapshots ---------------------------------------------------------------------------------
     def snapshot_path(self, version: int) -> Path:
@@ -258,16 +261,22 @@ class Supervisor:
         slot.state = WorkerState.STARTING
         with contextlib.suppress(FileNotFoundError):
             slot.socket.unlink()
-        slot.process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "sluice.proxy.worker",
+        args = [
             "--snapshot", str(self.snapshot_path(self.version)),
             "--source", str(self.config_path),
             "--index", str(slot.index),
             "--version", str(self.version),
             "--listen", str(self.listen),
             "--control-socket", str(slot.socket),
-            stdin=asyncio.subprocess.PIPE,
-        )
+        ]
+        standby, self._standby = self._standby, None
+        if standby is not None and standby.returncode is None and standby.stdin is not None:
+            standby.stdin.write(json.dumps(args).encode() + b"\n")
+            slot.process = standby
+        else:
+            slot.process = await self._worker_process(args)
+        if not self.draining:
+            self._spawn_task(self._prepare_standby())
         slot.started_at = time.monotonic()
         deadline = slot.started_at + READY_TIMEOUT_S
         while time.monotonic() < deadline:
@@ -285,6 +294,21 @@ class Supervisor:
                     return None
             await asyncio.sleep(0.02)
         return f"not ready after {READY_TIMEOUT_S:g}s"
+
+    @staticmethod
+    async def _worker_process(args: list[str]) -> asyncio.subprocess.Process:
+        return await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "sluice.proxy.worker", *args, stdin=asyncio.subprocess.PIPE
+        )
+
+    async def _prepare_standby(self) -> None:
+        """Start the warm spare the next restart will use (one at a time)."""
+        if self._standby is None and not self._standby_starting:
+            self._standby_starting = True
+            try:
+                self._standby = await self._worker_process(["--standby"])
+            finally:
+                self._standby_starting = False
 
     async def _watch_worker(self, slot: WorkerSlot) -> None:
         while not self.draining:
@@ -452,6 +476,10 @@ class Supervisor:
         """SIGTERM every worker and wait for them to drain; 0 if all exited cleanly in time."""
         self.draining = True
         self._watcher_stop.set()
+        standby, self._standby = self._standby, None
+        if standby is not None and standby.stdin is not None:
+            standby.stdin.close()  # EOF: the spare exits without serving
+            await standby.wait()
         procs = [s.process for s in self.slots if s.process is not None and s.process.returncode is None]
         for slot in self.slots:
             if slot.process is not None and slot.process.returncode is None:

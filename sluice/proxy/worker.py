@@ -12,6 +12,9 @@ routes the supervisor drives:
 * ``POST /fleet/commit``   make the prepared generation current (phase two);
 * ``POST /fleet/abort``    discard it (some other worker failed to prepare).
 
+A worker can also start as a warm spare (`--standby`): imports done, it waits for its arguments
+on stdin; the supervisor keeps one so that a restart does not pay for interpreter start-up.
+
 The worker ends (draining in-flight requests, exit 0) on SIGTERM/SIGINT, on `POST /drain`, and
 when its stdin closes: the supervisor holds the other end, so a supervisor that died (even by
 SIGKILL) does not leave workers behind.
@@ -22,12 +25,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import json
 import logging
 import os
 import signal
 import sys
 from pathlib import Path
 
+import uvloop
 from aiohttp import web
 
 from sluice import abi
@@ -189,7 +194,23 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _read_line(fd: int) -> str:
+    """One line from `fd`, unbuffered (what follows stays for the EOF watch on the same pipe)."""
+    out = bytearray()
+    while (byte := os.read(fd, 1)) not in (b"", b"\n"):
+        out += byte
+    return out.decode()
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv == ["--standby"]:
+        # A warm spare: everything is imported already; the supervisor sends the worker's
+        # arguments when it needs a worker (a restart then skips interpreter start and imports).
+        line = _read_line(0)
+        if not line:
+            return 0
+        argv = json.loads(line)
     args = _parser().parse_args(argv)
     source = Path(args.source)
     try:
@@ -200,8 +221,6 @@ def main(argv: list[str] | None = None) -> int:
     _setup_logging(config)
     for handler in logging.getLogger().handlers:
         handler.setFormatter(logging.Formatter(f"%(asctime)s %(levelname)s %(name)s[w{args.index}]: %(message)s"))
-    import uvloop
-
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         return runner.run(_serve(args, config))
 
