@@ -148,7 +148,7 @@ def test_out_of_range_arguments_and_missing_things(rig: FilterRig, plugin: abi.P
         "replace_map_8": BAD_ARGUMENT,
         "remove_map_8": BAD_ARGUMENT,
         "size_map_8": BAD_ARGUMENT,
-        "get_buffer_9": BAD_ARGUMENT,
+        "get_buffer_9": NOT_FOUND,  # Higress's Redis reply buffer: only inside proxy_on_redis_call_response
         "set_buffer_9": BAD_ARGUMENT,
         "buffer_status_9": BAD_ARGUMENT,
         "define_metric_3": BAD_ARGUMENT,

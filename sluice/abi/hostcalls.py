@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from . import wasi
+from . import redis_calls, wasi
 from .api import LocalReply
 from .fastcall import HostFunction, HostTrap, LinearMemory, NoMemory
 from .headers import HeaderMap, deserialize_pairs, serialize_pairs
@@ -109,10 +109,12 @@ class ProxyHostCalls:
             return vm.spec.configuration if vm.frames[-1].configuring and vm.spec.configuration else None
         if btype == BufferType.FOREIGN_FUNCTION_ARGUMENTS:
             return vm.frames[-1].foreign_args
+        if btype == redis_calls.REDIS_CALL_RESPONSE_BUFFER:
+            return redis_calls.response_buffer(vm)
         return None  # downstream/upstream data and gRPC messages: no TCP or gRPC streams here
 
     def proxy_get_buffer_bytes(self, btype: int, start: int, max_size: int, out_ptr: int, out_size: int) -> int:
-        if btype > 8:
+        if btype > redis_calls.REDIS_CALL_RESPONSE_BUFFER:
             return BAD_ARGUMENT
         buf = self._buffer(btype)
         if buf is None:
@@ -391,6 +393,13 @@ class ProxyHostCalls:
         mem.write_u32(out_token, token)
         return OK
 
+    # -- Higress's Redis calls (ABI 0.2.100): logic in redis_calls.py ---------------------------
+    def proxy_redis_init(self, cptr: int, clen: int, uptr: int, ulen: int, pptr: int, plen: int, timeout: int) -> int:
+        return redis_calls.proxy_redis_init(self, cptr, clen, uptr, ulen, pptr, plen, timeout)
+
+    def proxy_redis_call(self, cptr: int, clen: int, qptr: int, qlen: int, out_token: int) -> int:
+        return redis_calls.proxy_redis_call(self, cptr, clen, qptr, qlen, out_token)
+
     # -- 1.7 gRPC: not offered ----------------------------------------------------------------------
     def proxy_grpc_call(self, *_: int) -> int:
         return UNIMPLEMENTED
@@ -586,6 +595,8 @@ ENV_FUNCTIONS: list[tuple[str, str, str]] = [
     ("proxy_set_effective_context", "I", "i"),
     ("proxy_done", "", "i"),
     ("proxy_call_foreign_function", "IIIIII", "i"),
+    ("proxy_redis_init", "IIIIIII", "i"),
+    ("proxy_redis_call", "IIIII", "i"),
     ("emscripten_notify_memory_growth", "i", ""),
     ("pthread_equal", "ii", "i"),
     ("abort", "IIII", ""),

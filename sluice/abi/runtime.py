@@ -25,6 +25,7 @@ ABI_MARKERS = {
     "proxy_abi_version_0_1_0": "0.1.0",
     "proxy_abi_version_0_2_0": "0.2.0",
     "proxy_abi_version_0_2_1": "0.2.1",
+    "proxy_abi_version_0_2_100": "0.2.100",  # Higress: 0.2.1 plus the Redis calls (redis_calls.py)
 }
 WASM_MAGIC = b"\0asm"
 CORE_VERSION = b"\x01\0\0\0"

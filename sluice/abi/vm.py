@@ -40,6 +40,7 @@ CALLBACKS: dict[str, tuple[str, str]] = {
     "proxy_on_configure": ("ii", "i"),
     "proxy_on_tick": ("i", ""),
     "proxy_on_queue_ready": ("ii", ""),
+    "proxy_on_redis_call_response": ("iiii", ""),  # Higress ABI 0.2.100 (redis_calls.py)
     "proxy_on_foreign_function": ("iii", ""),
     "proxy_on_request_body": ("iii", "i"),
     "proxy_on_request_trailers": ("ii", "i"),

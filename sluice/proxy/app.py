@@ -31,6 +31,7 @@ from .admin import AdminServer
 from .clusters import ClusterPool
 from .config import FilterConfig, SluiceConfig
 from .logs import variant_header
+from .redis_host import RedisCollector
 from .reload import Reloader
 from .routing import Router
 from .server import ProxyServer, ProxyStats
@@ -343,6 +344,7 @@ async def _run(config: SluiceConfig) -> int:
     gateway.on_drain = stop.set  # POST /drain takes the SIGTERM path
     admin = AdminServer(gateway)
     admin.registry.register(SharedDataCollector(lambda: gateway.runtime if gateway.config.chain else None))
+    admin.registry.register(RedisCollector(lambda: gateway.services.redis if gateway.services else None))
     try:
         admin_host, admin_port = await admin.start()
     except OSError as exc:

@@ -255,11 +255,17 @@ class AdminConfig(_Model):
 
 
 class ClusterConfig(_Model):
+    type: Literal["http", "redis"] = "http"
+    """`redis`: reached by filters through proxy_redis_call (sluice/proxy/redis_host.py), never routed to."""
     endpoints: list[HostPort] = Field(min_length=1)
     timeout: Seconds = 15.0
     connect_timeout: Seconds = 2.0
     host_rewrite: str | None = Field(default=None, min_length=1)
     max_connections: Count = 256
+    username: str | None = Field(default=None, min_length=1)
+    password: str | None = Field(default=None, min_length=1)
+    tls: bool = False
+    database: Annotated[int, BeforeValidator(_not_bool), Field(ge=0)] = 0
 
     @field_validator("endpoints")
     @classmethod

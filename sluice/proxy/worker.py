@@ -40,6 +40,7 @@ from sluice import abi
 from .admin import AdminServer
 from .app import Gateway, Generation, _setup_logging
 from .config import ConfigError, HostPort, SluiceConfig, parse_config
+from .redis_host import RedisCollector
 from .sharing import SharedDataCollector, build_runtime
 
 __all__ = ["FLEET_FIXED_SETTINGS", "FleetAgent", "load_snapshot", "main"]
@@ -171,6 +172,7 @@ async def _serve(args: argparse.Namespace, config: SluiceConfig) -> int:
     gateway.on_drain = stop.set
     admin = AdminServer(gateway)
     admin.registry.register(SharedDataCollector(lambda: runtime))
+    admin.registry.register(RedisCollector(lambda: gateway.services.redis if gateway.services else None))
     FleetAgent(gateway, args.index, args.version).add_routes(admin.app)
     gateway.admin = admin
     runner = web.AppRunner(admin.app, access_log=None, handle_signals=False)
