@@ -193,6 +193,7 @@ class Gateway:
         e.g. counters in linear memory, survives); `install` then does not retire it.
         """
         assert self.services is not None, "start() first"
+        self.services.redis.learn(config.clusters)  # filters may proxy_redis_init them while configuring
         filters: list[LoadedFilter] = []
         if config.chain:
             # No filters, no wasm engine (and no epoch thread waking the process every tick).

@@ -16,12 +16,14 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import re
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import redis.asyncio as aioredis
 from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.registry import Collector
+from redis import exceptions as rexc
 from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeout
 
@@ -34,6 +36,8 @@ __all__ = ["RedisClients", "RedisCollector", "decode_command", "encode_reply"]
 log = logging.getLogger("sluice.redis")
 
 MAX_COMMAND = 1 << 20
+POOL_SIZE = 32
+"""Connections per endpoint and process: one command in flight each (loopback RTT ~50 µs)."""
 
 
 def decode_command(query: bytes) -> list[bytes] | None:
@@ -60,10 +64,36 @@ def decode_command(query: bytes) -> list[bytes] | None:
     return args if args and pos == len(query) else None
 
 
+_ERROR_CODES: tuple[tuple[type[ResponseError], str], ...] = (
+    (rexc.NoScriptError, "NOSCRIPT"),
+    (rexc.OutOfMemoryError, "OOM"),
+    (rexc.ExecAbortError, "EXECABORT"),
+    (rexc.ReadOnlyError, "READONLY"),
+    (rexc.NoPermissionError, "NOPERM"),
+    (rexc.AskError, "ASK"),
+    (rexc.MovedError, "MOVED"),
+    (rexc.TryAgainError, "TRYAGAIN"),
+    (rexc.ClusterDownError, "CLUSTERDOWN"),
+    (rexc.ClusterCrossSlotError, "CROSSSLOT"),
+    (rexc.MasterDownError, "MASTERDOWN"),
+)
+"""redis-py strips the error code of the replies it knows; the filter must see it (NOSCRIPT...)."""
+_CODE_RE = re.compile(r"[A-Z][A-Z_]+ ")
+
+
+def _error_line(exc: ResponseError) -> str:
+    message = str(exc).replace("\r\n", " ")
+    for cls, code in _ERROR_CODES:
+        if isinstance(exc, cls):
+            return f"{code} {message}"
+    # An unknown code stays in the message ("WRONGTYPE ..."); the rest were "ERR ...".
+    return message if _CODE_RE.match(message) else f"ERR {message}"
+
+
 def encode_reply(value: Any) -> bytes:
     """RESP2 bytes for a reply as redis-py's parser returned it."""
     if isinstance(value, ResponseError):
-        return b"-" + str(value).replace("\r\n", " ").encode() + b"\r\n"
+        return b"-" + _error_line(value).encode() + b"\r\n"
     if value is None:
         return b"$-1\r\n"
     if isinstance(value, bool):
@@ -85,7 +115,7 @@ def encode_reply(value: Any) -> bytes:
 @dataclasses.dataclass
 class _Cluster:
     config: ClusterConfig
-    pools: list[aioredis.ConnectionPool]
+    pools: list[aioredis.BlockingConnectionPool]
     timeout_s: float
     calls: int = 0
     failures: int = 0
@@ -93,16 +123,24 @@ class _Cluster:
 
 
 class RedisClients:
-    """Pools for the `type: redis` clusters of the running config, created on `redis_init`."""
+    """Pools for `type: redis` clusters, created on `redis_init`.
 
-    def __init__(self, clusters: Callable[[], Mapping[str, ClusterConfig]], loop: asyncio.AbstractEventLoop) -> None:
-        self._clusters = clusters
+    The clusters are learnt from each config before its filters load (`learn`), so a filter's
+    `proxy_on_configure` can initialise a cluster its own, not yet current, config defines.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._known: dict[str, ClusterConfig] = {}
         self._loop = loop
         self._by_name: dict[str, _Cluster] = {}
         self._tasks: set[asyncio.Task[None]] = set()
 
+    def learn(self, clusters: Mapping[str, ClusterConfig]) -> None:
+        """Make the `type: redis` clusters of a config known (a changed one gets new pools on its next init)."""
+        self._known.update((name, c) for name, c in clusters.items() if c.type == "redis")
+
     def init(self, name: str, username: str, password: str, timeout_s: float | None) -> bool:
-        config = self._clusters().get(name)
+        config = self._known.get(name)
         if config is None or config.type != "redis":
             return False
         current = self._by_name.get(name)
@@ -110,10 +148,13 @@ class RedisClients:
             return True
         auth_user = username or config.username
         auth_password = password or config.password
+        # A blocking pool: a burst waits for a free connection instead of opening hundreds at once
+        # (each costs a connect and a handshake).
         pools = [
-            aioredis.ConnectionPool(
+            aioredis.BlockingConnectionPool(
                 host=hp.host, port=hp.port, username=auth_user, password=auth_password, db=config.database,
-                socket_connect_timeout=config.connect_timeout, max_connections=config.max_connections,
+                socket_connect_timeout=config.connect_timeout, max_connections=min(config.max_connections, POOL_SIZE),
+                timeout=config.connect_timeout,
                 connection_class=aioredis.SSLConnection if config.tls else aioredis.Connection,
             )
             for hp in config.endpoints
@@ -146,7 +187,7 @@ class RedisClients:
         for pool in cluster.pools:
             conn: Any = None
             try:
-                conn = await asyncio.wait_for(pool.get_connection(), cluster.timeout_s)  # type: ignore[no-untyped-call]
+                conn = await pool.get_connection()  # type: ignore[no-untyped-call]  # waits up to connect_timeout
                 await conn.send_command(*args)
                 value = await conn.read_response(timeout=cluster.timeout_s)
                 reply = encode_reply(value)
@@ -177,7 +218,7 @@ class RedisClients:
             log.exception("redis response handler failed")
 
     @staticmethod
-    async def _close_pools(pools: list[aioredis.ConnectionPool]) -> None:
+    async def _close_pools(pools: list[aioredis.BlockingConnectionPool]) -> None:
         for pool in pools:
             await pool.disconnect()
 

@@ -52,7 +52,7 @@ class Services:
         self.call_failures = 0
         self.filter_logs = FilterLogs(call_later=loop.call_later)
         """Filter log lines, rate-limited per filter (sluice/proxy/logs.py)."""
-        self.redis = RedisClients(lambda: gen.config.clusters if (gen := current()) is not None else {}, loop)
+        self.redis = RedisClients(loop)
         """`type: redis` clusters for proxy_redis_call (sluice/proxy/redis_host.py)."""
 
     def add_pool(self, pool: ClusterPool) -> None:
