@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import enum
 import logging
 import re
 from collections.abc import Callable, Iterator, Mapping
@@ -112,6 +113,13 @@ def encode_reply(value: Any) -> bytes:
     raise TypeError(f"cannot encode a {type(value).__name__} reply")
 
 
+class _Failure(enum.Enum):
+    UNREACHABLE = "unreachable"
+    TIMEOUT = "timeout"
+    STALE = "stale"
+    """The connection broke: Redis restarted or the path failed (worth one fresh try)."""
+
+
 @dataclasses.dataclass
 class _Cluster:
     config: ClusterConfig
@@ -185,29 +193,18 @@ class RedisClients:
         reply: bytes | None = None
         status = REDIS_CALL_FAILED
         for pool in cluster.pools:
-            conn: Any = None
-            try:
-                conn = await pool.get_connection()  # type: ignore[no-untyped-call]  # waits up to connect_timeout
-                await conn.send_command(*args)
-                value = await conn.read_response(timeout=cluster.timeout_s)
-                reply = encode_reply(value)
-                break
-            except ResponseError as exc:  # an error reply is an answer
-                reply = encode_reply(exc)
-                break
-            except (TimeoutError, RedisTimeout):
-                status = REDIS_CALL_TIMEOUT
-                if conn is not None:
-                    await conn.disconnect()
-                break  # the command may have run: do not send it again elsewhere
-            except (RedisError, OSError) as exc:
-                if conn is not None:
-                    await conn.disconnect()
-                log.debug("redis %s: %s", name, exc)
-                continue
-            finally:
-                if conn is not None:
-                    await pool.release(conn)
+            # A second try on the same endpoint only after a pooled connection turned out dead
+            # (Redis restarted): the stale ones are dropped first, so the retry connects afresh.
+            for _attempt in range(2):
+                outcome = await self._send(pool, args, cluster.timeout_s, name)
+                if isinstance(outcome, bytes):
+                    reply = outcome
+                elif outcome is _Failure.TIMEOUT:
+                    status = REDIS_CALL_TIMEOUT
+                if outcome is not _Failure.STALE:
+                    break
+            if reply is not None or status == REDIS_CALL_TIMEOUT:
+                break  # a timed-out command may have run: never send it to another endpoint
         if reply is None:
             cluster.failures += 1
             if status == REDIS_CALL_TIMEOUT:
@@ -216,6 +213,31 @@ class RedisClients:
             on_response(reply, 0 if reply is not None else status)
         except Exception:
             log.exception("redis response handler failed")
+
+    @staticmethod
+    async def _send(pool: aioredis.BlockingConnectionPool, args: list[bytes], timeout_s: float, name: str
+                    ) -> bytes | _Failure:
+        conn: Any = None
+        try:
+            conn = await pool.get_connection()  # type: ignore[no-untyped-call]  # waits up to connect_timeout
+        except (RedisError, OSError) as exc:
+            log.debug("redis %s: cannot connect: %s", name, exc)
+            return _Failure.UNREACHABLE
+        try:
+            await conn.send_command(*args)
+            return encode_reply(await conn.read_response(timeout=timeout_s))
+        except ResponseError as exc:  # an error reply is an answer
+            return encode_reply(exc)
+        except (TimeoutError, RedisTimeout):
+            await conn.disconnect()  # a late reply must not be read as the next command's
+            return _Failure.TIMEOUT
+        except (RedisError, OSError) as exc:
+            log.debug("redis %s: %s", name, exc)
+            await conn.disconnect()
+            await pool.disconnect(inuse_connections=False)
+            return _Failure.STALE
+        finally:
+            await pool.release(conn)
 
     @staticmethod
     async def _close_pools(pools: list[aioredis.BlockingConnectionPool]) -> None:
