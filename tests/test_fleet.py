@@ -298,7 +298,7 @@ def test_sigterm_drains_in_flight_requests_and_exits_0(tmp_path: Path) -> None:
 def test_redis_backend_limit_holds_across_workers_and_survives_an_outage(tmp_path: Path) -> None:
     """The suite's short form of bench/bench_fleet_redis.py: one instance, two workers, one Redis."""
     redis = RedisServer(tmp_path / "redis").start()
-    chain = f"""
+    chain = """
           - name: ratelimit
             module: ratelimit.wasm
             cpu_deadline_ms: 1000
@@ -307,7 +307,7 @@ def test_redis_backend_limit_holds_across_workers_and_survives_an_outage(tmp_pat
               burst: 40
               key: "header:x-key"
               backend: redis
-              redis: {{cluster: limits, timeout_ms: 500, retry_interval_ms: 200}}
+              redis: {cluster: limits, timeout_ms: 500, retry_interval_ms: 200}
 """
 
     async def body() -> None:

@@ -44,14 +44,12 @@ from typing import Any
 import aiohttp
 import watchfiles
 
-from sluice import abi
-
-from .cli import _CheckHost
+from .checking import check_filters
 from .config import ConfigError, HostPort, SluiceConfig, load_config
 from .config_scaling import resolve_workers
 from .worker import FLEET_FIXED_SETTINGS
 
-__all__ = ["FleetReloadEvent", "Supervisor", "WorkerSlot", "WorkerState", "check_filters", "serve_fleet"]
+__all__ = ["FleetReloadEvent", "Supervisor", "WorkerSlot", "WorkerState", "serve_fleet"]
 
 log = logging.getLogger("sluice.supervisor")
 
@@ -107,31 +105,6 @@ class FleetReloadEvent:
     error: str | None
     duration_ms: float
     notes: list[str] = dataclasses.field(default_factory=list)
-
-
-def check_filters(config: SluiceConfig) -> tuple[list[str], dict[str, str]]:
-    """Compile and load every filter of `config` once (CPU-heavy: run it off the event loop).
-
-    Returns the problems ("<where> (<name>): <file>: <reason>") and each filter's module sha256.
-    Compiled code lands in `cache_dir`, so the workers' own builds then deserialize it.
-    """
-    runtime = abi.Runtime(cache_dir=config.cache_dir)
-    host = _CheckHost()
-    problems: list[str] = []
-    hashes: dict[str, str] = {}
-    try:
-        for index, entry in enumerate(config.chain):
-            try:
-                module = runtime.compile(entry.module_path)
-                plugin = runtime.load(entry.to_plugin_spec(), host, module=module)
-            except abi.PluginLoadError as exc:
-                problems.append(f"{config.where('chain', index)} ({entry.name}): {exc.path}: {exc.reason}")
-                continue
-            hashes[entry.name] = module.sha256
-            plugin.retire()
-    finally:
-        runtime.close()
-    return problems, hashes
 
 
 def _restart_notes(old: SluiceConfig, new: SluiceConfig) -> list[str]:
@@ -237,9 +210,10 @@ class Supervisor:
         Raises RuntimeError with the reason if the filters do not load or a worker does not start.
         """
         loop = asyncio.get_running_loop()
-        problems, self.hashes = await loop.run_in_executor(None, check_filters, self.config)
-        if problems:
-            raise RuntimeError("; ".join(problems))
+        checked = await loop.run_in_executor(None, check_filters, self.config)
+        if checked.problems:
+            raise RuntimeError("; ".join(checked.problems))
+        self.hashes = checked.hashes
         self._write_snapshot(self.version, self.config_path.read_text(encoding="utf-8"))
         self._reserved, self.listen = _reserve_port(self.config.listen)
         results = await asyncio.gather(*(self._spawn(slot) for slot in self.slots), return_exceptions=True)
@@ -372,9 +346,10 @@ class Supervisor:
                 return failed(f"{self.config_path}: {exc.strerror or exc}")
             except ConfigError as exc:
                 return failed("; ".join(exc.errors))
-            problems, hashes = await loop.run_in_executor(None, check_filters, config)
-            if problems:
-                return failed("; ".join(problems))
+            checked = await loop.run_in_executor(None, check_filters, config)
+            if checked.problems:
+                return failed("; ".join(checked.problems))
+            hashes = checked.hashes
             if trigger != "admin" and config == self.config and hashes == self.hashes:
                 return None
             notes = _restart_notes(self.config, config)
