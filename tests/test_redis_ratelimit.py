@@ -41,16 +41,17 @@ def config(up: str, redis_address: str, *, burst: int = 20, rate: float = 0.001,
         access_log: null
         clusters:
           up: {{endpoints: ["{up}"]}}
-          limits: {{type: redis, endpoints: ["{redis_address}"], timeout: 0.5, connect_timeout: 0.5}}
+          limits: {{type: redis, endpoints: ["{redis_address}"], timeout: 1, connect_timeout: 1}}
         chain:
           - name: ratelimit
             module: ratelimit.wasm
+            cpu_deadline_ms: 1000  # wall clock: a busy 2-core machine can deschedule us mid-callback
             config:
               requests_per_second: {rate}
               burst: {burst}
               key: "header:x-key"
               backend: redis
-              redis: {{cluster: limits, timeout_ms: 200, retry_interval_ms: 200}}
+              redis: {{cluster: limits, timeout_ms: 1000, retry_interval_ms: 200}}
               on_backend_failure: {failure}
         routes:
           - match: {{prefix: /}}
@@ -182,3 +183,15 @@ def test_on_backend_failure_allow_and_deny(tmp_path: Path, failure: str, expecte
             assert metric(gw, "ratelimit_fallback_decisions") == 6
 
     run(body())
+
+
+def test_sluice_check_readies_the_configs_redis_clusters(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from sluice.proxy.cli import main
+
+    path = tmp_path / "sluice.yaml"
+    path.write_text(config("127.0.0.1:9", "127.0.0.1:9"))
+    assert main(["check", "-c", str(path)]) == 0
+    assert "falling back" not in capsys.readouterr().err  # nothing is contacted, nothing degrades
+    path.write_text(config("127.0.0.1:9", "127.0.0.1:9").replace("cluster: limits,", "cluster: nosuch,"))
+    assert main(["check", "-c", str(path)]) == 0  # the filter loads, degraded, and says so
+    assert "redis cluster nosuch failed (the cluster cannot be initialised)" in capsys.readouterr().err

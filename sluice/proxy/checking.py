@@ -20,7 +20,20 @@ class _NoTimer:
 
 
 class CheckHost:
-    """An `abi.Host` for loading filters without serving: no callouts leave, no timer ever fires."""
+    """An `abi.Host` for loading filters without serving: no callouts leave, no timer ever fires.
+
+    `proxy_redis_init` succeeds for the config's `type: redis` clusters (nothing is contacted), so
+    a filter that readies its cluster while configuring loads as it will when serving.
+    """
+
+    def __init__(self, redis_clusters: frozenset[str] = frozenset()) -> None:
+        self.redis_clusters = redis_clusters
+
+    def redis_init(self, cluster: str, username: str, password: str, timeout_s: float | None) -> bool:
+        return cluster in self.redis_clusters
+
+    def redis_call(self, cluster: str, query: bytes, on_response: Callable[[bytes | None, int], None]) -> bool:
+        return False
 
     def http_call(
         self,
@@ -52,7 +65,7 @@ class CheckResult:
 def check_filters(config: SluiceConfig) -> CheckResult:
     """Compile and load every filter of `config` once (CPU-heavy; compiled code lands in `cache_dir`)."""
     runtime = abi.Runtime(cache_dir=config.cache_dir)
-    host = CheckHost()
+    host = CheckHost(frozenset(name for name, c in config.clusters.items() if c.type == "redis"))
     problems: list[str] = []
     hashes: dict[str, str] = {}
     try:
