@@ -30,6 +30,7 @@ from .api import (
 )
 from .headers import HeaderMap
 from .plugin import HttpStream, Plugin, PluginStats
+from .redis_calls import REDIS_CALL_FAILED, REDIS_CALL_TIMEOUT, RedisHost
 from .report import FilterMetric, ModuleInfo, PluginCounters, PluginReport, PluginState
 from .runtime import CompiledModule, Runtime
 from .shared import InMemorySharedData, Queues, SharedData
@@ -62,6 +63,9 @@ __all__ = [
     "PluginState",
     "PluginStats",
     "Queues",
+    "REDIS_CALL_FAILED",
+    "REDIS_CALL_TIMEOUT",
+    "RedisHost",
     "Runtime",
     "SharedData",
     "StreamCallbacks",

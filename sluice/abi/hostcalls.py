@@ -395,10 +395,10 @@ class ProxyHostCalls:
 
     # -- Higress's Redis calls (ABI 0.2.100): logic in redis_calls.py ---------------------------
     def proxy_redis_init(self, cptr: int, clen: int, uptr: int, ulen: int, pptr: int, plen: int, timeout: int) -> int:
-        return redis_calls.proxy_redis_init(self, cptr, clen, uptr, ulen, pptr, plen, timeout)
+        return redis_calls.proxy_redis_init(self._mem, self.vm, cptr, clen, uptr, ulen, pptr, plen, timeout)
 
     def proxy_redis_call(self, cptr: int, clen: int, qptr: int, qlen: int, out_token: int) -> int:
-        return redis_calls.proxy_redis_call(self, cptr, clen, qptr, qlen, out_token)
+        return redis_calls.proxy_redis_call(self._mem, self.vm, cptr, clen, qptr, qlen, out_token)
 
     # -- 1.7 gRPC: not offered ----------------------------------------------------------------------
     def proxy_grpc_call(self, *_: int) -> int:

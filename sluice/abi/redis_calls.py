@@ -27,7 +27,7 @@ from .fastcall import WasmTrap
 from .types import WasmResult
 
 if TYPE_CHECKING:
-    from .hostcalls import ProxyHostCalls
+    from .fastcall import LinearMemory, NoMemory
     from .vm import RootContext, WasmVM
 
 __all__ = [
@@ -77,9 +77,9 @@ def _text(data: bytes) -> str:
 
 
 def proxy_redis_init(
-    calls: ProxyHostCalls, cptr: int, clen: int, uptr: int, ulen: int, pptr: int, plen: int, timeout_ms: int
+    mem: LinearMemory | NoMemory, vm: WasmVM,
+    cptr: int, clen: int, uptr: int, ulen: int, pptr: int, plen: int, timeout_ms: int,
 ) -> int:
-    mem, vm = calls._mem, calls.vm  # noqa: SLF001 - the host-call object owns the memory view
     cluster, username, password = mem.read(cptr, clen), mem.read(uptr, ulen), mem.read(pptr, plen)
     if cluster is None or username is None or password is None:
         return WasmResult.INVALID_MEMORY_ACCESS
@@ -93,8 +93,9 @@ def proxy_redis_init(
     return WasmResult.OK
 
 
-def proxy_redis_call(calls: ProxyHostCalls, cptr: int, clen: int, qptr: int, qlen: int, out_token: int) -> int:
-    mem, vm = calls._mem, calls.vm  # noqa: SLF001
+def proxy_redis_call(
+    mem: LinearMemory | NoMemory, vm: WasmVM, cptr: int, clen: int, qptr: int, qlen: int, out_token: int
+) -> int:
     cluster, query = mem.read(cptr, clen), mem.read(qptr, qlen)
     if cluster is None or query is None:
         return WasmResult.INVALID_MEMORY_ACCESS

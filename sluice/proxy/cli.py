@@ -161,7 +161,7 @@ def _run(args: argparse.Namespace) -> int:
     from sluice.proxy.config_scaling import resolve_workers
 
     if resolve_workers(config.workers) > 1:
-        from sluice.proxy.supervisor import serve_fleet
+        from sluice.proxy.fleet import serve_fleet
 
         return serve_fleet(config)
     # Imported here so that `check` and `filter test` do not pull in the HTTP server.

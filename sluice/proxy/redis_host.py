@@ -28,7 +28,7 @@ from redis import exceptions as rexc
 from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeout
 
-from sluice.abi.redis_calls import REDIS_CALL_FAILED, REDIS_CALL_TIMEOUT
+from sluice.abi import REDIS_CALL_FAILED, REDIS_CALL_TIMEOUT
 
 from .config import ClusterConfig
 
