@@ -130,6 +130,14 @@ def test_stats_sum_counters_and_label_gauges_per_worker(tmp_path: Path) -> None:
                 assert "_created" not in text.split("sluice_worker_restarts")[0]
                 ready = await fleet.get_json("/ready")
                 assert ready["ready"] and set(ready["workers"]) == {"0", "1"}
+                status, levels = await fleet.post("/logging?level=debug&filter=ratelimit")
+                assert status == 200 and {w["filters"]["ratelimit"] for w in levels["workers"].values()} == {"debug"}
+                assert set(levels["workers"]) == {"0", "1"}
+                status, _ = await fleet.post("/drain")  # drains every worker, then the supervisor exits 0
+                assert status == 202
+                assert fleet.process is not None
+                loop = asyncio.get_running_loop()
+                assert await loop.run_in_executor(None, fleet.process.wait, 30) == 0
             finally:
                 fleet.stop()
                 fleet.kill_all()
