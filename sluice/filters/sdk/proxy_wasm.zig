@@ -601,19 +601,30 @@ fn onTick(id: u32) callconv(.c) void {
     if (findRoot(id)) |r| r.onTick();
 }
 
+/// The stream that is waiting for `token` (forgotten from `list`), if any.
+fn takePending(list: *std.ArrayListUnmanaged(Pending), token: u32) ?u32 {
+    for (list.items, 0..) |p, i| {
+        if (p.token == token) {
+            _ = list.swapRemove(i);
+            return p.stream;
+        }
+    }
+    return null;
+}
+
+/// Forgets every call a deleted stream was waiting for: a late answer is dropped.
+fn forgetStream(list: *std.ArrayListUnmanaged(Pending), stream: u32) void {
+    var i: usize = 0;
+    while (i < list.items.len) {
+        if (list.items[i].stream == stream) _ = list.swapRemove(i) else i += 1;
+    }
+}
+
 fn onHttpCallResponse(id: u32, token: u32, nh: u32, bs: u32, nt: u32) callconv(.c) void {
     enter();
     defer leave();
     current_context = id;
-    var stream_id: ?u32 = null;
-    for (pending.items, 0..) |p, i| {
-        if (p.token == token) {
-            stream_id = p.stream;
-            _ = pending.swapRemove(i);
-            break;
-        }
-    }
-    const sid = stream_id orelse return;
+    const sid = takePending(&pending, token) orelse return;
     const s = findStream(sid) orelse return;
     if (setEffectiveContext(sid) != .ok) return;
     current_context = sid;
@@ -624,15 +635,7 @@ fn onRedisCallResponse(id: u32, token: u32, status: i32, size: i32) callconv(.c)
     enter();
     defer leave();
     current_context = id;
-    var stream_id: ?u32 = null;
-    for (redis_pending.items, 0..) |p, i| {
-        if (p.token == token) {
-            stream_id = p.stream;
-            _ = redis_pending.swapRemove(i);
-            break;
-        }
-    }
-    const sid = stream_id orelse return;
+    const sid = takePending(&redis_pending, token) orelse return;
     const s = findStream(sid) orelse return;
     const reply: []const u8 = if (status == 0 and size > 0) getBufferBytes(.redis_call_response, 0, @intCast(size)) orelse "" else "";
     if (setEffectiveContext(sid) != .ok) return;
@@ -670,17 +673,8 @@ export fn proxy_on_delete(id: u32) void {
     if (streams.fetchRemove(id)) |kv| {
         if (@hasDecl(Stream, "deinit")) kv.value.deinit();
         allocator.destroy(kv.value);
-        // Forget callouts of this stream: a late response is dropped.
-        var i: usize = 0;
-        while (i < pending.items.len) {
-            if (pending.items[i].stream == id) _ = pending.swapRemove(i) else i += 1;
-        }
-        if (@hasDecl(Stream, "onRedisCallResponse")) {
-            i = 0;
-            while (i < redis_pending.items.len) {
-                if (redis_pending.items[i].stream == id) _ = redis_pending.swapRemove(i) else i += 1;
-            }
-        }
+        forgetStream(&pending, id);
+        if (@hasDecl(Stream, "onRedisCallResponse")) forgetStream(&redis_pending, id);
         return;
     }
     for (roots.items, 0..) |r, i| {
