@@ -23,12 +23,15 @@ the plugin's failure policy instead.
 """
 
 from .api import (
+    REDIS_CALL_FAILED,
+    REDIS_CALL_TIMEOUT,
     CallResponse,
     Cancellable,
     Host,
     LocalReply,
     PluginLoadError,
     PluginSpec,
+    RedisHost,
     StreamCallbacks,
     StreamInfo,
 )
@@ -37,7 +40,8 @@ from .headers import HeaderMap
 from .plugin import HttpStream, Plugin
 from .report import FilterMetric, ModuleInfo, PluginCounters, PluginReport, PluginState
 from .runtime import Runtime
-from .shared import InMemorySharedData, SharedData
+from .shared import InMemorySharedData, Queues, SharedData
+from .shared_lmdb import LmdbQueues, LmdbSharedData, LmdbStore
 from .types import FailurePolicy, FilterStatus, LogLevel, MetricType
 
 __all__ = [
@@ -51,6 +55,9 @@ __all__ = [
     "Host",
     "HttpStream",
     "InMemorySharedData",
+    "LmdbQueues",
+    "LmdbSharedData",
+    "LmdbStore",
     "LocalReply",
     "LogLevel",
     "MetricType",
@@ -61,6 +68,10 @@ __all__ = [
     "PluginReport",
     "PluginSpec",
     "PluginState",
+    "Queues",
+    "REDIS_CALL_FAILED",
+    "REDIS_CALL_TIMEOUT",
+    "RedisHost",
     "Runtime",
     "SharedData",
     "StreamCallbacks",

@@ -20,7 +20,7 @@ from .compiled import CompiledModule
 from .fastcall import summarize_error
 from .hostcalls import HOST_FUNCTIONS, bind_host_functions
 from .plugin import Plugin
-from .shared import InMemorySharedData, SharedData, SharedQueues
+from .shared import InMemorySharedData, Queues, SharedData, SharedQueues
 from .vm import VMServices
 
 __all__ = ["CompiledModule", "Runtime"]
@@ -29,6 +29,7 @@ ABI_MARKERS = {
     "proxy_abi_version_0_1_0": "0.1.0",
     "proxy_abi_version_0_2_0": "0.2.0",
     "proxy_abi_version_0_2_1": "0.2.1",
+    "proxy_abi_version_0_2_100": "0.2.100",  # Higress: 0.2.1 plus the Redis calls (docs/abi.md)
 }
 WASM_MAGIC = b"\0asm"
 CORE_VERSION = b"\x01\0\0\0"
@@ -42,12 +43,14 @@ def _wasmtime_version() -> str:
 
 
 class Runtime:
-    def __init__(self, cache_dir: Path | str | None = None, shared_data: SharedData | None = None) -> None:
+    def __init__(
+        self, cache_dir: Path | str | None = None, shared_data: SharedData | None = None, queues: Queues | None = None
+    ) -> None:
         self.engine = fastcall.engine()
         self.linker = wasmtime.Linker(self.engine)
         fastcall.define_host_functions(self.linker, HOST_FUNCTIONS)
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
-        self.queues = SharedQueues()
+        self.queues: Queues = queues if queues is not None else SharedQueues()
         self._services = VMServices(
             self.engine, shared_data if shared_data is not None else InMemorySharedData(), self.queues,
             bind_host_functions,

@@ -48,6 +48,8 @@ class ProxyServer:
         self._server: asyncio.base_events.Server | None = None
         self._draining = False
         self._all_closed: asyncio.Future[None] | None = None
+        self.reuse_port = False
+        """SO_REUSEPORT: each worker process binds its own socket on the same address (Linux)."""
 
     @property
     def tracks_headers(self) -> bool:
@@ -56,7 +58,8 @@ class ProxyServer:
     async def start(self, host: str, port: int) -> tuple[str, int]:
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
-            lambda: DownstreamConnection(self), host, port, reuse_address=True, backlog=1024
+            lambda: DownstreamConnection(self), host, port,
+            reuse_address=True, reuse_port=self.reuse_port or None, backlog=1024,
         )
         sock = self._server.sockets[0].getsockname()
         return str(sock[0]), int(sock[1])
