@@ -280,13 +280,9 @@ class AdminServer:
         return web.json_response(self._levels())
 
     async def set_logging(self, request: web.Request) -> web.StreamResponse:
-        text = request.query.get("level")
-        if not text:
-            return web.json_response({"error": "level is required, e.g. /logging?level=debug"}, status=400)
-        try:
-            level = LogLevel.parse(text)
-        except ValueError as exc:
-            return web.json_response({"error": str(exc)}, status=400)
+        level = requested_level(request)
+        if not isinstance(level, LogLevel):
+            return level
         py_level = PYTHON_LEVELS[level]
         name = request.query.get("filter")
         filters = self._filters()
@@ -419,6 +415,17 @@ def admin_guard(token: Callable[[], str | None]) -> Middleware:
         return response
 
     return guard
+
+
+def requested_level(request: web.Request) -> LogLevel | web.StreamResponse:
+    """The `?level=` of a POST /logging, or the 400 that explains what is wrong with it."""
+    text = request.query.get("level")
+    if not text:
+        return web.json_response({"error": "level is required, e.g. /logging?level=debug"}, status=400)
+    try:
+        return LogLevel.parse(text)
+    except ValueError as exc:
+        return web.json_response({"error": str(exc)}, status=400)
 
 
 def _authorized(header: str, token: str) -> bool:

@@ -29,7 +29,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from sluice.abi import LogLevel
 
-from .admin import _iso, admin_guard, listen_app, redact
+from .admin import _iso, admin_guard, listen_app, redact, requested_level
 from .fleet_metrics import FleetCollector, merge_exports
 from .logs import PYTHON_LEVELS
 
@@ -190,13 +190,9 @@ class FleetAdmin:
         return web.json_response({**first, "workers": answers})
 
     async def set_logging(self, request: web.Request) -> web.StreamResponse:
-        text = request.query.get("level")
-        if not text:
-            return web.json_response({"error": "level is required, e.g. /logging?level=debug"}, status=400)
-        try:
-            level = LogLevel.parse(text)
-        except ValueError as exc:
-            return web.json_response({"error": str(exc)}, status=400)
+        level = requested_level(request)
+        if not isinstance(level, LogLevel):
+            return level
         if request.query.get("filter") is None:
             logging.getLogger("sluice").setLevel(PYTHON_LEVELS[level])
         answers = await self.supervisor.call_all("POST", f"/logging?{request.query_string}")
