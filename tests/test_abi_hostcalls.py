@@ -148,7 +148,7 @@ def test_out_of_range_arguments_and_missing_things(rig: FilterRig, plugin: abi.P
         "replace_map_8": BAD_ARGUMENT,
         "remove_map_8": BAD_ARGUMENT,
         "size_map_8": BAD_ARGUMENT,
-        "get_buffer_9": BAD_ARGUMENT,
+        "get_buffer_9": NOT_FOUND,  # Higress's Redis reply buffer: only inside proxy_on_redis_call_response
         "set_buffer_9": BAD_ARGUMENT,
         "buffer_status_9": BAD_ARGUMENT,
         "define_metric_3": BAD_ARGUMENT,
@@ -329,3 +329,79 @@ def test_each_header_callback_is_called_with_its_own_arity(rig: FilterRig, tmp_p
     served(ex, plugin)
     messages = [m for _, _, m in rig.logs]
     assert messages == ["request headers", "response headers"]
+
+
+# -- Higress's Redis calls (ABI 0.2.100) -----------------------------------------------------------
+
+REDIS_WAT = Path(__file__).resolve().parent / "fixtures" / "wat" / "redis.wat"
+
+
+def _statuses(rig: FilterRig) -> dict[str, str]:
+    return dict(m.split("=", 1) for _, _, m in rig.logs if "=" in m)
+
+
+def test_redis_calls_without_a_redis_host_are_unimplemented(tmp_path: Path) -> None:
+    wasm = tmp_path / "redis.wasm"
+    wasm.write_bytes(wasmtime.wat2wasm(REDIS_WAT.read_text()))
+
+    class PlainHost:
+        """An `abi.Host` with no Redis methods (as a host that only proxies HTTP)."""
+
+        def __init__(self, inner: abi.Host) -> None:
+            self.inner = inner
+
+        def http_call(self, *args: object) -> bool:
+            return False
+
+        def call_later(self, delay_s: float, callback: object) -> abi.Cancellable:
+            return self.inner.call_later(delay_s, callback)  # type: ignore[arg-type]
+
+        def log(self, plugin: str, level: abi.LogLevel, message: str) -> None:
+            self.inner.log(plugin, level, message)
+
+    with FilterRig() as rig:
+        plugin = rig.runtime.load(abi.PluginSpec(name="redis", module_path=wasm), PlainHost(rig.host))
+        try:
+            assert plugin.report().module.abi_version == "0.2.100"
+            got = _statuses(rig)
+            assert got["init"] == got["init_unknown"] == str(int(UNIMPLEMENTED))
+        finally:
+            plugin.retire()
+
+
+def test_redis_call_pauses_until_the_reply_is_in_buffer_9(tmp_path: Path) -> None:
+    from redis_server import REDIS_SERVER, RedisServer
+
+    from sluice.proxy.config import ClusterConfig, HostPort
+
+    if REDIS_SERVER is None:
+        pytest.skip("redis-server is not installed (.ci/run installs it)")
+    wasm = tmp_path / "redis.wasm"
+    wasm.write_bytes(wasmtime.wat2wasm(REDIS_WAT.read_text()))
+    server = RedisServer(tmp_path / "redis").start()
+    try:
+        with FilterRig() as rig:
+            rig.host.redis.learn({"limits": ClusterConfig(type="redis", endpoints=[HostPort.parse(server.address)])})
+            plugin = rig.load(wasm, name="redis")
+            assert _statuses(rig) == {"init": str(int(OK)), "init_unknown": str(int(BAD_ARGUMENT))}
+            rig.logs.clear()
+            ex = rig.request(plugin, wait=5.0)
+            got = _statuses(rig)
+            assert got["call"] == str(int(OK)) and int(got["token"]) > 0 and int(got["token"]) % 4 == 0
+            assert got["call_unknown"] == str(int(BAD_ARGUMENT))  # never readied
+            assert got["buffer_outside"] == str(int(NOT_FOUND))
+            # The reply re-encoded as RESP2 (redis-py hands "+PONG" over as a bulk string).
+            assert got["response"] == "0" and got["size"] == "10" and got["buffer"] == str(int(OK))
+            assert any(m == "$4\r\nPONG\r\n" for _, _, m in rig.logs)
+            assert got["continue"] == str(int(OK))
+            assert "continue_request" in ex.events and ex.response_headers is not None
+
+            server.stop()  # no answer now: status 1 (REDIS_CALL_FAILED), no buffer
+            rig.logs.clear()
+            ex = rig.request(plugin, wait=5.0)
+            got = _statuses(rig)
+            assert got["response"] == str(abi.REDIS_CALL_FAILED) and got["size"] == "0"
+            assert got["buffer"] == str(int(NOT_FOUND))
+            assert "continue_request" in ex.events
+    finally:
+        server.stop()

@@ -24,6 +24,8 @@ the plugin's failure policy instead.
 """
 
 from .api import (
+    REDIS_CALL_FAILED,
+    REDIS_CALL_TIMEOUT,
     CallResponse,
     Cancellable,
     Host,
@@ -31,6 +33,7 @@ from .api import (
     NodeInfo,
     PluginLoadError,
     PluginSpec,
+    RedisHost,
     StreamCallbacks,
     StreamInfo,
 )
@@ -40,7 +43,8 @@ from .headers import HeaderMap
 from .plugin import HttpStream, Plugin
 from .report import FilterMetric, ModuleInfo, PluginCounters, PluginReport, PluginState
 from .runtime import Filter, Runtime
-from .shared import InMemorySharedData, SharedData
+from .shared import InMemorySharedData, Queues, SharedData
+from .shared_lmdb import LmdbQueues, LmdbSharedData, LmdbStore
 from .types import FailurePolicy, FilterStatus, LogLevel, MetricType
 
 __all__ = [
@@ -59,6 +63,9 @@ __all__ = [
     "Host",
     "HttpStream",
     "InMemorySharedData",
+    "LmdbQueues",
+    "LmdbSharedData",
+    "LmdbStore",
     "LocalReply",
     "LogLevel",
     "MetricType",
@@ -70,6 +77,10 @@ __all__ = [
     "PluginReport",
     "PluginSpec",
     "PluginState",
+    "Queues",
+    "REDIS_CALL_FAILED",
+    "REDIS_CALL_TIMEOUT",
+    "RedisHost",
     "Runtime",
     "SharedData",
     "StreamCallbacks",

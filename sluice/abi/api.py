@@ -29,7 +29,7 @@ import dataclasses
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from .headers import HeaderMap
 from .types import FailurePolicy, LogLevel
@@ -141,6 +141,32 @@ class Host(Protocol):
 
     def log(self, plugin: str, level: LogLevel, message: str) -> None:
         """A line from a filter (proxy_log, WASI stdout/stderr) or about it (traps, load errors)."""
+        ...
+
+
+REDIS_CALL_FAILED = 1
+"""`proxy_on_redis_call_response` status: no answer (unreachable, connection broken)."""
+REDIS_CALL_TIMEOUT = 2
+"""`proxy_on_redis_call_response` status: no answer within the timeout."""
+
+
+@runtime_checkable
+class RedisHost(Protocol):
+    """What a `Host` also offers to serve Higress's Redis calls (ABI 0.2.100, docs/abi.md).
+
+    A host without these methods answers the Redis calls with UNIMPLEMENTED.
+    """
+
+    def redis_init(self, cluster: str, username: str, password: str, timeout_s: float | None) -> bool:
+        """Whether `cluster` is a Redis cluster this host can reach (credentials override the config's)."""
+        ...
+
+    def redis_call(self, cluster: str, query: bytes, on_response: Callable[[bytes | None, int], None]) -> bool:
+        """Send one RESP command; False at once if the cluster is unknown or the query malformed.
+
+        Otherwise `on_response(reply_resp_bytes, 0)` or `on_response(None, REDIS_CALL_FAILED or
+        REDIS_CALL_TIMEOUT)` later, exactly once, never before this returns.
+        """
         ...
 
 

@@ -39,6 +39,11 @@ def _dec(data: bytes) -> str:
     return data.decode("utf-8", "surrogateescape")
 
 
+def _text(data: bytes) -> str:
+    # Names and credentials handed to a client library: never surrogates it cannot encode.
+    return data.decode("utf-8", "replace")
+
+
 class ProxyHostCalls:
     """Implementations of `env.*` for one VM."""
 
@@ -85,7 +90,7 @@ class ProxyHostCalls:
 
     # -- 1.2 buffers ------------------------------------------------------------------------------
     def proxy_get_buffer_bytes(self, btype: int, start: int, max_size: int, out_ptr: int, out_size: int) -> int:
-        if btype > 8:
+        if btype > 9:  # 9: Higress's Redis reply
             return BAD_ARGUMENT
         buf = self.vm.buffer(btype)
         if buf is None:
@@ -309,6 +314,33 @@ class ProxyHostCalls:
         mem.write_u32(out_token, result)
         return OK
 
+    # -- Higress's Redis calls (ABI 0.2.100; docs/abi.md) ----------------------------------------
+    def proxy_redis_init(
+        self, cptr: int, clen: int, uptr: int, ulen: int, pptr: int, plen: int, timeout_ms: int
+    ) -> int:
+        mem = self._mem
+        cluster, username, password = mem.read(cptr, clen), mem.read(uptr, ulen), mem.read(pptr, plen)
+        if cluster is None or username is None or password is None:
+            return INVALID_MEMORY_ACCESS
+        root = self.vm.acting_root()
+        if root is None:
+            return BAD_ARGUMENT
+        return root.redis_init(_text(cluster), _text(username), _text(password), timeout_ms)
+
+    def proxy_redis_call(self, cptr: int, clen: int, qptr: int, qlen: int, out_token: int) -> int:
+        mem = self._mem
+        cluster, query = mem.read(cptr, clen), mem.read(qptr, qlen)
+        if cluster is None or query is None:
+            return INVALID_MEMORY_ACCESS
+        if not mem.write_u32(out_token, 0):
+            return INVALID_MEMORY_ACCESS
+        root = self.vm.acting_root()
+        result = root.redis_call(_text(cluster), query) if root is not None else BAD_ARGUMENT
+        if isinstance(result, WasmResult):
+            return result
+        mem.write_u32(out_token, result)
+        return OK
+
     # -- 1.7 gRPC: not offered ----------------------------------------------------------------------
     def proxy_grpc_call(self, *_: int) -> int:
         return UNIMPLEMENTED
@@ -323,15 +355,6 @@ class ProxyHostCalls:
         return UNIMPLEMENTED
 
     def proxy_grpc_close(self, *_: int) -> int:
-        return UNIMPLEMENTED
-
-    # -- Higress (ABI 0.2.100) Redis: not offered yet -----------------------------------------------
-    # Higress's SDKs turn any status but OK into an error of the Redis client (12 becomes their
-    # "unimplemented" error), so a plugin loads and only its Redis features fail.
-    def proxy_redis_init(self, *_: int) -> int:
-        return UNIMPLEMENTED
-
-    def proxy_redis_call(self, *_: int) -> int:
         return UNIMPLEMENTED
 
     # -- 1.8 shared data ---------------------------------------------------------------------------

@@ -11,7 +11,7 @@ failure policy. Streams already running on the old VM finish on it; a VM is rele
 last stream completes.
 
 The proxy reads a plugin only through `Plugin.report()`; the hooks its VMs call (ticks, callouts,
-queues, proxy_done) go through `_VMHooks`, so they are not part of `Plugin`'s API.
+Redis commands, queues, proxy_done) go through `_VMHooks`, so they are not part of `Plugin`'s API.
 """
 
 from __future__ import annotations
@@ -20,7 +20,16 @@ from time import perf_counter
 
 from sluice.histogram import Histogram
 
-from .api import CallResponse, Host, LocalReply, PluginLoadError, PluginSpec, StreamCallbacks, StreamInfo
+from .api import (
+    CallResponse,
+    Host,
+    LocalReply,
+    PluginLoadError,
+    PluginSpec,
+    RedisHost,
+    StreamCallbacks,
+    StreamInfo,
+)
 from .common import CALLBACK_BOUNDS_S, DETACHED, Counters, Replacement, StreamMode, build_report, failure_reply
 from .compiled import CompiledModule
 from .fastcall import WasmTrap
@@ -33,17 +42,21 @@ from .vm import RootContext, StreamContext, VMServices, WasmVM
 CONTINUE = FilterStatus.CONTINUE
 STOP = FilterStatus.STOP
 
+REDIS_CALLBACK = "proxy_on_redis_call_response"
+
+
 class _VMHooks:
     """The plugin as its VMs see it (`vm.VMOwner`): the services whose state outlives one VM.
 
     A separate object so the VM-only hooks are not methods of `Plugin`'s public API."""
 
-    __slots__ = ("_plugin", "spec", "host", "metrics")
+    __slots__ = ("_plugin", "spec", "host", "redis", "metrics")
 
     def __init__(self, plugin: Plugin) -> None:
         self._plugin = plugin
         self.spec = plugin._spec
         self.host = plugin._host
+        self.redis: RedisHost | None = plugin._host if isinstance(plugin._host, RedisHost) else None
         self.metrics = plugin._metrics
 
     def log_level(self) -> LogLevel:
@@ -57,6 +70,9 @@ class _VMHooks:
         trailers: HeaderMap, timeout_s: float | None,
     ) -> bool:
         return self._plugin._http_call(root, token, upstream, headers, body, trailers, timeout_s)
+
+    def redis_call(self, root: RootContext, token: int, cluster: str, query: bytes) -> bool:
+        return self._plugin._redis_call(root, token, cluster, query)
 
     def register_queue(self, root: RootContext, name: bytes) -> int:
         return self._plugin._register_queue(root, name)
@@ -160,6 +176,35 @@ class Plugin:
         finally:
             root.call_response = None
             root.status = (0, b"")
+
+    def _redis_call(self, root: RootContext, token: int, cluster: str, query: bytes) -> bool:
+        redis = self._hooks.redis
+        if redis is None:
+            return False
+        root.redis_calls.add(token)
+        accepted = redis.redis_call(
+            cluster, query, lambda reply, status: self._on_redis_response(root, token, reply, status)
+        )
+        if not accepted:
+            root.redis_calls.discard(token)
+        return accepted
+
+    def _on_redis_response(self, root: RootContext, token: int, reply: bytes | None, status: int) -> None:
+        if token not in root.redis_calls:
+            return
+        root.redis_calls.discard(token)
+        vm = root.vm
+        if root.deleted or vm is None or vm.dead is not None or not vm.has(REDIS_CALLBACK):
+            return
+        root.redis_reply = reply
+        try:
+            vm.call(REDIS_CALLBACK, root, root.id, token, 0 if reply is not None else status, len(reply or b""))
+        except WasmTrap as exc:
+            # The same consequences as a trap in proxy_on_http_call_response.
+            self._on_trap(vm, exc, REDIS_CALLBACK)
+            self._fail_paused_streams(vm)
+        finally:
+            root.redis_reply = None
 
     def _register_queue(self, root: RootContext, name: bytes) -> int:
         ready = root.queue_ready

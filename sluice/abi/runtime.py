@@ -19,7 +19,7 @@ from .component import ComponentPlugin, compile_component, is_component
 from .fastcall import summarize_error
 from .hostcalls import HOST_FUNCTIONS, bind_host_functions
 from .plugin import Plugin
-from .shared import InMemorySharedData, SharedData, SharedQueues
+from .shared import InMemorySharedData, Queues, SharedData, SharedQueues
 from .types import LogLevel, WasmResult
 from .vm import VMServices
 
@@ -49,13 +49,15 @@ def _wasmtime_version() -> str:
 
 
 class Runtime:
-    def __init__(self, cache_dir: Path | str | None = None, shared_data: SharedData | None = None) -> None:
+    def __init__(
+        self, cache_dir: Path | str | None = None, shared_data: SharedData | None = None, queues: Queues | None = None
+    ) -> None:
         self.engine = fastcall.engine()
         self.linker = wasmtime.Linker(self.engine)
         fastcall.define_host_functions(self.linker, HOST_FUNCTIONS)
         self._defined = frozenset((fn.module, fn.name) for fn in HOST_FUNCTIONS)
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
-        self.queues = SharedQueues()
+        self.queues: Queues = queues if queues is not None else SharedQueues()
         self._services = VMServices(
             self.engine, shared_data if shared_data is not None else InMemorySharedData(), self.queues,
             bind_host_functions,

@@ -1,9 +1,9 @@
 """Shared key/value data and shared queues, scoped by `vm_id` and living outside any VM.
 
-`SharedData` is the small interface a backend implements; `InMemorySharedData` serves one process.
-A Redis-backed implementation for limits spanning workers and hosts plugs in behind the same
-interface. Semantics follow cpp-host exactly (reference 1.8/1.9): one global CAS counter that
-never hands out 0, `cas == 0` writes unconditionally, a missing key ignores the CAS.
+`SharedData` and `Queues` are the small interfaces a backend implements; `InMemorySharedData` and
+`SharedQueues` serve one process, `shared_lmdb` every worker process of a host. Semantics follow
+cpp-host exactly (reference 1.8/1.9): one global CAS counter that never hands out 0, `cas == 0`
+writes unconditionally, a missing key ignores the CAS.
 """
 
 from __future__ import annotations
@@ -70,6 +70,20 @@ class InMemorySharedData:
 
     def size(self, vm_id: str) -> int:
         return len(self._spaces.get(vm_id, {}))
+
+
+class Queues(Protocol):
+    """Shared queues: `SharedQueues` serves one process, `shared_lmdb.LmdbQueues` a host."""
+
+    def register(self, vm_id: str, name: bytes, on_ready: Callable[[int], None]) -> int: ...
+
+    def resolve(self, vm_id: str, name: bytes) -> int | None: ...
+
+    def enqueue(self, token: int, data: bytes) -> WasmResult: ...
+
+    def dequeue(self, token: int) -> bytes | WasmResult: ...
+
+    def unbind(self, on_ready: Callable[[int], None]) -> None: ...
 
 
 @dataclasses.dataclass

@@ -65,6 +65,8 @@ class BufferType(enum.IntEnum):
     VM_CONFIGURATION = 6
     PLUGIN_CONFIGURATION = 7
     FOREIGN_FUNCTION_ARGUMENTS = 8
+    REDIS_CALL_RESPONSE = 9
+    """Higress (ABI 0.2.100): the Redis reply being delivered to proxy_on_redis_call_response."""
 
 
 class StreamType(enum.IntEnum):

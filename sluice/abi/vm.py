@@ -23,13 +23,13 @@ from typing import Any, Protocol
 import wasmtime
 
 from . import fastcall
-from .api import CallResponse, Cancellable, Host, LocalReply, PluginSpec, StreamInfo
+from .api import CallResponse, Cancellable, Host, LocalReply, PluginSpec, RedisHost, StreamInfo
 from .compiled import CompiledModule
 from .fastcall import ACTIVE as _ACTIVE
 from .fastcall import LinearMemory, StoreHandle, WasmFunction, WasmTrap, summarize_error
 from .headers import HeaderMap
 from .metrics import MetricRegistry
-from .shared import SharedData, SharedQueues
+from .shared import Queues, SharedData
 from .types import BufferType, LogLevel, MapType, StreamType, WasmResult
 
 # Callbacks sluice calls, with the wasm signature each must have (params, results). An export with
@@ -41,6 +41,7 @@ CALLBACKS: dict[str, tuple[str, str]] = {
     "proxy_on_configure": ("ii", "i"),
     "proxy_on_tick": ("i", ""),
     "proxy_on_queue_ready": ("ii", ""),
+    "proxy_on_redis_call_response": ("iiii", ""),  # Higress ABI 0.2.100 (RootContext.redis_call)
     "proxy_on_foreign_function": ("iii", ""),
     "proxy_on_request_body": ("iii", "i"),
     "proxy_on_request_trailers": ("ii", "i"),
@@ -72,6 +73,7 @@ _CALL_RESPONSE_BODY = int(BufferType.HTTP_CALL_RESPONSE_BODY)
 _VM_CONFIGURATION = int(BufferType.VM_CONFIGURATION)
 _PLUGIN_CONFIGURATION = int(BufferType.PLUGIN_CONFIGURATION)
 _FOREIGN_FUNCTION_ARGUMENTS = int(BufferType.FOREIGN_FUNCTION_ARGUMENTS)
+_REDIS_CALL_RESPONSE = int(BufferType.REDIS_CALL_RESPONSE)
 
 
 @dataclasses.dataclass(eq=False)
@@ -90,6 +92,12 @@ class RootContext:
     deleted: bool = False
     queue_ready: Callable[[int], None] | None = None
     """Posts proxy_on_queue_ready for this root; bound to the queues it registered."""
+    redis_clusters: set[str] = dataclasses.field(default_factory=set)
+    """Clusters proxy_redis_init readied for this root (a replaced VM's root readies them again)."""
+    redis_calls: set[int] = dataclasses.field(default_factory=set)
+    """Outstanding Redis commands by token (tokens are shared with HTTP callouts)."""
+    redis_reply: bytes | None = None
+    """The Redis reply being delivered (buffer 9), only during proxy_on_redis_call_response."""
 
     @property
     def root(self) -> RootContext:
@@ -117,6 +125,8 @@ class RootContext:
             return b""
         if btype == _CALL_RESPONSE_BODY and self.call_response is not None:
             return self.call_response.body
+        if btype == _REDIS_CALL_RESPONSE:
+            return self.redis_reply
         return None
 
     def set_body(self, btype: int, start: int, size: int, data: bytes) -> WasmResult:
@@ -141,6 +151,31 @@ class RootContext:
             self, token, upstream, headers, body, trailers, timeout_ms / 1000 if timeout_ms else None
         )
         return token if accepted else BAD_ARGUMENT
+
+    def redis_init(self, cluster: str, username: str, password: str, timeout_ms: int) -> WasmResult:
+        """proxy_redis_init (Higress): ready `cluster` for this root's calls."""
+        vm = self.vm
+        if vm is None:
+            return BAD_ARGUMENT
+        redis = vm.owner.redis
+        if redis is None:
+            return UNIMPLEMENTED
+        if not redis.redis_init(cluster, username, password, timeout_ms / 1000 if timeout_ms else None):
+            return BAD_ARGUMENT  # not a Redis cluster of the config
+        self.redis_clusters.add(cluster)
+        return OK
+
+    def redis_call(self, cluster: str, query: bytes) -> int | WasmResult:
+        """proxy_redis_call (Higress): the command's token, or why it was refused."""
+        vm = self.vm
+        if vm is None:
+            return BAD_ARGUMENT
+        if vm.owner.redis is None:
+            return UNIMPLEMENTED
+        if cluster not in self.redis_clusters:
+            return BAD_ARGUMENT  # Higress: a cluster must be initialised first
+        token = vm.new_token()
+        return token if vm.owner.redis_call(self, token, cluster, query) else BAD_ARGUMENT
 
     def done(self) -> WasmResult:
         """proxy_done: the module has finished what made its proxy_on_done answer "not yet"."""
@@ -265,6 +300,8 @@ class VMOwner(Protocol):
 
     spec: PluginSpec
     host: Host
+    redis: RedisHost | None
+    """`host` when it serves Higress's Redis calls, else None (they answer UNIMPLEMENTED)."""
     metrics: MetricRegistry
 
     def log_level(self) -> LogLevel: ...
@@ -275,6 +312,10 @@ class VMOwner(Protocol):
         self, root: RootContext, token: int, upstream: str, headers: HeaderMap, body: bytes,
         trailers: HeaderMap, timeout_s: float | None,
     ) -> bool: ...
+
+    def redis_call(self, root: RootContext, token: int, cluster: str, query: bytes) -> bool:
+        """Send the command; its answer reaches proxy_on_redis_call_response on `root`."""
+        ...
 
     def register_queue(self, root: RootContext, name: bytes) -> int: ...
 
@@ -291,7 +332,7 @@ class VMServices:
 
     engine: wasmtime.Engine
     shared_data: SharedData
-    queues: SharedQueues
+    queues: Queues
     bind_host_functions: HostBinder
 
 
@@ -557,7 +598,7 @@ class WasmVM:
 
     def buffer(self, btype: int) -> bytes | bytearray | None:
         """Buffer `btype` as the running callback sees it (None: not available here)."""
-        if btype <= _RESPONSE_BODY or btype == _CALL_RESPONSE_BODY:
+        if btype <= _RESPONSE_BODY or btype in (_CALL_RESPONSE_BODY, _REDIS_CALL_RESPONSE):
             ctx = self.acting()
             if ctx is None:
                 return b"" if btype <= _RESPONSE_BODY else None

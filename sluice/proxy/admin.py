@@ -28,6 +28,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from sluice.abi import LogLevel
@@ -126,7 +127,7 @@ class AdminServer:
 
     # -- lifecycle -------------------------------------------------------------------------------
     def _make_app(self) -> web.Application:
-        app = web.Application(middlewares=[self._guard], client_max_size=64 * 1024)
+        app = web.Application(middlewares=[admin_guard(lambda: self.token)], client_max_size=64 * 1024)
         app.router.add_get("/", self.dashboard)
         app.router.add_get("/dashboard.json", self.dashboard_json)
         app.router.add_get("/ready", self.ready)
@@ -145,23 +146,9 @@ class AdminServer:
     async def start(self, host: str | None = None, port: int | None = None) -> tuple[str, int]:
         """Listen on `admin.listen` (or `host`/`port`; port 0 = any free port)."""
         listen = self.gateway.config.admin.listen
-        runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
-        await runner.setup()
-        site = web.TCPSite(
-            runner, host if host is not None else listen.host, listen.port if port is None else port,
-            reuse_address=True,
+        self._runner, self.address = await listen_app(
+            self.app, host if host is not None else listen.host, listen.port if port is None else port
         )
-        try:
-            await site.start()
-        except BaseException:
-            await runner.cleanup()
-            raise
-        self._runner = runner
-        server = site._server  # noqa: SLF001 - the bound port is only known here
-        sockets = getattr(server, "sockets", None)
-        assert sockets
-        sock = sockets[0].getsockname()
-        self.address = (str(sock[0]), int(sock[1]))
         return self.address
 
     @property
@@ -173,46 +160,6 @@ class AdminServer:
         if self._runner is not None:
             runner, self._runner = self._runner, None
             await runner.cleanup()
-
-    # -- access control ----------------------------------------------------------------------------
-    @web.middleware
-    async def _guard(self, request: web.Request, handler: _Handler) -> web.StreamResponse:
-        if self.token is not None:
-            if not self._authorized(request.headers.get("Authorization", "")):
-                return web.json_response(
-                    {"error": "unauthorized: send Authorization: Bearer <admin.token>"},
-                    status=401,
-                    headers={"WWW-Authenticate": 'Bearer realm="sluice-admin"', "Cache-Control": "no-store"},
-                )
-        elif not _host_is_local(request.host):
-            return web.json_response({"error": "Host must be localhost or an IP address"}, status=421)
-        if request.method not in ("GET", "HEAD", "OPTIONS") and self._cross_site(request):
-            return web.json_response({"error": "cross-site request refused"}, status=403)
-        response = await handler(request)
-        response.headers.setdefault("Cache-Control", "no-store")
-        response.headers.setdefault("X-Content-Type-Options", "nosniff")
-        return response
-
-    def _authorized(self, header: str) -> bool:
-        assert self.token is not None
-        scheme, _, credential = header.strip().partition(" ")
-        ok_scheme = scheme.lower() == "bearer"
-        # compare_digest on bytes of any length: time depends on the length, not the content.
-        same = hmac.compare_digest(credential.strip().encode(), self.token.encode())
-        return ok_scheme and same
-
-    @staticmethod
-    def _cross_site(request: web.Request) -> bool:
-        if request.headers.get("Sec-Fetch-Site", "").lower() in ("cross-site", "same-site"):
-            return True
-        origin = request.headers.get("Origin")
-        if origin is None:
-            return False
-        try:
-            netloc = urlsplit(origin).netloc
-        except ValueError:
-            return True
-        return netloc.lower() != request.host.lower()
 
     # -- health --------------------------------------------------------------------------------
     async def healthz(self, request: web.Request) -> web.StreamResponse:
@@ -340,13 +287,9 @@ class AdminServer:
         return web.json_response(self._levels())
 
     async def set_logging(self, request: web.Request) -> web.StreamResponse:
-        text = request.query.get("level")
-        if not text:
-            return web.json_response({"error": "level is required, e.g. /logging?level=debug"}, status=400)
-        try:
-            level = LogLevel.parse(text)
-        except ValueError as exc:
-            return web.json_response({"error": str(exc)}, status=400)
+        level = requested_level(request)
+        if not isinstance(level, LogLevel):
+            return level
         py_level = PYTHON_LEVELS[level]
         name = request.query.get("filter")
         filters = self._filters()
@@ -448,3 +391,82 @@ def _event_json(event: ReloadEvent) -> dict[str, Any]:
     data["trigger"] = event.trigger.value
     data["time_iso"] = _iso(event.time)
     return data
+
+
+# -- shared by this admin and the fleet's (fleet_admin.py) -------------------------------------------
+
+
+def admin_guard(token: Callable[[], str | None]) -> Middleware:
+    """The admin API's access control as an aiohttp middleware: with a token (`token()`), every
+    request needs ``Authorization: Bearer <token>``; without one, the `Host` must be local.
+    Cross-site writes are refused either way (module docstring)."""
+
+    @web.middleware
+    async def guard(request: web.Request, handler: _Handler) -> web.StreamResponse:
+        expected = token()
+        if expected is not None:
+            if not _authorized(request.headers.get("Authorization", ""), expected):
+                return web.json_response(
+                    {"error": "unauthorized: send Authorization: Bearer <admin.token>"},
+                    status=401,
+                    headers={"WWW-Authenticate": 'Bearer realm="sluice-admin"', "Cache-Control": "no-store"},
+                )
+        elif not _host_is_local(request.host):
+            return web.json_response({"error": "Host must be localhost or an IP address"}, status=421)
+        if request.method not in ("GET", "HEAD", "OPTIONS") and _cross_site(request):
+            return web.json_response({"error": "cross-site request refused"}, status=403)
+        response = await handler(request)
+        response.headers.setdefault("Cache-Control", "no-store")
+        response.headers.setdefault("X-Content-Type-Options", "nosniff")
+        return response
+
+    return guard
+
+
+def requested_level(request: web.Request) -> LogLevel | web.StreamResponse:
+    """The `?level=` of a POST /logging, or the 400 that explains what is wrong with it."""
+    text = request.query.get("level")
+    if not text:
+        return web.json_response({"error": "level is required, e.g. /logging?level=debug"}, status=400)
+    try:
+        return LogLevel.parse(text)
+    except ValueError as exc:
+        return web.json_response({"error": str(exc)}, status=400)
+
+
+def _authorized(header: str, token: str) -> bool:
+    scheme, _, credential = header.strip().partition(" ")
+    ok_scheme = scheme.lower() == "bearer"
+    # compare_digest on bytes of any length: time depends on the length, not the content.
+    same = hmac.compare_digest(credential.strip().encode(), token.encode())
+    return ok_scheme and same
+
+
+def _cross_site(request: web.Request) -> bool:
+    if request.headers.get("Sec-Fetch-Site", "").lower() in ("cross-site", "same-site"):
+        return True
+    origin = request.headers.get("Origin")
+    if origin is None:
+        return False
+    try:
+        netloc = urlsplit(origin).netloc
+    except ValueError:
+        return True
+    return netloc.lower() != request.host.lower()
+
+
+async def listen_app(app: web.Application, host: str, port: int) -> tuple[web.AppRunner, tuple[str, int]]:
+    """Serve `app` on host:port (0 = any free port); the runner and the bound address."""
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port, reuse_address=True)
+    try:
+        await site.start()
+    except BaseException:
+        await runner.cleanup()
+        raise
+    server = site._server  # noqa: SLF001 - the bound port is only known here
+    sockets = getattr(server, "sockets", None)
+    assert sockets
+    sock = sockets[0].getsockname()
+    return runner, (str(sock[0]), int(sock[1]))

@@ -27,10 +27,12 @@ from .config import SluiceConfig
 from .generation import Generation, LoadedFilter, load_generation
 from .listener import TlsListener
 from .logs import AccessLog, AccessLogError
+from .redis_host import RedisCollector
 from .reload import Reloader
 from .reloadevents import ReloadHistory
 from .server import ProxyServer
 from .services import Services
+from .sharing import SharedDataCollector, build_runtime
 from .stats import ProxyStats
 from .tls.certs import CertificateError
 from .tls.server import ServerTls
@@ -109,12 +111,13 @@ class Gateway:
     @property
     def runtime(self) -> abi.Runtime:
         if self._runtime is None:
-            self._runtime = abi.Runtime(cache_dir=self.config.cache_dir)
+            self._runtime = build_runtime(self.config)
         return self._runtime
 
     async def build_generation(self, config: SluiceConfig, previous: Generation | None = None) -> Generation:
         """Compile and load every filter of `config` (see `generation.load_generation`)."""
         assert self.services is not None, "start() first"
+        self.services.redis.learn(config.clusters)  # filters may proxy_redis_init them while configuring
         return await load_generation(next(self._numbers), config, lambda: self.runtime, self.services, previous)
 
     def install(self, gen: Generation) -> Generation | None:
@@ -236,6 +239,8 @@ async def _run(config: SluiceConfig) -> int:
         return 1
     gateway.on_drain = stop.set  # POST /drain takes the SIGTERM path
     admin = AdminServer(gateway)
+    admin.registry.register(SharedDataCollector(lambda: gateway.runtime if gateway.config.chain else None))
+    admin.registry.register(RedisCollector(lambda: gateway.services.redis if gateway.services else None))
     try:
         admin_host, admin_port = await admin.start()
     except OSError as exc:

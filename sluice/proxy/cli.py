@@ -14,8 +14,8 @@ import argparse
 import sys
 from collections.abc import Callable
 
-from sluice import DEMO_CONFIG, abi
-from sluice.proxy.config import ConfigError, HostPort, SluiceConfig, load_config
+from sluice import DEMO_CONFIG
+from sluice.proxy.config import ConfigError, HostPort, SluiceConfig, load_config, resolve_workers
 
 __all__ = ["DEFAULT_CONFIG", "build_parser", "main"]
 
@@ -159,6 +159,10 @@ def _run(args: argparse.Namespace) -> int:
     if config is None:
         return 1
     # Imported here so that `check` and `filter test` do not pull in the HTTP server.
+    if resolve_workers(config.workers) > 1:
+        from sluice.proxy.fleet import serve_fleet
+
+        return serve_fleet(config)
     from sluice.proxy.app import serve
 
     return serve(config)
@@ -167,54 +171,17 @@ def _run(args: argparse.Namespace) -> int:
 # -- check -----------------------------------------------------------------------------------------
 
 
-class _NoTimer:
-    def cancel(self) -> bool:
-        return False
-
-
-class _CheckHost:
-    """An `abi.Host` for loading filters without serving: no callouts leave, no timer ever fires."""
-
-    def http_call(
-        self,
-        upstream: str,
-        headers: abi.HeaderMap,
-        body: bytes,
-        trailers: abi.HeaderMap,
-        timeout_s: float | None,
-        on_response: Callable[[abi.CallResponse | None], None],
-    ) -> bool:
-        return False
-
-    def call_later(self, delay_s: float, callback: Callable[[], None]) -> abi.Cancellable:
-        return _NoTimer()
-
-    def log(self, plugin: str, level: abi.LogLevel, message: str) -> None:
-        # A filter rejecting its config usually says why in a log line; show it next to the error.
-        print(f"[{plugin}] {level.name} {message}", file=sys.stderr)
-
-
 def _check(args: argparse.Namespace) -> int:
+    from sluice.proxy.checking import check_filters
+
     config = _load(args.config)
     if config is None:
         return 1
-    runtime = abi.Runtime(cache_dir=config.cache_dir)
-    host = _CheckHost()
-    failed = 0
-    try:
-        for index, entry in enumerate(config.chain):
-            try:
-                module = runtime.compile(entry.module_path)
-                plugin = runtime.load(config.plugin_spec(entry), host, module=module)
-            except abi.PluginLoadError as exc:
-                print(f"{config.where('chain', index)} ({entry.name}): {exc}", file=sys.stderr)
-                failed += 1
-                continue
-            plugin.retire()
-    finally:
-        runtime.close()
-    if failed:
-        print(f"{args.config}: {failed} of {len(config.chain)} filters failed to load", file=sys.stderr)
+    result = check_filters(config)
+    for problem in result.problems:
+        print(problem, file=sys.stderr)
+    if result.problems:
+        print(f"{args.config}: {len(result.problems)} of {len(config.chain)} filters failed to load", file=sys.stderr)
         return 1
     counts = f"{len(config.chain)} filters, {len(config.routes)} routes, {len(config.clusters)} clusters"
     print(f"config OK: {counts}")

@@ -220,6 +220,7 @@ class FilterRig:
     def close(self) -> None:
         for plugin in self.plugins:
             plugin.retire()
+        self.loop.run_until_complete(self.host.redis.aclose())  # before the loop that runs them closes
         self.host.close()
         self.loop.close()
         self.runtime.close()

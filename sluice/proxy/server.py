@@ -54,6 +54,8 @@ class ProxyServer:
         self.tls_listeners: list[TlsListener] = []
         self._draining = False
         self._all_closed: asyncio.Future[None] | None = None
+        self.reuse_port = False
+        """SO_REUSEPORT: each worker process binds its own socket on the same address (Linux)."""
 
     @property
     def tracks_headers(self) -> bool:
@@ -72,7 +74,9 @@ class ProxyServer:
             def factory() -> asyncio.Protocol:
                 return TlsAcceptor(secure.tls, lambda: TlsDownstreamConnection(self, secure), secure.handshakes)
 
-        server = await loop.create_server(factory, host, port, reuse_address=True, backlog=1024)
+        server = await loop.create_server(
+            factory, host, port, reuse_address=True, reuse_port=self.reuse_port or None, backlog=1024
+        )
         if self._server is None:
             self._server = server
         self._servers.append(server)

@@ -19,6 +19,7 @@ from .clusters import ClusterPool
 from .config import HostPort
 from .http import upstream_request
 from .logs import FilterLogs
+from .redis_host import RedisClients
 from .upstream import ResponseHead, UpstreamConnection, UpstreamError
 
 if TYPE_CHECKING:
@@ -85,6 +86,8 @@ class Services:
         self.call_failures = 0
         self.filter_logs = FilterLogs(call_later=loop.call_later)
         """Filter log lines, rate-limited per filter (sluice/proxy/logs.py)."""
+        self.redis = RedisClients(loop)
+        """`type: redis` clusters for proxy_redis_call (sluice/proxy/redis_host.py)."""
 
     def add_pool(self, pool: ClusterPool) -> None:
         """Serve callouts to `pool.name` from `pool`, outside any generation."""
@@ -123,6 +126,13 @@ class Services:
 
     def log(self, plugin: str, level: LogLevel, message: str) -> None:
         self.filter_logs.log(plugin, level, message)
+
+    # -- abi.RedisHost (Higress's Redis calls) ---------------------------------------------------------
+    def redis_init(self, cluster: str, username: str, password: str, timeout_s: float | None) -> bool:
+        return self.redis.init(cluster, username, password, timeout_s)
+
+    def redis_call(self, cluster: str, query: bytes, on_response: Callable[[bytes | None, int], None]) -> bool:
+        return self.redis.call(cluster, query, on_response)
 
     # -- internals -----------------------------------------------------------------------------
     def _pool_for(self, upstream: str) -> ClusterPool | None:
@@ -179,6 +189,7 @@ class Services:
             pool.release(conn)
 
     def close(self) -> None:
+        self.redis.close()
         self.filter_logs.flush()
         self.filter_logs.close()
         for task in list(self._tasks):

@@ -14,6 +14,7 @@
 //!         pub fn onResponseHeaders(self: *Stream, num_headers: u32, end_of_stream: bool) Action;
 //!         pub fn onHttpCallResponse(self: *Stream, token: u32, num_headers: u32, body_size: u32,
 //!                                   num_trailers: u32) void;
+//!         pub fn onRedisCallResponse(self: *Stream, token: u32, status: i32, reply: []const u8) void; // optional
 //!         pub fn onLog(self: *Stream) void;
 //!         pub fn deinit(self: *Stream) void;
 //!     };
@@ -71,6 +72,7 @@ pub const BufferType = enum(u32) {
     vm_configuration = 6,
     plugin_configuration = 7,
     foreign_function_arguments = 8,
+    redis_call_response = 9, // Higress ABI 0.2.100
 };
 
 pub const StreamType = enum(u32) { request = 0, response = 1, downstream = 2, upstream = 3 };
@@ -108,6 +110,9 @@ const hs = struct {
     extern "env" fn proxy_increment_metric(id: u32, offset: i64) u32;
     extern "env" fn proxy_record_metric(id: u32, value: u64) u32;
     extern "env" fn proxy_call_foreign_function(np: [*]const u8, nl: usize, ap: [*]const u8, al: usize, out_ptr: *?[*]u8, out_len: *usize) u32;
+    // Higress ABI 0.2.100 (imported only by filters that use Redis).
+    extern "env" fn proxy_redis_init(cp: [*]const u8, cl: usize, up: [*]const u8, ul: usize, pp: [*]const u8, pl: usize, timeout_ms: u32) u32;
+    extern "env" fn proxy_redis_call(cp: [*]const u8, cl: usize, qp: [*]const u8, ql: usize, out_token: *u32) u32;
 };
 
 fn st(raw: u32) Status {
@@ -327,6 +332,86 @@ pub fn httpCallResponseStatus() u32 {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Redis calls (Higress ABI 0.2.100). A command sent from a stream reaches that stream's
+// `onRedisCallResponse(token, status, reply)` (status 0: `reply` is the RESP answer).
+
+var redis_pending: std.ArrayListUnmanaged(Pending) = .empty;
+
+/// Readies `cluster` (a `type: redis` cluster of the host) for `redisCall`; call it in `configure`.
+pub fn redisInit(cluster: []const u8, username: []const u8, password: []const u8, timeout_ms: u32) Status {
+    return st(hs.proxy_redis_init(cluster.ptr, cluster.len, username.ptr, username.len, password.ptr, password.len, timeout_ms));
+}
+
+/// Sends one command (arguments, RESP-encoded here); returns the token.
+pub fn redisCall(cluster: []const u8, args: []const []const u8) Error!u32 {
+    var out: std.ArrayListUnmanaged(u8) = .empty;
+    const a = scratch();
+    try out.appendSlice(a, "*");
+    try out.appendSlice(a, itoa(args.len));
+    try out.appendSlice(a, "\r\n");
+    for (args) |arg| {
+        try out.appendSlice(a, "$");
+        try out.appendSlice(a, itoa(arg.len));
+        try out.appendSlice(a, "\r\n");
+        try out.appendSlice(a, arg);
+        try out.appendSlice(a, "\r\n");
+    }
+    var token: u32 = 0;
+    if (st(hs.proxy_redis_call(cluster.ptr, cluster.len, out.items.ptr, out.items.len, &token)) != .ok) return error.HostError;
+    try redis_pending.append(allocator, .{ .token = token, .stream = current_context });
+    return token;
+}
+
+/// A RESP reply, as far as filters need one: an integer, a (bulk or simple) string, an error,
+/// nil, or an array of integers (what scripts return).
+pub const RespReply = union(enum) {
+    integer: i64,
+    string: []const u8,
+    err: []const u8,
+    nil,
+    integers: []const i64,
+    other,
+};
+
+fn respLine(data: []const u8, pos: *usize) ?[]const u8 {
+    const end = std.mem.indexOfPos(u8, data, pos.*, "\r\n") orelse return null;
+    const line = data[pos.*..end];
+    pos.* = end + 2;
+    return line;
+}
+
+pub fn parseResp(data: []const u8) RespReply {
+    var pos: usize = 0;
+    const line = respLine(data, &pos) orelse return .other;
+    if (line.len == 0) return .other;
+    const rest = line[1..];
+    switch (line[0]) {
+        ':' => return .{ .integer = std.fmt.parseInt(i64, rest, 10) catch return .other },
+        '+' => return .{ .string = rest },
+        '-' => return .{ .err = rest },
+        '$' => {
+            const n = std.fmt.parseInt(i64, rest, 10) catch return .other;
+            if (n < 0) return .nil;
+            const size: usize = @intCast(n);
+            if (pos + size > data.len) return .other;
+            return .{ .string = data[pos .. pos + size] };
+        },
+        '*' => {
+            const n = std.fmt.parseInt(i64, rest, 10) catch return .other;
+            if (n < 0) return .nil;
+            const items = scratch().alloc(i64, @intCast(n)) catch return .other;
+            for (items) |*item| {
+                const l = respLine(data, &pos) orelse return .other;
+                if (l.len == 0 or l[0] != ':') return .other;
+                item.* = std.fmt.parseInt(i64, l[1..], 10) catch return .other;
+            }
+            return .{ .integers = items };
+        },
+        else => return .other,
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 // Shared data
 
 pub const SharedValue = struct { value: []const u8, cas: u32 };
@@ -522,23 +607,46 @@ fn onTick(id: u32) callconv(.c) void {
     if (findRoot(id)) |r| r.onTick();
 }
 
+/// The stream that is waiting for `token` (forgotten from `list`), if any.
+fn takePending(list: *std.ArrayListUnmanaged(Pending), token: u32) ?u32 {
+    for (list.items, 0..) |p, i| {
+        if (p.token == token) {
+            _ = list.swapRemove(i);
+            return p.stream;
+        }
+    }
+    return null;
+}
+
+/// Forgets every call a deleted stream was waiting for: a late answer is dropped.
+fn forgetStream(list: *std.ArrayListUnmanaged(Pending), stream: u32) void {
+    var i: usize = 0;
+    while (i < list.items.len) {
+        if (list.items[i].stream == stream) _ = list.swapRemove(i) else i += 1;
+    }
+}
+
 fn onHttpCallResponse(id: u32, token: u32, nh: u32, bs: u32, nt: u32) callconv(.c) void {
     enter();
     defer leave();
     current_context = id;
-    var stream_id: ?u32 = null;
-    for (pending.items, 0..) |p, i| {
-        if (p.token == token) {
-            stream_id = p.stream;
-            _ = pending.swapRemove(i);
-            break;
-        }
-    }
-    const sid = stream_id orelse return;
+    const sid = takePending(&pending, token) orelse return;
     const s = findStream(sid) orelse return;
     if (setEffectiveContext(sid) != .ok) return;
     current_context = sid;
     s.onHttpCallResponse(token, nh, bs, nt);
+}
+
+fn onRedisCallResponse(id: u32, token: u32, status: i32, size: i32) callconv(.c) void {
+    enter();
+    defer leave();
+    current_context = id;
+    const sid = takePending(&redis_pending, token) orelse return;
+    const s = findStream(sid) orelse return;
+    const reply: []const u8 = if (status == 0 and size > 0) getBufferBytes(.redis_call_response, 0, @intCast(size)) orelse "" else "";
+    if (setEffectiveContext(sid) != .ok) return;
+    current_context = sid;
+    s.onRedisCallResponse(token, status, reply);
 }
 
 fn onRequestHeaders(id: u32, n: u32, eos: u32) callconv(.c) u32 {
@@ -571,11 +679,8 @@ export fn proxy_on_delete(id: u32) void {
     if (streams.fetchRemove(id)) |kv| {
         if (@hasDecl(Stream, "deinit")) kv.value.deinit();
         allocator.destroy(kv.value);
-        // Forget callouts of this stream: a late response is dropped.
-        var i: usize = 0;
-        while (i < pending.items.len) {
-            if (pending.items[i].stream == id) _ = pending.swapRemove(i) else i += 1;
-        }
+        forgetStream(&pending, id);
+        if (@hasDecl(Stream, "onRedisCallResponse")) forgetStream(&redis_pending, id);
         return;
     }
     for (roots.items, 0..) |r, i| {
@@ -594,6 +699,7 @@ export fn proxy_on_delete(id: u32) void {
 comptime {
     if (@hasDecl(Root, "onTick")) @export(&onTick, .{ .name = "proxy_on_tick" });
     if (@hasDecl(Stream, "onHttpCallResponse")) @export(&onHttpCallResponse, .{ .name = "proxy_on_http_call_response" });
+    if (@hasDecl(Stream, "onRedisCallResponse")) @export(&onRedisCallResponse, .{ .name = "proxy_on_redis_call_response" });
     // Exported whenever a header callback exists: some hosts read the ABI's header-callback arity
     // (2 or 3 parameters) from proxy_on_request_headers alone.
     if (@hasDecl(Stream, "onRequestHeaders") or @hasDecl(Stream, "onResponseHeaders"))

@@ -5,6 +5,12 @@
 //! limit holds across concurrent streams and across VMs sharing a vm_id.
 //! Idle buckets are deleted on a tick through sluice's foreign functions
 //! `sluice_shared_data_keys` / `sluice_shared_data_delete` (skipped on hosts without them).
+//!
+//! `backend: redis` keeps the buckets in Redis instead (one per rule and key, fleet-wide): each
+//! request runs `bucket_script` once (EVALSHA, EVAL after a NOSCRIPT) through Higress's Redis
+//! host calls, and the request waits for the answer. When Redis fails, `on_backend_failure`
+//! decides (local: the host-wide shared-data buckets above; allow; deny), a WARN line says so once,
+//! and Redis is tried again every `retry_interval_ms`; the first answer ends the degradation.
 const std = @import("std");
 const pw = @import("proxy_wasm");
 
@@ -18,6 +24,41 @@ const max_burst: u64 = 1_000_000_000;
 const max_retries = 1000;
 
 const KeyKind = enum { source, header };
+const Backend = enum { local, redis };
+const OnFailure = enum { local, allow, deny };
+
+/// Token buckets in Redis for every rule at once, all or nothing (a denied request takes no
+/// token anywhere). KEYS[i]: the bucket of rule i; ARGV[2i-1], ARGV[2i]: its rate (requests per
+/// second x1000) and burst. Time is Redis's own clock, the same for the whole fleet. Returns
+/// {allowed 1|0, remaining, reset seconds, index of the deciding rule}.
+const bucket_script =
+    \\local t = redis.call('TIME')
+    \\local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+    \\local level = {}
+    \\for i = 1, #KEYS do
+    \\  local rate = tonumber(ARGV[2 * i - 1]) / 1000
+    \\  local burst = tonumber(ARGV[2 * i])
+    \\  local v = redis.call('HMGET', KEYS[i], 't', 'ts')
+    \\  local tk = tonumber(v[1]) or burst
+    \\  local ts = tonumber(v[2]) or now
+    \\  if now > ts then tk = math.min(burst, tk + (now - ts) * rate / 1000000) end
+    \\  if tk < 1 then return {0, 0, math.max(1, math.ceil((1 - tk) / rate)), i - 1} end
+    \\  level[i] = tk
+    \\end
+    \\local rem, reset, which = -1, 0, 0
+    \\for i = 1, #KEYS do
+    \\  local rate = tonumber(ARGV[2 * i - 1]) / 1000
+    \\  local burst = tonumber(ARGV[2 * i])
+    \\  local tk = level[i] - 1
+    \\  redis.call('HSET', KEYS[i], 't', tk, 'ts', now)
+    \\  redis.call('PEXPIRE', KEYS[i], math.ceil((burst - tk) / rate * 1000) + 1000)
+    \\  local r = math.floor(tk)
+    \\  local rs = 0
+    \\  if tk < 1 then rs = math.ceil((1 - tk) / rate) end
+    \\  if rem < 0 or r < rem or (r == rem and rs > reset) then rem, reset, which = r, rs, i - 1 end
+    \\end
+    \\return {1, rem, reset, which}
+;
 
 const Rule = struct {
     name: []const u8,
@@ -34,7 +75,19 @@ pub const Root = struct {
     idle_timeout_ns: u64 = 60 * unit,
     allowed: u32 = 0,
     denied: u32 = 0,
+    backend_failures: u32 = 0,
+    fallbacks: u32 = 0,
     cleanup_unsupported: bool = false,
+    backend: Backend = .local,
+    redis_cluster: []const u8 = "",
+    redis_timeout_ms: u32 = 100,
+    retry_interval_ns: u64 = 500 * 1_000_000,
+    key_prefix: []const u8 = "sluice:rl:",
+    on_failure: OnFailure = .local,
+    script_sha: [40]u8 = undefined,
+    redis_ready: bool = false,
+    degraded: bool = false,
+    retry_at: u64 = 0,
 
     pub fn init(self: *Root, _: u32) void {
         self.allowed = pw.defineMetric(.counter, "ratelimit_allowed");
@@ -53,7 +106,52 @@ pub const Root = struct {
             return false;
         };
         pw.setTickPeriod(@intCast(self.cleanup_interval_ms));
+        if (self.backend == .redis) {
+            // Defined only with a backend that can fail (a local-only filter reports what it did before).
+            if (self.backend_failures == 0) self.backend_failures = pw.defineMetric(.counter, "ratelimit_backend_failures");
+            if (self.fallbacks == 0) self.fallbacks = pw.defineMetric(.counter, "ratelimit_fallback_decisions");
+            var digest: [20]u8 = undefined;
+            std.crypto.hash.Sha1.hash(bucket_script, &digest, .{});
+            self.script_sha = std.fmt.bytesToHex(digest, .lower);
+            self.redis_ready = false;
+            self.degraded = false;
+            if (!self.readyRedis()) self.failed("the cluster cannot be initialised");
+        }
         return true;
+    }
+
+    /// proxy_redis_init for the configured cluster (again after a failure).
+    fn readyRedis(self: *Root) bool {
+        if (!self.redis_ready) self.redis_ready = pw.redisInit(self.redis_cluster, "", "", self.redis_timeout_ms) == .ok;
+        return self.redis_ready;
+    }
+
+    /// Whether this request should ask Redis: always while healthy; once per retry interval when degraded.
+    fn tryRedis(self: *Root) bool {
+        if (!self.degraded) return true;
+        const t = pw.now();
+        if (t < self.retry_at) return false;
+        self.retry_at = t + self.retry_interval_ns;
+        return self.readyRedis();
+    }
+
+    fn failed(self: *Root, reason: []const u8) void {
+        pw.incrementMetric(self.backend_failures, 1);
+        self.retry_at = pw.now() + self.retry_interval_ns;
+        if (self.degraded) return;
+        self.degraded = true;
+        const mode = switch (self.on_failure) {
+            .local => "the host-wide buckets (on_backend_failure: local)",
+            .allow => "allowing requests (on_backend_failure: allow)",
+            .deny => "denying requests (on_backend_failure: deny)",
+        };
+        pw.logParts(.warn, &.{ "ratelimit: redis cluster ", self.redis_cluster, " failed (", reason, "); falling back to ", mode });
+    }
+
+    fn answered(self: *Root) void {
+        if (!self.degraded) return;
+        self.degraded = false;
+        pw.logParts(.info, &.{ "ratelimit: redis cluster ", self.redis_cluster, " answers again; fleet-wide limits restored" });
     }
 
     fn parseConfig(self: *Root, r: *pw.ConfigReader, bytes: []const u8) !void {
@@ -61,7 +159,7 @@ pub const Root = struct {
         if (top != .object) return r.fail(&.{"configuration must be a JSON object"});
         const a = r.alloc;
         if (top.object.get("rules")) |rules_v| {
-            const obj = try r.object(top, "configuration", &.{ "rules", "cleanup_interval_s", "idle_timeout_s" });
+            const obj = try r.object(top, "configuration", &.{ "rules", "cleanup_interval_s", "idle_timeout_s", "backend", "redis", "on_backend_failure" });
             const items = try r.array(rules_v, "rules");
             if (items.len == 0) return r.fail(&.{"rules must not be empty"});
             const rules = a.alloc(Rule, items.len) catch return r.oom();
@@ -76,7 +174,7 @@ pub const Root = struct {
             self.rules = rules;
             try self.parseCommon(r, obj);
         } else {
-            const obj = try r.object(top, "configuration", &.{ "name", "requests_per_second", "burst", "key", "cleanup_interval_s", "idle_timeout_s" });
+            const obj = try r.object(top, "configuration", &.{ "name", "requests_per_second", "burst", "key", "cleanup_interval_s", "idle_timeout_s", "backend", "redis", "on_backend_failure" });
             const rules = a.alloc(Rule, 1) catch return r.oom();
             rules[0] = try parseRule(r, obj, "configuration", 0);
             self.rules = rules;
@@ -94,6 +192,26 @@ pub const Root = struct {
             if (ms == 0 or ms > 86_400_000) return r.fail(&.{"idle_timeout_s must be positive and at most 86400"});
             self.idle_timeout_ns = ms * 1_000_000;
         }
+        self.backend = .local;
+        if (obj.get("backend")) |v| {
+            const name = try r.string(v, "backend");
+            self.backend = std.meta.stringToEnum(Backend, name) orelse return r.fail(&.{ "backend: unknown backend \"", name, "\" (local or redis)" });
+        }
+        if (obj.get("on_backend_failure")) |v| {
+            const name = try r.string(v, "on_backend_failure");
+            self.on_failure = std.meta.stringToEnum(OnFailure, name) orelse return r.fail(&.{ "on_backend_failure: unknown value \"", name, "\" (local, allow or deny)" });
+        }
+        if (obj.get("redis")) |v| {
+            const o = try r.object(v, "redis", &.{ "cluster", "timeout_ms", "retry_interval_ms", "key_prefix" });
+            if (o.get("cluster")) |c| self.redis_cluster = try r.nonEmptyString(c, "redis.cluster");
+            if (o.get("timeout_ms")) |t| {
+                self.redis_timeout_ms = @intCast(try r.uint(t, "redis.timeout_ms", 60_000));
+                if (self.redis_timeout_ms == 0) return r.fail(&.{"redis.timeout_ms must be at least 1"});
+            }
+            if (o.get("retry_interval_ms")) |t| self.retry_interval_ns = (try r.uint(t, "redis.retry_interval_ms", 3_600_000)) * 1_000_000;
+            if (o.get("key_prefix")) |k| self.key_prefix = try r.string(k, "redis.key_prefix");
+        }
+        if (self.backend == .redis and self.redis_cluster.len == 0) return r.fail(&.{"backend redis needs redis.cluster (a cluster of type redis)"});
     }
 
     /// Deletes buckets idle longer than idle_timeout_s (CAS-guarded: a concurrent update wins).
@@ -256,28 +374,122 @@ pub const Stream = struct {
     limit: u64 = 0,
     remaining: u64 = 0,
     reset_s: u64 = 0,
+    waiting: bool = false,
+    token: u32 = 0,
+    eval_sent: bool = false,
 
     pub fn init(self: *Stream, root: *Root, _: u32) void {
         self.root = root;
     }
 
     pub fn onRequestHeaders(self: *Stream, _: u32, _: bool) pw.Action {
+        const r = self.root;
+        if (r.backend == .local) return self.decideLocal();
+        if (r.tryRedis()) {
+            if (self.askRedis(false)) return .pause;
+            r.failed("the call was refused");
+        }
+        return self.fallback();
+    }
+
+    /// One script call for every rule; the answer arrives in onRedisCallResponse.
+    fn askRedis(self: *Stream, full_script: bool) bool {
+        const r = self.root;
+        const a = pw.scratch();
+        const n = r.rules.len;
+        const args = a.alloc([]const u8, 3 + 3 * n) catch return false;
+        args[0] = if (full_script) "EVAL" else "EVALSHA";
+        args[1] = if (full_script) bucket_script else &r.script_sha;
+        args[2] = pw.itoa(n);
+        for (r.rules, 0..) |*rule, i| {
+            args[3 + i] = pw.concat(&.{ r.key_prefix, rule.name, ":", keyValue(rule) });
+            args[3 + n + 2 * i] = pw.itoa(rule.rate_milli);
+            args[4 + n + 2 * i] = pw.itoa(rule.burst);
+        }
+        self.token = pw.redisCall(r.redis_cluster, args) catch return false;
+        self.waiting = true;
+        return true;
+    }
+
+    pub fn onRedisCallResponse(self: *Stream, token: u32, status: i32, reply: []const u8) void {
+        if (!self.waiting or token != self.token) return;
+        self.waiting = false;
+        const r = self.root;
+        if (status != 0) {
+            r.failed(if (status == 2) "timeout" else "unreachable");
+            return self.proceed(self.fallback());
+        }
+        switch (pw.parseResp(reply)) {
+            .integers => |v| if (v.len == 4 and v[3] >= 0 and v[3] < r.rules.len) {
+                r.answered();
+                return self.proceed(self.applyRedis(v));
+            },
+            .err => |e| if (std.mem.startsWith(u8, e, "NOSCRIPT") and !self.eval_sent) {
+                // Redis restarted or flushed its script cache: send the script itself, once.
+                self.eval_sent = true;
+                if (self.askRedis(true)) return;
+            } else {
+                r.failed(e);
+                return self.proceed(self.fallback());
+            },
+            else => {},
+        }
+        r.failed("unexpected reply");
+        self.proceed(self.fallback());
+    }
+
+    fn proceed(_: *Stream, action: pw.Action) void {
+        if (action == .@"continue") pw.continueStream(.request);
+    }
+
+    fn applyRedis(self: *Stream, v: []const i64) pw.Action {
+        const rule = &self.root.rules[@intCast(v[3])];
+        const remaining: u64 = @intCast(@max(v[1], 0));
+        const reset_s: u64 = @intCast(@max(v[2], 0));
+        if (v[0] != 1) return self.deny(rule.burst, reset_s);
+        pw.incrementMetric(self.root.allowed, 1);
+        self.decided = true;
+        self.limit = rule.burst;
+        self.remaining = remaining;
+        self.reset_s = reset_s;
+        return .@"continue";
+    }
+
+    fn fallback(self: *Stream) pw.Action {
+        const r = self.root;
+        pw.incrementMetric(r.fallbacks, 1);
+        switch (r.on_failure) {
+            .local => return self.decideLocal(),
+            .allow => {
+                pw.incrementMetric(r.allowed, 1);
+                return .@"continue";
+            },
+            .deny => return self.deny(r.rules[0].burst, 1),
+        }
+    }
+
+    fn deny(self: *Stream, limit: u64, reset_s: u64) pw.Action {
+        self.denied = true;
+        pw.incrementMetric(self.root.denied, 1);
+        const retry = pw.itoa(reset_s);
+        pw.sendLocalResponse(429, "ratelimit_denied", "rate limited", &.{
+            .{ "retry-after", retry },
+            .{ "ratelimit-limit", pw.itoa(limit) },
+            .{ "ratelimit-remaining", "0" },
+            .{ "ratelimit-reset", retry },
+        });
+        return .pause;
+    }
+
+    /// The host-wide buckets in shared data (backend local, and the `local` fallback).
+    fn decideLocal(self: *Stream) pw.Action {
         var best: ?Outcome = null;
         var best_rule: *const Rule = undefined;
         for (self.root.rules, 0..) |*rule, i| {
             const out = take(rule, keyValue(rule));
             if (!out.allowed) {
                 for (self.root.rules[0..i]) |*earlier| refund(earlier, keyValue(earlier));
-                self.denied = true;
-                pw.incrementMetric(self.root.denied, 1);
-                const retry = pw.itoa(out.reset_s);
-                pw.sendLocalResponse(429, "ratelimit_denied", "rate limited", &.{
-                    .{ "retry-after", retry },
-                    .{ "ratelimit-limit", pw.itoa(rule.burst) },
-                    .{ "ratelimit-remaining", "0" },
-                    .{ "ratelimit-reset", retry },
-                });
-                return .pause;
+                return self.deny(rule.burst, out.reset_s);
             }
             if (best == null or out.remaining < best.?.remaining or
                 (out.remaining == best.?.remaining and out.reset_s > best.?.reset_s))

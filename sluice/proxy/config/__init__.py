@@ -13,8 +13,17 @@ Everything the rest of sluice uses is importable from here.
 
 from .errors import ConfigError
 from .load import load_config, parse_config
-from .models import AdminConfig, ClusterConfig, FilterConfig, RouteConfig, RouteMatch, SluiceConfig
-from .values import GiB, HostPort, KiB, MiB, format_host_port
+from .models import (
+    AdminConfig,
+    ClusterConfig,
+    FilterConfig,
+    RouteConfig,
+    RouteMatch,
+    SharedDataBackend,
+    SharedDataConfig,
+    SluiceConfig,
+)
+from .values import GiB, HostPort, KiB, MiB, Workers, format_host_port, resolve_workers
 
 __all__ = [
     "AdminConfig",
@@ -27,8 +36,12 @@ __all__ = [
     "MiB",
     "RouteConfig",
     "RouteMatch",
+    "SharedDataBackend",
+    "SharedDataConfig",
     "SluiceConfig",
+    "Workers",
     "format_host_port",
     "load_config",
     "parse_config",
+    "resolve_workers",
 ]

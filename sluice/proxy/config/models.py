@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import dataclasses
+import enum
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -29,12 +30,12 @@ from sluice import abi
 
 from .errors import Loc, format_loc
 from .listeners import ClusterTlsConfig, ListenerConfig
-from .values import TOKEN_RE, Count, HostPort, MiB, Name, Seconds, Size, not_bool, payload_bytes
+from .values import TOKEN_RE, Count, HostPort, MiB, Name, Seconds, Size, Workers, not_bool, payload_bytes
 from .yamlindex import LineIndex, line_for, line_key
 
 __all__ = [
-    "AdminConfig", "ClusterConfig", "FilterConfig", "NodeConfig", "RouteConfig", "RouteMatch", "SluiceConfig",
-    "cross_check",
+    "AdminConfig", "ClusterConfig", "FilterConfig", "NodeConfig", "RouteConfig", "RouteMatch",
+    "SharedDataBackend", "SharedDataConfig", "SluiceConfig", "cross_check",
 ]
 
 TRAFFIC_DIRECTIONS = {"unspecified": 0, "inbound": 1, "outbound": 2}
@@ -69,6 +70,8 @@ class AdminConfig(_Model):
 
 
 class ClusterConfig(_Model):
+    type: Literal["http", "redis"] = "http"
+    """`redis`: reached by filters through proxy_redis_call (sluice/proxy/redis_host.py), never routed to."""
     endpoints: list[HostPort] = Field(min_length=1)
     timeout: Seconds = 15.0
     connect_timeout: Seconds = 2.0
@@ -83,6 +86,9 @@ class ClusterConfig(_Model):
         if value == "http2":
             raise ValueError("http2 upstreams are not wired yet: use http1")
         return value
+    username: str | None = Field(default=None, min_length=1)
+    password: str | None = Field(default=None, min_length=1)
+    database: Annotated[int, BeforeValidator(not_bool), Field(ge=0)] = 0
 
     @field_validator("endpoints")
     @classmethod
@@ -267,6 +273,44 @@ LISTEN_TAGS = frozenset({"[listeners]", "[address]"})
 """The union's branch names pydantic puts into error locations (load.py leaves them out)."""
 
 
+class SharedDataBackend(enum.Enum):
+    AUTO = "auto"
+    MEMORY = "memory"
+    LMDB = "lmdb"
+
+
+class SharedDataConfig(_Model):
+    """`shared_data:` which store proxy-wasm shared data and queues live in (docs/scaling.md).
+
+    ```yaml
+    shared_data:
+      backend: auto       # memory | lmdb | auto (memory for one worker, lmdb for more)
+      path: shared-data   # LMDB directory, relative to the config file; default <cache_dir>/shared-data
+      map_size: 64MiB     # upper bound of the LMDB file
+      max_keys: 100000    # shared-data keys, all filters together; a new key beyond it is refused
+    ```
+    """
+
+    backend: SharedDataBackend = SharedDataBackend.AUTO
+    path: Path | None = None
+    map_size: Annotated[Size, Field(ge=MiB)] = 64 * MiB
+    max_keys: Count = 100_000
+
+    @field_validator("path")
+    @classmethod
+    def _relative_to_config(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        return None if value is None else (_base_dir(info) / value).resolve()
+
+    def backend_for(self, workers: int) -> SharedDataBackend:
+        """The backend in effect: `auto` is the in-process store for one worker (it is faster)."""
+        if self.backend is SharedDataBackend.AUTO:
+            return SharedDataBackend.MEMORY if workers == 1 else SharedDataBackend.LMDB
+        return self.backend
+
+    def lmdb_path(self, cache_dir: Path) -> Path:
+        return self.path if self.path is not None else cache_dir / "shared-data"
+
+
 class SluiceConfig(_Model):
     listen: Annotated[
         Annotated[HostPort, Tag("[address]")] | Annotated[list[ListenerConfig], Tag("[listeners]")],
@@ -285,6 +329,8 @@ class SluiceConfig(_Model):
     cache_dir: Path = Field(default=Path(".sluice-cache"), validate_default=True)
     node: NodeConfig = Field(default_factory=NodeConfig)
     traffic_direction: Literal["unspecified", "inbound", "outbound"] = "unspecified"
+    workers: Workers = 1
+    shared_data: SharedDataConfig = Field(default_factory=SharedDataConfig)
 
     _source_path: Path | None = PrivateAttr(default=None)
     _source_name: str = PrivateAttr(default="<config>")

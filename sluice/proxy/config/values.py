@@ -8,15 +8,30 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import json
+import os
 import re
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BeforeValidator, Field, GetCoreSchemaHandler
+from pydantic import AfterValidator, BeforeValidator, Field, GetCoreSchemaHandler, PlainValidator
 from pydantic_core import core_schema
 
 from .errors import describe
 
-__all__ = ["GiB", "KiB", "MiB", "Count", "HostPort", "Name", "Seconds", "Size", "format_host_port", "payload_bytes"]
+__all__ = [
+    "MAX_WORKERS",
+    "GiB",
+    "KiB",
+    "MiB",
+    "Count",
+    "HostPort",
+    "Name",
+    "Seconds",
+    "Size",
+    "Workers",
+    "format_host_port",
+    "payload_bytes",
+    "resolve_workers",
+]
 
 KiB = 1 << 10
 MiB = 1 << 20
@@ -139,6 +154,28 @@ def not_bool(value: object) -> object:
 
 Seconds = Annotated[float, BeforeValidator(not_bool), Field(gt=0, allow_inf_nan=False)]
 Count = Annotated[int, BeforeValidator(not_bool), Field(gt=0)]
+
+MAX_WORKERS = 256
+
+
+def _workers(value: object) -> int | Literal["auto"]:
+    if value == "auto":
+        return "auto"
+    if isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= MAX_WORKERS:
+        return value
+    raise ValueError(f"must be a number of processes from 1 to {MAX_WORKERS}, or auto (got {describe(value)})")
+
+
+Workers = Annotated[int | Literal["auto"], PlainValidator(_workers)]
+"""`workers:` a count of processes (1..256) or `auto` (docs/scaling.md)."""
+
+
+def resolve_workers(value: int | Literal["auto"]) -> int:
+    """The number of worker processes `workers:` asks for on this host (`auto`: one per core)."""
+    if value == "auto":
+        cores = getattr(os, "process_cpu_count", os.cpu_count)() or 1
+        return max(1, min(cores, MAX_WORKERS))
+    return value
 
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
