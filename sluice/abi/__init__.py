@@ -25,6 +25,8 @@ the plugin's failure policy instead.
 from .api import (
     CallResponse,
     Cancellable,
+    Capabilities,
+    FilterLimits,
     Host,
     LocalReply,
     PluginLoadError,
@@ -43,8 +45,10 @@ from .types import FailurePolicy, FilterStatus, LogLevel, MetricType
 __all__ = [
     "CallResponse",
     "Cancellable",
+    "Capabilities",
     "CompiledModule",
     "FailurePolicy",
+    "FilterLimits",
     "FilterMetric",
     "FilterStatus",
     "HeaderMap",

@@ -52,6 +52,13 @@ class MetricRegistry:
         self._ids[metric_id] = metric
         return metric_id
 
+    def counts(self) -> tuple[int, int]:
+        """Distinct metrics and ids handed out (each definition is a new id)."""
+        return len(self._by_name), len(self._ids)
+
+    def defined(self, mtype: int, name: str) -> bool:
+        return mtype in (0, 1, 2) and (name, MetricType(mtype)) in self._by_name
+
     def increment(self, metric_id: int, offset: int) -> WasmResult:
         metric = self._ids.get(metric_id)
         if metric is None:

@@ -53,6 +53,7 @@ class _Counters:
     fail_open: int = 0
     reloads: int = 0
     reload_failures: int = 0
+    refused: dict[str, int] = dataclasses.field(default_factory=dict)
 
 
 class _VMHooks:
@@ -85,6 +86,10 @@ class _VMHooks:
 
     def finish_root(self, root: RootContext) -> None:
         self._plugin._finish_root(root)
+
+    def refused(self, what: str) -> None:
+        refused = self._plugin._counters.refused
+        refused[what] = refused.get(what, 0) + 1
 
 
 class Plugin:
@@ -408,7 +413,7 @@ class Plugin:
             counters=PluginCounters(
                 streams=c.streams, callbacks=callback_seconds.count, traps=c.traps, deadlines=c.deadlines,
                 fail_closed=c.fail_closed, fail_open=c.fail_open, reloads=c.reloads,
-                reload_failures=c.reload_failures,
+                reload_failures=c.reload_failures, refused=dict(c.refused),
             ),
             callback_seconds=callback_seconds,
             metrics=self._metrics.report(),
