@@ -135,7 +135,7 @@ class ProxyHostCalls:
         hmap = self._map(mtype, write=True)
         if hmap is None:
             return BAD_ARGUMENT
-        return self.vm.replace_headers(hmap, deserialize_pairs(data))
+        return self.vm.replace_headers(hmap, data)
 
     def proxy_get_header_map_value(self, mtype: int, kptr: int, klen: int, out_ptr: int, out_size: int) -> int:
         # The hottest host call (SDKs read headers one by one): kept flat on purpose.

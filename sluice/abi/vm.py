@@ -27,7 +27,7 @@ from .api import CallResponse, Cancellable, Host, LocalReply, PluginSpec, Stream
 from .compiled import CompiledModule
 from .fastcall import ACTIVE as _ACTIVE
 from .fastcall import LinearMemory, StoreHandle, WasmFunction, WasmTrap, summarize_error
-from .headers import HeaderMap
+from .headers import HeaderMap, deserialize_pairs
 from .metrics import MetricRegistry
 from .properties import encode, lookup
 from .shared import SharedData, SharedQueues
@@ -578,11 +578,15 @@ class WasmVM:
         hmap.set(key, value)
         return OK
 
-    def replace_headers(self, hmap: HeaderMap, pairs: list[tuple[str, str]]) -> WasmResult:
-        """proxy_set_header_map_pairs: the whole map at once, or nothing when over a limit."""
+    def replace_headers(self, hmap: HeaderMap, data: bytes) -> WasmResult:
+        """proxy_set_header_map_pairs: the whole map at once, or nothing when over a limit.
+
+        The count is read before decoding: a map over the limit is refused and the old one kept,
+        where a malformed buffer clears the map (cpp-host)."""
         limits = self.spec.limits
-        if len(pairs) > limits.max_headers:
+        if len(data) >= 4 and int.from_bytes(data[:4], "little") > limits.max_headers:
             return self.refuse("limit.max_headers", BAD_ARGUMENT)
+        pairs = deserialize_pairs(data)
         if sum(_utf8_len(k) + _utf8_len(v) for k, v in pairs) > limits.max_header_bytes:
             return self.refuse("limit.max_header_bytes", BAD_ARGUMENT)
         hmap.replace_all(pairs)
