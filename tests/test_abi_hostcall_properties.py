@@ -8,7 +8,6 @@ same VM goes on serving.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 from forwarding import DATA, FUNCTIONS, MEMORY, compile_forwarder, forward_headers, statuses

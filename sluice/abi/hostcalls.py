@@ -179,7 +179,7 @@ class ProxyHostCalls:
         hmap = ctx.header_map(mtype, True) if ctx is not None else None
         if hmap is None:
             return BAD_ARGUMENT
-        return self.vm.add_header(hmap, key.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape"))
+        return self.vm.add_header(hmap, _dec(key), _dec(value))
 
     def proxy_replace_header_map_value(self, mtype: int, kptr: int, klen: int, vptr: int, vlen: int) -> int:
         if mtype > 7:

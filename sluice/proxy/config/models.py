@@ -28,7 +28,10 @@ from .errors import Loc, format_loc
 from .values import TOKEN_RE, Count, HostPort, MiB, Name, Seconds, Size, not_bool, payload_bytes
 from .yamlindex import LineIndex, line_for, line_key
 
-__all__ = ["AdminConfig", "CapabilitiesConfig", "ClusterConfig", "FilterConfig", "LimitsConfig", "RouteConfig", "RouteMatch", "SluiceConfig", "cross_check"]
+__all__ = [
+    "AdminConfig", "CapabilitiesConfig", "ClusterConfig", "FilterConfig", "LimitsConfig", "RouteConfig",
+    "RouteMatch", "SluiceConfig", "cross_check",
+]
 
 
 def _context(info: ValidationInfo) -> Mapping[str, Any]:
