@@ -111,6 +111,8 @@ def _forward(function: str, *args: int) -> list[tuple[str, str]]:
         (("request.path",), b"request", False),
         (("plugin_name", "source"), b"source\0address", True),
         ((), b"plugin_name", False),
+        (("request",), b"requests\0path", False),
+        (("xds",), b"xds.route_name", True),
     ],
 )
 def test_properties_outside_the_granted_prefixes_are_not_found(
@@ -154,13 +156,19 @@ def test_queues_of_other_vm_ids_only_when_granted(rig: FilterRig, wasm: Path) ->
     assert refused(own) == {}
 
 
-def test_metric_redefinitions_are_bounded(rig: FilterRig, wasm: Path) -> None:
+def test_metric_redefinitions_keep_the_latest_ids_and_the_first(rig: FilterRig, wasm: Path) -> None:
+    # Ids are (n << 2) | type, n counting definitions: a counter's first definition is 4.
     plugin = load(rig, wasm, limits=abi.FilterLimits(max_metrics=2))
-    for _ in range(2 * 16):
+    for _ in range(40):
         assert call(rig, plugin, "proxy_define_metric", 0, DATA, 1, OUT, data=b"m") == OK
-    assert call(rig, plugin, "proxy_define_metric", 0, DATA, 1, OUT, data=b"m") == BAD_ARGUMENT
-    assert refused(plugin) == {"limit.max_metrics": 1}
+    assert refused(plugin) == {}
     assert len(plugin.report().metrics) == 1
+    # 39 re-definitions, 32 kept: n = 2..8 are forgotten, n = 9..40 and the first stay.
+    assert call(rig, plugin, "proxy_increment_metric", 1 << 2, 1) == OK
+    assert call(rig, plugin, "proxy_increment_metric", 8 << 2, 1) == NOT_FOUND
+    assert call(rig, plugin, "proxy_increment_metric", 9 << 2, 1) == OK
+    assert call(rig, plugin, "proxy_increment_metric", 40 << 2, 1) == OK
+    assert plugin.report().metrics[0].value == 3
 
 
 def test_new_metrics_beyond_the_limit_are_refused(rig: FilterRig, wasm: Path) -> None:

@@ -77,11 +77,10 @@ class Capabilities:
         allowed = self.properties
         if allowed is None:
             return True
-        for prefix in allowed:
-            wanted = prefix.split(".")
-            if segments[: len(wanted)] == wanted:
-                return True
-        return False
+        # Compared dotted, so `request.path` given as one segment or as two reads the same, and
+        # so do Envoy's dotted top-level names (`xds.route_name`).
+        path = ".".join(segments)
+        return any(path == prefix or path.startswith(prefix + ".") for prefix in allowed)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,7 +106,8 @@ class FilterLimits:
     max_queue_depth: int = 10_000
     """Items waiting in one shared queue (an enqueue beyond it is refused)."""
     max_metrics: int = 1000
-    """Distinct metrics the filter defines (and 16 times as many ids for re-definitions)."""
+    """Distinct metrics the filter defines. Each definition of a name is a new id (Envoy); the
+    ids of re-definitions are kept up to 16 times this, the oldest forgotten first."""
 
 
 @dataclasses.dataclass(frozen=True)

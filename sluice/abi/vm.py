@@ -664,13 +664,13 @@ class WasmVM:
         return queues.enqueue(token, data)
 
     def define_metric(self, mtype: int, name: str) -> int | WasmResult:
-        """proxy_define_metric, within the number of metrics (and ids) a filter may define."""
+        """proxy_define_metric, within the number of metrics a filter may define; ids of
+        re-definitions are kept up to 16 times that (SDKs may define on every request)."""
         metrics = self.metrics
         limit = self.spec.limits.max_metrics
-        distinct, ids = metrics.counts()
-        if (distinct >= limit and not metrics.defined(mtype, name)) or ids >= 16 * limit:
+        if metrics.count() >= limit and not metrics.defined(mtype, name):
             return self.refuse("limit.max_metrics", BAD_ARGUMENT)
-        metric_id = metrics.define(mtype, name)
+        metric_id = metrics.define(mtype, name, keep_redefinitions=16 * limit)
         return BAD_ARGUMENT if metric_id is None else metric_id
 
     # -- logging ------------------------------------------------------------------------------
