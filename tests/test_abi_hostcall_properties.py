@@ -7,6 +7,7 @@ same VM goes on serving.
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Iterator
 
 import pytest
@@ -37,8 +38,13 @@ argument = st.one_of(interesting, st.integers(0, 16), st.integers(0, 1 << 16), s
 @pytest.fixture(scope="module")
 def forwarder(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[FilterRig, abi.Plugin]]:
     with FilterRig() as rig:
-        plugin = rig.load(compile_forwarder(tmp_path_factory.mktemp("forward")), log_level=abi.LogLevel.TRACE)
+        # A wide CPU deadline: what is under test is the arguments, not a loaded machine's timing.
+        module = compile_forwarder(tmp_path_factory.mktemp("forward"))
+        plugin = rig.load(module, log_level=abi.LogLevel.TRACE, cpu_deadline_ms=1000.0)
         yield rig, plugin
+    # Collect what the examples left behind now, not in the middle of a later test's callback
+    # (a full collection of it takes longer than a CPU deadline).
+    gc.collect()
 
 
 def test_the_forwarder_covers_every_host_function() -> None:
