@@ -4,14 +4,13 @@ through fixtures/wat/hostcall_forward.wat: a denied call answers its ABI status,
 
 from __future__ import annotations
 
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import wasmtime
 from forwarding import DATA, call, compile_forwarder
-from hosting import FilterRig
+from hosting import FilterRig, closed_port
 
 from sluice import abi
 from sluice.abi.headers import serialize_pairs
@@ -24,15 +23,9 @@ UNIMPLEMENTED = WasmResult.UNIMPLEMENTED
 OUT = 0x40  # out parameters (returned buffer pointer, size, token) in the forwarder's scratch area
 
 
-def _closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture
 def rig() -> Iterator[FilterRig]:
-    dead = f"127.0.0.1:{_closed_port()}"
+    dead = f"127.0.0.1:{closed_port()}"
     with FilterRig(clusters={"auth": dead, "billing": dead}) as r:
         yield r
 
