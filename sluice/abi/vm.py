@@ -16,6 +16,7 @@ Rules from cpp-host that this module enforces (reference 1.0, 2.1, 2.4):
 from __future__ import annotations
 
 import dataclasses
+import gc
 import struct
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -460,7 +461,12 @@ class WasmVM:
         outermost = not frames
         frames.append(frame)
         _ACTIVE.append(self)
+        # The cycle collector waits until the callback returns: its pause is the host's time,
+        # and run inside a host call it would count against the filter's CPU deadline.
+        collecting = outermost and gc.isenabled()
         if outermost:
+            if collecting:
+                gc.disable()
             self.handle.arm_deadline()
         try:
             result = fn(*args)
@@ -469,6 +475,8 @@ class WasmVM:
         finally:
             _ACTIVE.pop()
             frames.pop()
+            if collecting:
+                gc.enable()
         if frame.local_reply_sent and result is not None:
             result = 1  # a local reply overrides the callback's return value to "stop"
         if outermost and self.deferred:
@@ -488,6 +496,9 @@ class WasmVM:
         outermost = not frames
         frames.append(frame)
         _ACTIVE.append(self)
+        collecting = outermost and gc.isenabled()
+        if collecting:
+            gc.disable()  # as in invoke
         fn = None
         try:
             for fn in fns:
@@ -501,6 +512,8 @@ class WasmVM:
         finally:
             _ACTIVE.pop()
             frames.pop()
+            if collecting:
+                gc.enable()
         if outermost and self.deferred:
             self.run_deferred()
 
