@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import socket
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
@@ -17,7 +18,9 @@ from sluice.proxy.app import Gateway
 from sluice.proxy.config import load_config
 from sluice.proxy.filtertest import Exchange, FilterRig, Phase, Recorder
 
-__all__ = ["Exchange", "FilterRig", "LiveProxy", "Phase", "Recorder", "live_proxy", "metric_values", "rh"]
+__all__ = [
+    "Exchange", "FilterRig", "LiveProxy", "Phase", "Recorder", "closed_port", "live_proxy", "metric_values", "rh",
+]
 
 
 @dataclasses.dataclass
@@ -77,3 +80,10 @@ def rh(ex: Exchange) -> abi.HeaderMap:
 def metric_values(plugin: abi.Plugin) -> dict[str, int]:
     """The filter's ABI-defined metrics by name (counter/gauge value, histogram sample count)."""
     return {m.name: m.value for m in plugin.report().metrics}
+
+
+def closed_port() -> int:
+    """A loopback port nothing listens on (bound and released): callouts to it fail at once."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])

@@ -1,8 +1,9 @@
 """Module imports: Higress's ABI 0.2.100 and host calls sluice does not define.
 
 A module may import `env.proxy_*` calls sluice has no meaning for (Envoy's old
-`proxy_set_active_span_tag`, a vendor's extension): they answer UNIMPLEMENTED and the filter loads, unless its entry sets `strict_imports`. Anything else sluice cannot
-provide refuses the module with a message naming each import.
+`proxy_set_active_span_tag`, a vendor's extension): they answer UNIMPLEMENTED and the filter
+loads, unless its entry sets `strict_imports`. Anything else sluice cannot provide refuses the
+module with a message naming each import.
 """
 
 from __future__ import annotations

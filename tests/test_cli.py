@@ -60,7 +60,7 @@ def test_check_bad_config_prints_every_error(tmp_path: Path) -> None:
         f"{config}:9: chain[0].failure_policy: must be one of fail_closed, fail_open, reload (got 'explode')",
         f"{config}:10: chain[0].colour: unknown key 'colour' (allowed: name, module, config, failure_policy, "
         "vm_id, root_id, vm_config, memory_limit, cpu_deadline_ms, match, log_level, environment, "
-        "strict_imports)",
+        "strict_imports, capabilities, limits)",
     ]
 
 

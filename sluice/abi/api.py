@@ -58,6 +58,69 @@ class NodeInfo:
 
 
 @dataclasses.dataclass(frozen=True)
+class Capabilities:
+    """What a filter may do beyond its own stream (the WASI model: granted, never ambient).
+
+    The defaults grant everything today's filters use, so a filter without a `capabilities:`
+    block behaves as before; each field narrows one kind of call. A denied call answers an ABI
+    status and is counted under ``capability.<field>`` in `PluginCounters.refused`.
+    """
+
+    http_call: tuple[str, ...] | None = None
+    """Clusters `proxy_http_call` may reach (None: any). Others answer BAD_ARGUMENT, the answer
+    for an unknown cluster, so a filter cannot tell "forbidden" from "absent"."""
+    shared_data_write: bool = True
+    """`proxy_set_shared_data` and `sluice_shared_data_delete`; False answers UNIMPLEMENTED."""
+    queue_vm_ids: tuple[str, ...] | None = None
+    """Other `vm_id`s whose queues `proxy_resolve_shared_queue` may find (None: any; the
+    filter's own is always visible). Others answer NOT_FOUND. Shared data has no vm_id
+    argument in the ABI: a filter only ever sees its own namespace."""
+    properties: tuple[str, ...] | None = None
+    """Property path prefixes `proxy_get_property` may read, dotted (`request`, `request.path`,
+    `connection`, `node`); None: all. Others answer NOT_FOUND, as a property that is not there."""
+    environment: tuple[str, ...] | None = None
+    """Names from `PluginSpec.environment` the filter sees through WASI (None: all of them)."""
+    local_reply: bool = True
+    """`proxy_send_local_response`; False answers UNIMPLEMENTED (the call is not offered)."""
+
+    def property_allowed(self, segments: list[str]) -> bool:
+        allowed = self.properties
+        if allowed is None:
+            return True
+        # Compared dotted, so `request.path` given as one segment or as two reads the same, and
+        # so do Envoy's dotted top-level names (`xds.route_name`).
+        path = ".".join(segments)
+        return any(path == prefix or path.startswith(prefix + ".") for prefix in allowed)
+
+
+@dataclasses.dataclass(frozen=True)
+class FilterLimits:
+    """Bounds on what one filter can make the host hold. A call that would go beyond one answers
+    BAD_ARGUMENT (the status Envoy gives a call it cannot carry out) and is counted under
+    ``limit.<field>`` in `PluginCounters.refused`; the filter and its VM go on serving."""
+
+    max_callouts: int = 64
+    """Outstanding `proxy_http_call`s per root context (one per VM)."""
+    max_header_bytes: int = 256 << 10
+    """Keys plus values of one header map, as a filter's write would leave it."""
+    max_headers: int = 1024
+    """Entries in one header map, as a filter's write would leave it."""
+    max_body_bytes: int = 8 << 20
+    """One request or response body, as `proxy_set_buffer_bytes` would leave it."""
+    max_shared_keys: int = 100_000
+    """Keys in the filter's `vm_id` shared-data namespace."""
+    max_shared_bytes: int = 64 << 20
+    """Keys plus values in the filter's `vm_id` shared-data namespace."""
+    max_queues: int = 1024
+    """Shared queues registered in the filter's `vm_id`."""
+    max_queue_depth: int = 10_000
+    """Items waiting in one shared queue (an enqueue beyond it is refused)."""
+    max_metrics: int = 1000
+    """Distinct metrics the filter defines. Each definition of a name is a new id (Envoy); the
+    ids of re-definitions are kept up to 16 times this, the oldest forgotten first."""
+
+
+@dataclasses.dataclass(frozen=True)
 class PluginSpec:
     """One configured filter: which module, with what configuration, under which limits."""
 
@@ -86,6 +149,8 @@ class PluginSpec:
     strict_imports: bool = False
     """Refuse a module importing `env.proxy_*` host calls sluice does not define (by default they
     are linked to stubs answering UNIMPLEMENTED)."""
+    capabilities: Capabilities = Capabilities()
+    limits: FilterLimits = FilterLimits()
 
 
 @dataclasses.dataclass(frozen=True)

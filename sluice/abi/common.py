@@ -46,6 +46,8 @@ class Counters:
     fail_open: int = 0
     reloads: int = 0
     reload_failures: int = 0
+    refused: dict[str, int] = dataclasses.field(default_factory=dict)
+    """Calls a capability or a limit refused, by `capability.<name>` / `limit.<name>`."""
 
 
 def build_report(
@@ -72,7 +74,7 @@ def build_report(
         counters=PluginCounters(
             streams=c.streams, callbacks=callback_seconds.count, traps=c.traps, deadlines=c.deadlines,
             fail_closed=c.fail_closed, fail_open=c.fail_open, reloads=c.reloads,
-            reload_failures=c.reload_failures,
+            reload_failures=c.reload_failures, refused=dict(c.refused),
         ),
         callback_seconds=callback_seconds,
         metrics=metrics,

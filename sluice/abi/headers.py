@@ -29,10 +29,13 @@ def _dec(data: bytes) -> str:
 class HeaderMap:
     """An ordered multimap of lower-cased header names to values."""
 
-    __slots__ = ("_items",)
+    __slots__ = ("_items", "_size")
 
     def __init__(self, items: Iterable[tuple[str, str]] = ()) -> None:
         self._items: list[tuple[str, str]] = [(k.lower(), v) for k, v in items]
+        self._size = -1
+        """`byte_size()` once computed, kept up to date by `add` (a filter adding headers one by
+        one is checked against its limit on every add); -1 after any other change."""
 
     # -- reading -----------------------------------------------------------------------------
     def get(self, name: str, default: str | None = None) -> str | None:
@@ -67,7 +70,9 @@ class HeaderMap:
 
     def byte_size(self) -> int:
         """Sum of name and value bytes: what Envoy reports as a map's size."""
-        return sum(len(_enc(k)) + len(_enc(v)) for k, v in self._items)
+        if self._size < 0:
+            self._size = sum(len(_enc(k)) + len(_enc(v)) for k, v in self._items)
+        return self._size
 
     def regular(self) -> list[tuple[str, str]]:
         """The entries that are not pseudo-headers, in order."""
@@ -76,6 +81,8 @@ class HeaderMap:
     # -- writing -----------------------------------------------------------------------------
     def add(self, name: str, value: str) -> None:
         name = name.lower()
+        if self._size >= 0:
+            self._size += len(_enc(name)) + len(_enc(value))
         if name.startswith(":"):
             # Pseudo-headers stay in front, in arrival order.
             idx = 0
@@ -90,6 +97,7 @@ class HeaderMap:
         name = name.lower()
         for i, (k, _) in enumerate(self._items):
             if k == name:
+                self._size = -1
                 self._items[i] = (name, value)
                 self._items[i + 1 :] = [kv for kv in self._items[i + 1 :] if kv[0] != name]
                 return
@@ -97,9 +105,11 @@ class HeaderMap:
 
     def remove(self, name: str) -> None:
         name = name.lower()
+        self._size = -1
         self._items = [kv for kv in self._items if kv[0] != name]
 
     def replace_all(self, items: Iterable[tuple[str, str]]) -> None:
+        self._size = -1
         self._items = [(k.lower(), v) for k, v in items]
 
     def copy(self) -> HeaderMap:

@@ -19,7 +19,7 @@ from . import wasi
 from .api import LocalReply
 from .fastcall import HostFunction, HostTrap, LinearMemory, NoMemory
 from .headers import HeaderMap, deserialize_pairs, serialize_pairs
-from .properties import encode, lookup, split_path
+from .properties import split_path
 from .types import LogLevel, StreamType, WasmResult
 from .vm import WasmVM
 
@@ -140,8 +140,7 @@ class ProxyHostCalls:
         hmap = self._map(mtype, write=True)
         if hmap is None:
             return BAD_ARGUMENT
-        hmap.replace_all(deserialize_pairs(data))
-        return OK
+        return self.vm.replace_headers(hmap, data)
 
     def proxy_get_header_map_value(self, mtype: int, kptr: int, klen: int, out_ptr: int, out_size: int) -> int:
         # The hottest host call (SDKs read headers one by one): kept flat on purpose.
@@ -185,8 +184,7 @@ class ProxyHostCalls:
         hmap = ctx.header_map(mtype, True) if ctx is not None else None
         if hmap is None:
             return BAD_ARGUMENT
-        hmap.add(key.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape"))
-        return OK
+        return self.vm.add_header(hmap, _dec(key), _dec(value))
 
     def proxy_replace_header_map_value(self, mtype: int, kptr: int, klen: int, vptr: int, vlen: int) -> int:
         if mtype > 7:
@@ -197,8 +195,7 @@ class ProxyHostCalls:
         hmap = self._map(mtype, write=True)
         if hmap is None:
             return BAD_ARGUMENT
-        hmap.set(*kv)
-        return OK
+        return self.vm.replace_header(hmap, *kv)
 
     def proxy_remove_header_map_value(self, mtype: int, kptr: int, klen: int) -> int:
         if mtype > 7:
@@ -226,10 +223,10 @@ class ProxyHostCalls:
         raw = self._mem.read(pptr, plen)
         if raw is None:
             return INVALID_MEMORY_ACCESS
-        value = lookup(split_path(raw), self.vm.spec, self.vm.stream_info())
+        value = self.vm.property(split_path(raw))
         if value is None:
             return NOT_FOUND
-        return self.vm.return_bytes(encode(value), out_ptr, out_size)
+        return self.vm.return_bytes(value, out_ptr, out_size)
 
     def proxy_set_property(self, pptr: int, plen: int, vptr: int, vlen: int) -> int:
         mem = self._mem
@@ -362,7 +359,7 @@ class ProxyHostCalls:
         key = self._mem.read(kptr, klen)
         if key is None:
             return INVALID_MEMORY_ACCESS
-        entry = self.vm.services.shared_data.get(self.vm.spec.vm_id, key)
+        entry = self.vm.get_shared(key)
         if entry is None:
             return NOT_FOUND
         value, cas = entry
@@ -374,7 +371,7 @@ class ProxyHostCalls:
         kv = self._mem.read(kptr, klen), self._mem.read(vptr, vlen)
         if kv[0] is None or kv[1] is None:
             return INVALID_MEMORY_ACCESS
-        return self.vm.services.shared_data.set(self.vm.spec.vm_id, kv[0], kv[1], cas)
+        return self.vm.set_shared(kv[0], kv[1], cas)
 
     # -- 1.9 shared queues -------------------------------------------------------------------------
     def proxy_register_shared_queue(self, nptr: int, nlen: int, out_token: int) -> int:
@@ -384,7 +381,9 @@ class ProxyHostCalls:
         root = self.vm.acting_root()
         if root is None:
             return BAD_ARGUMENT
-        token = self.vm.owner.register_queue(root, name)
+        token = self.vm.register_queue(root, name)
+        if isinstance(token, WasmResult):
+            return token
         return OK if self._mem.write_u32(out_token, token) else INVALID_MEMORY_ACCESS
 
     def proxy_resolve_shared_queue(self, vptr: int, vlen: int, nptr: int, nlen: int, out_token: int) -> int:
@@ -392,7 +391,7 @@ class ProxyHostCalls:
         name = self._mem.read(nptr, nlen)
         if vm_id is None or name is None:
             return INVALID_MEMORY_ACCESS
-        token = self.vm.services.queues.resolve(_dec(vm_id) or self.vm.spec.vm_id, name)
+        token = self.vm.resolve_queue(_dec(vm_id), name)
         if token is None:
             return NOT_FOUND
         return OK if self._mem.write_u32(out_token, token) else INVALID_MEMORY_ACCESS
@@ -401,7 +400,7 @@ class ProxyHostCalls:
         data = self._mem.read(ptr, size)
         if data is None:
             return INVALID_MEMORY_ACCESS
-        return self.vm.services.queues.enqueue(token, data)
+        return self.vm.enqueue(token, data)
 
     def proxy_dequeue_shared_queue(self, token: int, out_ptr: int, out_size: int) -> int:
         item = self.vm.services.queues.dequeue(token)
@@ -414,9 +413,9 @@ class ProxyHostCalls:
         name = self._mem.read(nptr, nlen)
         if name is None:
             return INVALID_MEMORY_ACCESS
-        metric_id = self.vm.metrics.define(mtype, _dec(name))
-        if metric_id is None:
-            return BAD_ARGUMENT
+        metric_id = self.vm.define_metric(mtype, _dec(name))
+        if isinstance(metric_id, WasmResult):
+            return metric_id
         return OK if self._mem.write_u32(out_id, metric_id) else INVALID_MEMORY_ACCESS
 
     def proxy_increment_metric(self, metric_id: int, offset: int) -> int:
@@ -463,7 +462,7 @@ class ProxyHostCalls:
             if len(args) < 4:
                 return BAD_ARGUMENT
             (cas,) = struct.unpack_from("<I", args, 0)
-            status = shared.delete(vm_id, args[4:], cas)
+            status = self.vm.delete_shared(args[4:], cas)
             if status == OK and not (out_ptr == 0 and out_size == 0):
                 return self.vm.return_bytes(b"", out_ptr, out_size)
             return status

@@ -1,13 +1,17 @@
 """Metrics a filter defines through the ABI (counter, gauge, histogram), with Envoy's semantics.
 
 Metric ids carry the type in their low 2 bits (counters 4, 8...; gauges 5, 9...; histograms 6,
-10...). Defining a name twice returns a new id for the same underlying metric. `record` on a
+10...). Defining a name twice returns a new id for the same underlying metric (as Envoy); the
+ids of re-definitions are kept up to a bound, oldest forgotten first, so a filter that defines
+its metrics on every request does not grow the registry without end. The first id of every
+metric is never forgotten. `record` on a
 counter *adds* (Envoy; the spec says "sets").
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections import deque
 
 from sluice.histogram import Histogram
 
@@ -35,9 +39,15 @@ class MetricRegistry:
     def __init__(self) -> None:
         self._by_name: dict[tuple[str, MetricType], Metric] = {}
         self._ids: dict[int, Metric] = {}
+        self._redefinitions: deque[int] = deque()
+        """Ids handed out for names already defined, oldest first."""
         self._next = 0
 
-    def define(self, mtype: int, name: str) -> int | None:
+    def define(self, mtype: int, name: str, keep_redefinitions: int = 1 << 20) -> int | None:
+        """A new id for metric `name` (created on its first definition); None for a bad type.
+
+        Beyond `keep_redefinitions` ids of re-definitions the oldest of those is forgotten
+        (then NOT_FOUND): SDKs that define per request only use the latest ones."""
         if mtype not in (0, 1, 2):
             return None
         kind = MetricType(mtype)
@@ -47,10 +57,29 @@ class MetricRegistry:
             if kind is MetricType.HISTOGRAM:
                 metric.histogram = Histogram(HISTOGRAM_BOUNDS)
             self._by_name[(name, kind)] = metric
+            first = True
+        else:
+            first = False
         self._next += 1
         metric_id = (self._next << 2) | mtype
         self._ids[metric_id] = metric
+        if not first:
+            redefinitions = self._redefinitions
+            redefinitions.append(metric_id)
+            if len(redefinitions) > keep_redefinitions:
+                del self._ids[redefinitions.popleft()]
         return metric_id
+
+    def count(self) -> int:
+        """Distinct metrics defined."""
+        return len(self._by_name)
+
+    def id_count(self) -> int:
+        """Ids currently valid."""
+        return len(self._ids)
+
+    def defined(self, mtype: int, name: str) -> bool:
+        return mtype in (0, 1, 2) and (name, MetricType(mtype)) in self._by_name
 
     def increment(self, metric_id: int, offset: int) -> WasmResult:
         metric = self._ids.get(metric_id)

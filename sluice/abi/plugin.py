@@ -80,6 +80,10 @@ class _VMHooks:
     def finish_root(self, root: RootContext) -> None:
         self._plugin._finish_root(root)
 
+    def refused(self, what: str) -> None:
+        refused = self._plugin._counters.refused
+        refused[what] = refused.get(what, 0) + 1
+
 
 class Plugin:
     """One configured filter. The proxy uses `new_stream`, `report`, `set_log_level`, `retire`."""

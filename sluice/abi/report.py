@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+from collections.abc import Mapping
 
 from sluice.histogram import HistogramSnapshot
 
@@ -58,6 +59,9 @@ class PluginCounters:
     reloads: int
     """Fresh VMs created after a failure (policy `reload`, `proc_exit`)."""
     reload_failures: int
+    refused: Mapping[str, int] = dataclasses.field(default_factory=dict)
+    """Calls a capability or limit refused, by what refused them: ``capability.<name>`` or
+    ``limit.<name>`` (the fields of `Capabilities` and `FilterLimits`)."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

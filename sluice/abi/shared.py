@@ -33,10 +33,15 @@ class SharedData(Protocol):
         """Keys starting with `prefix` (sluice extension, reached through a foreign function)."""
         ...
 
+    def usage(self, vm_id: str) -> tuple[int, int]:
+        """Keys in `vm_id` and their bytes (keys plus values): what the filter limits bound."""
+        ...
+
 
 class InMemorySharedData:
     def __init__(self) -> None:
         self._spaces: dict[str, dict[bytes, tuple[bytes, int]]] = {}
+        self._bytes: dict[str, int] = {}
         self._cas = 0
 
     def _next_cas(self) -> int:
@@ -52,6 +57,8 @@ class InMemorySharedData:
         current = space.get(key)
         if current is not None and cas != 0 and cas != current[1]:
             return WasmResult.CAS_MISMATCH
+        old = len(key) + len(current[0]) if current is not None else 0
+        self._bytes[vm_id] = self._bytes.get(vm_id, 0) + len(key) + len(value) - old
         space[key] = (value, self._next_cas())
         return WasmResult.OK
 
@@ -63,10 +70,14 @@ class InMemorySharedData:
         if cas != 0 and cas != current[1]:
             return WasmResult.CAS_MISMATCH
         del space[key]
+        self._bytes[vm_id] -= len(key) + len(current[0])
         return WasmResult.OK
 
     def keys(self, vm_id: str, prefix: bytes) -> list[bytes]:
         return [k for k in self._spaces.get(vm_id, {}) if k.startswith(prefix)]
+
+    def usage(self, vm_id: str) -> tuple[int, int]:
+        return len(self._spaces.get(vm_id, {})), self._bytes.get(vm_id, 0)
 
     def size(self, vm_id: str) -> int:
         return len(self._spaces.get(vm_id, {}))
@@ -84,6 +95,14 @@ class Queues(Protocol):
     def dequeue(self, token: int) -> bytes | WasmResult: ...
 
     def unbind(self, on_ready: Callable[[int], None]) -> None: ...
+
+    def count(self, vm_id: str) -> int:
+        """Queues registered under `vm_id`."""
+        ...
+
+    def depth(self, token: int) -> int | None:
+        """Items waiting in the queue, or None for an unknown token."""
+        ...
 
 
 @dataclasses.dataclass
@@ -115,6 +134,15 @@ class SharedQueues:
 
     def resolve(self, vm_id: str, name: bytes) -> int | None:
         return self._by_name.get((vm_id, name))
+
+    def count(self, vm_id: str) -> int:
+        """Queues registered under `vm_id`."""
+        return sum(1 for owner, _ in self._by_name if owner == vm_id)
+
+    def depth(self, token: int) -> int | None:
+        """Items waiting in the queue, or None for an unknown token."""
+        queue = self._by_token.get(token)
+        return None if queue is None else len(queue.items)
 
     def enqueue(self, token: int, data: bytes) -> WasmResult:
         queue = self._by_token.get(token)

@@ -48,6 +48,8 @@ _U32 = struct.Struct("<I")
 _TOKEN = struct.Struct(">I")  # big-endian so a token's items sort by sequence
 _QUEUE_META = struct.Struct("<QQ")  # head, tail sequence numbers
 _CAS_KEY = b"cas"
+_USAGE = struct.Struct("<QQ")  # keys, bytes (keys plus values) of one vm_id namespace
+_USAGE_PREFIX = b"usage:"
 _QUEUE_TOKEN_KEY = b"queue_token"
 
 
@@ -121,6 +123,10 @@ class LmdbSharedData:
                     self.refused += 1
                     return WasmResult.INTERNAL_FAILURE
                 txn.put(k, _U32.pack(store.next_counter(txn, _CAS_KEY)) + value)
+                if current is None:
+                    self._count(txn, vm_id, 1, len(key) + len(value))
+                else:
+                    self._count(txn, vm_id, 0, len(value) - (len(current) - 4))
         except lmdb.MapFullError:
             self.refused += 1
             return WasmResult.INTERNAL_FAILURE
@@ -138,9 +144,23 @@ class LmdbSharedData:
                 if cas != 0 and cas != _U32.unpack_from(current)[0]:
                     return WasmResult.CAS_MISMATCH
                 txn.delete(k)
+                self._count(txn, vm_id, -1, -(len(key) + len(current) - 4))
         except lmdb.Error as exc:
             return self.store.failed("delete", exc)
         return WasmResult.OK
+
+    def _count(self, txn: lmdb.Transaction, vm_id: str, keys: int, size: int) -> None:
+        """Keep the namespace's usage beside its data, in the same write transaction: `usage`
+        then answers with one read instead of a scan."""
+        name = _USAGE_PREFIX + vm_id.encode()
+        raw = txn.get(name, db=self.store.meta)
+        have_keys, have_bytes = _USAGE.unpack(raw) if raw is not None else (0, 0)
+        txn.put(name, _USAGE.pack(max(have_keys + keys, 0), max(have_bytes + size, 0)), db=self.store.meta)
+
+    def usage(self, vm_id: str) -> tuple[int, int]:
+        with self.store.env.begin(db=self.store.meta) as txn:
+            raw = txn.get(_USAGE_PREFIX + vm_id.encode())
+        return _USAGE.unpack(raw) if raw is not None else (0, 0)
 
     def keys(self, vm_id: str, prefix: bytes) -> list[bytes]:
         start = _space_key(vm_id, prefix)
@@ -246,6 +266,24 @@ class LmdbQueues:
         with self.store.env.begin(db=self.store.queue_names) as txn:
             raw = txn.get(_space_key(vm_id, name))
         return None if raw is None else int(_U32.unpack_from(raw)[0])
+
+    def count(self, vm_id: str) -> int:
+        """Queues registered under `vm_id` (host-wide)."""
+        start = _space_key(vm_id, b"")
+        with self.store.env.begin(db=self.store.queue_names) as txn:
+            cursor = txn.cursor()
+            if not cursor.set_range(start):
+                return 0
+            return sum(1 for k in cursor.iternext(keys=True, values=False) if k.startswith(start))
+
+    def depth(self, token: int) -> int | None:
+        """Items waiting in the queue, or None for an unknown token."""
+        with self.store.env.begin(db=self.store.meta) as txn:
+            meta = txn.get(_TOKEN.pack(token))
+        if meta is None:
+            return None
+        head, tail = _QUEUE_META.unpack_from(meta)
+        return int(tail - head)
 
     def enqueue(self, token: int, data: bytes) -> WasmResult:
         store = self.store

@@ -16,6 +16,7 @@ Rules from cpp-host that this module enforces (reference 1.0, 2.1, 2.4):
 from __future__ import annotations
 
 import dataclasses
+import gc
 import struct
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -27,8 +28,9 @@ from .api import CallResponse, Cancellable, Host, LocalReply, PluginSpec, RedisH
 from .compiled import CompiledModule
 from .fastcall import ACTIVE as _ACTIVE
 from .fastcall import LinearMemory, StoreHandle, WasmFunction, WasmTrap, summarize_error
-from .headers import HeaderMap
+from .headers import HeaderMap, deserialize_pairs
 from .metrics import MetricRegistry
+from .properties import encode, lookup
 from .shared import Queues, SharedData
 from .types import BufferType, LogLevel, MapType, StreamType, WasmResult
 
@@ -146,6 +148,11 @@ class RootContext:
         vm = self.vm
         if vm is None:
             return BAD_ARGUMENT
+        allowed = vm.spec.capabilities.http_call
+        if allowed is not None and upstream not in allowed:
+            return vm.refuse("capability.http_call", BAD_ARGUMENT)
+        if len(self.calls) >= vm.spec.limits.max_callouts:
+            return vm.refuse("limit.max_callouts", BAD_ARGUMENT)
         token = vm.new_token()
         accepted = vm.owner.http_call(
             self, token, upstream, headers, body, trailers, timeout_ms / 1000 if timeout_ms else None
@@ -258,6 +265,9 @@ class StreamContext:
         length_now = len(body)
         start = min(start, length_now)
         end = min(start + size, length_now)
+        vm = self._vm()
+        if length_now - (end - start) + len(data) > vm.spec.limits.max_body_bytes:
+            return vm.refuse("limit.max_body_bytes", BAD_ARGUMENT)
         body[start:end] = data
         return OK
 
@@ -279,6 +289,8 @@ class StreamContext:
 
     def send_local_response(self, reply: LocalReply) -> WasmResult:
         vm = self._vm()
+        if not vm.spec.capabilities.local_reply:
+            return vm.refuse("capability.local_reply", UNIMPLEMENTED)
         frame = vm.frames[-1]
         if frame.context is self:
             frame.local_reply_sent = True
@@ -318,6 +330,10 @@ class VMOwner(Protocol):
         ...
 
     def register_queue(self, root: RootContext, name: bytes) -> int: ...
+
+    def refused(self, what: str) -> None:
+        """Count a call a capability or limit refused (`PluginCounters.refused`)."""
+        ...
 
     def finish_root(self, root: RootContext) -> None: ...
 
@@ -498,6 +514,11 @@ class WasmVM:
             frame = Frame(context, configuring)
         frames.append(frame)
         _ACTIVE.append(self)
+        # The cycle collector waits until the callback returns: its pause is the host's time,
+        # and run inside a host call it would count against the filter's CPU deadline.
+        collecting = outermost and gc.isenabled()
+        if collecting:
+            gc.disable()
         try:
             result = fn(*args)
         except WasmTrap as exc:
@@ -507,6 +528,8 @@ class WasmVM:
             frames.pop()
             if outermost:  # a kept context would tie the VM to itself (no refcount release)
                 frame.context = frame.effective = None
+            if collecting:
+                gc.enable()
         if frame.local_reply_sent and result is not None:
             result = 1  # a local reply overrides the callback's return value to "stop"
         if outermost and self.deferred:
@@ -526,6 +549,9 @@ class WasmVM:
         outermost = not frames
         frames.append(frame)
         _ACTIVE.append(self)
+        collecting = outermost and gc.isenabled()
+        if collecting:
+            gc.disable()  # as in invoke
         fn = None
         try:
             for fn in fns:
@@ -539,6 +565,8 @@ class WasmVM:
         finally:
             _ACTIVE.pop()
             frames.pop()
+            if collecting:
+                gc.enable()
         if outermost and self.deferred:
             self.run_deferred()
 
@@ -586,6 +614,130 @@ class WasmVM:
         if mem.write_u32(ptr_ptr, ptr) and mem.write_u32(size_ptr, size):
             return WasmResult.OK
         return WasmResult.INVALID_MEMORY_ACCESS
+
+    # -- capabilities and limits -----------------------------------------------------------------
+    def refuse(self, what: str, status: WasmResult) -> WasmResult:
+        """Answer a call a capability or limit refused, and count it; never a trap."""
+        self.owner.refused(what)
+        return status
+
+    def add_header(self, hmap: HeaderMap, key: str, value: str) -> WasmResult:
+        """proxy_add_header_map_value, within the filter's header-map limits."""
+        limits = self.spec.limits
+        if len(hmap) >= limits.max_headers:
+            return self.refuse("limit.max_headers", BAD_ARGUMENT)
+        if hmap.byte_size() + _utf8_len(key) + _utf8_len(value) > limits.max_header_bytes:
+            return self.refuse("limit.max_header_bytes", BAD_ARGUMENT)
+        hmap.add(key, value)
+        return OK
+
+    def replace_header(self, hmap: HeaderMap, key: str, value: str) -> WasmResult:
+        """proxy_replace_header_map_value, within the header-map limits (every old `key` goes)."""
+        lowered = key.lower()
+        old = hmap.get_all(lowered)
+        added = _utf8_len(lowered) + _utf8_len(value)
+        if not old and len(hmap) >= self.spec.limits.max_headers:
+            return self.refuse("limit.max_headers", BAD_ARGUMENT)
+        removed = sum(_utf8_len(lowered) + _utf8_len(v) for v in old)
+        if hmap.byte_size() - removed + added > self.spec.limits.max_header_bytes:
+            return self.refuse("limit.max_header_bytes", BAD_ARGUMENT)
+        hmap.set(key, value)
+        return OK
+
+    def replace_headers(self, hmap: HeaderMap, data: bytes) -> WasmResult:
+        """proxy_set_header_map_pairs: the whole map at once, or nothing when over a limit.
+
+        The count is read before decoding: a map over the limit is refused and the old one kept,
+        where a malformed buffer clears the map (cpp-host)."""
+        limits = self.spec.limits
+        if len(data) >= 4 and int.from_bytes(data[:4], "little") > limits.max_headers:
+            return self.refuse("limit.max_headers", BAD_ARGUMENT)
+        pairs = deserialize_pairs(data)
+        if sum(_utf8_len(k) + _utf8_len(v) for k, v in pairs) > limits.max_header_bytes:
+            return self.refuse("limit.max_header_bytes", BAD_ARGUMENT)
+        hmap.replace_all(pairs)
+        return OK
+
+    def property(self, segments: list[str]) -> bytes | None:
+        """proxy_get_property: the encoded value, or None (NOT_FOUND) when absent or not granted."""
+        if not self.spec.capabilities.property_allowed(segments):
+            self.owner.refused("capability.properties")
+            return None  # a property the filter may not read is, to it, not there
+        value = lookup(segments, self.spec, self.stream_info())
+        return None if value is None else encode(value)
+
+    def environment(self) -> dict[str, str]:
+        """The WASI environment: the spec's variables, narrowed by the capability."""
+        env = self.spec.environment
+        allowed = self.spec.capabilities.environment
+        if allowed is None:
+            return dict(env)
+        return {k: v for k, v in env.items() if k in allowed}
+
+    def get_shared(self, key: bytes) -> tuple[bytes, int] | None:
+        """proxy_get_shared_data: only the filter's own vm_id (the ABI names no other)."""
+        return self.services.shared_data.get(self.spec.vm_id, key)
+
+    def set_shared(self, key: bytes, value: bytes, cas: int) -> WasmResult:
+        """proxy_set_shared_data, if writes are granted and the namespace stays within limits."""
+        if not self.spec.capabilities.shared_data_write:
+            return self.refuse("capability.shared_data_write", UNIMPLEMENTED)
+        store = self.services.shared_data
+        vm_id = self.spec.vm_id
+        limits = self.spec.limits
+        keys, size = store.usage(vm_id)
+        current = store.get(vm_id, key)
+        if current is None:
+            if keys >= limits.max_shared_keys:
+                return self.refuse("limit.max_shared_keys", BAD_ARGUMENT)
+            grows = len(key) + len(value)
+        else:
+            grows = len(value) - len(current[0])
+        if grows > 0 and size + grows > limits.max_shared_bytes:
+            return self.refuse("limit.max_shared_bytes", BAD_ARGUMENT)
+        return store.set(vm_id, key, value, cas)
+
+    def delete_shared(self, key: bytes, cas: int) -> WasmResult:
+        """sluice_shared_data_delete: a write, so it needs the same capability as set."""
+        if not self.spec.capabilities.shared_data_write:
+            return self.refuse("capability.shared_data_write", UNIMPLEMENTED)
+        return self.services.shared_data.delete(self.spec.vm_id, key, cas)
+
+    def register_queue(self, root: RootContext, name: bytes) -> int | WasmResult:
+        """proxy_register_shared_queue, within the number of queues a vm_id may hold."""
+        queues = self.services.queues
+        vm_id = self.spec.vm_id
+        if queues.resolve(vm_id, name) is None and queues.count(vm_id) >= self.spec.limits.max_queues:
+            return self.refuse("limit.max_queues", BAD_ARGUMENT)
+        return self.owner.register_queue(root, name)
+
+    def resolve_queue(self, vm_id: str, name: bytes) -> int | None:
+        """proxy_resolve_shared_queue: the filter's own vm_id, or one it is granted."""
+        own = self.spec.vm_id
+        vm_id = vm_id or own
+        allowed = self.spec.capabilities.queue_vm_ids
+        if vm_id != own and allowed is not None and vm_id not in allowed:
+            self.owner.refused("capability.queue_vm_ids")
+            return None  # NOT_FOUND: as if that vm_id had no such queue
+        return self.services.queues.resolve(vm_id, name)
+
+    def enqueue(self, token: int, data: bytes) -> WasmResult:
+        """proxy_enqueue_shared_queue, refused once the queue holds `max_queue_depth` items."""
+        queues = self.services.queues
+        depth = queues.depth(token)
+        if depth is not None and depth >= self.spec.limits.max_queue_depth:
+            return self.refuse("limit.max_queue_depth", BAD_ARGUMENT)
+        return queues.enqueue(token, data)
+
+    def define_metric(self, mtype: int, name: str) -> int | WasmResult:
+        """proxy_define_metric, within the number of metrics a filter may define; ids of
+        re-definitions are kept up to 16 times that (SDKs may define on every request)."""
+        metrics = self.metrics
+        limit = self.spec.limits.max_metrics
+        if metrics.count() >= limit and not metrics.defined(mtype, name):
+            return self.refuse("limit.max_metrics", BAD_ARGUMENT)
+        metric_id = metrics.define(mtype, name, keep_redefinitions=16 * limit)
+        return BAD_ARGUMENT if metric_id is None else metric_id
 
     # -- logging ------------------------------------------------------------------------------
     def log(self, level: LogLevel, message: str) -> None:
@@ -645,3 +797,8 @@ class WasmVM:
             return 0
         self.memory.refresh()  # the module may have grown its memory itself since we last looked
         return self.memory.size
+
+
+def _utf8_len(text: str) -> int:
+    """Bytes of `text` as the filter wrote it (header maps hold surrogate-escaped str)."""
+    return len(text) if text.isascii() else len(text.encode("utf-8", "surrogateescape"))

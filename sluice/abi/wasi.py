@@ -86,7 +86,7 @@ def _std(fd: int) -> bool:
 class Wasi:
     def __init__(self, vm: WasmVM) -> None:
         self.vm = vm
-        env = vm.spec.environment
+        env = vm.environment()
         self._environ = [f"{k}={v}".encode() + b"\0" for k, v in env.items()]
 
     # -- stdio -------------------------------------------------------------------------------------

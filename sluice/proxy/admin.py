@@ -213,6 +213,7 @@ class AdminServer:
                 "vm_reloads": counts.reloads,
                 "vm_reload_failures": counts.reload_failures,
                 "log_lines_suppressed": self.gateway.suppressed_log_lines(f.name),
+                "refused": dict(counts.refused),
             },
             "metrics": {m.name: m.value for m in report.metrics},
         }

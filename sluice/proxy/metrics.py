@@ -200,6 +200,11 @@ class SluiceCollector(Collector):
         vm_reloads = CounterMetricFamily(
             "sluice_filter_vm_reloads", "Fresh VMs created after a failure, by result", labels=["filter", "result"]
         )
+        refused = CounterMetricFamily(
+            "sluice_filter_refused",
+            "Host calls a capability or limit refused, by what refused them (capability.<name>, limit.<name>)",
+            labels=["filter", "by"],
+        )
         vms = GaugeMetricFamily("sluice_filter_vms", "Live VMs of the filter", labels=lf)
         memory = GaugeMetricFamily("sluice_filter_memory_bytes", "Linear memory of the filter's live VMs", labels=lf)
         up = GaugeMetricFamily("sluice_filter_up", "1 when the filter state is ok", labels=lf)
@@ -219,10 +224,12 @@ class SluiceCollector(Collector):
             policy.add_metric([name, "fail_open"], counts.fail_open)
             vm_reloads.add_metric([name, "ok"], counts.reloads)
             vm_reloads.add_metric([name, "failed"], counts.reload_failures)
+            for by, count in sorted(counts.refused.items()):
+                refused.add_metric([name, by], count)
             vms.add_metric([name], report.vm_count)
             memory.add_metric([name], report.memory_bytes)
             up.add_metric([name], 1 if state is PluginState.OK else 0)
-        yield from (info, callbacks, streams, traps, deadlines, policy, vm_reloads, vms, memory, up)
+        yield from (info, callbacks, streams, traps, deadlines, policy, vm_reloads, refused, vms, memory, up)
 
     # -- clusters --------------------------------------------------------------------------------
     def _clusters(self, gw: ProxyView) -> Iterator[Metric]:

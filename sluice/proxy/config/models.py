@@ -34,8 +34,8 @@ from .values import TOKEN_RE, Count, HostPort, MiB, Name, Seconds, Size, Workers
 from .yamlindex import LineIndex, line_for, line_key
 
 __all__ = [
-    "AdminConfig", "ClusterConfig", "FilterConfig", "NodeConfig", "RouteConfig", "RouteMatch",
-    "SharedDataBackend", "SharedDataConfig", "SluiceConfig", "cross_check",
+    "AdminConfig", "CapabilitiesConfig", "ClusterConfig", "FilterConfig", "LimitsConfig", "NodeConfig",
+    "RouteConfig", "RouteMatch", "SharedDataBackend", "SharedDataConfig", "SluiceConfig", "cross_check",
 ]
 
 TRAFFIC_DIRECTIONS = {"unspecified": 0, "inbound": 1, "outbound": 2}
@@ -100,6 +100,66 @@ class ClusterConfig(_Model):
         return endpoints
 
 
+_PROPERTY_SEGMENT_RE = re.compile(r"[A-Za-z0-9_\-]+")
+_LIMITS = abi.FilterLimits()
+
+
+class CapabilitiesConfig(_Model):
+    """`capabilities:` on a chain entry: what the filter may do (abi.Capabilities). Every key
+    left out grants what today's filters use; a list narrows to what it names."""
+
+    http_call: list[str] | None = None
+    shared_data_write: bool = True
+    queue_vm_ids: list[str] | None = None
+    properties: list[str] | None = None
+    environment: list[str] | None = None
+    local_reply: bool = True
+
+    @field_validator("properties")
+    @classmethod
+    def _property_prefixes(cls, prefixes: list[str] | None) -> list[str] | None:
+        if prefixes is None:
+            return None
+        out: list[str] = []
+        for prefix in prefixes:
+            # `request.*` and `request` mean the same: the property and everything under it.
+            path = prefix.removesuffix(".*")
+            if not all(_PROPERTY_SEGMENT_RE.fullmatch(seg) for seg in path.split(".")):
+                raise ValueError(f"invalid property prefix {prefix!r} (dotted names, e.g. request.* or node.id)")
+            out.append(path)
+        return out
+
+    def to_abi(self) -> abi.Capabilities:
+        def names(value: list[str] | None) -> tuple[str, ...] | None:
+            return None if value is None else tuple(value)
+
+        return abi.Capabilities(
+            http_call=names(self.http_call),
+            shared_data_write=self.shared_data_write,
+            queue_vm_ids=names(self.queue_vm_ids),
+            properties=names(self.properties),
+            environment=names(self.environment),
+            local_reply=self.local_reply,
+        )
+
+
+class LimitsConfig(_Model):
+    """`limits:` on a chain entry: what the filter can make the host hold (abi.FilterLimits)."""
+
+    max_callouts: Count = _LIMITS.max_callouts
+    max_header_bytes: Size = _LIMITS.max_header_bytes
+    max_headers: Count = _LIMITS.max_headers
+    max_body_bytes: Size = _LIMITS.max_body_bytes
+    max_shared_keys: Count = _LIMITS.max_shared_keys
+    max_shared_bytes: Size = _LIMITS.max_shared_bytes
+    max_queues: Count = _LIMITS.max_queues
+    max_queue_depth: Count = _LIMITS.max_queue_depth
+    max_metrics: Count = _LIMITS.max_metrics
+
+    def to_abi(self) -> abi.FilterLimits:
+        return abi.FilterLimits(**self.model_dump())
+
+
 class FilterConfig(_Model):
     name: Name
     module: str = Field(min_length=1)
@@ -114,6 +174,8 @@ class FilterConfig(_Model):
     log_level: str = "info"
     environment: dict[str, str] = Field(default_factory=dict)
     strict_imports: bool = False
+    capabilities: CapabilitiesConfig = Field(default_factory=CapabilitiesConfig)
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
 
     _module_path: Path | None = PrivateAttr(default=None)
 
@@ -152,6 +214,16 @@ class FilterConfig(_Model):
                 raise ValueError(f"invalid environment variable name {key!r}")
         return env
 
+    @model_validator(mode="after")
+    def _granted_environment(self) -> FilterConfig:
+        granted = self.capabilities.environment
+        unknown = [name for name in granted or () if name not in self.environment]
+        if unknown:
+            raise ValueError(
+                f"capabilities.environment names variables not in environment: {', '.join(unknown)}"
+            )
+        return self
+
     def configuration_bytes(self) -> bytes:
         """What `proxy_on_configure` receives: `config` as compact JSON (a string as is, null: empty)."""
         return payload_bytes(self.config)
@@ -174,6 +246,8 @@ class FilterConfig(_Model):
             environment=dict(self.environment),
             log_level=abi.LogLevel.parse(self.log_level),
             strict_imports=self.strict_imports,
+            capabilities=self.capabilities.to_abi(),
+            limits=self.limits.to_abi(),
         )
 
 
@@ -467,6 +541,20 @@ def cross_check(data: object) -> list[tuple[Loc, str]]:
                     )
                 else:
                     route_names[name] = index
+
+    if isinstance(chain, list) and isinstance(clusters, Mapping):
+        for index, entry in enumerate(chain):
+            granted = _field(_field(entry, "capabilities"), "http_call")
+            for item, cluster in enumerate(granted if isinstance(granted, list) else []):
+                # host:port callouts need no cluster; a bare name that is none is a typo.
+                if isinstance(cluster, str) and ":" not in cluster and cluster not in clusters:
+                    known = ", ".join(str(k) for k in clusters) or "none are defined"
+                    problems.append(
+                        (
+                            ("chain", index, "capabilities", "http_call", item),
+                            f"unknown cluster {cluster!r} (clusters: {known})",
+                        )
+                    )
 
     listen = _field(data, "listen")
     admin_listen = _as_hostport(_field(_field(data, "admin"), "listen"))
