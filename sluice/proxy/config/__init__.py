@@ -13,7 +13,7 @@ Everything the rest of sluice uses is importable from here.
 
 from .errors import ConfigError
 from .load import load_config, parse_config
-from .models import AdminConfig, ClusterConfig, FilterConfig, RouteConfig, RouteMatch, SluiceConfig
+from .models import AdminConfig, ClusterConfig, FilterConfig, RouteConfig, RouteMatch, SluiceConfig, TimeoutsConfig
 from .values import GiB, HostPort, KiB, MiB, format_host_port
 
 __all__ = [
@@ -28,6 +28,7 @@ __all__ = [
     "RouteConfig",
     "RouteMatch",
     "SluiceConfig",
+    "TimeoutsConfig",
     "format_host_port",
     "load_config",
     "parse_config",

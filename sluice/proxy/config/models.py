@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -28,7 +29,16 @@ from .errors import Loc, format_loc
 from .values import TOKEN_RE, Count, HostPort, MiB, Name, Seconds, Size, not_bool, payload_bytes
 from .yamlindex import LineIndex, line_for, line_key
 
-__all__ = ["AdminConfig", "ClusterConfig", "FilterConfig", "RouteConfig", "RouteMatch", "SluiceConfig", "cross_check"]
+__all__ = [
+    "AdminConfig",
+    "ClusterConfig",
+    "FilterConfig",
+    "RouteConfig",
+    "RouteMatch",
+    "SluiceConfig",
+    "TimeoutsConfig",
+    "cross_check",
+]
 
 
 def _context(info: ValidationInfo) -> Mapping[str, Any]:
@@ -64,6 +74,21 @@ class ClusterConfig(_Model):
     connect_timeout: Seconds = 2.0
     host_rewrite: str | None = Field(default=None, min_length=1)
     max_connections: Count = 256
+    idle_timeout: Seconds = 60.0
+    """Seconds without a byte from the upstream while its response streams (or while it does not
+    take the request body): the request is reset, or answered 504 if nothing was sent yet."""
+    request_body_prebuffer: Size = 64 * 1024
+    """A request body announced (Content-Length) at most this big is read whole before a
+    connection is taken: a client sending it slowly holds no connection meanwhile."""
+    max_upload_connections: Count | None = None
+    """Connections that requests still sending their body may hold at once (default: half of
+    `max_connections`, at least 1), so slow uploaders cannot take every connection."""
+
+    @property
+    def upload_connections(self) -> int:
+        if self.max_upload_connections is not None:
+            return min(self.max_upload_connections, self.max_connections)
+        return max(1, self.max_connections // 2)
 
     @field_validator("endpoints")
     @classmethod
@@ -208,10 +233,36 @@ class RouteMatch(_Model):
         return self
 
 
+def _upgrade_tokens(values: list[str]) -> list[str]:
+    out: list[str] = []
+    for value in values:
+        if not TOKEN_RE.fullmatch(value):
+            raise ValueError(f"invalid upgrade protocol {value!r}")
+        if value.lower() not in out:
+            out.append(value.lower())
+    return out
+
+
 class RouteConfig(_Model):
     match: RouteMatch
     cluster: str
     name: str | None = None
+    upgrades: Annotated[list[str], AfterValidator(_upgrade_tokens)] = Field(default_factory=lambda: ["websocket"])
+    """Protocols an `Upgrade` request on this route may switch to (a byte tunnel after the
+    upstream's 101), like Envoy's `upgrade_configs`. Any other upgrade is stripped and the
+    request proxied as plain HTTP."""
+
+
+class TimeoutsConfig(_Model):
+    """How long the proxy waits for a client (the upstream side is per cluster)."""
+
+    request_headers: Seconds = 10.0
+    """From the first byte of a request to the end of its head; then 408."""
+    request_body_idle: Seconds = 30.0
+    """Between two reads of a request body the proxy is waiting for; then 408."""
+    stream: Seconds | None = None
+    """Longest a request may take from its head to the end of its response (none by default);
+    then 408, or a reset once the response has started."""
 
 
 class SluiceConfig(_Model):
@@ -226,6 +277,7 @@ class SluiceConfig(_Model):
     drain_timeout: Annotated[float, BeforeValidator(not_bool), Field(ge=0, allow_inf_nan=False)] = 30.0
     access_log: str | None = Field(default="stdout", min_length=1)
     cache_dir: Path = Field(default=Path(".sluice-cache"), validate_default=True)
+    timeouts: TimeoutsConfig = Field(default_factory=TimeoutsConfig)
 
     _source_path: Path | None = PrivateAttr(default=None)
     _source_name: str = PrivateAttr(default="<config>")
