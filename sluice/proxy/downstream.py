@@ -613,7 +613,7 @@ class DownstreamConnection(asyncio.Protocol):
                 due = self._read_at + limits.body_idle
                 if now >= due - slack:
                     exchange.client_timeout(Rejection.REQUEST_BODY_TIMEOUT)
-                    self._rearm(now)
+                    self._close()  # once the 408 is out: a stalled client is not worth lingering for
                     return
                 next_at = min(next_at, due)
         elif self._idle_since is not None and not self._messages:
