@@ -410,3 +410,20 @@ def test_options_asterisk_is_answered_by_the_proxy_and_connect_refused() -> None
             assert rec.requests == []
 
     run(main())
+
+
+def test_http_versions_other_than_1_0_and_1_1_are_505() -> None:
+    async def main() -> None:
+        rec = Recorder()
+        async with raw_upstream(rec) as up, proxy(config(up)) as gw:
+            # Without a version llhttp reads HTTP/0.9; "HTTP/2.0" is no HTTP/1 request either.
+            for request in (b"GET /\r\n\r\n", b"GET / HTTP/2.0\r\nHost: a\r\n\r\n"):
+                reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+                writer.write(request)
+                status, fields, _ = split_response(await asyncio.wait_for(reader.read(), 5))
+                writer.close()
+                assert status == 505 and fields["server"] == ["sluice"]
+            assert rec.requests == []
+            assert gw.stats.rejections["http_version_not_supported"] == 2
+
+    run(main())

@@ -394,6 +394,9 @@ class DownstreamConnection(asyncio.Protocol):
         if method == "CONNECT":
             raise _Refused(Rejection.METHOD_NOT_ALLOWED)  # a reverse proxy opens no tunnels by CONNECT
         version = parser.get_http_version()
+        if version != "1.1" and version != "1.0":
+            # llhttp reads a request line without a version as HTTP/0.9, and takes "HTTP/2.0".
+            raise _Refused(Rejection.HTTP_VERSION_NOT_SUPPORTED)
         target = dec(self._url[0] if len(self._url) == 1 else b"".join(self._url))
         has_body = self._chunked or self._content_length > 0
         upgrade = parser.should_upgrade()

@@ -32,6 +32,7 @@ class Rejection(enum.Enum):
     REQUEST_LINE_TOO_LONG = "request_line_too_long"
     UNSUPPORTED_TRANSFER_CODING = "unsupported_transfer_coding"
     METHOD_NOT_ALLOWED = "method_not_allowed"
+    HTTP_VERSION_NOT_SUPPORTED = "http_version_not_supported"
     REQUEST_HEADER_TIMEOUT = "request_header_timeout"
     REQUEST_BODY_TIMEOUT = "request_body_timeout"
     STREAM_TIMEOUT = "stream_timeout"
@@ -52,6 +53,7 @@ _STATUS = {
     Rejection.REQUEST_LINE_TOO_LONG: 414,
     Rejection.UNSUPPORTED_TRANSFER_CODING: 501,
     Rejection.METHOD_NOT_ALLOWED: 405,
+    Rejection.HTTP_VERSION_NOT_SUPPORTED: 505,
     Rejection.REQUEST_HEADER_TIMEOUT: 408,
     Rejection.REQUEST_BODY_TIMEOUT: 408,
     Rejection.STREAM_TIMEOUT: 408,
@@ -64,6 +66,7 @@ _BODY = {
     Rejection.REQUEST_LINE_TOO_LONG: b"request line too long\n",
     Rejection.UNSUPPORTED_TRANSFER_CODING: b"transfer coding not implemented\n",
     Rejection.METHOD_NOT_ALLOWED: b"method not allowed\n",
+    Rejection.HTTP_VERSION_NOT_SUPPORTED: b"http version not supported\n",
     Rejection.REQUEST_HEADER_TIMEOUT: b"request header timeout\n",
     Rejection.REQUEST_BODY_TIMEOUT: b"request body timeout\n",
     Rejection.STREAM_TIMEOUT: b"request timeout\n",
