@@ -362,7 +362,8 @@ def test_rejections_are_counted_by_reason_logged_once_and_answered_by_sluice(
 def test_absolute_form_is_routed_by_its_path_with_the_host_from_the_target() -> None:
     async def main() -> None:
         async with upstream() as up:
-            cfg = config(up).replace("match: {prefix: /}", 'match: {prefix: /anything, headers: {":authority": "api.example"}}')
+            by_host = 'match: {prefix: /anything, headers: {":authority": "api.example"}}'
+            cfg = config(up).replace("match: {prefix: /}", by_host)
             async with proxy(cfg) as gw:
                 reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
                 writer.write(b"GET http://api.example/anything?q=1 HTTP/1.1\r\nHost: ignored.example\r\n\r\n")
