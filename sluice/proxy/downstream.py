@@ -35,6 +35,7 @@ import httptools
 from sluice.abi import HeaderMap
 
 from . import rejections
+from .deadline import ConnectionTimer
 from .h1 import dec
 from .rejections import Rejection
 from .stats import ProxyStats
@@ -200,8 +201,7 @@ class DownstreamConnection(asyncio.Protocol):
         self._head_since: float | None = None  # loop.time() of the read that began a head in pieces
         self._read_at = 0.0  # loop.time() of the last read while a request body is awaited
         self._exchange_at = 0.0  # loop.time() when the current exchange began (stream limit only)
-        self._timer: asyncio.TimerHandle | None = None
-        self._timer_at = 0.0
+        self._timer = ConnectionTimer(self._loop, self._check_timers)
 
     # -- asyncio.Protocol --------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -219,9 +219,7 @@ class DownstreamConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closing = True
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self._timer.cancel()
         self.server.connection_closed(self)
         tunnel, self._tunnel = self._tunnel, None
         if tunnel is not None:
@@ -576,17 +574,9 @@ class DownstreamConnection(asyncio.Protocol):
 
     # -- timers --------------------------------------------------------------------------------
     def _arm(self, deadline: float) -> None:
-        """Make the connection's timer fire by `deadline` (re-armed only if it would fire later)."""
-        timer = self._timer
-        if timer is not None:
-            if self._timer_at <= deadline:
-                return
-            timer.cancel()
-        self._timer_at = deadline
-        self._timer = self._loop.call_at(deadline, self._check_timers)
+        self._timer.arm(deadline)
 
     def _check_timers(self) -> None:
-        self._timer = None
         if self.transport is None or self.transport.is_closing() or self._tunnel is not None:
             return
         now = self._loop.time()

@@ -25,6 +25,7 @@ import httptools
 from sluice.abi import HeaderMap
 
 from .config import format_host_port
+from .deadline import ConnectionTimer
 from .h1 import chunk, dec, last_chunk, request_head
 from .http import HOP_BY_HOP, UpstreamRequest, connection_tokens, drop_connection_tokens
 
@@ -109,8 +110,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._tunnel: TunnelSink | None = None
         self._tunnel_mode = False
         self._tunnel_rest: list[bytes] = []
-        self._timer: asyncio.TimerHandle | None = None
-        self._timer_at = 0.0
+        self._timer = ConnectionTimer(self._loop, self._expire)
         self._timeout = 0.0
         self._deadline: float | None = None
         """loop.time() by which the response head must have come (None: not waiting for one)."""
@@ -311,16 +311,8 @@ class UpstreamConnection(asyncio.Protocol):
             sink.upstream_failed(exc)
 
     def _arm(self, at: float) -> None:
-        """Make the timer fire by `at` (re-armed only when it would fire later)."""
-        if self._closed:
-            return
-        timer = self._timer
-        if timer is not None:
-            if self._timer_at <= at:
-                return
-            timer.cancel()
-        self._timer_at = at
-        self._timer = self._loop.call_at(at, self._expire)
+        if not self._closed:
+            self._timer.arm(at)
 
     def _idle_applies(self) -> bool:
         """The exchange waits on the upstream: its response streams (and is read), or it does not
@@ -333,7 +325,6 @@ class UpstreamConnection(asyncio.Protocol):
     def _expire(self) -> None:
         # One timer per connection, not per request: it stays armed across the requests of a
         # kept-alive connection and, when it fires, checks the deadlines of the current one.
-        self._timer = None
         if self._failed or self._closed:
             return
         now = self._loop.time()
@@ -353,9 +344,7 @@ class UpstreamConnection(asyncio.Protocol):
             self._fail(UpstreamTimeout(f"upstream {self.endpoint} idle for {idle:g}s"))
 
     def _cancel_timer(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self._timer.cancel()
 
     @property
     def response_trailers(self) -> HeaderMap | None:
