@@ -16,12 +16,10 @@ every target for a bounded time.
 from __future__ import annotations
 
 import asyncio
-import sys
-import tempfile
-from pathlib import Path
 from typing import Any
 
 import atheris
+from harness import fuzz
 
 with atheris.instrument_imports(include=["sluice"]):
     from sluice.abi import HeaderMap
@@ -190,15 +188,9 @@ def test_one(data: bytes) -> None:
 
 
 def main() -> None:
-    argv = list(sys.argv)
-    seeds = Path(tempfile.mkdtemp(prefix="sluice-fuzz-head-"))
-    for index, seed in enumerate(SEEDS):
-        # The first bytes choose the mode, the timers and the header limit (see `one`).
-        (seeds / f"seed{index}").write_bytes(b"\x00\x00\x10\x00" + seed)
-    if not any(not a.startswith("-") for a in argv[1:]):
-        argv.append(str(seeds))
-    atheris.Setup(argv, test_one)
-    atheris.Fuzz()
+    # The first bytes choose the mode, the timers and the header limit (see `one`).
+    seeds = {f"seed{index}": b"\x00\x00\x10\x00" + seed for index, seed in enumerate(SEEDS)}
+    fuzz(test_one, seeds, "sluice-fuzz-head-")
 
 
 if __name__ == "__main__":

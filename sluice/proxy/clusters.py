@@ -130,17 +130,7 @@ class ClusterPool:
             raise ConnectFailed(f"cluster {self.name} is shut down")
         if not upload:
             return await self._lease(retry, fresh)
-        if self._upload_slots.locked():
-            try:
-                await asyncio.wait_for(self._upload_slots.acquire(), self.connect_timeout)
-            except TimeoutError:
-                self.overflows += 1
-                raise PoolExhausted(
-                    f"cluster {self.name}: all {self.upload_connections} upload connections busy for "
-                    f"{self.connect_timeout:g}s"
-                ) from None
-        else:
-            await self._upload_slots.acquire()
+        await self._take(self._upload_slots, f"{self.upload_connections} upload connections")
         try:
             return await self._lease(retry, fresh)
         except BaseException:
@@ -151,18 +141,19 @@ class ClusterPool:
         """A request that took its connection with `upload=True` has sent its whole body."""
         self._upload_slots.release()
 
-    async def _lease(self, retry: bool, fresh: bool) -> UpstreamConnection:
-        if self._slots.locked():
-            # Every connection is busy: wait for one like for a connect, then give up (503).
+    async def _take(self, slots: asyncio.Semaphore, what: str) -> None:
+        if slots.locked():
+            # Every slot is busy: wait for one like for a connect, then give up (503).
             try:
-                await asyncio.wait_for(self._slots.acquire(), self.connect_timeout)
+                await asyncio.wait_for(slots.acquire(), self.connect_timeout)
             except TimeoutError:
                 self.overflows += 1
-                raise PoolExhausted(
-                    f"cluster {self.name}: all {self.max_connections} connections busy for {self.connect_timeout:g}s"
-                ) from None
+                raise PoolExhausted(f"cluster {self.name}: all {what} busy for {self.connect_timeout:g}s") from None
         else:
-            await self._slots.acquire()
+            await slots.acquire()
+
+    async def _lease(self, retry: bool, fresh: bool) -> UpstreamConnection:
+        await self._take(self._slots, f"{self.max_connections} connections")
         try:
             endpoint = self.pick()
             try:
