@@ -9,11 +9,11 @@ The seed corpus is the shipped demo config; `make fuzz` runs every target for a 
 
 from __future__ import annotations
 
-import sys
 import tempfile
 from pathlib import Path
 
 import atheris
+from harness import fuzz
 
 with atheris.instrument_imports(include=["sluice"]):
     from sluice import DEMO_CONFIG
@@ -33,13 +33,7 @@ def test_one(data: bytes) -> None:
 
 
 def main() -> None:
-    argv = list(sys.argv)
-    seeds = Path(tempfile.mkdtemp(prefix="sluice-fuzz-config-"))
-    (seeds / "demo.yaml").write_bytes(DEMO_CONFIG.read_bytes())
-    if not any(not a.startswith("-") for a in argv[1:]):
-        argv.append(str(seeds))
-    atheris.Setup(argv, test_one)
-    atheris.Fuzz()
+    fuzz(test_one, {"demo.yaml": DEMO_CONFIG.read_bytes()}, "sluice-fuzz-config-")
 
 
 if __name__ == "__main__":

@@ -179,8 +179,8 @@ def test_unknown_keys_name_the_key_and_its_line() -> None:
     assert errors == [
         "t.yaml:4: admin.tokn: unknown key 'tokn'; did you mean 'token'?",
         "t.yaml:5: colour: unknown key 'colour' (allowed: listen, admin, filters_dir, clusters, chain, "
-        "routes, max_body_buffer, max_request_header_size, drain_timeout, access_log, cache_dir, node, "
-            "traffic_direction, workers, shared_data)",
+        "routes, max_body_buffer, max_request_header_size, drain_timeout, access_log, cache_dir, timeouts, "
+            "node, traffic_direction, workers, shared_data)",
         "t.yaml:9: chain[0].modul: unknown key 'modul'; did you mean 'module'?",
     ]
 

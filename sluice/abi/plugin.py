@@ -37,7 +37,7 @@ from .headers import HeaderMap
 from .metrics import MetricRegistry
 from .report import ModuleInfo, PluginReport, PluginState
 from .types import FailurePolicy, FilterStatus, LogLevel
-from .vm import RootContext, StreamContext, VMServices, WasmVM
+from .vm import START_DEADLINE_MS, RootContext, StreamContext, VMServices, WasmVM
 
 CONTINUE = FilterStatus.CONTINUE
 STOP = FilterStatus.STOP
@@ -255,12 +255,16 @@ class Plugin:
         vm.contexts[root.id] = root
         step = "proxy_on_context_create"
         try:
-            vm.call(step, root, root.id, 0)
+            # Start-up callbacks run off the request path and may parse large configurations: they
+            # get the start-up budget, not the per-request CPU deadline.
+            vm.call(step, root, root.id, 0, deadline_ms=START_DEADLINE_MS)
             step = "proxy_on_vm_start"
-            if vm.call(step, root, root.id, len(self._spec.vm_configuration)) == 0:
+            if vm.call(step, root, root.id, len(self._spec.vm_configuration), deadline_ms=START_DEADLINE_MS) == 0:
                 raise PluginLoadError(path, "proxy_on_vm_start returned false (the VM refused to start)")
             step = "proxy_on_configure"
-            if vm.call(step, root, root.id, len(self._spec.configuration), configuring=True) == 0:
+            if vm.call(
+                step, root, root.id, len(self._spec.configuration), configuring=True, deadline_ms=START_DEADLINE_MS
+            ) == 0:
                 raise PluginLoadError(
                     path, "proxy_on_configure returned false (the filter rejected its configuration)"
                 )

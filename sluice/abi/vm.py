@@ -483,18 +483,20 @@ class WasmVM:
     def has(self, name: str) -> bool:
         return name in self.fn
 
-    def call(self, name: str, context: Context | None, *args: int, configuring: bool = False) -> Any:
+    def call(self, name: str, context: Context | None, *args: int, configuring: bool = False,
+             deadline_ms: float | None = None) -> Any:
         """Call a callback under a frame for `context`; run deferred actions afterwards.
 
+        `deadline_ms` replaces the filter's CPU deadline for this call (start-up callbacks).
         Raises WasmTrap. Returns the callback's result, or None if the module does not export it.
         """
         fn = self.fn.get(name)
         if fn is None:
             return None
-        return self.invoke(fn, context, args, configuring)
+        return self.invoke(fn, context, args, configuring, deadline_ms)
 
     def invoke(self, fn: WasmFunction, context: Context | None, args: tuple[int, ...],
-               configuring: bool = False) -> Any:
+               configuring: bool = False, deadline_ms: float | None = None) -> Any:
         """`call` for a function already looked up (the per-request path)."""
         if self.dead is not None:
             raise WasmTrap(f"VM is no longer usable: {self.dead}")
@@ -509,7 +511,10 @@ class WasmVM:
             frame.configuring = configuring
             frame.local_reply_sent = False
             frame.foreign_args = None
-            self.handle.arm_deadline()
+            if deadline_ms is None:
+                self.handle.arm_deadline()
+            else:
+                self.handle.arm_deadline_ms(deadline_ms)
         else:
             frame = Frame(context, configuring)
         frames.append(frame)

@@ -6,6 +6,9 @@
   guess costs one connect attempt, refusing would cost the request.
 * keep-alive: finished connections wait in a per-endpoint idle list, newest first.
 * `max_connections` bounds the connections in use at once; further requests wait for one.
+* `upload_connections` bounds those of them held by requests whose body is still coming (an
+  upload slot is taken with the connection and given back when the body has been sent), so
+  clients that trickle their bodies cannot hold every connection.
 """
 
 from __future__ import annotations
@@ -55,6 +58,9 @@ class ClusterPool:
         connect_timeout: float = 2.0,
         host_rewrite: str | None = None,
         max_connections: int = 256,
+        upload_connections: int | None = None,
+        idle_timeout: float | None = 60.0,
+        request_body_prebuffer: int = 64 * 1024,
         clock: Callable[[], float] = time.monotonic,
         tls: ClientTlsSettings | None = None,
     ) -> None:
@@ -66,9 +72,13 @@ class ClusterPool:
         self.connect_timeout = connect_timeout
         self.host_rewrite = host_rewrite
         self.max_connections = max_connections
+        self.upload_connections = upload_connections or max(1, max_connections // 2)
+        self.idle_timeout = idle_timeout
+        self.request_body_prebuffer = request_body_prebuffer
         self._clock = clock
         self._next = 0
         self._slots = asyncio.Semaphore(max_connections)
+        self._upload_slots = asyncio.Semaphore(self.upload_connections)
         self._closed = False
         self.connects = 0
         self.connect_failures = 0
@@ -94,6 +104,9 @@ class ClusterPool:
             host_rewrite=config.host_rewrite,
             max_connections=config.max_connections,
             tls=config.tls.settings() if config.tls is not None else None,
+            upload_connections=config.upload_connections,
+            idle_timeout=config.idle_timeout,
+            request_body_prebuffer=config.request_body_prebuffer,
         )
 
     # -- endpoint choice ---------------------------------------------------------------------
@@ -118,26 +131,43 @@ class ClusterPool:
         endpoint.idle.clear()
 
     # -- leases --------------------------------------------------------------------------------
-    async def acquire(self, *, retry: bool = False, fresh: bool = False) -> UpstreamConnection:
+    async def acquire(self, *, retry: bool = False, fresh: bool = False, upload: bool = False) -> UpstreamConnection:
         """A connection ready for one exchange; `release()` it afterwards, always.
 
         `retry`: after a connect failure, try once more on another endpoint (idempotent requests).
         `fresh`: do not reuse an idle connection (a retry after a stale keep-alive connection).
+        `upload`: the request body is still coming; an upload slot is taken too (waited for like
+        a connection), given back by `upload_done()`.
         Raises ConnectFailed.
         """
         if self._closed:
             raise ConnectFailed(f"cluster {self.name} is shut down")
-        if self._slots.locked():
-            # Every connection is busy: wait for one like for a connect, then give up (503).
+        if not upload:
+            return await self._lease(retry, fresh)
+        await self._take(self._upload_slots, f"{self.upload_connections} upload connections")
+        try:
+            return await self._lease(retry, fresh)
+        except BaseException:
+            self._upload_slots.release()
+            raise
+
+    def upload_done(self) -> None:
+        """A request that took its connection with `upload=True` has sent its whole body."""
+        self._upload_slots.release()
+
+    async def _take(self, slots: asyncio.Semaphore, what: str) -> None:
+        if slots.locked():
+            # Every slot is busy: wait for one like for a connect, then give up (503).
             try:
-                await asyncio.wait_for(self._slots.acquire(), self.connect_timeout)
+                await asyncio.wait_for(slots.acquire(), self.connect_timeout)
             except TimeoutError:
                 self.overflows += 1
-                raise PoolExhausted(
-                    f"cluster {self.name}: all {self.max_connections} connections busy for {self.connect_timeout:g}s"
-                ) from None
+                raise PoolExhausted(f"cluster {self.name}: all {what} busy for {self.connect_timeout:g}s") from None
         else:
-            await self._slots.acquire()
+            await slots.acquire()
+
+    async def _lease(self, retry: bool, fresh: bool) -> UpstreamConnection:
+        await self._take(self._slots, f"{self.max_connections} connections")
         try:
             endpoint = self.pick()
             try:

@@ -8,14 +8,25 @@ and whether it ended), so a request that came in one segment is forwarded in one
 
 Reading pauses when the exchange cannot take more (the upstream's socket buffer is full, or it is
 still connecting with body piling up), when pipelined requests pile up, and resumes when that
-clears. Idle keep-alive connections close after `KEEPALIVE_S`; one timer per connection, re-armed
-only when it fires, so requests themselves arm no timer.
+clears. Idle keep-alive connections close after `KEEPALIVE_S`.
+
+Timeouts (the listener's `ClientLimits`): a request head must be complete `header_timeout` after
+its first byte, and while a request body is being read (not paused by the proxy) no more than
+`body_idle` may pass between reads; both are answered 408. One timer per connection, re-armed
+only when it fires or when a deadline earlier than its own appears (the first request after an
+idle spell): requests that arrive whole arm nothing and read no clock.
+
+Upgrades: a request with `Upgrade` and no body is held (`RequestHead.upgrade`) and the bytes after
+it are kept raw until the exchange says whether the route tunnels it. If it does not, or if the
+upgrade request has a body (never tunnelled), parsing goes on as plain HTTP: llhttp stops at
+every upgrade request, so a fresh parser takes over, given the request's body framing first.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import logging
 from typing import Protocol, cast
 
@@ -23,7 +34,10 @@ import httptools
 
 from sluice.abi import HeaderMap
 
-from .h1 import dec, response_head
+from . import rejections
+from .deadline import ConnectionTimer
+from .h1 import dec
+from .rejections import Rejection
 from .stats import ProxyStats
 
 log = logging.getLogger("sluice.server")
@@ -43,7 +57,7 @@ PAUSE_TUNNEL = 4
 class RequestHead:
     """A parsed request line and header section, as the client sent it."""
 
-    __slots__ = ("method", "target", "version", "fields", "keep_alive", "has_body", "expect_continue")
+    __slots__ = ("method", "target", "version", "fields", "keep_alive", "has_body", "expect_continue", "upgrade")
 
     def __init__(
         self,
@@ -54,6 +68,7 @@ class RequestHead:
         keep_alive: bool,
         has_body: bool,
         expect_continue: bool,
+        upgrade: bool = False,
     ) -> None:
         self.method = method
         self.target = target
@@ -64,6 +79,18 @@ class RequestHead:
         self.keep_alive = keep_alive
         self.has_body = has_body
         self.expect_continue = expect_continue
+        self.upgrade = upgrade
+        """An upgrade request the route may tunnel (it has no body); the bytes after it wait."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ClientLimits:
+    """What a client connection enforces, from the config current when a request begins."""
+
+    header_size: int = 8192
+    header_timeout: float = 10.0
+    body_idle: float = 30.0
+    stream_timeout: float | None = None
 
 
 class _Message:
@@ -80,14 +107,15 @@ class _Message:
         self.delivered = False  # `complete` reached the exchange
 
 
-class _HeadTooLarge(Exception):
-    pass
+class _Refused(Exception):
+    """Raised out of a parser callback: the request is refused for `rejection`."""
+
+    def __init__(self, rejection: Rejection) -> None:
+        super().__init__(rejection.value)
+        self.rejection = rejection
 
 
-def _simple_reply(status: int, text: bytes) -> bytes:
-    fields = [("content-type", "text/plain"), ("content-length", str(len(text))), ("connection", "close"),
-              ("server", "sluice")]
-    return response_head(status, fields) + text
+_CODINGS_OK = frozenset({"chunked", "identity", ""})
 
 
 class RequestHandler(Protocol):
@@ -102,6 +130,8 @@ class RequestHandler(Protocol):
     def client_gone(self) -> None: ...
 
     def client_error(self, reason: str) -> None: ...
+
+    def client_timeout(self, rejection: Rejection) -> None: ...
 
 
 class ClientBytes(Protocol):
@@ -122,7 +152,7 @@ class ConnectionOwner(Protocol):
     stats: ProxyStats
     connections: set[DownstreamConnection]
 
-    def header_limit(self) -> int: ...
+    def limits(self) -> ClientLimits: ...
 
     def begin(self, client: DownstreamConnection, head: RequestHead) -> RequestHandler: ...
 
@@ -150,7 +180,8 @@ class DownstreamConnection(asyncio.Protocol):
         """No further request on this connection (draining, a close asked for, an error)."""
         self._loop = asyncio.get_running_loop()
         self._parser = httptools.HttpRequestParser(self)
-        self._limit = server.header_limit()
+        self._limits = server.limits()
+        self._limit = self._limits.header_size
         self._messages: collections.deque[_Message] = collections.deque()
         self._parsing: _Message | None = None
         self._url: list[bytes] = []
@@ -160,16 +191,23 @@ class DownstreamConnection(asyncio.Protocol):
         self._content_length = -1
         self._chunked = False
         self._expect = False
+        self._bad_coding = False
+        self._resume_body: bytes | None = None  # an upgrade request with a body: its framing
+        self._resuming = False  # a fresh parser is reading that framing (not a new request)
         self._exchange: RequestHandler | None = None
         self._dispatching = False
         self._pause = 0
         self._upgraded = False  # the parser stopped at an upgrade request: the rest is raw bytes
         self._broken = False  # the parser failed: the connection ends once what is owed is sent
         self._raw: list[bytes] = []
+        self._raw_size = 0
         self._tunnel: ClientBytes | None = None
         self._lingering = False
         self._idle_since: float | None = None
-        self._timer: asyncio.TimerHandle | None = None
+        self._head_since: float | None = None  # loop.time() of the read that began a head in pieces
+        self._read_at = 0.0  # loop.time() of the last read while a request body is awaited
+        self._exchange_at = 0.0  # loop.time() when the current exchange began (stream limit only)
+        self._timer = ConnectionTimer(self._loop, self._check_timers)
 
     # -- asyncio.Protocol --------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -182,14 +220,12 @@ class DownstreamConnection(asyncio.Protocol):
         if sock:
             self.local = f"{sock[0]}:{sock[1]}"
         self.server.connections.add(self)
-        self._idle_since = self._loop.time()
-        self._timer = self._loop.call_later(KEEPALIVE_S, self._check_idle)
+        self._idle_since = now = self._loop.time()
+        self._arm(now + KEEPALIVE_S)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closing = True
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self._timer.cancel()
         self.server.connection_closed(self)
         tunnel, self._tunnel = self._tunnel, None
         if tunnel is not None:
@@ -222,42 +258,83 @@ class DownstreamConnection(asyncio.Protocol):
             self._tunnel.client_data(data)
             return
         if self._upgraded:
-            self._raw.append(data)
+            self._hold_raw(data)
             return
         if self._broken:
             return  # after a request that could not be parsed, nothing more is
         self._idle_since = None
-        try:
-            self._parser.feed_data(data)
-        except httptools.HttpParserUpgrade as exc:
-            offset = exc.args[0] if exc.args else len(data)
-            self._upgraded = True
-            if offset < len(data):
-                self._raw.append(data[offset:])
-        except httptools.HttpParserCallbackError as exc:
-            self._broken = True
-            if isinstance(exc.__context__, _HeadTooLarge):
-                self._too_large()
-            else:
-                log.exception("client %s: request parser callback failed", self.peer, exc_info=exc.__context__)
-                self._bad_request(f"{exc.__context__!r}")
+        if not self._feed(data):
             return
-        except httptools.HttpParserError as exc:
-            self._broken = True
-            self._bad_request(str(exc))
-            return
-        if self._parsing is not None and self._parsing.head is None:
-            # A head still incomplete: bound what the parser accumulates for it.
-            self._head_raw += len(data)
-            if self._head_raw > 2 * self._limit + 16384:
-                self._broken = True
-                self._too_large()
-                return
+        parsing = self._parsing
+        if parsing is not None:
+            if parsing.head is None:
+                # A head still incomplete: bound what the parser accumulates for it, and time it.
+                self._head_raw += len(data)
+                if self._head_raw > 2 * self._limit + 16384:
+                    self._broken = True
+                    # Nearly all of it the target: the request line is what is too long (414).
+                    in_line = self._head_raw - sum(len(u) for u in self._url) < 64
+                    self._refuse_now(
+                        Rejection.REQUEST_LINE_TOO_LONG if in_line else Rejection.REQUEST_HEADERS_TOO_LARGE
+                    )
+                    return
+                if self._head_since is None:
+                    self._head_since = now = self._loop.time()
+                    self._arm(now + self._limits.header_timeout)
+            elif parsing is self._messages[0]:
+                # The current request's body is still coming: the idle clock restarts.
+                self._read_at = now = self._loop.time()
+                self._arm(now + self._limits.body_idle)
         self._dispatch()
+
+    def _feed(self, data: bytes) -> bool:
+        """Parse `data`; False when the connection cannot go on (the parser failed)."""
+        while True:
+            try:
+                self._parser.feed_data(data)
+            except httptools.HttpParserUpgrade as exc:
+                offset = exc.args[0] if exc.args else len(data)
+                rest = data[offset:]
+                resume, self._resume_body = self._resume_body, None
+                if resume is None:
+                    self._upgraded = True
+                    if rest:
+                        self._hold_raw(rest)
+                    return True
+                # An upgrade that is never tunnelled (it has a body): parse on, body first.
+                self._parser = httptools.HttpRequestParser(self)
+                self._resuming = True
+                data = resume + rest
+                continue
+            except httptools.HttpParserCallbackError as exc:
+                self._broken = True
+                cause = exc.__context__
+                if isinstance(cause, _Refused):
+                    self._refuse_now(cause.rejection)
+                else:
+                    # A bug in a callback: the request is refused all the same, the bug logged once.
+                    log.error("client %s: request parser callback failed: %r", self.peer, cause)
+                    self._bad_request("internal parser error")
+                return False
+            except httptools.HttpParserError as exc:
+                self._broken = True
+                self._bad_request(str(exc))
+                return False
+            return True
+
+    def _hold_raw(self, data: bytes) -> None:
+        """Bytes after an upgrade request, kept until its exchange decides (bounded)."""
+        self._raw.append(data)
+        self._raw_size += len(data)
+        if self._raw_size > PIPELINE_BYTES:
+            self.pause(PAUSE_PIPELINE)
 
     # -- httptools callbacks -------------------------------------------------------------------
     def on_message_begin(self) -> None:
-        self._limit = self.server.header_limit()
+        if self._resuming:
+            return  # the framing of an upgrade request's body, fed to a fresh parser
+        self._limits = limits = self.server.limits()
+        self._limit = limits.header_size
         message = _Message()
         self._parsing = message
         self._messages.append(message)
@@ -268,15 +345,20 @@ class DownstreamConnection(asyncio.Protocol):
         self._content_length = -1
         self._chunked = False
         self._expect = False
+        self._bad_coding = False
 
     def on_url(self, url: bytes) -> None:
+        if self._resuming:
+            return
         self._url.append(url)
         self._head_size += len(url)
         if self._head_size > self._limit:
-            raise _HeadTooLarge()
+            raise _Refused(Rejection.REQUEST_LINE_TOO_LONG)
 
     def on_header(self, name: bytes, value: bytes) -> None:
         message = self._parsing
+        if self._resuming:
+            return
         if message is not None and message.head is not None:
             # Trailer fields of a chunked body.
             if message.trailers is None:
@@ -285,31 +367,57 @@ class DownstreamConnection(asyncio.Protocol):
             return
         self._head_size += len(name) + len(value) + 4
         if self._head_size > self._limit:
-            raise _HeadTooLarge()
+            raise _Refused(Rejection.REQUEST_HEADERS_TOO_LARGE)
         lname = dec(name).lower()
         text = dec(value)
         if lname == "content-length":
-            self._content_length = int(text) if text.strip().isdigit() else -1
+            # llhttp checked the digits (and refuses overflow); strip() only drops blanks.
+            digits = text.strip()
+            self._content_length = int(digits) if digits.isascii() and digits.isdigit() else -1
         elif lname == "transfer-encoding":
-            self._chunked = self._chunked or "chunked" in text.lower()
+            codings = text.lower()
+            self._chunked = self._chunked or "chunked" in codings
+            # RFC 9112 6.1: a coding the proxy does not implement is refused (501), never passed on.
+            if not self._bad_coding:
+                self._bad_coding = any(c.strip() not in _CODINGS_OK for c in codings.split(","))
         elif lname == "expect":
             self._expect = text.strip().lower() == "100-continue"
         self._fields.append((lname, text))
 
     def on_headers_complete(self) -> None:
+        if self._resuming:
+            self._resuming = False  # what follows is the upgrade request's body
+            return
         message = self._parsing
         assert message is not None
+        self._head_since = None
+        if self._bad_coding:
+            raise _Refused(Rejection.UNSUPPORTED_TRANSFER_CODING)
         parser = self._parser
+        method = dec(parser.get_method())
+        if method == "CONNECT":
+            raise _Refused(Rejection.METHOD_NOT_ALLOWED)  # a reverse proxy opens no tunnels by CONNECT
         version = parser.get_http_version()
+        if version != "1.1" and version != "1.0":
+            # llhttp reads a request line without a version as HTTP/0.9, and takes "HTTP/2.0".
+            raise _Refused(Rejection.HTTP_VERSION_NOT_SUPPORTED)
         target = dec(self._url[0] if len(self._url) == 1 else b"".join(self._url))
+        has_body = self._chunked or self._content_length > 0
+        upgrade = parser.should_upgrade()
+        if upgrade and has_body:
+            # llhttp would hand the body over raw; a fresh parser reads it with this framing.
+            framing = b"transfer-encoding: chunked" if self._chunked else b"content-length: %d" % self._content_length
+            self._resume_body = b"PUT / HTTP/1.1\r\n" + framing + b"\r\n\r\n"
+            upgrade = False
         message.head = RequestHead(
-            dec(parser.get_method()),
+            method,
             target,
             version,
             self._fields,
             parser.should_keep_alive(),
-            self._chunked or self._content_length > 0,
+            has_body,
             self._expect and version == "1.1",
+            upgrade,
         )
         self._fields = []
 
@@ -321,6 +429,8 @@ class DownstreamConnection(asyncio.Protocol):
         message.body_size += len(body)
 
     def on_message_complete(self) -> None:
+        if self._resume_body is not None:
+            return  # llhttp skipped the upgrade request's body; the fresh parser will read it
         message = self._parsing
         if message is not None:
             message.complete = True
@@ -356,6 +466,11 @@ class DownstreamConnection(asyncio.Protocol):
                 complete = message.delivered = message.complete
                 if exchange is None:
                     exchange = self._exchange = self.server.begin(self, message.head)
+                    if self._limits.stream_timeout is not None:
+                        self._exchange_at = now = self._loop.time()
+                        self._arm(now + self._limits.stream_timeout)
+                    if not complete:
+                        self._read_at = self._loop.time()
                     exchange.start(data, complete, trailers)
                 else:
                     exchange.request_body(data, complete, trailers)
@@ -382,11 +497,20 @@ class DownstreamConnection(asyncio.Protocol):
             return
         if self._messages:
             self._messages.popleft()
-        if not keep_alive or self._upgraded or self.closing:
+        if not keep_alive or self.closing:
             self._close()
             return
         if not self._messages:
             self._idle_since = self._loop.time()
+        if self._upgraded:
+            # Answered without a tunnel: what came after the upgrade request is HTTP again.
+            self._upgraded = False
+            self._parser = httptools.HttpRequestParser(self)
+            raw, self._raw = self._raw, []
+            self._raw_size = 0
+            self._pause &= ~PAUSE_PIPELINE
+            for data in raw:
+                self.data_received(data)  # another upgrade request holds the rest raw again
         self._dispatch()
         self._apply_pause()
 
@@ -434,6 +558,8 @@ class DownstreamConnection(asyncio.Protocol):
                 transport.pause_reading()
         elif not transport.is_reading():
             transport.resume_reading()
+            # The time reading was paused by the proxy does not count against the client.
+            self._read_at = self._loop.time()
 
     # -- writing -------------------------------------------------------------------------------
     def write(self, data: bytes) -> None:
@@ -447,23 +573,61 @@ class DownstreamConnection(asyncio.Protocol):
         self._exchange = None
         self._messages.clear()
         raw, self._raw = self._raw, []
+        self._raw_size = 0
+        self.unpause(PAUSE_PIPELINE)
         for data in raw:
             tunnel.client_data(data)
 
-    # -- endings -------------------------------------------------------------------------------
-    def _check_idle(self) -> None:
-        self._timer = None
-        if self.transport is None or self.transport.is_closing():
+    # -- timers --------------------------------------------------------------------------------
+    def _arm(self, deadline: float) -> None:
+        self._timer.arm(deadline)
+
+    def _check_timers(self) -> None:
+        if self.transport is None or self.transport.is_closing() or self._tunnel is not None:
             return
-        idle = self._idle_since
         now = self._loop.time()
-        if idle is not None and self._exchange is None and not self._messages and self._tunnel is None:
-            if now - idle >= KEEPALIVE_S - 0.001:
+        limits = self._limits
+        next_at = now + KEEPALIVE_S
+        slack = 0.001
+        if self._head_since is not None and not self._broken:
+            due = self._head_since + limits.header_timeout
+            if now >= due - slack:
+                self._head_since = None
+                self._broken = True
+                self._refuse_now(Rejection.REQUEST_HEADER_TIMEOUT)
+                return
+            next_at = min(next_at, due)
+        exchange = self._exchange
+        if exchange is not None:
+            if limits.stream_timeout is not None:
+                due = self._exchange_at + limits.stream_timeout
+                if now >= due - slack:
+                    exchange.client_timeout(Rejection.STREAM_TIMEOUT)
+                    self._rearm(now)
+                    return
+                next_at = min(next_at, due)
+            message = self._messages[0] if self._messages else None
+            waiting = message is not None and message.head is not None and not message.complete
+            if waiting and not self._pause and not self._lingering and not self._broken:
+                due = self._read_at + limits.body_idle
+                if now >= due - slack:
+                    exchange.client_timeout(Rejection.REQUEST_BODY_TIMEOUT)
+                    self._close()  # once the 408 is out: a stalled client is not worth lingering for
+                    return
+                next_at = min(next_at, due)
+        elif self._idle_since is not None and not self._messages:
+            due = self._idle_since + KEEPALIVE_S
+            if now >= due - slack:
                 self._close()
                 return
-            self._timer = self._loop.call_later(KEEPALIVE_S - (now - idle), self._check_idle)
-            return
-        self._timer = self._loop.call_later(KEEPALIVE_S, self._check_idle)
+            next_at = min(next_at, due)
+        self._arm(next_at)
+
+    def _rearm(self, now: float) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self._arm(now + KEEPALIVE_S)
+
+    # -- endings -------------------------------------------------------------------------------
 
     @property
     def idle(self) -> bool:
@@ -475,11 +639,12 @@ class DownstreamConnection(asyncio.Protocol):
         if self.idle:
             self._close()
 
-    def _too_large(self) -> None:
+    def _refuse_now(self, rejection: Rejection, detail: str = "") -> None:
+        """Refuse the request being parsed: counted, logged, sluice's own reply, then close."""
         stats = self.server.stats
-        stats.local_replies["request_headers_too_large"] += 1
-        stats.responses["4xx"] += 1
-        self._refuse(_simple_reply(431, b"request headers too large\n"))
+        rejections.count(stats, rejection, self.peer, detail)
+        stats.responses[f"{rejection.status // 100}xx"] += 1
+        self._refuse(rejections.reply_bytes(rejection))
 
     def _bad_request(self, reason: str) -> None:
         exchange = self._exchange
@@ -488,11 +653,7 @@ class DownstreamConnection(asyncio.Protocol):
             exchange.client_error(reason)
             self._close()
             return
-        stats = self.server.stats
-        stats.local_replies["bad_request"] += 1
-        stats.responses["4xx"] += 1
-        log.info("client %s: bad request: %s", self.peer, reason)
-        self._refuse(_simple_reply(400, b"bad request\n"))
+        self._refuse_now(Rejection.BAD_REQUEST, reason)
 
     def _refuse(self, reply: bytes) -> None:
         """Answer a request that cannot be parsed, after any response still owed, and close."""

@@ -8,6 +8,12 @@ and forward upstream, write to the client, abort, reset. No task or future per r
 coroutine is the pool's `acquire`, run eagerly (it completes at once when an idle connection
 waits in the pool).
 
+Upstream connections are taken only when the request can use them: a body whose Content-Length
+is at most `request_body_prebuffer` is read whole before connecting (a slow client holds no
+connection while it sends it), and a request whose body is still coming when it connects
+needs one of the cluster's upload slots (`ClusterPool`, `max_upload_connections`), so slow
+uploaders never hold every connection of a cluster.
+
 Flow control: request body the upstream cannot take yet (its socket buffer is full, or it is
 still connecting) pauses reading from the client until it drains; response body the client
 cannot take pauses reading from the upstream. A filter that buffers is bounded by the chain's
@@ -24,7 +30,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from sluice.abi import HeaderMap, LocalReply, StreamInfo
 
-from . import eager
+from . import eager, rejections
 from .chain import (
     AbortUpstream,
     Action,
@@ -46,9 +52,11 @@ from .http import (
     UpstreamRequest,
     append_value,
     downstream_request_headers,
+    origin_form,
     path_only,
     upstream_request,
 )
+from .rejections import Rejection
 from .stats import ProxyStats, status_class
 from .tunnel import Tunnel
 from .upstream import ConnectFailed, ResponseHead, UpstreamConnection, UpstreamError, UpstreamReset, UpstreamTimeout
@@ -77,8 +85,12 @@ PENDING_BODY_HIGH = 256 * 1024
 """Request body held while the upstream connects, beyond which the client is not read."""
 
 _PROXY_REASONS = frozenset(
-    {"no_route", "no_cluster", "upstream_connect_failure", "upstream_overflow", "upstream_timeout", "upstream_reset"}
+    {"no_route", "no_cluster", "upstream_connect_failure", "upstream_overflow", "upstream_timeout", "upstream_reset",
+     "server_options", *(r.value for r in Rejection)}
 )
+
+ALLOW = "GET, HEAD, POST, PUT, DELETE, OPTIONS, PATCH"
+"""`Allow` of the answer to `OPTIONS *` (the proxy's own; what a route allows is the upstream's)."""
 
 
 class Exchange:
@@ -88,7 +100,7 @@ class Exchange:
         "server", "gen", "stats", "client", "head", "info", "chain", "pool", "conn", "_request", "_upgrade",
         "_start", "_busy", "_done", "_reset_reason", "_connecting", "_pending", "_pending_size", "_retried",
         "_got_head", "_upstream_full", "_status", "_chunked", "_body_allowed", "_keep_alive",
-        "_response_done", "_request_done", "_tunnel",
+        "_response_done", "_request_done", "_tunnel", "_awaiting_body", "_sent_end", "_uploading",
     )
 
     def __init__(self, server: ExchangeOwner, client: DownstreamConnection, head: RequestHead, gen: Generation) -> None:
@@ -120,6 +132,9 @@ class Exchange:
         self._response_done = False
         self._request_done = False
         self._tunnel: Tunnel | None = None
+        self._awaiting_body = False  # routed; the upstream is taken once enough body came
+        self._sent_end = False  # the end of the request went to the chain's upstream side
+        self._uploading = False  # holding one of the pool's upload slots
 
     @property
     def started_ns(self) -> int:
@@ -139,13 +154,16 @@ class Exchange:
         if client.tls_properties is not None:
             info.scheme = scheme
             info.connection_properties = client.tls_properties
-        headers, self._upgrade = downstream_request_headers(
-            head.method, head.target, head.fields, client.peer_ip, scheme, self.server.request_ids
+        path, authority = origin_form(head.target)
+        headers, upgrade = downstream_request_headers(
+            head.method, path, head.fields, client.peer_ip, scheme, self.server.request_ids, authority
         )
+        # Only an upgrade the connection held for it may become a tunnel (one with a body never does).
+        self._upgrade = upgrade.partition(",")[0].strip().lower() if upgrade is not None and head.upgrade else None
         info.request_headers = headers
         gen = self.gen
         chain = FilterChain(
-            [(f.name, partial(f.plugin.new_stream, info)) for f in gen.filters_for(path_only(head.target))],
+            [(f.name, partial(f.plugin.new_stream, info)) for f in gen.filters_for(path_only(path))],
             max_body_buffer=gen.config.max_body_buffer,
             track_headers=self.server.tracks_headers,
         )
@@ -205,8 +223,28 @@ class Exchange:
         self._finish(keep_alive=False)
 
     def client_error(self, reason: str) -> None:
-        """The request body was malformed (chunk framing): the request cannot complete."""
-        self._fail(f"client body: {reason}", "client_body_error")
+        """The request body was malformed (chunk framing): 400 (a reset once the response has
+        started), and the upstream connection goes at once (it holds half a request)."""
+        if self._done:
+            return
+        self.stats.resets["client_body_error"] += 1
+        self._refuse(Rejection.BAD_REQUEST_BODY, reason)
+
+    def client_timeout(self, rejection: Rejection) -> None:
+        """The client took too long (its body stalled, or the stream limit passed): 408."""
+        if not self._done:
+            self._refuse(rejection, "")
+
+    def _refuse(self, rejection: Rejection, detail: str) -> None:
+        rejections.count(self.stats, rejection, self.client.peer, detail)
+        self._drop_upstream()
+        chain = self.chain
+        if chain is None or chain.response_started or self._status:
+            self._fail(rejection.value, rejection.value)
+            return
+        self._keep_alive = False
+        chain.send_local_reply(LocalReply(rejection.status, rejection.body, details=rejection.value))
+        self._run()
 
     # -- input: the upstream (upstream.ResponseSink) --------------------------------------------
     def upstream_response(self, head: ResponseHead | None, body: bytes, complete: bool) -> None:
@@ -218,6 +256,11 @@ class Exchange:
         self._busy = True
         try:
             if head is not None:
+                if head.upgrade and self._upgrade is None:
+                    # A 101 nobody asked for: the upstream speaks something else now.
+                    self._busy = False
+                    self.upstream_failed(UpstreamReset(f"upstream {conn.endpoint} switched protocols unasked"))
+                    return
                 self._got_head = True
                 info = self.info
                 info.response_code = head.status
@@ -254,7 +297,10 @@ class Exchange:
         if isinstance(exc, UpstreamTimeout):
             log.info("cluster %s: %s", name, exc)
             self._drop_upstream()
-            self._local("upstream_timeout", 504, b"upstream request timeout\n")
+            if self.chain.response_started:
+                self._fail(f"upstream timeout: {exc}", "upstream_idle_timeout")
+            else:
+                self._local("upstream_timeout", 504, b"upstream request timeout\n")
         elif not self._got_head:
             request = self._request
             stale = isinstance(exc, UpstreamReset) and exc.before_response and conn is not None and conn.requests > 1
@@ -351,6 +397,12 @@ class Exchange:
     def _forward_headers(self, headers: HeaderMap, eos: bool, body: bytes, body_end: bool) -> None:
         method = headers.get(":method") or "GET"
         target = headers.get(":path") or "/"
+        if target == "*" and method == "OPTIONS":
+            # The server's own options (RFC 9110 9.3.7), answered after the filters saw it.
+            self.stats.local_replies["server_options"] += 1
+            assert self.chain is not None
+            self.chain.send_local_reply(LocalReply(200, b"", headers=(("allow", ALLOW),), details="server_options"))
+            return
         route = self.gen.router.match(method, target, headers)
         if route is None:
             self._local("no_route", 404, b"no route\n")
@@ -363,24 +415,37 @@ class Exchange:
         info = self.info
         info.route_name = route.name or ""
         info.cluster_name = route.cluster
+        if self._upgrade is not None and self._upgrade not in route.upgrades:
+            self._upgrade = None  # not for this route: proxied as a plain request, never tunnelled
         self._request = upstream_request(
             headers, host_rewrite=pool.host_rewrite, upgrade=self._upgrade, end_of_stream=eos
         )
+        self._sent_end = eos or body_end
         if body or body_end:
             self._pending.append((body, body_end, None))
             self._pending_size += len(body)
-        self._acquire(fresh=False)
+        length = self._request.content_length
+        if self._sent_end or length is None or length > pool.request_body_prebuffer:
+            self._acquire(fresh=False)  # a body that streams: it needs an upload slot
+        else:
+            self._awaiting_body = True  # a small body: all of it first, then a connection
 
     def _acquire(self, *, fresh: bool) -> None:
         pool = self.pool
         request = self._request
         assert pool is not None and request is not None
-        self._connecting = eager.start(pool.acquire(retry=request.retryable, fresh=fresh), self._acquired)
+        self._awaiting_body = False
+        upload = not self._sent_end
+        self._connecting = eager.start(
+            pool.acquire(retry=request.retryable, fresh=fresh, upload=upload), partial(self._acquired, upload)
+        )
 
-    def _acquired(self, conn: UpstreamConnection | None, exc: BaseException | None) -> None:
+    def _acquired(self, upload: bool, conn: UpstreamConnection | None, exc: BaseException | None) -> None:
         self._connecting = None
         pool = self.pool
         assert pool is not None
+        if exc is None and conn is not None and upload:
+            self._uploading = True
         if exc is not None or conn is None:
             if isinstance(exc, asyncio.CancelledError) or self._done:
                 return
@@ -396,6 +461,7 @@ class Exchange:
             return
         chain = self.chain
         if self._done or chain is None or chain.halted or chain.local_reply is not None:
+            self._end_upload()
             pool.release(conn)
             return
         self.conn = conn
@@ -409,9 +475,11 @@ class Exchange:
         self._pending_size = 0
         body, end, trailers = pending.pop(0) if pending and pending[0][2] is None else (b"", False, None)
         try:
-            full = conn.start_request(request, self, pool.timeout, body, end)
+            full = conn.start_request(request, self, pool.timeout, body, end, idle_timeout=pool.idle_timeout)
             for data, last, tail in pending:
                 full = self._write_upstream(conn, data, last, tail)
+            if self._sent_end:
+                self._end_upload()
         except UpstreamError:
             self._drop_upstream()
             self._local("upstream_reset", 502, b"upstream connection closed\n")
@@ -426,8 +494,19 @@ class Exchange:
         if trailers is not None:
             full = conn.write_body(data, False) if data else conn.write_paused
             conn.end_request(trailers)
+            self._end_upload()
             return full
-        return conn.write_body(data, end)
+        full = conn.write_body(data, end)
+        if end:
+            self._end_upload()
+        return full
+
+    def _end_upload(self) -> None:
+        """The request body is all sent (or will never be): its upload slot is free again."""
+        if self._uploading:
+            self._uploading = False
+            if self.pool is not None:
+                self.pool.upload_done()
 
     def _forward_body(self, data: bytes, end: bool, trailers: HeaderMap | None) -> None:
         conn = self.conn
@@ -442,10 +521,15 @@ class Exchange:
             if full and not self._upstream_full:
                 self._upstream_full = True
                 self.client.pause(PAUSE_EXCHANGE)
-        elif self._connecting is not None:
+        elif self._connecting is not None or self._awaiting_body:
             self._pending.append((data, end, trailers))
             self._pending_size += len(data)
-            if self._pending_size > PENDING_BODY_HIGH:
+            if end or trailers is not None:
+                self._sent_end = True
+            if self._awaiting_body and self.pool is not None:
+                if self._sent_end or self._pending_size > self.pool.request_body_prebuffer:
+                    self._acquire(fresh=False)
+            elif self._pending_size > PENDING_BODY_HIGH:
                 self.client.pause(PAUSE_EXCHANGE)
         # else: no route or the upstream was dropped: the body has nowhere to go.
 
@@ -576,6 +660,7 @@ class Exchange:
         self._drop_upstream()
 
     def _release_upstream(self) -> None:
+        self._end_upload()
         conn, self.conn = self.conn, None
         if conn is not None:
             conn.detach()
@@ -588,6 +673,8 @@ class Exchange:
             connecting.cancel()
         self._pending = []
         self._pending_size = 0
+        self._awaiting_body = False
+        self._end_upload()
         self.client.unpause(PAUSE_EXCHANGE)
         conn, self.conn = self.conn, None
         if conn is not None:

@@ -71,6 +71,29 @@ class RequestIds:
         return f"{self._prefix}{self._next:012x}"
 
 
+def origin_form(target: str) -> tuple[str, str | None]:
+    """The path (with query) of a request target and, for the absolute form, its authority.
+
+    RFC 9112 3.2.2: a server accepts `http://host/path` and then takes the host from the target,
+    not from the `Host` field. Origin-form (`/path`) and `*` come back as they are.
+    """
+    if target[:1] == "/" or target == "*":
+        return target, None
+    scheme, sep, rest = target.partition("://")
+    if not sep or scheme.lower() not in ("http", "https"):
+        return target, None
+    cut = len(rest)
+    for mark in "/?#":
+        at = rest.find(mark)
+        if 0 <= at < cut:
+            cut = at
+    authority = rest[:cut].rpartition("@")[2]  # userinfo is not part of the host (RFC 9110 4.2.4)
+    path = rest[cut:].partition("#")[0]
+    if not path or path[0] != "/":
+        path = "/" + path
+    return path, authority
+
+
 def downstream_request_headers(
     method: str,
     path: str,
@@ -78,12 +101,14 @@ def downstream_request_headers(
     client_ip: str,
     scheme: str,
     request_ids: RequestIds | None,
+    target_authority: str | None = None,
 ) -> tuple[HeaderMap, str | None]:
     """The request headers the filters see, built in one pass from what the client sent.
 
-    `Host` becomes `:authority` (as in Envoy), hop-by-hop headers are dropped, x-request-id is
-    added when absent, X-Forwarded-For/-Proto/-Host and Via are added. Returns the map and the
-    protocol named by `Upgrade` when the request asks for one (WebSocket), else None.
+    `Host` becomes `:authority` (as in Envoy; `target_authority`, from an absolute-form target,
+    takes its place), hop-by-hop headers are dropped, x-request-id is added when absent,
+    X-Forwarded-For/-Proto/-Host and Via are added. Returns the map and the protocol named by
+    `Upgrade` when the request asks for one (WebSocket), else None.
     """
     authority = ""
     regular: list[tuple[str, str]] = []
@@ -122,6 +147,8 @@ def downstream_request_headers(
         regular = drop_connection_tokens(regular, tokens)
     if "upgrade" not in tokens:
         upgrade = None
+    if target_authority is not None:
+        authority = target_authority
     headers = HeaderMap()
     items = [(":method", method), (":path", path), (":authority", authority), (":scheme", scheme)]
     items.extend(regular)

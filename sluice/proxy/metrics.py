@@ -152,6 +152,9 @@ class SluiceCollector(Collector):
         yield _labelled_counter(
             "sluice_local_replies", "Responses made by the proxy or a filter, by reason", "reason", stats.local_replies
         )
+        yield _labelled_counter(
+            "sluice_rejections", "Requests refused for what the client sent, by reason", "reason", stats.rejections
+        )
         yield _labelled_counter("sluice_resets", "Streams reset, by reason", "reason", stats.resets)
         yield CounterMetricFamily(
             "sluice_upstream_requests", "Requests sent upstream", value=stats.upstream_requests

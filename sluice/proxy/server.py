@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from .downstream import DownstreamConnection, RequestHead
+from .downstream import ClientLimits, DownstreamConnection, RequestHead
 from .exchange import Exchange
 from .h1 import HttpDate
 from .http import RequestIds
@@ -56,6 +56,8 @@ class ProxyServer:
         self._all_closed: asyncio.Future[None] | None = None
         self.reuse_port = False
         """SO_REUSEPORT: each worker process binds its own socket on the same address (Linux)."""
+        self._limits = ClientLimits(header_size=max_request_header_size)
+        self._limits_of: Generation | None = None
 
     @property
     def tracks_headers(self) -> bool:
@@ -88,12 +90,20 @@ class ProxyServer:
         return address
 
     # -- requests ------------------------------------------------------------------------------
-    def header_limit(self) -> int:
-        """`max_request_header_size` of the current generation (a reload changes it)."""
+    def limits(self) -> ClientLimits:
+        """What client connections enforce, from the current generation (a reload changes it)."""
         try:
-            return self._current().config.max_request_header_size
+            gen = self._current()
         except RuntimeError:  # not started
-            return self.max_request_header_size
+            return ClientLimits(header_size=self.max_request_header_size)
+        if gen is not self._limits_of:
+            config = gen.config
+            timeouts = config.timeouts
+            self._limits = ClientLimits(
+                config.max_request_header_size, timeouts.request_headers, timeouts.request_body_idle, timeouts.stream
+            )
+            self._limits_of = gen
+        return self._limits
 
     def begin(self, client: DownstreamConnection, head: RequestHead) -> Exchange:
         """A request arrived on `client`: its exchange, on the current generation (not started)."""

@@ -21,6 +21,9 @@ class ProxyStats:
     """By reason: no_route, upstream_connect_failure, upstream_timeout, upstream_reset,
     request_headers_too_large, request_payload_too_large, bad_request, filter (a filter's own
     reply)..."""
+    rejections: Counter[str] = dataclasses.field(default_factory=Counter)
+    """Requests refused for what the client sent, by reason (sluice/proxy/rejections.py); each
+    is counted in `local_replies` too."""
     upstream_requests: int = 0
     upstream_retries: int = 0
     resets: Counter[str] = dataclasses.field(default_factory=Counter)
@@ -36,6 +39,7 @@ class ProxyStats:
             "requests_active": self.requests_active,
             "responses": dict(self.responses),
             "local_replies": dict(self.local_replies),
+            "rejections": dict(self.rejections),
             "upstream_requests": self.upstream_requests,
             "upstream_retries": self.upstream_retries,
             "resets": dict(self.resets),

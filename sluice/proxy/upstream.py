@@ -26,6 +26,7 @@ import httptools
 from sluice.abi import HeaderMap
 
 from .config import format_host_port
+from .deadline import ConnectionTimer
 from .h1 import chunk, dec, last_chunk, request_head
 from .http import HOP_BY_HOP, UpstreamRequest, connection_tokens, drop_connection_tokens
 
@@ -39,7 +40,8 @@ class ConnectFailed(UpstreamError):
 
 
 class UpstreamTimeout(UpstreamError):
-    """No response headers within the cluster's timeout: 504."""
+    """No response headers within the cluster's timeout after the request ended (504), or the
+    upstream went quiet for its idle timeout while streaming (504, or a reset once answered)."""
 
 
 class UpstreamReset(UpstreamError):
@@ -112,10 +114,13 @@ class UpstreamConnection(asyncio.Protocol):
         self._tunnel: TunnelSink | None = None
         self._tunnel_mode = False
         self._tunnel_rest: list[bytes] = []
-        self._timer: asyncio.TimerHandle | None = None
+        self._timer = ConnectionTimer(self._loop, self._expire)
         self._timeout = 0.0
         self._deadline: float | None = None
         """loop.time() by which the response head must have come (None: not waiting for one)."""
+        self._idle_timeout: float | None = None
+        self._io_at = 0.0
+        """loop.time() of the last sign of life while the idle timeout applies."""
         # Response state for the current exchange.
         self._head_method = False
         self._fields: list[tuple[str, str]] = []
@@ -162,6 +167,10 @@ class UpstreamConnection(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self.write_paused = True
+        if self._idle_timeout is not None and self._sink is not None:
+            # The upstream stopped taking the request body: from now on it must show progress.
+            self._io_at = now = self._loop.time()
+            self._arm(now + self._idle_timeout)
 
     def resume_writing(self) -> None:
         self.write_paused = False
@@ -171,6 +180,8 @@ class UpstreamConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self._got_bytes = True
+        if self._idle_timeout is not None:
+            self._io_at = self._loop.time()
         if self._tunnel_mode:
             if self._tunnel is not None:
                 self._tunnel.tunnel_data(data)
@@ -228,6 +239,8 @@ class UpstreamConnection(asyncio.Protocol):
             self._framed = False
             return
         self._deadline = None
+        if self._idle_timeout is not None:
+            self._arm(self._io_at + self._idle_timeout)
         fields = self._fields
         if self._connection:
             fields = drop_connection_tokens(fields, connection_tokens(self._connection))
@@ -301,23 +314,41 @@ class UpstreamConnection(asyncio.Protocol):
         if sink is not None and not self._done_delivered:
             sink.upstream_failed(exc)
 
+    def _arm(self, at: float) -> None:
+        if not self._closed:
+            self._timer.arm(at)
+
+    def _idle_applies(self) -> bool:
+        """The exchange waits on the upstream: its response streams (and is read), or it does not
+        take the request body."""
+        if self._sink is None or self._tunnel_mode:
+            return False
+        streaming = self._head is not None and not self._message_done and not self._read_paused
+        return streaming or (self.write_paused and not self._request_done)
+
     def _expire(self) -> None:
         # One timer per connection, not per request: it stays armed across the requests of a
-        # kept-alive connection and, when it fires, checks the deadline of the current one.
-        self._timer = None
+        # kept-alive connection and, when it fires, checks the deadlines of the current one.
+        if self._failed or self._closed:
+            return
+        now = self._loop.time()
         deadline = self._deadline
-        if deadline is None or self._failed or self._closed:
+        if deadline is not None:
+            if deadline - now > 0.001:
+                self._arm(deadline)
+                return
+            self._fail(UpstreamTimeout(f"no response from {self.endpoint} within {self._timeout:g}s"))
             return
-        remaining = deadline - self._loop.time()
-        if remaining > 0.001:
-            self._timer = self._loop.call_later(remaining, self._expire)
-            return
-        self._fail(UpstreamTimeout(f"no response from {self.endpoint} within {self._timeout:g}s"))
+        idle = self._idle_timeout
+        if idle is not None and self._idle_applies():
+            due = self._io_at + idle
+            if due - now > 0.001:
+                self._arm(due)
+                return
+            self._fail(UpstreamTimeout(f"upstream {self.endpoint} idle for {idle:g}s"))
 
     def _cancel_timer(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self._timer.cancel()
 
     @property
     def response_trailers(self) -> HeaderMap | None:
@@ -333,15 +364,27 @@ class UpstreamConnection(asyncio.Protocol):
         if self._read_paused and self.transport is not None and not self._closed:
             self._read_paused = False
             self.transport.resume_reading()
+            if self._idle_timeout is not None:
+                self._io_at = now = self._loop.time()  # the pause was ours, not the upstream's
+                self._arm(now + self._idle_timeout)
 
     # -- request side --------------------------------------------------------------------------
     def start_request(
-        self, request: UpstreamRequest, sink: ResponseSink, timeout: float | None, body: bytes = b"", end: bool = False
+        self,
+        request: UpstreamRequest,
+        sink: ResponseSink,
+        timeout: float | None,
+        body: bytes = b"",
+        end: bool = False,
+        *,
+        idle_timeout: float | None = None,
     ) -> bool:
         """Send the request head (and `body`, in the same write); the response goes to `sink`.
 
         Body framing: the request's content_length if known, else chunked if it has a body.
-        `timeout`: seconds until the response head, else `sink.upstream_failed(UpstreamTimeout)`.
+        `timeout`: seconds from the end of the request (its body sent) until the response head,
+        else `sink.upstream_failed(UpstreamTimeout)`. `idle_timeout`: seconds the upstream may go
+        quiet while its response streams or while it takes no request body (same failure).
         Returns True when the socket's buffer is full (see `write_body`).
         """
         transport = self.transport
@@ -360,13 +403,11 @@ class UpstreamConnection(asyncio.Protocol):
         elif has_body and content_length is not None:
             fields = [*fields, ("content-length", str(content_length))]
         self._request_done = not has_body
-        if timeout is not None:
-            self._timeout = timeout
-            self._deadline = self._loop.time() + timeout
-            if self._timer is None:
-                self._timer = self._loop.call_later(timeout, self._expire)
-        else:
-            self._deadline = None
+        self._idle_timeout = idle_timeout
+        self._timeout = timeout if timeout is not None else 0.0
+        self._deadline = None
+        if timeout is not None and not has_body:
+            self._start_response_clock()
         head = request_head(request.method, request.target, fields)
         if body or end:
             return self.write_body(body, end, head)
@@ -391,6 +432,7 @@ class UpstreamConnection(asyncio.Protocol):
                 out = out + data if out else data
         if end and not self._request_done:
             self._request_done = True
+            self._start_response_clock()
             if self._chunked:
                 out += last_chunk(None)
             elif self._remaining:
@@ -407,10 +449,17 @@ class UpstreamConnection(asyncio.Protocol):
         if self._request_done or self.transport is None or self._closed:
             return
         self._request_done = True
+        self._start_response_clock()
         if self._chunked:
             self.transport.write(last_chunk(trailers))
         elif self._remaining:
             self.close()
+
+    def _start_response_clock(self) -> None:
+        """The request has been sent in full: the response head is due within the timeout."""
+        if self._timeout and self._head is None and self._sink is not None:
+            self._deadline = at = self._loop.time() + self._timeout
+            self._arm(at)
 
     # -- tunnel (after 101) --------------------------------------------------------------------
     def attach_tunnel(self, tunnel: TunnelSink) -> None:
@@ -459,6 +508,7 @@ class UpstreamConnection(asyncio.Protocol):
         """The exchange is over (its connection goes back to the pool or is closed)."""
         self._sink = None
         self._deadline = None
+        self._idle_timeout = None
         if self._read_paused:
             self.resume_reading()
 

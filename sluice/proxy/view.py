@@ -55,6 +55,11 @@ class ProxyCounters(Protocol):
     def local_replies(self) -> Mapping[str, int]: ...
 
     @property
+    def rejections(self) -> Mapping[str, int]:
+        """Requests refused for what the client sent, by reason (sluice/proxy/rejections.py)."""
+        ...
+
+    @property
     def resets(self) -> Mapping[str, int]: ...
 
     @property

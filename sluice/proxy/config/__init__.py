@@ -22,6 +22,7 @@ from .models import (
     SharedDataBackend,
     SharedDataConfig,
     SluiceConfig,
+    TimeoutsConfig,
 )
 from .values import GiB, HostPort, KiB, MiB, Workers, format_host_port, resolve_workers
 
@@ -40,6 +41,7 @@ __all__ = [
     "SharedDataConfig",
     "SluiceConfig",
     "Workers",
+    "TimeoutsConfig",
     "format_host_port",
     "load_config",
     "parse_config",

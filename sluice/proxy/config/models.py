@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -35,7 +36,8 @@ from .yamlindex import LineIndex, line_for, line_key
 
 __all__ = [
     "AdminConfig", "CapabilitiesConfig", "ClusterConfig", "FilterConfig", "LimitsConfig", "NodeConfig",
-    "RouteConfig", "RouteMatch", "SharedDataBackend", "SharedDataConfig", "SluiceConfig", "cross_check",
+    "RouteConfig", "RouteMatch", "SharedDataBackend", "SharedDataConfig", "SluiceConfig", "TimeoutsConfig",
+    "cross_check",
 ]
 
 TRAFFIC_DIRECTIONS = {"unspecified": 0, "inbound": 1, "outbound": 2}
@@ -89,6 +91,21 @@ class ClusterConfig(_Model):
     username: str | None = Field(default=None, min_length=1)
     password: str | None = Field(default=None, min_length=1)
     database: Annotated[int, BeforeValidator(not_bool), Field(ge=0)] = 0
+    idle_timeout: Seconds = 60.0
+    """Seconds without a byte from the upstream while its response streams (or while it does not
+    take the request body): the request is reset, or answered 504 if nothing was sent yet."""
+    request_body_prebuffer: Size = 64 * 1024
+    """A request body announced (Content-Length) at most this big is read whole before a
+    connection is taken: a client sending it slowly holds no connection meanwhile."""
+    max_upload_connections: Count | None = None
+    """Connections that requests still sending their body may hold at once (default: half of
+    `max_connections`, at least 1), so slow uploaders cannot take every connection."""
+
+    @property
+    def upload_connections(self) -> int:
+        if self.max_upload_connections is not None:
+            return min(self.max_upload_connections, self.max_connections)
+        return max(1, self.max_connections // 2)
 
     @field_validator("endpoints")
     @classmethod
@@ -330,10 +347,36 @@ class RouteMatch(_Model):
         return self
 
 
+def _upgrade_tokens(values: list[str]) -> list[str]:
+    out: list[str] = []
+    for value in values:
+        if not TOKEN_RE.fullmatch(value):
+            raise ValueError(f"invalid upgrade protocol {value!r}")
+        if value.lower() not in out:
+            out.append(value.lower())
+    return out
+
+
 class RouteConfig(_Model):
     match: RouteMatch
     cluster: str
     name: str | None = None
+    upgrades: Annotated[list[str], AfterValidator(_upgrade_tokens)] = Field(default_factory=lambda: ["websocket"])
+    """Protocols an `Upgrade` request on this route may switch to (a byte tunnel after the
+    upstream's 101), like Envoy's `upgrade_configs`. Any other upgrade is stripped and the
+    request proxied as plain HTTP."""
+
+
+class TimeoutsConfig(_Model):
+    """How long the proxy waits for a client (the upstream side is per cluster)."""
+
+    request_headers: Seconds = 10.0
+    """From the first byte of a request to the end of its head; then 408."""
+    request_body_idle: Seconds = 30.0
+    """Between two reads of a request body the proxy is waiting for; then 408."""
+    stream: Seconds | None = None
+    """Longest a request may take from its head to the end of its response (none by default);
+    then 408, or a reset once the response has started."""
 
 
 def _listen_kind(value: object) -> str:
@@ -401,6 +444,7 @@ class SluiceConfig(_Model):
     drain_timeout: Annotated[float, BeforeValidator(not_bool), Field(ge=0, allow_inf_nan=False)] = 30.0
     access_log: str | None = Field(default="stdout", min_length=1)
     cache_dir: Path = Field(default=Path(".sluice-cache"), validate_default=True)
+    timeouts: TimeoutsConfig = Field(default_factory=TimeoutsConfig)
     node: NodeConfig = Field(default_factory=NodeConfig)
     traffic_direction: Literal["unspecified", "inbound", "outbound"] = "unspecified"
     workers: Workers = 1
