@@ -619,3 +619,17 @@ def test_bad_node_and_traffic_direction() -> None:
     error = one_error("listen: 127.0.0.1:8080\nnode: {metadata: {ratio: .nan}}\n")
     assert "t.yaml:2: node.metadata" in error and "JSON values only" in error
     assert "node.colour" in one_error("listen: 127.0.0.1:8080\nnode: {colour: red}\n")
+
+
+def test_a_list_of_listeners_with_several_workers_is_a_config_error(tmp_path: Path) -> None:
+    path = tmp_path / "t.yaml"
+    path.write_text(
+        "listen:\n  - address: 127.0.0.1:8080\nworkers: 2\nclusters:\n  web: {endpoints: [\"127.0.0.1:9001\"]}\n"
+        "routes:\n  - {match: {prefix: /}, cluster: web}\n"
+    )
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert info.value.errors == [
+        f"{path}:3: workers: more than one worker needs `listen` as one address (a list of listeners runs with "
+        "workers: 1)"
+    ]

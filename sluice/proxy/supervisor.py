@@ -215,9 +215,7 @@ class Supervisor:
         self.hashes = checked.hashes
         self._write_snapshot(self.version, self.config_path.read_text(encoding="utf-8"))
         listen = self.config.listen
-        if not isinstance(listen, HostPort):
-            # Workers each bind one SO_REUSEPORT socket; a list of listeners (TLS) is not fanned out yet.
-            raise RuntimeError("workers > 1 needs `listen` as one address; a list of listeners runs with workers: 1")
+        assert isinstance(listen, HostPort), "the config check refuses a list of listeners with workers > 1"
         self._reserved, self.listen = _reserve_port(listen)
         results = await asyncio.gather(*(self._spawn(slot) for slot in self.slots), return_exceptions=True)
         failed = [f"worker {s.index}: {r}" for s, r in zip(self.slots, results, strict=True) if r is not None]

@@ -31,7 +31,19 @@ from sluice import abi
 
 from .errors import Loc, format_loc
 from .listeners import ClusterTlsConfig, ListenerConfig
-from .values import TOKEN_RE, Count, HostPort, MiB, Name, Seconds, Size, Workers, not_bool, payload_bytes
+from .values import (
+    TOKEN_RE,
+    Count,
+    HostPort,
+    MiB,
+    Name,
+    Seconds,
+    Size,
+    Workers,
+    not_bool,
+    payload_bytes,
+    resolve_workers,
+)
 from .yamlindex import LineIndex, line_for, line_key
 
 __all__ = [
@@ -608,4 +620,10 @@ def cross_check(data: object) -> list[tuple[Loc, str]]:
     for address in addresses:
         if address is not None and address == admin_listen and address.port != 0:
             problems.append((("admin", "listen"), f"same address as listen ({address})"))
+    workers = _field(data, "workers")
+    count = resolve_workers("auto") if workers == "auto" else workers
+    if isinstance(listen, list) and isinstance(count, int) and not isinstance(count, bool) and count > 1:
+        # Each worker binds one SO_REUSEPORT socket; a list of listeners (TLS) is not fanned out yet.
+        problems.append((("workers",), "more than one worker needs `listen` as one address (a list of listeners "
+                                       "runs with workers: 1)"))
     return problems
