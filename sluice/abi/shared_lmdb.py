@@ -274,7 +274,12 @@ class LmdbQueues:
             cursor = txn.cursor()
             if not cursor.set_range(start):
                 return 0
-            return sum(1 for k in cursor.iternext(keys=True, values=False) if k.startswith(start))
+            count = 0
+            for k in cursor.iternext(keys=True, values=False):
+                if not k.startswith(start):
+                    break  # keys sort by namespace: the rest belong to other vm_ids
+                count += 1
+            return count
 
     def depth(self, token: int) -> int | None:
         """Items waiting in the queue, or None for an unknown token."""
