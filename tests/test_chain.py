@@ -59,6 +59,7 @@ class Scripted:
         self.script = script
         self.callbacks: StreamCallbacks | None = None
         self.completed = 0
+        self.reads_request_body = self.reads_response_body = True
 
     def _answer(self, event: str, *args: Any) -> FilterStatus:
         self.log.append((self.name, event, *args))

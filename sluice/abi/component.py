@@ -571,6 +571,10 @@ class ComponentStream:
     __slots__ = ("_plugin", "_inst", "info", "_callbacks", "_mode", "paused", "completed", "_request_headers",
                  "_observe")
 
+    # The sluice:filter world has no body hooks: a component never changes a body.
+    reads_request_body = False
+    reads_response_body = False
+
     def __init__(
         self, plugin: ComponentPlugin, inst: _Instance | None, info: StreamInfo, callbacks: StreamCallbacks,
         mode: StreamMode,

@@ -443,7 +443,8 @@ class HttpStream:
     """One HTTP stream through one filter. Methods mirror Envoy's filter callbacks."""
 
     __slots__ = ("_plugin", "_vm", "info", "_callbacks", "_mode", "_ctx", "_maps", "_bodies",
-                 "paused", "completed", "_request_args3", "_response_args3", "_observe")
+                 "paused", "completed", "_request_args3", "_response_args3", "_observe", "reads_request_body",
+                 "reads_response_body")
 
     def __init__(
         self, plugin: Plugin, vm: WasmVM | None, info: StreamInfo, callbacks: StreamCallbacks, mode: StreamMode
@@ -462,6 +463,11 @@ class HttpStream:
         self._request_args3 = vm is not None and vm.request_headers_args3
         self._response_args3 = vm is not None and vm.response_headers_args3
         self._observe = plugin._callback_time.observe
+        # Whether this filter's body callbacks run (and so may change a body's length): the
+        # proxy keeps a body's Content-Length only when no filter of the chain can change it.
+        fn = vm.fn if vm is not None and mode is _WASM else {}
+        self.reads_request_body = "proxy_on_request_body" in fn
+        self.reads_response_body = "proxy_on_response_body" in fn
 
     # -- calls -------------------------------------------------------------------------------------
     def _call(self, name: str, *args: int) -> int | None:

@@ -46,6 +46,10 @@ CONTINUE = FilterStatus.CONTINUE
 class FilterStream(Protocol):
     """The part of `abi.HttpStream` the chain drives (tests may pass look-alikes)."""
 
+    reads_request_body: bool
+    """The filter's request-body callback runs: it may change the body's length."""
+    reads_response_body: bool
+
     def request_headers(self, headers: HeaderMap, end_of_stream: bool) -> FilterStatus: ...
 
     def request_body(self, body: bytearray, end_of_stream: bool) -> FilterStatus: ...
@@ -580,6 +584,13 @@ class FilterChain:
     @property
     def halted(self) -> bool:
         return self._halted
+
+    def may_change_body(self, *, request: bool) -> bool:
+        """Whether a filter of the chain may change the length of the request (or response) body:
+        then a body that streams cannot keep the Content-Length it came with."""
+        if request:
+            return any(stream.reads_request_body for stream in self.streams)
+        return any(stream.reads_response_body for stream in self.streams)
 
     def acted_filters(self) -> list[str]:
         """Names of the filters that paused, replied locally, reset or changed headers."""

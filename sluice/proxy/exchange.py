@@ -23,6 +23,7 @@ cannot take pauses reading from the upstream. A filter that buffers is bounded b
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from functools import partial
@@ -471,6 +472,8 @@ class Exchange:
         self.stats.upstream_requests += 1
         request = self._request
         assert request is not None
+        if request.has_body:
+            request = self._request = self._framed(request, chain)
         pending, self._pending = self._pending, []
         self._pending_size = 0
         body, end, trailers = pending.pop(0) if pending and pending[0][2] is None else (b"", False, None)
@@ -489,6 +492,25 @@ class Exchange:
             self.client.pause(PAUSE_EXCHANGE)
         else:
             self.client.unpause(PAUSE_EXCHANGE)
+
+    def _framed(self, request: UpstreamRequest, chain: FilterChain) -> UpstreamRequest:
+        """The request framed for the body it will actually carry: a body all in hand (read
+        whole before connecting, or ended with the head) is framed by its length as the filters
+        left it; one that still streams keeps the client's Content-Length only if no filter can
+        change its length, else goes chunked."""
+        length = -1
+        if self._sent_end:
+            length = 0
+            for data, _end, trailers in self._pending:
+                if trailers is not None:
+                    length = -1  # trailers need chunked framing
+                    break
+                length += len(data)
+        if length >= 0:
+            return request if request.content_length == length else dataclasses.replace(request, content_length=length)
+        if request.content_length is not None and chain.may_change_body(request=True):
+            return dataclasses.replace(request, content_length=None)
+        return request
 
     def _write_upstream(self, conn: UpstreamConnection, data: bytes, end: bool, trailers: HeaderMap | None) -> bool:
         if trailers is not None:
@@ -551,6 +573,8 @@ class Exchange:
             if name == "content-length":
                 if sized:
                     continue  # recomputed from the body that is actually sent
+                if not whole and allowed and self.chain is not None and self.chain.may_change_body(request=False):
+                    continue  # a filter may change the streamed body's length: chunked instead
                 has_length = True
             elif name == "transfer-encoding":
                 continue  # the framing is ours

@@ -123,6 +123,8 @@ class _PhaseLog(FilterStream):
 
     def __init__(self, stream: FilterStream, events: list[str]) -> None:
         self.stream = stream
+        self.reads_request_body = stream.reads_request_body
+        self.reads_response_body = stream.reads_response_body
         self.events = events
         """The filter's events so far (`Recorder.events`)."""
         self.phases: list[Phase] = []
