@@ -37,6 +37,15 @@ class HeaderMap:
         """`byte_size()` once computed, kept up to date by `add` (a filter adding headers one by
         one is checked against its limit on every add); -1 after any other change."""
 
+    @classmethod
+    def of_lowercase(cls, items: list[tuple[str, str]]) -> HeaderMap:
+        """A map over `items`, taken as they are (not copied): names already lower-case and
+        pseudo-headers in front, as the proxy's parsers produce them (no second pass per request)."""
+        headers = cls.__new__(cls)
+        headers._items = items
+        headers._size = -1
+        return headers
+
     # -- reading -----------------------------------------------------------------------------
     def get(self, name: str, default: str | None = None) -> str | None:
         """The first value of `name` (Envoy's `get_header_map_value` returns only the first)."""

@@ -14,6 +14,8 @@
 from __future__ import annotations
 
 import asyncio
+import collections
+import contextlib
 import ssl
 import time
 from collections.abc import Callable
@@ -31,6 +33,52 @@ class PoolExhausted(ConnectFailed):
 DOWN_FIRST_S = 5.0
 DOWN_MAX_S = 60.0
 MAX_IDLE_PER_ENDPOINT = 256
+
+
+class Slots:
+    """A counting semaphore whose uncontended take is a plain call: a request that finds a free
+    connection slot (nearly all of them) pays for no coroutine. Waiters are served in order, and a
+    slot given back goes straight to the first of them."""
+
+    __slots__ = ("free", "_waiters")
+
+    def __init__(self, count: int) -> None:
+        self.free = count
+        self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+
+    def try_take(self) -> bool:
+        if self.free > 0 and not self._waiters:
+            self.free -= 1
+            return True
+        return False
+
+    async def take(self, timeout: float) -> bool:
+        """Wait up to `timeout` for a slot; False when none came."""
+        if self.try_take():
+            return True
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        try:
+            await asyncio.wait_for(asyncio.shield(waiter), timeout)
+            return True
+        except BaseException as exc:
+            if waiter.done() and not waiter.cancelled():
+                self.release()  # handed over just as the wait ended: pass it on
+            else:
+                waiter.cancel()
+                with contextlib.suppress(ValueError):
+                    self._waiters.remove(waiter)
+            if isinstance(exc, TimeoutError):
+                return False
+            raise
+
+    def release(self) -> None:
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+        self.free += 1
 
 
 class Endpoint:
@@ -77,8 +125,8 @@ class ClusterPool:
         self.request_body_prebuffer = request_body_prebuffer
         self._clock = clock
         self._next = 0
-        self._slots = asyncio.Semaphore(max_connections)
-        self._upload_slots = asyncio.Semaphore(self.upload_connections)
+        self._slots = Slots(max_connections)
+        self._upload_slots = Slots(self.upload_connections)
         self._closed = False
         self.connects = 0
         self.connect_failures = 0
@@ -155,16 +203,37 @@ class ClusterPool:
         """A request that took its connection with `upload=True` has sent its whole body."""
         self._upload_slots.release()
 
-    async def _take(self, slots: asyncio.Semaphore, what: str) -> None:
-        if slots.locked():
-            # Every slot is busy: wait for one like for a connect, then give up (503).
-            try:
-                await asyncio.wait_for(slots.acquire(), self.connect_timeout)
-            except TimeoutError:
-                self.overflows += 1
-                raise PoolExhausted(f"cluster {self.name}: all {what} busy for {self.connect_timeout:g}s") from None
-        else:
-            await slots.acquire()
+    async def _take(self, slots: Slots, what: str) -> None:
+        # Every slot busy: wait for one like for a connect, then give up (503).
+        if not await slots.take(self.connect_timeout):
+            self.overflows += 1
+            raise PoolExhausted(f"cluster {self.name}: all {what} busy for {self.connect_timeout:g}s")
+
+    def lease_idle(self, *, upload: bool) -> UpstreamConnection | None:
+        """What `acquire(upload=upload)` would give when it need not wait: an idle connection to
+        the next endpoint in turn, with free slots. None: `acquire()` (a connect, or a wait)."""
+        if self._closed:
+            return None
+        endpoint = self.endpoints[self._next]
+        if not endpoint.idle or not endpoint.healthy(self._clock()):
+            return None
+        if not self._slots.try_take():
+            return None
+        if upload and not self._upload_slots.try_take():
+            self._slots.release()
+            return None
+        idle = endpoint.idle
+        while idle:
+            conn = idle.pop()
+            if not conn.closed:
+                self._next = (self._next + 1) % len(self.endpoints)
+                conn.reset_for_next()
+                self.reuses += 1
+                return conn
+        self._slots.release()
+        if upload:
+            self._upload_slots.release()
+        return None
 
     async def _lease(self, retry: bool, fresh: bool) -> UpstreamConnection:
         await self._take(self._slots, f"{self.max_connections} connections")

@@ -54,6 +54,10 @@ PAUSE_PIPELINE = 2
 PAUSE_TUNNEL = 4
 
 
+_FRAMING_FIELDS = frozenset({"content-length", "transfer-encoding", "expect"})
+"""Request fields the parser looks into (one set lookup for all the others)."""
+
+
 class RequestHead:
     """A parsed request line and header section, as the client sent it."""
 
@@ -368,9 +372,12 @@ class DownstreamConnection(asyncio.Protocol):
         self._head_size += len(name) + len(value) + 4
         if self._head_size > self._limit:
             raise _Refused(Rejection.REQUEST_HEADERS_TOO_LARGE)
-        lname = dec(name).lower()
-        text = dec(value)
-        if lname == "content-length":
+        # h1.dec inlined: this runs for every field of every request.
+        lname = name.decode("utf-8", "surrogateescape").lower()
+        text = value.decode("utf-8", "surrogateescape")
+        if lname not in _FRAMING_FIELDS:
+            pass
+        elif lname == "content-length":
             # llhttp checked the digits (and refuses overflow); strip() only drops blanks.
             digits = text.strip()
             self._content_length = int(digits) if digits.isascii() and digits.isdigit() else -1

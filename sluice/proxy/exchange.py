@@ -437,6 +437,11 @@ class Exchange:
         assert pool is not None and request is not None
         self._awaiting_body = False
         upload = not self._sent_end
+        if not fresh:
+            conn = pool.lease_idle(upload=upload)
+            if conn is not None:
+                self._acquired(upload, conn, None)
+                return
         self._connecting = eager.start(
             pool.acquire(retry=request.retryable, fresh=fresh, upload=upload), partial(self._acquired, upload)
         )

@@ -103,7 +103,8 @@ def downstream_request_headers(
     request_ids: RequestIds | None,
     target_authority: str | None = None,
 ) -> tuple[HeaderMap, str | None]:
-    """The request headers the filters see, built in one pass from what the client sent.
+    """The request headers the filters see, built in one pass from what the client sent (field
+    names lower-case, as both downstream codecs give them).
 
     `Host` becomes `:authority` (as in Envoy; `target_authority`, from an absolute-form target,
     takes its place), hop-by-hop headers are dropped, x-request-id is added when absent,
@@ -118,7 +119,6 @@ def downstream_request_headers(
     via: list[str] = []
     has_id = has_proto = has_host = False
     for name, value in fields:
-        name = name.lower()
         if name in HOP_BY_HOP:
             if name == "connection":
                 connection.append(value)
@@ -149,7 +149,6 @@ def downstream_request_headers(
         upgrade = None
     if target_authority is not None:
         authority = target_authority
-    headers = HeaderMap()
     items = [(":method", method), (":path", path), (":authority", authority), (":scheme", scheme)]
     items.extend(regular)
     if not has_id and request_ids is not None:
@@ -162,8 +161,7 @@ def downstream_request_headers(
         items.append(("x-forwarded-host", authority))
     via.append(VIA)
     items.append(("via", ", ".join(via)))
-    headers.replace_all(items)
-    return headers, upgrade
+    return HeaderMap.of_lowercase(items), upgrade
 
 
 def append_value(headers: HeaderMap, name: str, value: str) -> None:

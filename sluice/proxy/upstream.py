@@ -214,12 +214,13 @@ class UpstreamConnection(asyncio.Protocol):
 
     # -- httptools callbacks -------------------------------------------------------------------
     def on_header(self, name: bytes, value: bytes) -> None:
+        # h1.dec inlined: this runs for every field of every response.
+        lname = name.decode("utf-8", "surrogateescape").lower()
         if self._head is not None:
-            self._trailer_fields.append((dec(name).lower(), dec(value)))
+            self._trailer_fields.append((lname, value.decode("utf-8", "surrogateescape")))
             return
         # Hop-by-hop fields are dropped as they are parsed (one pass, no copy afterwards); what
         # the framing needs of them is noted on the way.
-        lname = dec(name).lower()
         if lname in HOP_BY_HOP:
             if lname == "connection":
                 self._connection.append(dec(value))
@@ -228,7 +229,7 @@ class UpstreamConnection(asyncio.Protocol):
             return
         if lname == "content-length":
             self._framed = True
-        self._fields.append((lname, dec(value)))
+        self._fields.append((lname, value.decode("utf-8", "surrogateescape")))
 
     def on_headers_complete(self) -> None:
         status = self._parser.get_status_code()
@@ -246,8 +247,7 @@ class UpstreamConnection(asyncio.Protocol):
             fields = drop_connection_tokens(fields, connection_tokens(self._connection))
             self._connection = []
         fields.insert(0, (":status", str(status)))
-        headers = HeaderMap()
-        headers.replace_all(fields)
+        headers = HeaderMap.of_lowercase(fields)
         self._fields = []
         self._close_delimited = not (status in (204, 304) or self._head_method or self._framed)
         self._framed = False
