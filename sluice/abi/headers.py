@@ -29,13 +29,16 @@ def _dec(data: bytes) -> str:
 class HeaderMap:
     """An ordered multimap of lower-cased header names to values."""
 
-    __slots__ = ("_items", "_size")
+    __slots__ = ("_items", "_size", "writes")
 
     def __init__(self, items: Iterable[tuple[str, str]] = ()) -> None:
         self._items: list[tuple[str, str]] = [(k.lower(), v) for k, v in items]
         self._size = -1
         """`byte_size()` once computed, kept up to date by `add` (a filter adding headers one by
         one is checked against its limit on every add); -1 after any other change."""
+        self.writes = 0
+        """Writes so far (add, set, remove, replace_all): how the proxy sees that a filter
+        touched the map without copying it before each filter."""
 
     @classmethod
     def of_lowercase(cls, items: list[tuple[str, str]]) -> HeaderMap:
@@ -44,6 +47,7 @@ class HeaderMap:
         headers = cls.__new__(cls)
         headers._items = items
         headers._size = -1
+        headers.writes = 0
         return headers
 
     # -- reading -----------------------------------------------------------------------------
@@ -89,6 +93,7 @@ class HeaderMap:
 
     # -- writing -----------------------------------------------------------------------------
     def add(self, name: str, value: str) -> None:
+        self.writes += 1
         name = name.lower()
         if self._size >= 0:
             self._size += len(_enc(name)) + len(_enc(value))
@@ -104,6 +109,7 @@ class HeaderMap:
     def set(self, name: str, value: str) -> None:
         """Replace every entry of `name` with one; keep the position of the first one."""
         name = name.lower()
+        self.writes += 1
         for i, (k, _) in enumerate(self._items):
             if k == name:
                 self._size = -1
@@ -113,11 +119,13 @@ class HeaderMap:
         self.add(name, value)
 
     def remove(self, name: str) -> None:
+        self.writes += 1
         name = name.lower()
         self._size = -1
         self._items = [kv for kv in self._items if kv[0] != name]
 
     def replace_all(self, items: Iterable[tuple[str, str]]) -> None:
+        self.writes += 1
         self._size = -1
         self._items = [(k.lower(), v) for k, v in items]
 

@@ -646,13 +646,13 @@ class FilterChain:
     # failure instead of taking the proxy down.
     def _call_headers(self, d: _Direction, index: int, headers: HeaderMap, eos: bool) -> FilterStatus:
         stream = self.streams[index]
-        # A shallow list copy is how "changed headers" is seen; only taken when someone reads it.
-        before = headers.items() if self.track_headers else None
+        # The map's write count is how "changed headers" is seen (only when someone reads it).
+        before = headers.writes
         try:
             status = stream.request_headers(headers, eos) if d.decoding else stream.response_headers(headers, eos)
         except Exception:
             return self._filter_crashed(index)
-        if status is not CONTINUE or (before is not None and headers.items() != before):
+        if status is not CONTINUE or (self.track_headers and headers.writes != before):
             self.acted |= 1 << index
         return self._overridden(index, status)
 
