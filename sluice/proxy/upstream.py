@@ -93,6 +93,55 @@ class TunnelSink(Protocol):
     def upstream_writable(self) -> None: ...
 
 
+class UpstreamLease(Protocol):
+    """What an exchange drives for one request: an `UpstreamConnection` (HTTP/1.1, one exchange
+    at a time) or an `http2.upstream.H2UpstreamStream` (one stream of a multiplexed connection).
+    `ClusterPool.acquire` hands one out, `ClusterPool.release` takes it back."""
+
+    @property
+    def endpoint(self) -> str: ...
+
+    @property
+    def requests(self) -> int:
+        """Exchanges its connection had carried when this one started (more than 1: reused)."""
+        ...
+
+    @property
+    def tls_version(self) -> str: ...
+
+    @property
+    def write_paused(self) -> bool: ...
+
+    @property
+    def response_trailers(self) -> HeaderMap | None: ...
+
+    @property
+    def reusable(self) -> bool: ...
+
+    def start_request(
+        self,
+        request: UpstreamRequest,
+        sink: ResponseSink,
+        timeout: float | None,
+        body: bytes = b"",
+        end: bool = False,
+        *,
+        idle_timeout: float | None = None,
+    ) -> bool: ...
+
+    def write_body(self, data: bytes, end: bool) -> bool: ...
+
+    def end_request(self, trailers: HeaderMap | None = None) -> None: ...
+
+    def pause_reading(self) -> None: ...
+
+    def resume_reading(self) -> None: ...
+
+    def detach(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
 class UpstreamConnection(asyncio.Protocol):
     """One keep-alive connection to one endpoint."""
 
