@@ -11,17 +11,12 @@ import asyncio
 import hashlib
 import json
 import shutil
-import ssl
-import struct
 import subprocess
-from collections.abc import AsyncIterator, Awaitable, Callable
-from concurrent import futures
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
 
 import aiohttp
-import grpc
 import h2.errors
 import httptools
 import pytest
@@ -188,5 +183,237 @@ def test_h2c_get_post_trailers_and_one_shared_connection(base: Path) -> None:
                     "grpc-status": "0", "grpc-message": "fine",
                     "x-filter-saw-grpc-status": "0", "x-filter-trailer": "added",
                 }
+
+    run(main())
+
+
+def test_upstream_failures_are_502_and_504_with_reasons(base: Path) -> None:
+    async def main() -> None:
+        async with (
+            h2_server(Upstream()) as (port, protos),
+            proxy(config(port), base) as gw,
+            aiohttp.ClientSession() as s,
+        ):
+            url = f"http://127.0.0.1:{gw.port}"
+            status, text, _ = await get(s, url + "/reset")
+            assert status == 502 and text == "upstream connection closed before responding\n"
+            status, text, _ = await get(s, url + "/hang")
+            assert status == 504 and text == "upstream request timeout\n"
+            # Stream errors cost the stream, not the connection.
+            status, _, _ = await get(s, url + "/fine")
+            assert status == 200 and len(protos) == 1
+            # An upstream that dies mid-request: 502 (the retry on a new connection, made
+            # for a request nothing was received for, dies the same way).
+            status, text, _ = await get(s, url + "/die")
+            assert status == 502 and "upstream connection closed" in text
+            status, _, _ = await get(s, url + "/after")
+            assert status == 200
+            assert gw.stats.local_replies["upstream_reset"] == 2
+            assert gw.stats.local_replies["upstream_timeout"] == 1
+        # Nothing listens any more.
+        async with proxy(config(port), base) as gw, aiohttp.ClientSession() as s:
+            status, text, _ = await get(s, f"http://127.0.0.1:{gw.port}/")
+            assert status == 502 and text == "upstream connect error\n"
+
+    run(main())
+
+
+def test_goaway_mid_load_finishes_in_flight_and_moves_to_a_new_connection(base: Path) -> None:
+    async def main() -> None:
+        async with (
+            h2_server(Upstream()) as (port, protos),
+            proxy(config(port), base) as gw,
+            aiohttp.ClientSession() as s,
+        ):
+            url = f"http://127.0.0.1:{gw.port}"
+            assert (await get(s, url + "/warm"))[0] == 200
+            in_flight = [asyncio.ensure_future(get(s, url + "/slow")) for _ in range(10)]
+            await asyncio.sleep(0.15)  # all ten streams are open upstream
+            assert len(protos) == 1
+            protos[0].shutdown()  # GOAWAY(NO_ERROR, last stream): those finish
+            await asyncio.sleep(0.05)
+            after = await asyncio.gather(*(get(s, url + f"/new{i}") for i in range(5)))
+            assert [r[0] for r in after] == [200] * 5
+            done = await asyncio.gather(*in_flight)
+            assert [r[0] for r in done] == [200] * 10
+            assert len(protos) == 2 and gw.generation.clusters["h2"].connects == 2
+            await asyncio.sleep(0.1)
+            assert protos[0].transport is not None and protos[0].transport.is_closing()
+
+    run(main())
+
+
+# -- TLS with ALPN h2 ---------------------------------------------------------------------------------
+
+
+def test_tls_upstream_with_alpn_h2(base: Path) -> None:
+    ca = trustme.CA()
+    pair = write_pair(base, ca.issue_cert("backend.internal"), "up")
+    write_ca(base, ca, "up-ca")
+    h2_only = ServerTls(ServerTlsSettings((pair,)))
+    http1_only = ServerTls(ServerTlsSettings((pair,), alpn=(ALPN_HTTP1,)))
+    tls = "{sni: backend.internal, ca_file: up-ca.pem}"
+
+    async def main() -> None:
+        async with h2_server(Upstream(), ssl_context=h2_only.context) as (port, protos):
+            async with proxy(config(port, tls=tls, filters="props"), base) as gw, aiohttp.ClientSession() as s:
+                url = f"http://127.0.0.1:{gw.port}"
+                results = await asyncio.gather(*(get(s, url + f"/s{i}") for i in range(20)))
+                assert [r[0] for r in results] == [200] * 20
+                status, text, headers = results[0]
+                doc = json.loads(text)
+                assert doc["tls_version"] == "TLSv1.3" and [":scheme", "https"] in doc["headers"]
+                assert headers["x-prop-7"] == "TLSv1.3"  # upstream.tls_version, as a filter reads it
+                assert len(protos) == 1
+            # Verification is on: the wrong name is refused.
+            async with (
+                proxy(config(port, tls="{sni: other.internal, ca_file: up-ca.pem}"), base) as gw,
+                aiohttp.ClientSession() as s,
+            ):
+                status, text, _ = await get(s, f"http://127.0.0.1:{gw.port}/")
+                assert status == 502 and text == "upstream connect error\n"
+        # An upstream that does not agree to h2 in ALPN is not spoken to in HTTP/1.1 either.
+        async with (
+            h2_server(Upstream(), ssl_context=http1_only.context) as (port, _),
+            proxy(config(port, tls=tls), base) as gw,
+            aiohttp.ClientSession() as s,
+        ):
+            status, text, _ = await get(s, f"http://127.0.0.1:{gw.port}/")
+            assert status == 502 and text == "upstream connect error\n"
+            assert gw.generation.clusters["h2"].connect_failures == 1
+
+    run(main())
+
+
+# -- nginx with http2 ------------------------------------------------------------------------------
+
+NGINX = shutil.which("nginx")
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@asynccontextmanager
+async def nginx_h2(tmp: Path, cert: Path, key: Path, keepalive_requests: int = 1000) -> AsyncIterator[tuple[int, int]]:
+    """nginx answering over h2c (prior knowledge) and TLS with ALPN h2; yields (h2c, tls) ports.
+    Every answer says which connection carried it (`x-conn`) and how the request came."""
+    assert NGINX is not None
+    prefix = tmp / "nginx"
+    for sub in ("body", "proxy", "fastcgi", "uwsgi", "scgi"):
+        (prefix / sub).mkdir(parents=True, exist_ok=True)
+    plain, secure = free_port(), free_port()
+    location = """
+            location / {
+                add_header x-conn $connection always;
+                return 200 "$request_method $uri $http2 $content_length\\n";
+            }"""
+    (prefix / "nginx.conf").write_text(f"""
+worker_processes 1;
+daemon off;
+pid {prefix}/nginx.pid;
+error_log {prefix}/error.log warn;
+events {{ worker_connections 1024; }}
+http {{
+    access_log off;
+    client_body_temp_path {prefix}/body;
+    proxy_temp_path {prefix}/proxy;
+    fastcgi_temp_path {prefix}/fastcgi;
+    uwsgi_temp_path {prefix}/uwsgi;
+    scgi_temp_path {prefix}/scgi;
+    keepalive_requests {keepalive_requests};
+    client_max_body_size 64m;
+    server {{
+        listen 127.0.0.1:{plain} http2;
+        {location}
+    }}
+    server {{
+        listen 127.0.0.1:{secure} ssl http2;
+        ssl_certificate {cert};
+        ssl_certificate_key {key};
+        {location}
+    }}
+}}
+""")
+    proc = subprocess.Popen(
+        [NGINX, "-p", str(prefix), "-e", str(prefix / "error.log"), "-c", str(prefix / "nginx.conf")],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 10
+        while True:
+            if proc.poll() is not None:
+                raise AssertionError(f"nginx exited: {(prefix / 'error.log').read_text()}")
+            try:
+                _, writer = await asyncio.open_connection("127.0.0.1", secure)
+                writer.close()
+                break
+            except OSError:
+                if loop.time() > deadline:
+                    raise
+                await asyncio.sleep(0.05)
+        yield plain, secure
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.mark.skipif(NGINX is None, reason="nginx not installed")
+def test_nginx_http2_upstream_h2c_and_tls(base: Path) -> None:
+    ca = trustme.CA()
+    pair = write_pair(base, ca.issue_cert("backend.internal"), "nginx")
+    write_ca(base, ca, "nginx-ca")
+    tls = "{sni: backend.internal, ca_file: nginx-ca.pem}"
+
+    async def main() -> None:
+        async with nginx_h2(base, pair.cert_file, pair.key_file) as (plain, secure):
+            for port, how, cluster_tls in ((plain, "h2c", "null"), (secure, "h2", tls)):
+                async with proxy(config(port, tls=cluster_tls, filters=""), base) as gw:
+                    async with aiohttp.ClientSession() as s:
+                        url = f"http://127.0.0.1:{gw.port}"
+                        results = await asyncio.gather(*(get(s, url + f"/n{i}") for i in range(30)))
+                        assert {r[0] for r in results} == {200}
+                        assert results[3][1] == f"GET /n3 {how} \n"
+                        assert len({r[2]["x-conn"] for r in results}) == 1  # one connection for all
+                        body = pattern_body(2 * 1024 * 1024)
+                        async with s.post(url + "/up", data=body) as r:
+                            assert r.status == 200 and await r.text() == f"POST /up {how} {len(body)}\n"
+                    assert gw.generation.clusters["h2"].connects == 1
+
+    run(main())
+
+
+@pytest.mark.skipif(NGINX is None, reason="nginx not installed")
+def test_nginx_goaway_after_keepalive_requests(base: Path) -> None:
+    """nginx sends GOAWAY after `keepalive_requests` streams: the streams it took finish, the
+    ones above its last stream id (never processed) go again on a new connection, none fails.
+    Waves of eight: a request is retried once, so each wave must fit the next connection."""
+    ca = trustme.CA()
+    pair = write_pair(base, ca.issue_cert("backend.internal"), "nginx")
+
+    async def main() -> None:
+        async with (
+            nginx_h2(base, pair.cert_file, pair.key_file, keepalive_requests=10) as (plain, _),
+            proxy(config(plain, filters=""), base) as gw,
+            aiohttp.ClientSession() as s,
+        ):
+            url = f"http://127.0.0.1:{gw.port}"
+            results = []
+            for wave in range(5):
+                results += await asyncio.gather(*(get(s, url + f"/g{wave}-{i}") for i in range(8)))
+            assert [r[0] for r in results] == [200] * 40
+            connections = {r[2]["x-conn"] for r in results}
+            pool = gw.generation.clusters["h2"]
+            assert len(connections) >= 4 and pool.connects == len(connections)
+            assert gw.stats.upstream_retries > 0
 
     run(main())
