@@ -9,15 +9,12 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-import struct
 from collections.abc import Callable
-from concurrent import futures
 
-import grpc
 import h2.errors
 import pytest
 from conftest import run
-from h2util import EchoRecorder, h2_server, pattern_body
+from h2util import EchoRecorder, grpc_frame, h2_server, pattern_body, start_grpc_server
 from hyperframe.frame import DataFrame, GoAwayFrame, HeadersFrame, SettingsFrame
 
 from sluice.abi import HeaderMap
@@ -226,25 +223,6 @@ def test_stream_errors_leave_the_connection_and_a_dead_one_is_replaced() -> None
 
 
 # -- gRPC ----------------------------------------------------------------------------------------
-
-
-def grpc_frame(message: bytes) -> bytes:
-    return struct.pack(">BI", 0, len(message)) + message
-
-
-def start_grpc_server() -> tuple[grpc.Server, int]:
-    def say(request: bytes, context: grpc.ServicerContext) -> bytes:
-        if request == b"missing":
-            context.abort(grpc.StatusCode.NOT_FOUND, "no such thing")
-        context.set_trailing_metadata((("x-upstream-trailer", "t1"),))
-        return b"echo:" + request
-
-    rpc = grpc.unary_unary_rpc_method_handler(say)  # no serializers: bytes in, bytes out
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("test.Echo", {"Say": rpc}),))
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    return server, port
 
 
 GRPC_FIELDS = [("content-type", "application/grpc"), ("te", "trailers")]
