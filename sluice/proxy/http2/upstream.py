@@ -41,7 +41,15 @@ from ..config import format_host_port
 from ..deadline import ConnectionTimer
 from ..h1 import dec
 from ..http import UpstreamRequest
-from ..upstream import ConnectFailed, ResponseHead, ResponseSink, UpstreamError, UpstreamReset, UpstreamTimeout
+from ..upstream import (
+    ConnectFailed,
+    ResponseHead,
+    ResponseSink,
+    UpstreamError,
+    UpstreamReset,
+    UpstreamTimeout,
+    timeout_due,
+)
 
 # Fields that describe an HTTP/1.1 connection; RFC 9113 8.2.2 forbids them in HTTP/2.
 _CONNECTION_SPECIFIC = frozenset(
@@ -418,21 +426,14 @@ class H2UpstreamStream:
     def _expire(self) -> None:
         if self._failed or self._released:
             return
-        now = self._loop.time()
-        deadline = self._deadline
-        if deadline is not None:
-            if deadline - now > 0.001:
-                self._arm(deadline)
-                return
-            self._give_up(UpstreamTimeout(f"no response from {self.endpoint} within {self._timeout:g}s"))
-            return
-        idle = self._idle_timeout
-        if idle is not None and self._idle_applies():
-            due = self._io_at + idle
-            if due - now > 0.001:
-                self._arm(due)
-                return
-            self._give_up(UpstreamTimeout(f"upstream {self.endpoint} idle for {idle:g}s"))
+        due = timeout_due(
+            self.endpoint, self._loop.time(), self._deadline, self._timeout, self._idle_timeout, self._io_at,
+            self._idle_applies(),
+        )
+        if isinstance(due, UpstreamTimeout):
+            self._give_up(due)
+        elif due is not None:
+            self._arm(due)
 
     def _give_up(self, exc: UpstreamError) -> None:
         self.connection.reset(self.stream_id)
