@@ -508,7 +508,7 @@ class H2UpstreamConnection(asyncio.Protocol):
         self.requests = 0
         """Streams started on this connection."""
         self.codec = h2.connection.H2Connection(
-            h2.config.H2Configuration(client_side=True, header_encoding=None, validate_inbound_headers=True)
+            h2.config.H2Configuration(client_side=True, header_encoding=None)
         )
         self._streams: dict[int, H2UpstreamStream] = {}
         self._leased = 0
