@@ -478,3 +478,22 @@ def test_grpc_round_trip_through_sluice_with_a_filter_adding_a_trailer(base: Pat
         run(main())
     finally:
         server.stop(None)
+
+
+def test_all_streams_busy_for_the_connect_timeout_is_an_overflow(base: Path) -> None:
+    async def main() -> None:
+        async with (
+            h2_server(Upstream(), limits=H2Limits(max_concurrent_streams=1)) as (port, protos),
+            proxy(config(port, cluster="connect_timeout: 0.2"), base) as gw,
+            aiohttp.ClientSession() as s,
+        ):
+            url = f"http://127.0.0.1:{gw.port}"
+            slow = asyncio.ensure_future(get(s, url + "/slow"))
+            await asyncio.sleep(0.1)
+            status, text, _ = await get(s, url + "/waits")
+            assert status == 503 and text == "upstream overflow\n"
+            assert (await slow)[0] == 200
+            assert len(protos) == 1 and gw.generation.clusters["h2"].overflows == 1
+            assert (await get(s, url + "/then"))[0] == 200
+
+    run(main())

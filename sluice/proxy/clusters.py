@@ -283,6 +283,11 @@ class H2ClusterPool(ClusterPool):
                 stream = await conn.lease(self.connect_timeout)
             except UpstreamReset:
                 continue  # it went away while we waited for a stream: the next one
+            except ConnectFailed as exc:
+                # Every stream the upstream allows stayed busy: an overflow (503), not a failure
+                # of the endpoint.
+                self.overflows += 1
+                raise PoolExhausted(f"cluster {self.name}: {exc}") from None
             if conn.requests:
                 self.reuses += 1
             return stream

@@ -717,7 +717,8 @@ class H2UpstreamConnection(asyncio.Protocol):
 
     async def lease(self, timeout: float) -> H2UpstreamStream:
         """A stream for one request; waits (up to `timeout`) while the server's stream limit is
-        reached. Raises UpstreamReset(before_response) when the connection stops being usable."""
+        reached, then raises ConnectFailed. Raises UpstreamReset(before_response) when the
+        connection stops being usable."""
         if not self.has_slot():
             deadline = self.loop.time() + timeout
             while not self.has_slot() and self.usable:
