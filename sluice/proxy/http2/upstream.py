@@ -715,10 +715,20 @@ class H2UpstreamConnection(asyncio.Protocol):
     def has_slot(self) -> bool:
         return self._leased < self.codec.remote_settings.max_concurrent_streams
 
+    def lease_now(self) -> H2UpstreamStream | None:
+        """A stream when one is free at once (no coroutine needed), else None."""
+        if not self.has_slot() or not self.usable:
+            return None
+        self._leased += 1
+        return H2UpstreamStream(self)
+
     async def lease(self, timeout: float) -> H2UpstreamStream:
         """A stream for one request; waits (up to `timeout`) while the server's stream limit is
         reached, then raises ConnectFailed. Raises UpstreamReset(before_response) when the
         connection stops being usable."""
+        stream = self.lease_now()
+        if stream is not None:
+            return stream
         if not self.has_slot():
             deadline = self.loop.time() + timeout
             while not self.has_slot() and self.usable:
