@@ -14,6 +14,8 @@ the peer is nginx `proxy_pass` with an upstream keep-alive pool (one worker). Ta
   sluice+noop    + a no-op filter (bench/noop_filter.wat: header callbacks that return Continue)
   sluice+as      + the AssemblyScript headers filter (tests/fixtures/as/build/headers.wasm)
   sluice+3       + auth, ratelimit, ab (the built-in filters; limit far above the load)
+  sluice-h2up    (only with --only) sluice-nolog with the upstream as `protocol: http2`: nginx
+                 over h2c with prior knowledge, one multiplexed connection
   sluice-pyup    (with --python-upstream) sluice without filters in front of the Python demo
                  upstream: an extra row, capped by that upstream
 
@@ -53,6 +55,8 @@ FILTERS = ROOT / "sluice" / "filters"
 AS_BUILD = ROOT / "tests" / "fixtures" / "as" / "build"
 
 TARGETS = ("nginx", "nginx+log", "sluice", "sluice-nolog", "sluice+noop", "sluice+as", "sluice+3")
+EXTRA_TARGETS = ("sluice-h2up",)
+"""Run only when named in --only."""
 
 
 def free_port() -> int:
@@ -182,8 +186,15 @@ def nginx_temp(prefix: Path) -> str:
 """
 
 
-def upstream_config(tmp: Path, port: int) -> Path:
+def upstream_config(tmp: Path, port: int, h2_port: int | None = None) -> Path:
+    """nginx answering `hello` on `port` (HTTP/1.1) and, with `h2_port`, on that port over h2c."""
     prefix = nginx_dirs(tmp, "upstream")
+    h2 = "" if h2_port is None else f"""
+    server {{
+        listen 127.0.0.1:{h2_port} http2 backlog=4096;
+        http2_max_concurrent_streams 1024;
+        location / {{ default_type text/plain; return 200 "hello from the upstream\\n"; }}
+    }}"""
     path = prefix / "nginx.conf"
     path.write_text(
         nginx_common(prefix)
@@ -195,7 +206,7 @@ http {{
     server {{
         listen 127.0.0.1:{port} backlog=4096;
         location / {{ default_type text/plain; return 200 "hello from the upstream\\n"; }}
-    }}
+    }}{h2}
 }}
 """
     )
@@ -236,7 +247,8 @@ http {{
 def sluice_config(tmp: Path, name: str, port: int, upstream: int) -> Path:
     work = tmp / name
     work.mkdir()
-    log = "null" if name == "sluice-nolog" else str(work / "access.log")
+    log = "null" if name in ("sluice-nolog", "sluice-h2up") else str(work / "access.log")
+    protocol = "http2" if name == "sluice-h2up" else "http1"
     chain = ""
     if name == "sluice+noop":
         (work / "noop.wasm").write_bytes(wasmtime.wat2wasm((ROOT / "bench" / "noop_filter.wat").read_text()))
@@ -264,7 +276,7 @@ admin: {{listen: "127.0.0.1:{free_port()}"}}
 access_log: {log}
 cache_dir: {tmp / "cache"}
 clusters:
-  up: {{endpoints: ["127.0.0.1:{upstream}"], max_connections: 1024}}
+  up: {{endpoints: ["127.0.0.1:{upstream}"], max_connections: 1024, protocol: {protocol}}}
 routes:
   - match: {{prefix: /}}
     cluster: up
@@ -338,7 +350,7 @@ def main() -> int:
             print(f"{tool} not found (apt-get install -y wrk nginx)", file=sys.stderr)
             return 2
     wanted = [t for t in args.only.split(",") if t]
-    unknown = set(wanted) - set(TARGETS)
+    unknown = set(wanted) - set(TARGETS) - set(EXTRA_TARGETS)
     if unknown:
         print(f"unknown targets: {', '.join(sorted(unknown))} (known: {', '.join(TARGETS)})", file=sys.stderr)
         return 2
@@ -349,9 +361,9 @@ def main() -> int:
 
     with tempfile.TemporaryDirectory(prefix="sluice-bench-") as tmpdir, contextlib.ExitStack() as stack:
         tmp = Path(tmpdir)
-        up_port = free_port()
+        up_port, h2_port = free_port(), free_port()
         nginx = shutil.which("nginx") or "nginx"
-        stack.enter_context(started(pinned([nginx, "-c", str(upstream_config(tmp, up_port))], other_cores),
+        stack.enter_context(started(pinned([nginx, "-c", str(upstream_config(tmp, up_port, h2_port))], other_cores),
                                     tmp / "upstream.log"))
         wait_http(f"http://127.0.0.1:{up_port}/")
         targets: list[Target] = []
@@ -361,7 +373,7 @@ def main() -> int:
                 conf = peer_config(tmp, name, port, up_port, log=name == "nginx+log")
                 cmd = [nginx, "-c", str(conf)]
             else:
-                conf = sluice_config(tmp, name, port, up_port)
+                conf = sluice_config(tmp, name, port, h2_port if name == "sluice-h2up" else up_port)
                 cmd = [PY, "-m", "sluice.proxy", "run", "-c", str(conf)]
             log = tmp / f"{name}.out"
             proc = stack.enter_context(started(pinned(cmd, proxy_core), log))

@@ -1,4 +1,4 @@
-"""HTTP/2 test servers on the downstream codec, and a raw HTTP/2 client for hostile traffic."""
+"""HTTP/2 test servers on the downstream codec and on grpcio, and a raw HTTP/2 client for hostile traffic."""
 
 from __future__ import annotations
 
@@ -7,8 +7,11 @@ import contextlib
 import hashlib
 import json
 import ssl
+import struct
 from collections.abc import AsyncIterator
+from concurrent import futures
 
+import grpc
 import h2.config
 import h2.connection
 import h2.events
@@ -174,3 +177,28 @@ class RawClient:
 
     def close(self) -> None:
         self.writer.close()
+
+
+# -- gRPC ----------------------------------------------------------------------------------------
+
+
+def grpc_frame(message: bytes) -> bytes:
+    return struct.pack(">BI", 0, len(message)) + message
+
+
+def start_grpc_server() -> tuple[grpc.Server, int]:
+    """A grpcio server on 127.0.0.1 with `/test.Echo/Say` (bytes in, `echo:` + bytes out, a
+    trailer `x-upstream-trailer: t1`; the message `missing` fails NOT_FOUND)."""
+
+    def say(request: bytes, context: grpc.ServicerContext) -> bytes:
+        if request == b"missing":
+            context.abort(grpc.StatusCode.NOT_FOUND, "no such thing")
+        context.set_trailing_metadata((("x-upstream-trailer", "t1"),))
+        return b"echo:" + request
+
+    rpc = grpc.unary_unary_rpc_method_handler(say)  # no serializers: bytes in, bytes out
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("test.Echo", {"Say": rpc}),))
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    return server, port

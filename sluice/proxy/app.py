@@ -27,6 +27,7 @@ from .config import SluiceConfig
 from .generation import Generation, LoadedFilter, load_generation
 from .listener import TlsListener
 from .logs import AccessLog, AccessLogError
+from .redirect import HttpsRedirect
 from .redis_host import RedisCollector
 from .reload import Reloader
 from .reloadevents import ReloadHistory
@@ -180,7 +181,8 @@ class Gateway:
         for position, (entry, tls) in enumerate(listeners):
             listen_host = host if host is not None and position == 0 else entry.address.host
             listen_port = port if port is not None and position == 0 else entry.address.port
-            self.addresses.append(await self.server.start(listen_host, listen_port, tls))
+            redirect = HttpsRedirect(entry.redirect.https_port, entry.redirect.status) if entry.redirect else None
+            self.addresses.append(await self.server.start(listen_host, listen_port, tls, redirect))
         self.address = self.addresses[0]
         if self.watch and self.config.source_path is not None and self.reloader is None:
             self.reloader = Reloader(self, self.config.source_path)

@@ -9,6 +9,10 @@
 * `upload_connections` bounds those of them held by requests whose body is still coming (an
   upload slot is taken with the connection and given back when the body has been sent), so
   clients that trickle their bodies cannot hold every connection.
+
+`H2ClusterPool` (`protocol: http2`) leases streams instead: one multiplexed connection per
+endpoint, replaced when it dies or the upstream sends GOAWAY; there `max_connections` bounds the
+requests in flight on the cluster (Envoy's `max_requests` for HTTP/2).
 """
 
 from __future__ import annotations
@@ -16,14 +20,20 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar, cast
 
 from .config import ClusterConfig, format_host_port
+from .http2.upstream import H2UpstreamConnection, H2UpstreamStream, open_h2_connection
 from .tls.certs import CertificateError
 from .tls.client import ClientTlsSettings, build_client_context
-from .upstream import ConnectFailed, UpstreamConnection, open_connection
+from .tls.server import ALPN_H2
+from .upstream import ConnectFailed, UpstreamConnection, UpstreamLease, UpstreamReset, open_connection
+
+_Conn = TypeVar("_Conn", UpstreamConnection, H2UpstreamConnection)
 
 
 class PoolExhausted(ConnectFailed):
@@ -97,6 +107,9 @@ class Endpoint:
 
 
 class ClusterPool:
+    alpn: tuple[str, ...] | None = None
+    """What TLS connections offer, when the protocol decides it (else the `tls` settings')."""
+
     def __init__(
         self,
         name: str,
@@ -132,10 +145,12 @@ class ClusterPool:
         self.connect_failures = 0
         self.reuses = 0
         self.overflows = 0
-        self.tls = tls
         self._ssl: ssl.SSLContext | None = None
         self._tls_error: str | None = None
         """The cluster's TLS files no longer load (they did when the config did): connects fail."""
+        if tls is not None and self.alpn is not None and tls.alpn != self.alpn:
+            tls = dataclasses.replace(tls, alpn=self.alpn)
+        self.tls = tls
         if tls is not None:
             try:
                 self._ssl = build_client_context(tls)
@@ -144,7 +159,9 @@ class ClusterPool:
 
     @classmethod
     def from_config(cls, name: str, config: ClusterConfig) -> ClusterPool:
-        return cls(
+        """The pool for a configured cluster (an `H2ClusterPool` for `protocol: http2`)."""
+        kind = H2ClusterPool if config.protocol == "http2" else ClusterPool
+        return kind(
             name,
             [(hp.host, hp.port) for hp in config.endpoints],
             timeout=config.timeout,
@@ -179,7 +196,7 @@ class ClusterPool:
         endpoint.idle.clear()
 
     # -- leases --------------------------------------------------------------------------------
-    async def acquire(self, *, retry: bool = False, fresh: bool = False, upload: bool = False) -> UpstreamConnection:
+    async def acquire(self, *, retry: bool = False, fresh: bool = False, upload: bool = False) -> UpstreamLease:
         """A connection ready for one exchange; `release()` it afterwards, always.
 
         `retry`: after a connect failure, try once more on another endpoint (idempotent requests).
@@ -235,7 +252,7 @@ class ClusterPool:
             self._upload_slots.release()
         return None
 
-    async def _lease(self, retry: bool, fresh: bool) -> UpstreamConnection:
+    async def _lease(self, retry: bool, fresh: bool) -> UpstreamLease:
         await self._take(self._slots, f"{self.max_connections} connections")
         try:
             endpoint = self.pick()
@@ -249,7 +266,7 @@ class ClusterPool:
             self._slots.release()
             raise
 
-    async def _connect(self, endpoint: Endpoint, fresh: bool) -> UpstreamConnection:
+    async def _connect(self, endpoint: Endpoint, fresh: bool) -> UpstreamLease:
         if not fresh:
             while endpoint.idle:
                 conn = endpoint.idle.pop()
@@ -257,14 +274,22 @@ class ClusterPool:
                     conn.reset_for_next()
                     self.reuses += 1
                     return conn
+        return await self._dial(endpoint, open_connection)
+
+    async def _dial(
+        self,
+        endpoint: Endpoint,
+        opener: Callable[[str, int, float, ssl.SSLContext | None, str | None], Awaitable[_Conn]],
+    ) -> _Conn:
+        """A new connection to `endpoint` (TLS when the cluster has it); counts and marks failures."""
         self.connects += 1
         try:
             if self.tls is None:
-                conn = await open_connection(endpoint.host, endpoint.port, self.connect_timeout)
+                conn = await opener(endpoint.host, endpoint.port, self.connect_timeout, None, None)
             else:
                 if self._tls_error is not None:
                     raise ConnectFailed(f"cluster {self.name}: TLS: {self._tls_error}")
-                conn = await open_connection(
+                conn = await opener(
                     endpoint.host, endpoint.port, self.connect_timeout, self._ssl,
                     self.tls.server_hostname(endpoint.host),
                 )
@@ -276,7 +301,7 @@ class ClusterPool:
         endpoint.down_until = 0.0
         return conn
 
-    def release(self, conn: UpstreamConnection) -> None:
+    def release(self, conn: UpstreamLease) -> None:
         """Give a connection back: kept for reuse if the exchange ended cleanly, else closed."""
         self._slots.release()
         if self._closed or not conn.reusable:
@@ -285,7 +310,7 @@ class ClusterPool:
         for endpoint in self.endpoints:
             if endpoint.label == conn.endpoint:
                 if len(endpoint.idle) < MAX_IDLE_PER_ENDPOINT:
-                    endpoint.idle.append(conn)
+                    endpoint.idle.append(cast(UpstreamConnection, conn))  # this pool leases only those
                     return
                 break
         conn.close()
@@ -300,3 +325,95 @@ class ClusterPool:
             for conn in endpoint.idle:
                 conn.close()
             endpoint.idle.clear()
+
+
+class H2ClusterPool(ClusterPool):
+    """`protocol: http2`: a lease is a stream of the endpoint's one multiplexed connection.
+
+    The connection is made on first use (concurrent first requests share the connect) and
+    replaced once it is no longer usable (closed, GOAWAY received, stream ids spent); the one it
+    replaces finishes its streams and closes. A request waits up to the connect timeout for a
+    stream while the upstream's MAX_CONCURRENT_STREAMS are all in use.
+    """
+
+    alpn = (ALPN_H2,)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._h2: dict[str, H2UpstreamConnection] = {}
+        self._h2_connecting: dict[str, asyncio.Future[H2UpstreamConnection]] = {}
+
+    async def _connect(self, endpoint: Endpoint, fresh: bool) -> UpstreamLease:
+        # `fresh` (a retry after a stale connection) needs nothing more: a connection that lost
+        # a stream that way is no longer usable, so a new one is made.
+        for _ in range(3):
+            conn = await self._connection(endpoint)
+            try:
+                stream = await conn.lease(self.connect_timeout)
+            except UpstreamReset:
+                continue  # it went away while we waited for a stream: the next one
+            except ConnectFailed as exc:
+                # Every stream the upstream allows stayed busy: an overflow (503), not a failure
+                # of the endpoint.
+                self.overflows += 1
+                raise PoolExhausted(f"cluster {self.name}: {exc}") from None
+            if conn.requests:
+                self.reuses += 1
+            return stream
+        raise ConnectFailed(f"cluster {self.name}: HTTP/2 connections to {endpoint.label} keep going away")
+
+    async def _connection(self, endpoint: Endpoint) -> H2UpstreamConnection:
+        label = endpoint.label
+        conn = self._h2.get(label)
+        if conn is not None and conn.usable:
+            return conn
+        connecting = self._h2_connecting.get(label)
+        if connecting is None:
+            connecting = asyncio.ensure_future(self._open(endpoint))
+            self._h2_connecting[label] = connecting
+            connecting.add_done_callback(_forget_when_done(self._h2_connecting, label))
+        # Shielded: a request that gives up must not cancel the connect others wait for.
+        return await asyncio.shield(connecting)
+
+    async def _open(self, endpoint: Endpoint) -> H2UpstreamConnection:
+        conn = await self._dial(endpoint, open_h2_connection)
+        conn.on_idle = self._connection_idle
+        old = self._h2.get(endpoint.label)
+        self._h2[endpoint.label] = conn
+        if old is not None and old.leased == 0:
+            old.close()
+        return conn
+
+    def _connection_idle(self, conn: H2UpstreamConnection) -> None:
+        if self._closed or self._h2.get(conn.endpoint) is not conn:
+            conn.close()
+
+    def release(self, conn: UpstreamLease) -> None:
+        self._slots.release()
+        assert isinstance(conn, H2UpstreamStream)  # this pool leases only those
+        conn.release()
+
+    def idle_connections(self) -> int:
+        return sum(1 for c in self._h2.values() if not c.closed and c.leased == 0)
+
+    def close(self) -> None:
+        """Close connections without streams now; the others once their streams are done."""
+        super().close()
+        for conn in self._h2.values():
+            if conn.leased == 0:
+                conn.close()
+
+
+def _forget_when_done(
+    table: dict[str, asyncio.Future[H2UpstreamConnection]], label: str
+) -> Callable[[asyncio.Future[H2UpstreamConnection]], None]:
+    """A done-callback that forgets a finished connect (and retrieves its error, which the
+    requests that waited on it have seen, or none waited)."""
+
+    def done(future: asyncio.Future[H2UpstreamConnection]) -> None:
+        if table.get(label) is future:
+            del table[label]
+        if not future.cancelled():
+            future.exception()
+
+    return done

@@ -60,7 +60,15 @@ from .http import (
 from .rejections import Rejection
 from .stats import ProxyStats, status_class
 from .tunnel import Tunnel
-from .upstream import ConnectFailed, ResponseHead, UpstreamConnection, UpstreamError, UpstreamReset, UpstreamTimeout
+from .upstream import (
+    ConnectFailed,
+    ResponseHead,
+    UpstreamConnection,
+    UpstreamError,
+    UpstreamLease,
+    UpstreamReset,
+    UpstreamTimeout,
+)
 
 if TYPE_CHECKING:
     from .generation import Generation
@@ -113,14 +121,14 @@ class Exchange:
         self.info = StreamInfo()
         self.chain: FilterChain | None = None
         self.pool: ClusterPool | None = None
-        self.conn: UpstreamConnection | None = None
+        self.conn: UpstreamLease | None = None
         self._request: UpstreamRequest | None = None
         self._upgrade: str | None = None
         self._start = time.monotonic_ns()
         self._busy = False
         self._done = False
         self._reset_reason: str | None = None
-        self._connecting: asyncio.Task[UpstreamConnection] | None = None
+        self._connecting: asyncio.Task[UpstreamLease] | None = None
         self._pending: list[tuple[bytes, bool, HeaderMap | None]] = []
         self._pending_size = 0
         self._retried = False
@@ -446,7 +454,7 @@ class Exchange:
             pool.acquire(retry=request.retryable, fresh=fresh, upload=upload), partial(self._acquired, upload)
         )
 
-    def _acquired(self, upload: bool, conn: UpstreamConnection | None, exc: BaseException | None) -> None:
+    def _acquired(self, upload: bool, conn: UpstreamLease | None, exc: BaseException | None) -> None:
         self._connecting = None
         pool = self.pool
         assert pool is not None
@@ -517,7 +525,7 @@ class Exchange:
             return dataclasses.replace(request, content_length=None)
         return request
 
-    def _write_upstream(self, conn: UpstreamConnection, data: bytes, end: bool, trailers: HeaderMap | None) -> bool:
+    def _write_upstream(self, conn: UpstreamLease, data: bytes, end: bool, trailers: HeaderMap | None) -> bool:
         if trailers is not None:
             full = conn.write_body(data, False) if data else conn.write_paused
             conn.end_request(trailers)
@@ -566,7 +574,7 @@ class Exchange:
         its body (Content-Length framing from it; a response to HEAD says the length, sends none)."""
         status = int(headers.get(":status") or 502)
         method = self.head.method
-        if status == 101 and self.conn is not None and self._upgrade is not None:
+        if status == 101 and isinstance(self.conn, UpstreamConnection) and self._upgrade is not None:
             self._start_tunnel(headers)
             return
         allowed = response_has_body(status, method)
@@ -652,7 +660,7 @@ class Exchange:
     # -- upgrades ------------------------------------------------------------------------------
     def _start_tunnel(self, headers: HeaderMap) -> None:
         conn = self.conn
-        assert conn is not None
+        assert isinstance(conn, UpstreamConnection)  # only HTTP/1.1 upstreams switch protocols
         fields = [(k, v) for k, v in headers if k[0] != ":"]
         if "server" not in headers:
             fields.append(("server", "sluice"))

@@ -19,6 +19,7 @@ from .h1 import HttpDate
 from .http import RequestIds
 from .listener import TlsDownstreamConnection, TlsListener
 from .logs import AccessLog, access_record
+from .redirect import HttpsRedirect, RedirectListener
 from .stats import ProxyStats
 from .tls.acceptor import TlsAcceptor
 from .tls.server import ServerTls
@@ -63,12 +64,18 @@ class ProxyServer:
     def tracks_headers(self) -> bool:
         return self.access_log is not None
 
-    async def start(self, host: str, port: int, tls: ServerTls | None = None) -> tuple[str, int]:
-        """Listen on one more address (plain, or TLS with `tls`); returns the bound address."""
+    async def start(
+        self, host: str, port: int, tls: ServerTls | None = None, redirect: HttpsRedirect | None = None
+    ) -> tuple[str, int]:
+        """Listen on one more address (plain, or TLS with `tls`; plain answering every request
+        with a redirect to https with `redirect`); returns the bound address."""
         loop = asyncio.get_running_loop()
         listener: TlsListener | None = None
         factory: Callable[[], asyncio.Protocol]
-        if tls is None:
+        if redirect is not None:
+            owner = RedirectListener(self, redirect)
+            factory = lambda: DownstreamConnection(owner)  # noqa: E731
+        elif tls is None:
             factory = lambda: DownstreamConnection(self)  # noqa: E731
         else:
             secure = listener = TlsListener(f"{host}:{port}", tls)

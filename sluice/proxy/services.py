@@ -20,7 +20,7 @@ from .config import HostPort
 from .http import upstream_request
 from .logs import FilterLogs
 from .redis_host import RedisClients
-from .upstream import ResponseHead, UpstreamConnection, UpstreamError
+from .upstream import ResponseHead, UpstreamError, UpstreamLease
 
 if TYPE_CHECKING:
     from .generation import Generation
@@ -42,7 +42,7 @@ def _upstream_address(text: str) -> tuple[str, int] | None:
 class _Collected:
     """A callout's `ResponseSink`: the whole response, held in memory (bounded), as one future."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, conn: UpstreamConnection) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, conn: UpstreamLease) -> None:
         self.response: asyncio.Future[CallResponse] = loop.create_future()
         self._conn = conn
         self._head: ResponseHead | None = None

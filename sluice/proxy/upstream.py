@@ -53,6 +53,31 @@ class UpstreamReset(UpstreamError):
         """Nothing of a response was received: a request without body may be retried."""
 
 
+def timeout_due(
+    endpoint: str,
+    now: float,
+    deadline: float | None,
+    timeout: float,
+    idle_timeout: float | None,
+    io_at: float,
+    idle_applies: bool,
+) -> float | UpstreamTimeout | None:
+    """What an exchange's timer finds when it fires: the time to fire again (a deadline not due
+    yet), the timeout to fail with, or None (nothing is due). `deadline`: by when the response
+    head must come (None: not waiting for one); `io_at`: the last sign of life, which counts
+    while `idle_applies`."""
+    if deadline is not None:
+        if deadline - now > 0.001:
+            return deadline
+        return UpstreamTimeout(f"no response from {endpoint} within {timeout:g}s")
+    if idle_timeout is not None and idle_applies:
+        due = io_at + idle_timeout
+        if due - now > 0.001:
+            return due
+        return UpstreamTimeout(f"upstream {endpoint} idle for {idle_timeout:g}s")
+    return None
+
+
 class _SkipBody(Exception):
     """Raised out of the parser for a response to HEAD: its Content-Length describes no body."""
 
@@ -91,6 +116,55 @@ class TunnelSink(Protocol):
     def tunnel_eof(self) -> None: ...
 
     def upstream_writable(self) -> None: ...
+
+
+class UpstreamLease(Protocol):
+    """What an exchange drives for one request: an `UpstreamConnection` (HTTP/1.1, one exchange
+    at a time) or an `http2.upstream.H2UpstreamStream` (one stream of a multiplexed connection).
+    `ClusterPool.acquire` hands one out, `ClusterPool.release` takes it back."""
+
+    @property
+    def endpoint(self) -> str: ...
+
+    @property
+    def requests(self) -> int:
+        """Exchanges its connection had carried when this one started (more than 1: reused)."""
+        ...
+
+    @property
+    def tls_version(self) -> str: ...
+
+    @property
+    def write_paused(self) -> bool: ...
+
+    @property
+    def response_trailers(self) -> HeaderMap | None: ...
+
+    @property
+    def reusable(self) -> bool: ...
+
+    def start_request(
+        self,
+        request: UpstreamRequest,
+        sink: ResponseSink,
+        timeout: float | None,
+        body: bytes = b"",
+        end: bool = False,
+        *,
+        idle_timeout: float | None = None,
+    ) -> bool: ...
+
+    def write_body(self, data: bytes, end: bool) -> bool: ...
+
+    def end_request(self, trailers: HeaderMap | None = None) -> None: ...
+
+    def pause_reading(self) -> None: ...
+
+    def resume_reading(self) -> None: ...
+
+    def detach(self) -> None: ...
+
+    def close(self) -> None: ...
 
 
 class UpstreamConnection(asyncio.Protocol):
@@ -331,21 +405,14 @@ class UpstreamConnection(asyncio.Protocol):
         # kept-alive connection and, when it fires, checks the deadlines of the current one.
         if self._failed or self._closed:
             return
-        now = self._loop.time()
-        deadline = self._deadline
-        if deadline is not None:
-            if deadline - now > 0.001:
-                self._arm(deadline)
-                return
-            self._fail(UpstreamTimeout(f"no response from {self.endpoint} within {self._timeout:g}s"))
-            return
-        idle = self._idle_timeout
-        if idle is not None and self._idle_applies():
-            due = self._io_at + idle
-            if due - now > 0.001:
-                self._arm(due)
-                return
-            self._fail(UpstreamTimeout(f"upstream {self.endpoint} idle for {idle:g}s"))
+        due = timeout_due(
+            self.endpoint, self._loop.time(), self._deadline, self._timeout, self._idle_timeout, self._io_at,
+            self._idle_applies(),
+        )
+        if isinstance(due, UpstreamTimeout):
+            self._fail(due)
+        elif due is not None:
+            self._arm(due)
 
     def _cancel_timer(self) -> None:
         self._timer.cancel()

@@ -8,16 +8,16 @@ its entry, like any other.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from ..tls.certs import CertificateError, CertificateSource, load_ca_bundle, load_pair
 from ..tls.client import ClientTlsSettings
 from ..tls.server import ALPN_H2, ALPN_HTTP1, ClientAuth, ServerTlsSettings, TlsVersion
-from .values import HostPort
+from .values import HostPort, not_bool
 
-__all__ = ["CertificateConfig", "ClusterTlsConfig", "ListenerConfig", "ListenerTlsConfig"]
+__all__ = ["CertificateConfig", "ClusterTlsConfig", "ListenerConfig", "ListenerTlsConfig", "RedirectConfig"]
 
 
 class _Model(BaseModel):
@@ -116,9 +116,26 @@ class ListenerTlsConfig(_Model):
         )
 
 
+class RedirectConfig(_Model):
+    """`redirect:` on a plain listener: every request gets a redirect to https (redirect.py)."""
+
+    https_port: Annotated[int, BeforeValidator(not_bool), Field(ge=1, le=65535)] = 443
+    """The port in the https URL (left out when it is 443)."""
+    status: Literal[301, 302, 307, 308] = 308
+    """308 keeps the method and body; 301 is what nginx configs usually send (see docs/tls.md)."""
+
+
 class ListenerConfig(_Model):
     address: HostPort
     tls: ListenerTlsConfig | None = None
+    redirect: RedirectConfig | None = None
+    """A plain listener that answers every request with a redirect to https, no filters."""
+
+    @model_validator(mode="after")
+    def _redirect_is_plain(self) -> ListenerConfig:
+        if self.redirect is not None and self.tls is not None:
+            raise ValueError("redirect is for a plain listener (it sends clients to https): drop tls or redirect")
+        return self
 
     @property
     def scheme(self) -> str:

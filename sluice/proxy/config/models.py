@@ -93,13 +93,8 @@ class ClusterConfig(_Model):
     max_connections: Count = 256
     tls: ClusterTlsConfig | None = None
     protocol: Literal["http1", "http2"] = "http1"
-
-    @field_validator("protocol")
-    @classmethod
-    def _wired_protocol(cls, value: str) -> str:
-        if value == "http2":
-            raise ValueError("http2 upstreams are not wired yet: use http1")
-        return value
+    """`http2`: one multiplexed connection per endpoint (TLS with ALPN h2, or h2c with prior
+    knowledge without `tls:`); `max_connections` then bounds the requests in flight."""
     username: str | None = Field(default=None, min_length=1)
     password: str | None = Field(default=None, min_length=1)
     database: Annotated[int, BeforeValidator(not_bool), Field(ge=0)] = 0

@@ -1,23 +1,31 @@
-"""HTTP/2 towards an upstream: one multiplexed connection per endpoint, one exchange per stream.
+"""HTTP/2 towards an upstream: one multiplexed connection per endpoint, one lease per stream.
 
-`H2UpstreamExchange` has the per-exchange interface of the HTTP/1.1 `UpstreamConnection`
-(`start_request`, `write_body`, `end_request`, `read_head`, `read_body`, `response_trailers`,
-`response_complete`, `reusable`, `close`) and raises the same errors, so the exchange code can
-drive either. What differs is the lease: an HTTP/1.1 connection carries one exchange at a
-time, an `H2UpstreamConnection` carries up to the peer's MAX_CONCURRENT_STREAMS, and
-`H2Endpoint` keeps one such connection per endpoint (replacing it when it dies or is told to go
-away).
+`H2UpstreamStream` is what an exchange drives for one request, with the callback interface of
+the HTTP/1.1 `UpstreamConnection` (`upstream.UpstreamLease`: `start_request`, `write_body`,
+`end_request`, `pause_reading`/`resume_reading`, `detach`, `reusable`, `response_trailers`,
+`close`; the response goes to a `ResponseSink`) and fails with the same errors, so the exchange
+code drives either without knowing which. What differs is the lease: an HTTP/1.1 connection
+carries one exchange at a time, an `H2UpstreamConnection` up to the peer's
+MAX_CONCURRENT_STREAMS; `clusters.H2ClusterPool` keeps one per endpoint and replaces it when it
+dies or is told to go away.
 
-Flow control: a response body's window is reopened only as `read_body` hands bytes on; a
-request body is sent only as far as the upstream's windows allow (`write_body` waits).
+Flow control both ways. Response: received DATA is acknowledged (its window reopened) as it is
+handed to the sink, except while the sink has paused reading (its client is slow): then the
+acknowledgement waits for `resume_reading`, and the upstream can send at most one stream window
+ahead. Request: body is sent as far as the stream's and the connection's windows allow; the rest
+waits in the stream, `write_body` says "full", and `upstream_writable` follows once it is sent.
+
+GOAWAY is taken out of the byte stream before h2 sees it (`_GoawayScanner`): h2 accepts no
+frame at all after a GOAWAY, so the streams the upstream promised to finish could not.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import ssl
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import cast
 
 import h2.config
@@ -30,19 +38,31 @@ import h2.settings
 from sluice.abi import HeaderMap
 
 from ..config import format_host_port
-from ..upstream import ConnectFailed, ResponseHead, UpstreamReset, UpstreamTimeout
+from ..deadline import ConnectionTimer
+from ..h1 import dec
+from ..http import UpstreamRequest
+from ..upstream import (
+    ConnectFailed,
+    ResponseHead,
+    ResponseSink,
+    UpstreamError,
+    UpstreamReset,
+    UpstreamTimeout,
+    timeout_due,
+)
 
 # Fields that describe an HTTP/1.1 connection; RFC 9113 8.2.2 forbids them in HTTP/2.
 _CONNECTION_SPECIFIC = frozenset(
     {"connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade", "host", "content-length"}
 )
 STREAM_WINDOW = 1024 * 1024
+"""What the upstream may send on one stream ahead of what its client took."""
 CONNECTION_WINDOW = 4 * 1024 * 1024
 _RETRYABLE_CODES = frozenset({h2.errors.ErrorCodes.REFUSED_STREAM})
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode("utf-8", "surrogateescape") if isinstance(value, bytes) else value
+_GOAWAY = 0x7
+_FRAME_HEADER = 9
+_LAST_STREAM_ID = 2**31 - 1000
+"""Past this, a connection opens no more streams (ids are odd and never reused)."""
 
 
 def request_headers(
@@ -58,7 +78,7 @@ def request_headers(
         elif name == "te":
             if value.strip().lower() == "trailers":
                 regular.append(("te", "trailers"))  # the only TE value HTTP/2 allows (gRPC needs it)
-        elif name not in _CONNECTION_SPECIFIC and not name.startswith(":"):
+        elif name not in _CONNECTION_SPECIFIC and name[:1] != ":":
             regular.append((name, value))
     head = [(":method", method), (":scheme", scheme), (":authority", authority), (":path", target)]
     if method == "CONNECT":
@@ -68,183 +88,417 @@ def request_headers(
     return head + regular
 
 
-class H2UpstreamExchange:
-    """One request/response on a stream of an `H2UpstreamConnection`."""
+def _fields(raw: Iterable[tuple[bytes | str, bytes | str]]) -> list[tuple[str, str]]:
+    return [
+        (dec(k) if isinstance(k, bytes) else k, dec(v) if isinstance(v, bytes) else v) for k, v in raw
+    ]
+
+
+class _GoawayScanner:
+    """Follows the frame boundaries of the bytes received and takes GOAWAY frames out.
+
+    Every other byte passes unchanged; a read without a GOAWAY is passed on as the same object.
+    A frame header split across reads (or a GOAWAY not complete yet) is held back until the rest
+    comes, which h2 would have buffered anyway.
+    """
+
+    __slots__ = ("_skip", "_held")
+
+    def __init__(self) -> None:
+        self._skip = 0
+        """Payload bytes of the current (non-GOAWAY) frame still to pass."""
+        self._held = b""
+
+    def feed(self, data: bytes, on_goaway: Callable[[int, int], None]) -> bytes:
+        if self._held:
+            data = self._held + data
+            self._held = b""
+        n = len(data)
+        pos = self._skip
+        if pos >= n:
+            self._skip = pos - n
+            return data
+        self._skip = 0
+        pieces: list[bytes] | None = None
+        start = 0
+        while pos < n:
+            if pos + _FRAME_HEADER > n:
+                self._held = data[pos:]
+                break
+            length = int.from_bytes(data[pos : pos + 3], "big")
+            end = pos + _FRAME_HEADER + length
+            if data[pos + 3] != _GOAWAY:
+                if end > n:
+                    self._skip = end - n
+                    pos = n
+                    break
+                pos = end
+                continue
+            if end > n:
+                self._held = data[pos:]
+                break
+            body = data[pos + _FRAME_HEADER : end]
+            if pieces is None:
+                pieces = []
+            pieces.append(data[start:pos])
+            start = end
+            if len(body) >= 8:
+                on_goaway(int.from_bytes(body[:4], "big") & 0x7FFFFFFF, int.from_bytes(body[4:8], "big"))
+            else:
+                on_goaway(0, int(h2.errors.ErrorCodes.FRAME_SIZE_ERROR))
+            pos = end
+        stop = pos if not self._held else n - len(self._held)
+        if pieces is None:
+            return data if start == 0 and stop == n else data[start:stop]
+        pieces.append(data[start:stop])
+        return b"".join(pieces)
+
+
+class H2UpstreamStream:
+    """One request/response on a stream of an `H2UpstreamConnection` (an `UpstreamLease`)."""
+
+    __slots__ = (
+        "connection", "endpoint", "tls_version", "requests", "stream_id", "_loop", "_sink", "_head",
+        "_head_new", "_body", "_trailers", "_message_done", "_done_delivered", "_failed", "_dirty",
+        "_request_done", "_end_pending", "_end_trailers", "_out", "_out_size", "_full", "_remaining",
+        "_read_paused", "_unacked", "_timer", "_timeout", "_deadline", "_idle_timeout", "_io_at", "_released",
+    )
 
     def __init__(self, connection: H2UpstreamConnection) -> None:
         self.connection = connection
         self.endpoint = connection.endpoint
+        self.tls_version = connection.tls_version
+        self.requests = 0
+        """Streams its connection had started when this one started (more than 1 = reused)."""
         self.stream_id = 0
         self._loop = connection.loop
+        self._sink: ResponseSink | None = None
         self._head: ResponseHead | None = None
-        self._head_waiter: asyncio.Future[ResponseHead] | None = None
-        self._chunks: collections.deque[bytes] = collections.deque()
-        self._body_waiter: asyncio.Future[None] | None = None
-        self._window_waiter: asyncio.Future[None] | None = None
+        self._head_new = False
+        self._body: list[bytes] = []
         self._trailers: HeaderMap | None = None
         self._message_done = False
+        self._done_delivered = False
+        self._failed = False
+        self._dirty = False
+        # Request side.
         self._request_done = False
-        self._error: UpstreamReset | None = None
+        """END_STREAM (with the body or trailers) has gone to the codec."""
+        self._end_pending = False
+        self._end_trailers: list[tuple[str, str]] | None = None
+        self._out: collections.deque[bytes] = collections.deque()
+        self._out_size = 0
+        self._full = False
+        """`write_body` said full: `upstream_writable` is owed."""
+        self._remaining: int | None = None
+        self._read_paused = False
+        self._unacked = 0
+        """Response bytes handed on while reading was paused, not yet acknowledged."""
+        self._timer = ConnectionTimer(self._loop, self._expire)
+        self._timeout = 0.0
+        self._deadline: float | None = None
+        self._idle_timeout: float | None = None
+        self._io_at = 0.0
         self._released = False
 
     # -- request side ----------------------------------------------------------------------------
     def start_request(
-        self, method: str, target: str, fields: list[tuple[str, str]], *, body: bool, content_length: int | None
-    ) -> None:
-        self.connection.start(self, method, target, fields, body=body, content_length=content_length)
-        self._request_done = not body
-
-    async def write_body(self, data: bytes, end: bool) -> None:
+        self,
+        request: UpstreamRequest,
+        sink: ResponseSink,
+        timeout: float | None,
+        body: bytes = b"",
+        end: bool = False,
+        *,
+        idle_timeout: float | None = None,
+    ) -> bool:
+        """Open the stream with the request's headers (and `body` as far as the windows allow).
+        Same contract as `UpstreamConnection.start_request`; True: the body did not all fit."""
         conn = self.connection
-        view = memoryview(data)
-        while view:
-            self._check_alive("while sending the body")
-            window = conn.send_window(self.stream_id)
-            if window <= 0:
-                self._window_waiter = self._loop.create_future()
-                try:
-                    await self._window_waiter
-                finally:
-                    self._window_waiter = None
-                continue
-            piece = view[:window]
-            view = view[window:]
-            conn.send_data(self.stream_id, bytes(piece), end_stream=end and not view)
-            await conn.drain()
-        if end and not data:
-            self.end_request()
-        elif end:
+        has_body = request.has_body
+        length = request.content_length if has_body else None
+        headers = request_headers(request.method, conn.scheme, request.target, request.fields, length)
+        only_head = not has_body or (end and not body)
+        self.stream_id = conn.open_stream(self, headers, only_head)
+        self.requests = conn.requests
+        self._sink = sink
+        self._remaining = length
+        self._timeout = timeout if timeout is not None else 0.0
+        self._idle_timeout = idle_timeout
+        if only_head:
             self._request_done = True
+            self._start_response_clock()
+            return False
+        if body or end:
+            return self.write_body(body, end)
+        return False
+
+    @property
+    def write_paused(self) -> bool:
+        """Request body waits for window (or the connection's socket buffer is full)."""
+        return self._out_size > 0 or self.connection.write_paused
+
+    def write_body(self, data: bytes, end: bool) -> bool:
+        """Queue request body and send what the windows allow. True: not all of it went; the
+        caller stops reading its source until `upstream_writable`."""
+        if self._failed or self.connection.closed:
+            raise UpstreamReset(f"upstream {self.endpoint} stream closed while sending the body")
+        if self._request_done:
+            return False
+        if data:
+            if self._remaining is not None:
+                if len(data) > self._remaining:
+                    raise UpstreamReset("request body longer than its content-length")
+                self._remaining -= len(data)
+            self._out.append(data)
+            self._out_size += len(data)
+        if end:
+            if self._remaining:
+                # The client sent less than it announced; the upstream would wait forever.
+                self._abandon(UpstreamReset(f"request body to {self.endpoint} shorter than its content-length"))
+                return False
+            self._end_pending = True
+        self._pump()
+        full = self.write_paused
+        if full:
+            self._full = True
+            if self._idle_timeout is not None and not self._request_done:
+                self._io_at = now = self._loop.time()
+                self._arm(now + self._idle_timeout)
+        return full
 
     def end_request(self, trailers: HeaderMap | None = None) -> None:
-        if self._request_done or self._error is not None:
+        """The request ends (with `trailers`, sent as a HEADERS frame with END_STREAM)."""
+        if self._request_done or self._end_pending or self._failed or self.connection.closed:
             return
-        self._request_done = True
-        fields = [(k, v) for k, v in (trailers or ()) if not k.startswith(":")]
-        self.connection.end_stream(self.stream_id, fields or None)
+        if self._remaining:
+            self._abandon(UpstreamReset(f"request body to {self.endpoint} shorter than its content-length"))
+            return
+        fields = [(k, v) for k, v in trailers if k[:1] != ":"] if trailers is not None else []
+        self._end_trailers = fields or None
+        self._end_pending = True
+        self._pump()
 
-    # -- response side ---------------------------------------------------------------------------
-    async def read_head(self, timeout: float | None) -> ResponseHead:
-        if self._head is not None:
-            return self._head
-        if self._error is not None:
-            raise self._error
-        waiter: asyncio.Future[ResponseHead] = self._loop.create_future()
-        self._head_waiter = waiter
-        timer = None
-        if timeout is not None:
-            reason = f"no response from {self.endpoint} within {timeout:g}s"
-
-            def expire() -> None:
-                if not waiter.done():
-                    waiter.set_exception(UpstreamTimeout(reason))
-
-            timer = self._loop.call_later(timeout, expire)
+    def _pump(self) -> None:
+        """Send queued body (and the end) as far as the windows allow."""
+        codec = self.connection.codec
+        sid = self.stream_id
+        out = self._out
         try:
-            return await waiter
-        finally:
-            self._head_waiter = None
-            if timer is not None:
-                timer.cancel()
+            while out:
+                window = min(codec.local_flow_control_window(sid), codec.max_outbound_frame_size)
+                if window <= 0:
+                    break
+                piece = out[0]
+                if len(piece) > window:
+                    out[0] = piece[window:]
+                    piece = piece[:window]
+                else:
+                    out.popleft()
+                self._out_size -= len(piece)
+                last = not out and self._end_pending and self._end_trailers is None
+                codec.send_data(sid, piece, end_stream=last)
+                if last:
+                    self._request_sent()
+            if not out and self._end_pending:
+                if self._end_trailers is not None:
+                    codec.send_headers(sid, self._end_trailers, end_stream=True)
+                else:
+                    codec.end_stream(sid)
+                self._request_sent()
+        except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
+            # The upstream reset the stream (or answered and closed it): the body has nowhere to
+            # go; what the upstream said reaches the sink as events.
+            out.clear()
+            self._out_size = 0
+            self._end_pending = False
+            self._request_done = True
+        self.connection.flush_soon()
 
-    async def read_body(self) -> bytes | None:
-        while True:
-            if self._chunks:
-                data = b"".join(self._chunks) if len(self._chunks) > 1 else self._chunks[0]
-                self._chunks.clear()
-                self.connection.consumed(self.stream_id, len(data))
-                return data
-            if self._message_done:
-                return None
-            if self._error is not None:
-                raise self._error
-            self._body_waiter = self._loop.create_future()
-            try:
-                await self._body_waiter
-            finally:
-                self._body_waiter = None
+    def _request_sent(self) -> None:
+        self._end_pending = False
+        self._end_trailers = None
+        self._request_done = True
+        self._start_response_clock()
 
+    def _window_opened(self) -> None:
+        """The upstream raised a window (or the socket drained): send more; owe no longer."""
+        if self._out or self._end_pending:
+            self._pump()
+        if self._full and not self.write_paused and not self._failed:
+            self._full = False
+            if self._idle_timeout is not None:
+                self._io_at = self._loop.time()
+            sink = self._sink
+            if sink is not None:
+                sink.upstream_writable()
+
+    def _start_response_clock(self) -> None:
+        if self._timeout and self._head is None and self._sink is not None:
+            self._deadline = at = self._loop.time() + self._timeout
+            self._arm(at)
+
+    # -- response side (driven by the connection) ------------------------------------------------
+    def _on_head(self, fields: list[tuple[str, str]]) -> None:
+        headers = HeaderMap()
+        headers.replace_all(fields)
+        status_text = headers.get(":status") or "0"
+        status = int(status_text) if status_text.isdigit() else 0
+        self._head = ResponseHead(status, headers, True, False)
+        self._head_new = True
+        self._deadline = None
+        if self._idle_timeout is not None:
+            self._io_at = now = self._loop.time()
+            self._arm(now + self._idle_timeout)
+
+    def _on_data(self, data: bytes, flow_controlled: int) -> None:
+        if data:
+            self._body.append(data)
+        if self._idle_timeout is not None:
+            self._io_at = self._loop.time()
+        if self._read_paused or self._sink is None:
+            self._unacked += flow_controlled
+        else:
+            self.connection.acknowledge(self.stream_id, flow_controlled)
+
+    def _on_trailers(self, fields: list[tuple[str, str]]) -> None:
+        headers = HeaderMap()
+        headers.replace_all(fields)
+        self._trailers = headers
+
+    def _on_end(self) -> None:
+        self._message_done = True
+        self._cancel_timer_if_done()
+
+    def _deliver(self) -> None:
+        self._dirty = False
+        sink = self._sink
+        if sink is None or self._failed:
+            return
+        head = None
+        if self._head_new:
+            self._head_new = False
+            head = self._head
+        body = self._body
+        data = b"".join(body) if len(body) != 1 else body[0]
+        if body:
+            self._body = []
+        done = self._message_done and not self._done_delivered and self._head is not None
+        if head is None and not data and not done:
+            return
+        if done:
+            self._done_delivered = True
+        sink.upstream_response(head, data, done)
+
+    def _fail(self, exc: UpstreamError) -> None:
+        self._timer.cancel()
+        if self._failed or self._done_delivered:
+            return
+        self._failed = True
+        self._out.clear()
+        self._out_size = 0
+        sink = self._sink
+        if sink is not None:
+            sink.upstream_failed(exc)
+
+    def _abandon(self, exc: UpstreamError) -> None:
+        """Reset the stream ourselves and tell the sink, on the next loop turn (like the
+        HTTP/1.1 connection, whose close reaches the sink through `connection_lost`)."""
+        self.connection.reset(self.stream_id)
+        self._request_done = True
+        self._loop.call_soon(self._fail, exc)
+
+    # -- timers ----------------------------------------------------------------------------------
+    def _arm(self, at: float) -> None:
+        if not self._failed and not self._released:
+            self._timer.arm(at)
+
+    def _cancel_timer_if_done(self) -> None:
+        if self._message_done and self._request_done:
+            self._timer.cancel()
+
+    def _idle_applies(self) -> bool:
+        if self._sink is None:
+            return False
+        streaming = self._head is not None and not self._message_done and not self._read_paused
+        return streaming or (self._full and not self._request_done)
+
+    def _expire(self) -> None:
+        if self._failed or self._released:
+            return
+        due = timeout_due(
+            self.endpoint, self._loop.time(), self._deadline, self._timeout, self._idle_timeout, self._io_at,
+            self._idle_applies(),
+        )
+        if isinstance(due, UpstreamTimeout):
+            self._give_up(due)
+        elif due is not None:
+            self._arm(due)
+
+    def _give_up(self, exc: UpstreamError) -> None:
+        self.connection.reset(self.stream_id)
+        self._fail(exc)
+
+    # -- the UpstreamLease interface -------------------------------------------------------------
     @property
     def response_trailers(self) -> HeaderMap | None:
         return self._trailers
 
-    @property
-    def buffered(self) -> int:
-        """Response body received and not read yet (at most one stream window)."""
-        return sum(len(chunk) for chunk in self._chunks)
+    def pause_reading(self) -> None:
+        self._read_paused = True
 
-    def response_complete_after_buffered(self) -> bool:
-        return self._message_done
+    def resume_reading(self) -> None:
+        if not self._read_paused:
+            return
+        self._read_paused = False
+        unacked, self._unacked = self._unacked, 0
+        if unacked:
+            self.connection.acknowledge(self.stream_id, unacked)
+        if self._idle_timeout is not None and not self._failed:
+            self._io_at = now = self._loop.time()  # the pause was ours, not the upstream's
+            self._arm(now + self._idle_timeout)
 
-    @property
-    def response_complete(self) -> bool:
-        return self._message_done and not self._chunks
-
-    # -- lifecycle (the lease) -------------------------------------------------------------------
     @property
     def closed(self) -> bool:
-        return self._error is not None or self.connection.closed
+        return self._failed or self._released or self.connection.closed
 
     @property
     def reusable(self) -> bool:
-        """The connection can carry further exchanges (this one is finished)."""
-        return self.connection.usable and self._message_done and self._request_done
+        """The exchange on this stream finished cleanly (its connection carries others anyway)."""
+        return self._message_done and self._request_done and not self._failed and not self._body
+
+    def detach(self) -> None:
+        self._sink = None
+        self._deadline = None
+        self._idle_timeout = None
+        self._timer.cancel()
+        self.resume_reading()
 
     def close(self) -> None:
-        """Abandon this exchange: reset the stream if it is still open (the connection stays)."""
-        if not (self._message_done and self._request_done):
+        """Abandon the exchange: reset the stream if it is still open (the connection stays)."""
+        self._timer.cancel()
+        if not (self._message_done and self._request_done) and not self._failed:
             self.connection.reset(self.stream_id)
-        self.release()
+        self._failed = True
 
     def release(self) -> None:
-        if not self._released:
-            self._released = True
-            self.connection.release(self)
-
-    # -- driven by the connection ----------------------------------------------------------------
-    def _check_alive(self, during: str) -> None:
-        if self._error is not None:
-            raise UpstreamReset(f"upstream {self.endpoint} stream reset {during}: {self._error}")
-
-    def _on_head(self, head: ResponseHead, ended: bool) -> None:
-        self._head = head
-        if ended:
-            self._message_done = True
-        if self._head_waiter is not None and not self._head_waiter.done():
-            self._head_waiter.set_result(head)
-
-    def _on_data(self, data: bytes, ended: bool) -> None:
-        if data:
-            self._chunks.append(data)
-        if ended:
-            self._message_done = True
-        self._wake(self._body_waiter)
-
-    def _on_trailers(self, trailers: HeaderMap) -> None:
-        self._trailers = trailers
-        self._message_done = True
-        self._wake(self._body_waiter)
-
-    def _on_window(self) -> None:
-        self._wake(self._window_waiter)
-
-    def _fail(self, error: UpstreamReset) -> None:
-        if self._message_done and self._request_done:
+        """Give the stream back to its connection (the pool's `release`)."""
+        if self._released:
             return
-        self._error = error
-        if self._head_waiter is not None and not self._head_waiter.done():
-            self._head_waiter.set_exception(error)
-        self._wake(self._body_waiter)
-        self._wake(self._window_waiter)
-
-    @staticmethod
-    def _wake(waiter: asyncio.Future[None] | None) -> None:
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        if not self.reusable:
+            self.close()
+        self._released = True
+        self._timer.cancel()
+        unacked, self._unacked = self._unacked, 0
+        if unacked:
+            self.connection.acknowledge(self.stream_id, unacked)
+        self.connection.release(self)
 
 
 class H2UpstreamConnection(asyncio.Protocol):
-    """One HTTP/2 client connection; many concurrent exchanges."""
+    """One HTTP/2 client connection; many concurrent streams."""
+
+    tls_version = ""
 
     def __init__(self, endpoint: str, scheme: str) -> None:
         self.endpoint = endpoint
@@ -252,41 +506,56 @@ class H2UpstreamConnection(asyncio.Protocol):
         self.loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
         self.requests = 0
-        self._conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding=None))
-        self._exchanges: dict[int, H2UpstreamExchange] = {}
+        """Streams started on this connection."""
+        self.codec = h2.connection.H2Connection(
+            h2.config.H2Configuration(client_side=True, header_encoding=None)
+        )
+        self._streams: dict[int, H2UpstreamStream] = {}
         self._leased = 0
         self._slot_waiters: collections.deque[asyncio.Future[None]] = collections.deque()
         self._closed = False
-        self._going_away = False
-        self._write_paused = False
-        self._drain_waiters: list[asyncio.Future[None]] = []
-        self.ready = self.loop.create_future()
+        self.going_away = False
+        self.write_paused = False
+        self._flush_scheduled = False
+        self._scanner = _GoawayScanner()
+        self._dirty: list[H2UpstreamStream] = []
+        self.on_idle: Callable[[H2UpstreamConnection], None] | None = None
+        """Called when a stream is given back and none is leased (the pool may close it)."""
+        self.ready: asyncio.Future[None] = self.loop.create_future()
         """Resolves once the server's SETTINGS arrived (so its stream limit is known)."""
 
     # -- asyncio.Protocol ------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
-        self._conn.local_settings = h2.settings.Settings(
+        self.codec.local_settings = h2.settings.Settings(
             client=True,
             initial_values={
                 h2.settings.SettingCodes.ENABLE_PUSH: 0,
                 h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: STREAM_WINDOW,
             },
         )
-        self._conn.initiate_connection()
-        self._conn.increment_flow_control_window(CONNECTION_WINDOW - self._conn.inbound_flow_control_window)
-        self._flush()
+        self.codec.initiate_connection()
+        self.codec.increment_flow_control_window(CONNECTION_WINDOW - self.codec.inbound_flow_control_window)
+        self._write_out()
 
     def data_received(self, data: bytes) -> None:
-        try:
-            events = self._conn.receive_data(data)
-        except h2.exceptions.ProtocolError as exc:
-            self._flush()
-            self._shutdown(f"upstream {self.endpoint} broke the HTTP/2 protocol: {exc}")
-            return
-        for event in events:
-            self._on_event(event)
-        self._flush()
+        data = self._scanner.feed(data, self._on_goaway)
+        if data:
+            try:
+                events = self.codec.receive_data(data)
+            except h2.exceptions.ProtocolError as exc:
+                self._write_out()
+                self._shutdown(f"upstream {self.endpoint} broke the HTTP/2 protocol: {exc}")
+                return
+            for event in events:
+                self._on_event(event)
+        # Everything one read brought reaches each stream's sink in one call.
+        dirty, self._dirty = self._dirty, []
+        for stream in dirty:
+            stream._deliver()
+        self._write_out()
+        if self.going_away and not self._streams:
+            self.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._shutdown(f"upstream {self.endpoint} closed the connection" + (f": {exc}" if exc else ""))
@@ -295,138 +564,137 @@ class H2UpstreamConnection(asyncio.Protocol):
         return None
 
     def pause_writing(self) -> None:
-        self._write_paused = True
+        self.write_paused = True
 
     def resume_writing(self) -> None:
-        self._write_paused = False
-        waiters, self._drain_waiters = self._drain_waiters, []
-        for waiter in waiters:
-            if not waiter.done():
-                waiter.set_result(None)
+        self.write_paused = False
+        for stream in list(self._streams.values()):
+            if stream._full:
+                stream._window_opened()
 
     # -- events ----------------------------------------------------------------------------------
+    def _mark(self, stream: H2UpstreamStream) -> None:
+        if not stream._dirty:
+            stream._dirty = True
+            self._dirty.append(stream)
+
     def _on_event(self, event: h2.events.Event) -> None:
-        if isinstance(event, h2.events.RemoteSettingsChanged):
+        if isinstance(event, h2.events.DataReceived):
+            sid = event.stream_id or 0
+            data = event.data or b""
+            stream = self._streams.get(sid)
+            length = event.flow_controlled_length or 0
+            if stream is None:
+                self.acknowledge(sid, length)  # nobody reads it: give its connection window back
+                return
+            stream._on_data(data, length)
+            self._mark(stream)
+        elif isinstance(event, h2.events.ResponseReceived):
+            stream = self._streams.get(event.stream_id or 0)
+            if stream is not None:
+                stream._on_head(_fields(event.headers or ()))
+                self._mark(stream)
+        elif isinstance(event, h2.events.StreamEnded):
+            stream = self._streams.get(event.stream_id or 0)
+            if stream is not None:
+                stream._on_end()
+                self._mark(stream)
+        elif isinstance(event, h2.events.TrailersReceived):
+            stream = self._streams.get(event.stream_id or 0)
+            if stream is not None:
+                stream._on_trailers(_fields(event.headers or ()))
+                self._mark(stream)
+        elif isinstance(event, h2.events.WindowUpdated):
+            sid = event.stream_id or 0
+            if sid:
+                stream = self._streams.get(sid)
+                if stream is not None and (stream._out or stream._end_pending or stream._full):
+                    stream._window_opened()
+            else:
+                # The connection window grew: any stream may go on.
+                for stream in list(self._streams.values()):
+                    if stream._out or stream._end_pending or stream._full:
+                        stream._window_opened()
+        elif isinstance(event, h2.events.StreamReset):
+            stream = self._streams.get(event.stream_id or 0)
+            if stream is not None:
+                code = int(event.error_code or 0)
+                if stream._message_done and stream._head is not None:
+                    # Answered in full; the reset only says the rest of the request is not wanted.
+                    stream._request_done = True
+                    return
+                stream._fail(
+                    UpstreamReset(
+                        f"upstream {self.endpoint} reset the stream (error code {code})",
+                        before_response=code in _RETRYABLE_CODES,
+                    )
+                )
+        elif isinstance(event, h2.events.RemoteSettingsChanged):
             if not self.ready.done():
                 self.ready.set_result(None)
             self._wake_slots()
-            return
-        if isinstance(event, h2.events.ConnectionTerminated):
-            self._going_away = True
-            last = event.last_stream_id or 0
-            for open_sid, open_exchange in list(self._exchanges.items()):
-                if open_sid > last:
-                    # Never processed (RFC 9113 6.8): safe to send again elsewhere.
-                    open_exchange._fail(UpstreamReset(f"upstream {self.endpoint} went away", before_response=True))
-            self._wake_slots()
-            return
-        sid: int = getattr(event, "stream_id", None) or 0
-        if isinstance(event, h2.events.WindowUpdated):
-            # Stream 0: the connection window grew, which may unblock any stream.
-            if not sid:
-                targets = list(self._exchanges.values())
-            else:
-                targets = [self._exchanges[sid]] if sid in self._exchanges else []
-            for target in targets:
-                target._on_window()
-            return
-        exchange = self._exchanges.get(sid)
-        if exchange is None:
-            return
-        if isinstance(event, h2.events.ResponseReceived):
-            headers = HeaderMap((_text(k), _text(v)) for k, v in event.headers or ())
-            status = int(headers.get(":status") or 0)
-            exchange._on_head(ResponseHead(status, headers, True, False), event.stream_ended is not None)
-        elif isinstance(event, h2.events.DataReceived):
-            data = bytes(event.data or b"")
-            padding = (event.flow_controlled_length or 0) - len(data)
-            if padding > 0:
-                self.consumed(event.stream_id or 0, padding)
-            exchange._on_data(data, event.stream_ended is not None)
-        elif isinstance(event, h2.events.TrailersReceived):
-            exchange._on_trailers(HeaderMap((_text(k), _text(v)) for k, v in event.headers or ()))
-        elif isinstance(event, h2.events.StreamReset):
-            code = int(event.error_code or 0)
-            exchange._fail(
-                UpstreamReset(
-                    f"upstream {self.endpoint} reset the stream (error code {code})",
-                    before_response=code in _RETRYABLE_CODES,
-                )
-            )
+        elif isinstance(event, h2.events.ConnectionTerminated):
+            # Not reached for GOAWAY (taken out before h2); kept for what h2 may synthesise.
+            self._on_goaway(event.last_stream_id or 0, int(event.error_code or 0))
 
-    # -- used by exchanges -----------------------------------------------------------------------
-    def start(
-        self,
-        exchange: H2UpstreamExchange,
-        method: str,
-        target: str,
-        fields: list[tuple[str, str]],
-        *,
-        body: bool,
-        content_length: int | None,
-    ) -> None:
+    def _on_goaway(self, last_stream_id: int, error_code: int) -> None:
+        """No new streams; those above `last_stream_id` were never processed (RFC 9113 6.8):
+        they fail as retryable, the others may finish."""
+        self.going_away = True
+        for sid, stream in list(self._streams.items()):
+            if sid > last_stream_id:
+                stream._fail(
+                    UpstreamReset(
+                        f"upstream {self.endpoint} went away (GOAWAY, error code {error_code})",
+                        before_response=True,
+                    )
+                )
+        self._wake_slots()
+
+    # -- used by streams -------------------------------------------------------------------------
+    def open_stream(self, stream: H2UpstreamStream, headers: list[tuple[str, str]], end_stream: bool) -> int:
         if not self.usable:
             raise UpstreamReset(f"upstream {self.endpoint} connection is closed", before_response=True)
-        headers = request_headers(method, self.scheme, target, fields, content_length if body else None)
         try:
-            sid = self._conn.get_next_available_stream_id()
-            self._conn.send_headers(sid, headers, end_stream=not body)
+            sid = self.codec.get_next_available_stream_id()
+            self.codec.send_headers(sid, headers, end_stream=end_stream)
         except h2.exceptions.ProtocolError as exc:
-            # Too many open streams (one whose response ended but whose request did not), or
-            # the connection is past its GOAWAY: nothing was sent.
+            # Too many open streams, or a header HTTP/2 cannot carry: nothing was sent.
             reason = f"upstream {self.endpoint}: cannot open a stream: {exc}"
             raise UpstreamReset(reason, before_response=True) from None
-        exchange.stream_id = sid
-        self._exchanges[sid] = exchange
+        self._streams[sid] = stream
         self.requests += 1
-        self._flush()
+        self.flush_soon()
+        return sid
 
-    def send_window(self, stream_id: int) -> int:
-        try:
-            return min(self._conn.local_flow_control_window(stream_id), self._conn.max_outbound_frame_size)
-        except h2.exceptions.StreamClosedError:
-            raise UpstreamReset(f"upstream {self.endpoint} closed the stream while the body was sent") from None
-
-    def send_data(self, stream_id: int, data: bytes, end_stream: bool) -> None:
-        self._conn.send_data(stream_id, data, end_stream=end_stream)
-        self._flush()
-
-    def end_stream(self, stream_id: int, trailers: list[tuple[str, str]] | None) -> None:
-        try:
-            if trailers:
-                self._conn.send_headers(stream_id, trailers, end_stream=True)
-            else:
-                self._conn.end_stream(stream_id)
-        except h2.exceptions.StreamClosedError:
-            return
-        self._flush()
-
-    def consumed(self, stream_id: int, nbytes: int) -> None:
-        if nbytes <= 0 or self._closed:
+    def acknowledge(self, stream_id: int, nbytes: int) -> None:
+        if nbytes <= 0 or self._closed or stream_id <= 0:
             return
         try:
-            self._conn.acknowledge_received_data(nbytes, stream_id)
+            self.codec.acknowledge_received_data(nbytes, stream_id)
         except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
             return
-        self._flush()
+        self.flush_soon()
 
     def reset(self, stream_id: int) -> None:
         if self._closed or not stream_id:
             return
         try:
-            self._conn.reset_stream(stream_id, h2.errors.ErrorCodes.CANCEL)
+            self.codec.reset_stream(stream_id, h2.errors.ErrorCodes.CANCEL)
         except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
             return
-        self._flush()
+        self.flush_soon()
 
-    async def drain(self) -> None:
-        if self._write_paused and not self._closed:
-            waiter = self.loop.create_future()
-            self._drain_waiters.append(waiter)
-            await waiter
+    def flush_soon(self) -> None:
+        """Write what the codec queued, once per loop iteration: the frames of every stream
+        started or fed in one iteration go out in one write (one TLS record, one syscall)."""
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self.loop.call_soon(self._write_out)
 
-    def _flush(self) -> None:
-        data = self._conn.data_to_send()
+    def _write_out(self) -> None:
+        self._flush_scheduled = False
+        data = self.codec.data_to_send()
         if data and self.transport is not None and not self.transport.is_closing():
             self.transport.write(data)
 
@@ -438,35 +706,55 @@ class H2UpstreamConnection(asyncio.Protocol):
     @property
     def usable(self) -> bool:
         """Open, not told to go away, stream ids left."""
-        return not self._closed and not self._going_away and self._conn.highest_outbound_stream_id < 2**31 - 1000
+        return not self._closed and not self.going_away and self.codec.highest_outbound_stream_id < _LAST_STREAM_ID
+
+    @property
+    def leased(self) -> int:
+        return self._leased
 
     def has_slot(self) -> bool:
-        limit = self._conn.remote_settings.max_concurrent_streams
-        return self._leased < limit
+        return self._leased < self.codec.remote_settings.max_concurrent_streams
 
-    async def exchange(self, timeout: float) -> H2UpstreamExchange:
-        """Lease a stream; waits (up to `timeout`) while the server's stream limit is reached."""
-        deadline = self.loop.time() + timeout
-        while not self.has_slot():
-            if not self.usable:
-                raise UpstreamReset(f"upstream {self.endpoint} connection is closed", before_response=True)
-            waiter: asyncio.Future[None] = self.loop.create_future()
-            self._slot_waiters.append(waiter)
-            try:
-                await asyncio.wait_for(waiter, max(0.0, deadline - self.loop.time()))
-            except TimeoutError:
-                raise ConnectFailed(f"upstream {self.endpoint}: no free HTTP/2 stream within {timeout:g}s") from None
+    def lease_now(self) -> H2UpstreamStream | None:
+        """A stream when one is free at once (no coroutine needed), else None."""
+        if not self.has_slot() or not self.usable:
+            return None
+        self._leased += 1
+        return H2UpstreamStream(self)
+
+    async def lease(self, timeout: float) -> H2UpstreamStream:
+        """A stream for one request; waits (up to `timeout`) while the server's stream limit is
+        reached, then raises ConnectFailed. Raises UpstreamReset(before_response) when the
+        connection stops being usable."""
+        stream = self.lease_now()
+        if stream is not None:
+            return stream
+        if not self.has_slot():
+            deadline = self.loop.time() + timeout
+            while not self.has_slot() and self.usable:
+                waiter: asyncio.Future[None] = self.loop.create_future()
+                self._slot_waiters.append(waiter)
+                try:
+                    await asyncio.wait_for(waiter, max(0.0, deadline - self.loop.time()))
+                except TimeoutError:
+                    raise ConnectFailed(
+                        f"upstream {self.endpoint}: no free HTTP/2 stream within {timeout:g}s"
+                    ) from None
         if not self.usable:
             raise UpstreamReset(f"upstream {self.endpoint} connection is closed", before_response=True)
         self._leased += 1
-        return H2UpstreamExchange(self)
+        return H2UpstreamStream(self)
 
-    def release(self, exchange: H2UpstreamExchange) -> None:
+    def release(self, stream: H2UpstreamStream) -> None:
         self._leased -= 1
-        self._exchanges.pop(exchange.stream_id, None)
+        if self._streams.get(stream.stream_id) is stream:
+            del self._streams[stream.stream_id]
         self._wake_slots()
-        if self._going_away and not self._exchanges:
-            self.close()
+        if self._leased == 0:
+            if self.going_away:
+                self.close()
+            elif self.on_idle is not None:
+                self.on_idle(self)
 
     def _wake_slots(self) -> None:
         while self._slot_waiters and (self.has_slot() or not self.usable):
@@ -480,8 +768,8 @@ class H2UpstreamConnection(asyncio.Protocol):
         if self._closed:
             return
         self._closed = True
-        for exchange in list(self._exchanges.values()):
-            exchange._fail(UpstreamReset(reason, before_response=exchange._head is None and not exchange._chunks))
+        for stream in list(self._streams.values()):
+            stream._fail(UpstreamReset(reason, before_response=stream._head is None))
         if not self.ready.done():
             self.ready.set_exception(ConnectFailed(reason))
             self.ready.exception()  # retrieved: nobody may be waiting
@@ -489,19 +777,15 @@ class H2UpstreamConnection(asyncio.Protocol):
             if not waiter.done():
                 waiter.set_result(None)
         self._slot_waiters.clear()
-        for waiter in self._drain_waiters:
-            if not waiter.done():
-                waiter.set_result(None)
         if self.transport is not None:
             self.transport.close()
 
     def close(self) -> None:
+        """GOAWAY and close at once; streams still open fail."""
         if not self._closed:
-            try:
-                self._conn.close_connection()
-                self._flush()
-            except h2.exceptions.ProtocolError:
-                pass
+            with contextlib.suppress(h2.exceptions.ProtocolError):
+                self.codec.close_connection()
+            self._write_out()
         self._shutdown(f"upstream {self.endpoint} connection closed")
 
 
@@ -509,30 +793,33 @@ async def open_h2_connection(
     host: str,
     port: int,
     timeout: float,
-    *,
     ssl_context: ssl.SSLContext | None = None,
     server_hostname: str | None = None,
 ) -> H2UpstreamConnection:
     """Connect (TLS with ALPN h2, or prior-knowledge h2c without `ssl_context`) and wait for the
-    server's SETTINGS. Raises ConnectFailed."""
+    server's SETTINGS, all within `timeout`. Raises ConnectFailed."""
     loop = asyncio.get_running_loop()
     endpoint = format_host_port(host, port)
     scheme = "https" if ssl_context is not None else "http"
+    started = loop.time()
     try:
-        transport, protocol = await asyncio.wait_for(
-            loop.create_connection(
-                lambda: H2UpstreamConnection(endpoint, scheme),
-                host,
-                port,
-                ssl=ssl_context,
-                server_hostname=(server_hostname or host) if ssl_context is not None else None,
-            ),
-            timeout,
-        )
+        if ssl_context is None:
+            transport, protocol = await asyncio.wait_for(
+                loop.create_connection(lambda: H2UpstreamConnection(endpoint, scheme), host, port), timeout
+            )
+        else:
+            transport, protocol = await asyncio.wait_for(
+                loop.create_connection(
+                    lambda: H2UpstreamConnection(endpoint, scheme), host, port, ssl=ssl_context,
+                    server_hostname=server_hostname or host, ssl_handshake_timeout=timeout,
+                ),
+                timeout,
+            )
     except TimeoutError:
         raise ConnectFailed(f"connect to {endpoint} timed out after {timeout:g}s") from None
     except ssl.SSLError as exc:
-        raise ConnectFailed(f"TLS handshake with {endpoint} failed: {exc.reason or exc}") from None
+        detail = getattr(exc, "verify_message", None) or exc.reason or exc
+        raise ConnectFailed(f"TLS handshake with {endpoint} failed: {detail}") from None
     except OSError as exc:
         raise ConnectFailed(f"connect to {endpoint} failed: {exc.strerror or exc}") from None
     if ssl_context is not None:
@@ -541,67 +828,10 @@ async def open_h2_connection(
         if alpn != "h2":
             transport.close()
             raise ConnectFailed(f"upstream {endpoint} did not agree to HTTP/2 (ALPN: {alpn or 'none'})")
+        protocol.tls_version = (ssl_obj.version() if ssl_obj is not None else None) or "TLS"
     try:
-        await asyncio.wait_for(asyncio.shield(protocol.ready), timeout)
+        await asyncio.wait_for(asyncio.shield(protocol.ready), max(0.0, timeout - (loop.time() - started)))
     except TimeoutError:
         protocol.close()
         raise ConnectFailed(f"upstream {endpoint} sent no HTTP/2 SETTINGS within {timeout:g}s") from None
     return protocol
-
-
-class H2Endpoint:
-    """The one multiplexed connection to an endpoint, made on first use and remade when it dies."""
-
-    def __init__(
-        self,
-        host: str,
-        port: int,
-        *,
-        connect_timeout: float = 2.0,
-        ssl_context: ssl.SSLContext | None = None,
-        server_hostname: str | None = None,
-    ) -> None:
-        self.host = host
-        self.port = port
-        self.connect_timeout = connect_timeout
-        self.ssl_context = ssl_context
-        self.server_hostname = server_hostname
-        self.connects = 0
-        self._conn: H2UpstreamConnection | None = None
-        self._connecting: asyncio.Future[H2UpstreamConnection] | None = None
-
-    async def connection(self) -> H2UpstreamConnection:
-        conn = self._conn
-        if conn is not None and conn.usable:
-            return conn
-        if self._connecting is None:
-            # Concurrent first requests share one connect instead of racing several.
-            self._connecting = asyncio.ensure_future(self._connect())
-        connecting = self._connecting
-        try:
-            return await asyncio.shield(connecting)
-        finally:
-            if connecting.done() and self._connecting is connecting:
-                self._connecting = None
-
-    async def _connect(self) -> H2UpstreamConnection:
-        self.connects += 1
-        conn = await open_h2_connection(
-            self.host,
-            self.port,
-            self.connect_timeout,
-            ssl_context=self.ssl_context,
-            server_hostname=self.server_hostname,
-        )
-        self._conn = conn
-        return conn
-
-    async def exchange(self) -> H2UpstreamExchange:
-        """A stream for one request; `close()` or `release()` it when done."""
-        conn = await self.connection()
-        return await conn.exchange(self.connect_timeout)
-
-    def close(self) -> None:
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
