@@ -14,7 +14,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from .downstream import ClientLimits, DownstreamConnection, RequestHead
-from .exchange import Exchange
+from .exchange import Exchange, ExchangeClient
 from .h1 import HttpDate
 from .http import RequestIds
 from .listener import TlsDownstreamConnection, TlsListener
@@ -105,7 +105,7 @@ class ProxyServer:
             self._limits_of = gen
         return self._limits
 
-    def begin(self, client: DownstreamConnection, head: RequestHead) -> Exchange:
+    def begin(self, client: ExchangeClient, head: RequestHead) -> Exchange:
         """A request arrived on `client`: its exchange, on the current generation (not started)."""
         gen = self._current()
         gen.acquire()

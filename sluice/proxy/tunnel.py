@@ -10,11 +10,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from .downstream import PAUSE_TUNNEL
-
 if TYPE_CHECKING:
     from .downstream import DownstreamConnection
     from .upstream import UpstreamConnection
+
+
+PAUSE_TUNNEL = 4
+"""The client connection's pause reason the tunnel owns (beside `downstream.PAUSE_EXCHANGE`)."""
 
 
 class Tunnel:
