@@ -150,18 +150,31 @@ class ClientBytes(Protocol):
     def client_lost(self) -> None: ...
 
 
+class ServedConnection(Protocol):
+    """Any client connection of a listener (HTTP/1.1 here, `downstream_h2.H2ClientConnection`)."""
+
+    @property
+    def idle(self) -> bool: ...
+
+    def drain(self) -> None:
+        """Shutdown begins: an idle connection closes now, a busy one once its requests end."""
+
+    def abort(self) -> None:
+        """Cut the connection now."""
+
+
 class ConnectionOwner(Protocol):
     """The listener a connection belongs to (`server.ProxyServer`)."""
 
     stats: ProxyStats
-    connections: set[DownstreamConnection]
+    connections: set[ServedConnection]
     date: HttpDate
 
     def limits(self) -> ClientLimits: ...
 
     def begin(self, client: DownstreamConnection, head: RequestHead) -> RequestHandler: ...
 
-    def connection_closed(self, client: DownstreamConnection) -> None: ...
+    def connection_closed(self, client: ServedConnection) -> None: ...
 
 
 class DownstreamConnection(asyncio.Protocol):

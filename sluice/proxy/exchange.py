@@ -78,7 +78,7 @@ class ExchangeClient(Protocol):
     response reaches the client.
 
     `downstream.DownstreamConnection` is the HTTP/1.1 one (one exchange at a time; it frames the
-    response: Content-Length or chunked, `Connection`, the HTTP/1.0 rules); `http2.serving.
+    response: Content-Length or chunked, `Connection`, the HTTP/1.0 rules); `downstream_h2.
     H2StreamClient` is one stream of an HTTP/2 connection. The exchange decides what is sent
     (status, fields, body, when it ends); the client side decides how it is framed.
     """
