@@ -25,12 +25,13 @@ import pytest
 import trustme
 import wasmtime
 from conftest import ROOT, make_config, run, upstream, wait_for
-from h2util import H2Client, RawClient
+from h2util import H2Client, H2Response, RawClient
 from tlsutil import trusting, write_ca, write_pair
 
 from sluice.proxy.app import Gateway
 from sluice.proxy.config import ConfigError, parse_config
 from sluice.proxy.downstream_h2 import H2ClientConnection
+from sluice.proxy.http2.events import H2Limits
 
 SEEN_WAT = ROOT / "tests" / "fixtures" / "wat" / "h2_seen.wat"
 AS_HEADERS = ROOT / "tests" / "fixtures" / "as" / "build" / "headers.wasm"
@@ -302,13 +303,30 @@ def test_large_response_with_small_client_window_arrives_whole(files: Path, ca: 
         async with upstream() as up, gateway(h2_config(up), files) as gw:
             tls_port, _ = ports(gw)
             client = await H2Client.open(tls_port, trusting(ca), window=4096, ack_delay_s=0.002)
+            held = 0
+
+            async def sample() -> None:
+                # What the proxy holds for the client, unsent, while the client reads slowly.
+                nonlocal held
+                while True:
+                    for conn in gw.server.connections:
+                        if isinstance(conn, H2ClientConnection):
+                            held = max(held, conn.codec.pending_bytes(1))
+                    await asyncio.sleep(0.005)
+
+            sampler = asyncio.get_running_loop().create_task(sample())
             try:
                 answer = await client.request("GET", "/stream?n=24&size=65536&ms=0")
             finally:
+                sampler.cancel()
                 await client.close()
             assert answer.status == 200
             expected = b"".join(bytes([65 + i % 26]) * 65536 for i in range(24))
             assert len(answer.body) == len(expected) and bytes(answer.body) == expected
+            # The upstream was paused: the proxy held the high-water mark and at most one more
+            # read of the upstream socket (256 KiB on uvloop), not the 1.5 MiB response.
+            limit = H2Limits().send_high_water
+            assert limit // 2 < held <= limit + 256 * 1024 + 65536, held
 
     run(main())
 
@@ -447,5 +465,69 @@ def test_drain_sends_goaway_and_lets_open_streams_finish(files: Path) -> None:
             finally:
                 with contextlib.suppress(Exception):
                     await gw.stop(drain_timeout=1.0)
+
+    run(main())
+
+
+def test_ping_flood_and_oversized_header_list_end_only_that_connection(files: Path, ca: trustme.CA) -> None:
+    async def main() -> None:
+        config = h2_config("UP", http2="{max_header_list_size: 4096}")
+        async with upstream() as up, gateway(config.replace("UP", up), files) as gw:
+            tls_port, plain_port = ports(gw)
+            counters = gw.http2_listeners()[1].counters
+            pinger = await RawClient.connect(plain_port)
+            try:
+                for i in range(150):
+                    pinger.conn.ping(i.to_bytes(8, "big"))
+                pinger.flush()
+                goaway = await pinger.until_goaway()
+            finally:
+                pinger.close()
+            assert goaway is not None and goaway.additional_data == b"ping_flood"
+            assert counters.ping_flood_closes == 1
+            big = await RawClient.connect(plain_port)
+            try:
+                big.conn.send_headers(
+                    1, [(":method", "GET"), (":path", "/"), (":authority", "x"), (":scheme", "http"),
+                        ("x-big", "v" * 8000)], end_stream=True,
+                )
+                big.flush()
+                goaway = await big.until_goaway()
+            finally:
+                big.close()
+            assert goaway is not None and goaway.error_code == h2.errors.ErrorCodes.ENHANCE_YOUR_CALM
+            assert counters.header_list_too_large == 1
+            client = await H2Client.open(tls_port, trusting(ca))
+            try:
+                assert (await client.request("GET", "/still", headers=[("x-small", "v" * 100)])).status == 200
+            finally:
+                await client.close()
+
+    run(main())
+
+
+def test_stalled_request_body_gets_408_on_its_stream_only(files: Path, ca: trustme.CA) -> None:
+    config = h2_config("UP").rstrip() + "\n    timeouts: {request_body_idle: 0.3}\n"
+
+    async def main() -> None:
+        async with upstream() as up, gateway(config.replace("UP", up), files) as gw:
+            tls_port, _ = ports(gw)
+            client = await H2Client.open(tls_port, trusting(ca))
+            try:
+                sid = client.conn.get_next_available_stream_id()
+                stalled = client.responses[sid] = H2Response()
+                client.conn.send_headers(
+                    sid, [(":method", "POST"), (":path", "/upload"), (":authority", "localhost"), (":scheme", "https")]
+                )
+                client.conn.send_data(sid, b"first part")
+                client.writer.write(client.conn.data_to_send())
+                head = await client.request("HEAD", "/anything")
+                assert head.status == 200 and not head.body and int(head.headers["content-length"]) > 0
+                await asyncio.wait_for(stalled.done, 10)
+                assert stalled.status == 408 and bytes(stalled.body) == b"request body timeout\n"
+                assert gw.stats.rejections["request_body_timeout"] == 1
+                assert (await client.request("GET", "/after")).status == 200
+            finally:
+                await client.close()
 
     run(main())

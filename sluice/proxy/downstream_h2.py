@@ -33,7 +33,8 @@ import h2.errors
 from sluice.abi import HeaderMap
 
 from . import rejections
-from .downstream import KEEPALIVE_S, PAUSE_EXCHANGE, RequestHandler, RequestHead, ServedConnection
+from .deadline import ConnectionTimer
+from .downstream import KEEPALIVE_S, PAUSE_EXCHANGE, ClientLimits, RequestHandler, RequestHead, ServedConnection
 from .h1 import HttpDate
 from .http2.downstream import CONNECTION_SPECIFIC, H2ServerConnection
 from .http2.events import (
@@ -81,6 +82,8 @@ class H2Owner(Protocol):
     connections: set[ServedConnection]
     date: HttpDate
 
+    def limits(self) -> ClientLimits: ...
+
     def begin(self, client: ExchangeClient, head: RequestHead) -> RequestHandler: ...
 
     def connection_closed(self, client: ServedConnection) -> None: ...
@@ -91,10 +94,10 @@ class H2StreamClient:
 
     __slots__ = (
         "_conn", "stream_id", "exchange", "peer", "peer_ip", "local", "scheme", "tls_properties", "closing",
-        "_paused", "_unacked",
+        "_paused", "_unacked", "request_ended", "started_at", "read_at",
     )
 
-    def __init__(self, conn: H2ClientConnection, stream_id: int) -> None:
+    def __init__(self, conn: H2ClientConnection, stream_id: int, now: float, request_ended: bool) -> None:
         self._conn = conn
         self.stream_id = stream_id
         self.exchange: RequestHandler | None = None
@@ -107,9 +110,18 @@ class H2StreamClient:
         self._paused = False
         self._unacked = 0
         """Request body handed on while paused: acknowledged (the window reopened) on unpause."""
+        self.request_ended = request_ended
+        self.started_at = now
+        self.read_at = now
+        """loop.time() of the last request body read (or of the unpause): the body idle clock."""
 
     # -- request body, from the connection -------------------------------------------------------
-    def received(self, exchange: RequestHandler, data: bytes, end: bool, trailers: HeaderMap | None) -> None:
+    def received(
+        self, exchange: RequestHandler, data: bytes, end: bool, trailers: HeaderMap | None, now: float
+    ) -> None:
+        self.read_at = now
+        if end:
+            self.request_ended = True
         exchange.request_body(data, end, trailers)
         if data:
             if self._paused:
@@ -193,7 +205,12 @@ class H2StreamClient:
     def unpause(self, reason: int = PAUSE_EXCHANGE) -> None:
         if self._paused:
             self._paused = False
+            self.read_at = self._conn.now()  # the time the proxy held the client does not count
             self.ack_all()
+
+    @property
+    def paused(self) -> bool:
+        return self._paused
 
     def abort(self) -> None:
         """Reset this stream; the connection and its other streams go on."""
@@ -225,7 +242,8 @@ class H2ClientConnection(asyncio.Protocol):
         self._loop = asyncio.get_running_loop()
         self._flush_scheduled = False
         self._idle_since: float | None = None
-        self._idle_timer: asyncio.TimerHandle | None = None
+        self._timer = ConnectionTimer(self._loop, self._check_timers)
+        self._limits = server.limits()
 
     # -- asyncio.Protocol ------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -246,7 +264,8 @@ class H2ClientConnection(asyncio.Protocol):
         self.server.connections.add(self)
         self.codec.initiate()
         self._write_out()
-        self._became_idle()
+        self._idle_since = now = self._loop.time()
+        self._timer.arm(now + KEEPALIVE_S)
 
     def data_received(self, data: bytes) -> None:
         self._dispatch(self.codec.receive(data))
@@ -257,9 +276,7 @@ class H2ClientConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
-        if self._idle_timer is not None:
-            self._idle_timer.cancel()
-            self._idle_timer = None
+        self._timer.cancel()
         self.server.connection_closed(self)
         self._lose_streams()
 
@@ -289,24 +306,25 @@ class H2ClientConnection(asyncio.Protocol):
                     doomed.add(event.stream_id)
                 elif type(event) is ConnectionEnded:
                     doomed.update(e.stream_id for e in events if type(e) is RequestHeaders)
+        now = self._loop.time()
         for event in events:
             kind = type(event)
             if kind is RequestHeaders:
                 assert isinstance(event, RequestHeaders)
                 if event.stream_id not in doomed:
-                    self._begin(event.stream_id, event.headers, event.end_stream)
+                    self._begin(event.stream_id, event.headers, event.end_stream, now)
             elif kind is RequestData:
                 assert isinstance(event, RequestData)
                 stream = self.streams.get(event.stream_id)
                 if stream is None or stream.exchange is None:
                     self.codec.consumed(event.stream_id, len(event.data))  # nobody reads it
                 else:
-                    stream.received(stream.exchange, event.data, event.end_stream, None)
+                    stream.received(stream.exchange, event.data, event.end_stream, None, now)
             elif kind is RequestTrailers:
                 assert isinstance(event, RequestTrailers)
                 stream = self.streams.get(event.stream_id)
                 if stream is not None and stream.exchange is not None:
-                    stream.received(stream.exchange, b"", True, HeaderMap(list(event.trailers)))
+                    stream.received(stream.exchange, b"", True, HeaderMap(list(event.trailers)), now)
             elif kind is StreamReset:
                 assert isinstance(event, StreamReset)
                 stream = self.streams.pop(event.stream_id, None)
@@ -324,7 +342,7 @@ class H2ClientConnection(asyncio.Protocol):
                 assert isinstance(event, ConnectionEnded)
                 self._ended(event)
 
-    def _begin(self, stream_id: int, fields: Fields, end_stream: bool) -> None:
+    def _begin(self, stream_id: int, fields: Fields, end_stream: bool, now: float) -> None:
         method = path = ""
         authority: str | None = None
         regular: list[tuple[str, str]] = []
@@ -346,9 +364,14 @@ class H2ClientConnection(asyncio.Protocol):
             # `:authority` is the exchange's Host: it becomes the filters' `:authority` again.
             regular.insert(0, ("host", authority))
         head = RequestHead(method, path, PROTOCOL_VERSION, regular, True, not end_stream, False)
-        stream = H2StreamClient(self, stream_id)
+        stream = H2StreamClient(self, stream_id, now, end_stream)
         self.streams[stream_id] = stream
-        self._busy()
+        self._idle_since = None
+        self._limits = limits = self.server.limits()
+        if limits.stream_timeout is not None:
+            self._timer.arm(now + limits.stream_timeout)
+        if not end_stream:
+            self._timer.arm(now + limits.body_idle)
         if self.ended is not None:
             stream.closing = True
         exchange = stream.exchange = self.server.begin(stream, head)
@@ -401,6 +424,9 @@ class H2ClientConnection(asyncio.Protocol):
         if self.streams.get(stream.stream_id) is stream:
             del self.streams[stream.stream_id]
             stream.ack_all()
+            if not stream.request_ended:
+                # Answered before the request body ended: the client may stop sending it (RFC 9113 8.1).
+                self.codec.stop_request(stream.stream_id)
             self.flush()
             self._maybe_idle()
 
@@ -426,29 +452,46 @@ class H2ClientConnection(asyncio.Protocol):
         if self.ended is not None:
             transport.close()
 
-    # -- idle connections ------------------------------------------------------------------------
-    def _busy(self) -> None:
-        self._idle_since = None
+    # -- timers: idle connection, request body idle, stream limit ---------------------------------
+    def now(self) -> float:
+        return self._loop.time()
 
     def _maybe_idle(self) -> None:
         if not self.streams:
-            self._became_idle()
+            self._idle_since = now = self._loop.time()
+            self._timer.arm(now + KEEPALIVE_S)
 
-    def _became_idle(self) -> None:
-        self._idle_since = now = self._loop.time()
-        if self._idle_timer is None:
-            self._idle_timer = self._loop.call_at(now + KEEPALIVE_S, self._check_idle)
-
-    def _check_idle(self) -> None:
-        self._idle_timer = None
-        since = self._idle_since
-        if self.transport is None:
+    def _check_timers(self) -> None:
+        if self.transport is None or self.ended is not None:
             return
-        if since is not None and self._loop.time() - since >= KEEPALIVE_S - 0.001:
-            self.close()
-            return
-        at = (since if since is not None else self._loop.time()) + KEEPALIVE_S
-        self._idle_timer = self._loop.call_at(at, self._check_idle)
+        now = self._loop.time()
+        slack = 0.001
+        limits = self._limits
+        next_at = now + KEEPALIVE_S
+        if not self.streams:
+            due = (self._idle_since if self._idle_since is not None else now) + KEEPALIVE_S
+            if now >= due - slack:
+                self.close()
+                return
+            next_at = due
+        for stream in list(self.streams.values()):
+            exchange = stream.exchange
+            if exchange is None:
+                continue
+            if limits.stream_timeout is not None:
+                due = stream.started_at + limits.stream_timeout
+                if now >= due - slack:
+                    exchange.client_timeout(Rejection.STREAM_TIMEOUT)
+                    continue
+                next_at = min(next_at, due)
+            if not stream.request_ended and not stream.paused:
+                due = stream.read_at + limits.body_idle
+                if now >= due - slack:
+                    exchange.client_timeout(Rejection.REQUEST_BODY_TIMEOUT)
+                    continue
+                next_at = min(next_at, due)
+        if self.transport is not None and self.ended is None:
+            self._timer.arm(next_at)
 
     # -- endings ---------------------------------------------------------------------------------
     @property
