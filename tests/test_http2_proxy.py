@@ -24,7 +24,7 @@ import httptools
 import pytest
 import trustme
 import wasmtime
-from conftest import ROOT, make_config, run, upstream, wait_for
+from conftest import ROOT, make_config, proxy, run, upstream, wait_for
 from h2util import H2Client, H2Response, RawClient
 from tlsutil import trusting, write_ca, write_pair
 
@@ -78,16 +78,6 @@ def h2_config(up: str, *, http2: str = "", trailers_up: str | None = None) -> st
       - match: {{prefix: /}}
         cluster: web
     """
-
-
-@asynccontextmanager
-async def gateway(text: str, base: Path) -> AsyncIterator[Gateway]:
-    gw = Gateway(make_config(text, base))
-    await gw.start()
-    try:
-        yield gw
-    finally:
-        await gw.stop(drain_timeout=5.0)
 
 
 def ports(gw: Gateway) -> tuple[int, int]:
@@ -207,7 +197,7 @@ def test_curl_http2_over_tls_get_and_post_through_the_chain(files: Path) -> None
         return status_line.strip(), headers, body
 
     async def main() -> None:
-        async with upstream() as up, gateway(h2_config(up), files) as gw:
+        async with upstream() as up, proxy(h2_config(up), files) as gw:
             tls_port, _ = ports(gw)
             loop = asyncio.get_running_loop()
             status, headers, body = await loop.run_in_executor(None, curl, tls_port)
@@ -240,7 +230,7 @@ def test_python_h2_client_tls_and_h2c_protocol_property(files: Path, ca: trustme
     config = h2_config("UP").replace("- {name: seen, module: seen.wasm}", "- {name: props, module: props.wasm}")
 
     async def main() -> None:
-        async with upstream() as up, gateway(config.replace("UP", up), files) as gw:
+        async with upstream() as up, proxy(config.replace("UP", up), files) as gw:
             tls_port, plain_port = ports(gw)
             client = await H2Client.open(tls_port, trusting(ca))
             try:
@@ -274,7 +264,7 @@ def test_python_h2_client_tls_and_h2c_protocol_property(files: Path, ca: trustme
 
 def test_trailers_both_ways_between_h2_client_and_http1_upstream(files: Path, ca: trustme.CA) -> None:
     async def main() -> None:
-        async with upstream() as up, trailer_upstream() as (trailers_up, seen), gateway(
+        async with upstream() as up, trailer_upstream() as (trailers_up, seen), proxy(
             h2_config(up, trailers_up=trailers_up), files
         ) as gw:
             tls_port, _ = ports(gw)
@@ -300,7 +290,7 @@ def test_trailers_both_ways_between_h2_client_and_http1_upstream(files: Path, ca
 
 def test_large_response_with_small_client_window_arrives_whole(files: Path, ca: trustme.CA) -> None:
     async def main() -> None:
-        async with upstream() as up, gateway(h2_config(up), files) as gw:
+        async with upstream() as up, proxy(h2_config(up), files) as gw:
             tls_port, _ = ports(gw)
             client = await H2Client.open(tls_port, trusting(ca), window=4096, ack_delay_s=0.002)
             held = 0
@@ -341,7 +331,7 @@ def test_rapid_reset_flood_gets_goaway_and_a_counter_others_served(files: Path, 
     from sluice.proxy.metrics import make_registry
 
     async def main() -> None:
-        async with upstream() as up, gateway(h2_config(up), files) as gw:
+        async with upstream() as up, proxy(h2_config(up), files) as gw:
             tls_port, plain_port = ports(gw)
             polite = await H2Client.open(tls_port, trusting(ca))
             hostile = await RawClient.connect(plain_port)
@@ -377,7 +367,7 @@ def test_rapid_reset_flood_gets_goaway_and_a_counter_others_served(files: Path, 
 
 def test_concurrent_stream_limit(files: Path, ca: trustme.CA) -> None:
     async def main() -> None:
-        async with upstream() as up, gateway(h2_config(up, http2="{max_concurrent_streams: 2}"), files) as gw:
+        async with upstream() as up, proxy(h2_config(up, http2="{max_concurrent_streams: 2}"), files) as gw:
             tls_port, plain_port = ports(gw)
             polite = await H2Client.open(tls_port, trusting(ca))
             try:
@@ -422,7 +412,7 @@ def test_reset_by_filter_or_upstream_failure_resets_only_that_stream(files: Path
         server = await asyncio.start_server(broken, "127.0.0.1", 0)
         bad = f"127.0.0.1:{server.sockets[0].getsockname()[1]}"
         try:
-            async with upstream() as up, gateway(h2_config(up, trailers_up=bad), files) as gw:
+            async with upstream() as up, proxy(h2_config(up, trailers_up=bad), files) as gw:
                 tls_port, _ = ports(gw)
                 client = await H2Client.open(tls_port, trusting(ca))
                 try:
@@ -472,7 +462,7 @@ def test_drain_sends_goaway_and_lets_open_streams_finish(files: Path) -> None:
 def test_ping_flood_and_oversized_header_list_end_only_that_connection(files: Path, ca: trustme.CA) -> None:
     async def main() -> None:
         config = h2_config("UP", http2="{max_header_list_size: 4096}")
-        async with upstream() as up, gateway(config.replace("UP", up), files) as gw:
+        async with upstream() as up, proxy(config.replace("UP", up), files) as gw:
             tls_port, plain_port = ports(gw)
             counters = gw.http2_listeners()[1].counters
             pinger = await RawClient.connect(plain_port)
@@ -510,7 +500,7 @@ def test_stalled_request_body_gets_408_on_its_stream_only(files: Path, ca: trust
     config = h2_config("UP").rstrip() + "\n    timeouts: {request_body_idle: 0.3}\n"
 
     async def main() -> None:
-        async with upstream() as up, gateway(config.replace("UP", up), files) as gw:
+        async with upstream() as up, proxy(config.replace("UP", up), files) as gw:
             tls_port, _ = ports(gw)
             client = await H2Client.open(tls_port, trusting(ca))
             try:
