@@ -399,7 +399,7 @@ def test_concurrent_stream_limit(files: Path, ca: trustme.CA) -> None:
     run(main())
 
 
-def test_reset_by_filter_or_upstream_failure_resets_only_that_stream(files: Path, ca: trustme.CA) -> None:
+def test_upstream_failure_mid_response_resets_only_that_stream(files: Path, ca: trustme.CA) -> None:
     """An upstream that dies mid-response cuts its stream (RST_STREAM), not the connection."""
 
     async def broken(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -519,5 +519,50 @@ def test_stalled_request_body_gets_408_on_its_stream_only(files: Path, ca: trust
                 assert (await client.request("GET", "/after")).status == 200
             finally:
                 await client.close()
+
+    run(main())
+
+
+def test_filter_local_reply_same_over_h2_and_http1_and_unread_body_is_refused(files: Path, ca: trustme.CA) -> None:
+    (files / "local_reply.wasm").write_bytes((AS_HEADERS.parent / "local_reply.wasm").read_bytes())
+    seen = "- {name: seen, module: seen.wasm}"
+    config = h2_config("UP").replace(seen, seen + "\n      - {name: deny, module: local_reply.wasm}")
+
+    async def main() -> None:
+        async with upstream() as up, proxy(config.replace("UP", up), files) as gw:
+            tls_port, plain_port = ports(gw)
+            client = await H2Client.open(tls_port, trusting(ca))
+            try:
+                denied = await client.request("GET", "/deny/x")
+                # A POST answered before its body ended: the whole 403, then RST_STREAM(NO_ERROR).
+                sid = client.conn.get_next_available_stream_id()
+                early = client.responses[sid] = H2Response()
+                client.conn.send_headers(
+                    sid, [(":method", "POST"), (":path", "/deny/y"), (":authority", "localhost"), (":scheme", "https")]
+                )
+                client.conn.send_data(sid, b"more to come")
+                client.writer.write(client.conn.data_to_send())
+                await asyncio.wait_for(early.done, 10)
+                await wait_for(lambda: early.reset is not None)
+                assert early.reset == h2.errors.ErrorCodes.NO_ERROR
+                assert (await client.request("GET", "/fine")).status == 200
+            finally:
+                await client.close()
+            assert denied.status == 403 and bytes(denied.body) == b"denied by as"
+            assert denied.headers["x-denied"] == "1" and denied.headers["x-as-filter"] == "headers"
+            assert denied.headers["content-length"] == "12"
+            assert early.status == 403 and bytes(early.body) == b"denied by as"
+            # The same reply over HTTP/1.1, field for field (but the framing).
+            reader, writer = await asyncio.open_connection("127.0.0.1", plain_port)
+            writer.write(b"GET /deny/x HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n")
+            raw = await asyncio.wait_for(reader.read(), 10)
+            writer.close()
+            head, _, body = raw.partition(b"\r\n\r\n")
+            lines = head.decode().split("\r\n")
+            assert lines[0] == "HTTP/1.1 403 Forbidden" and body == b"denied by as"
+            fields = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+            fields.pop("connection")
+            assert set(fields) == set(denied.headers), (fields, denied.headers)
+            assert all(fields[k] == v for k, v in denied.headers.items() if k != "date")
 
     run(main())
