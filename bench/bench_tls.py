@@ -2,7 +2,8 @@
 """TLS and HTTP/2: sluice's listener side against nginx, same certificate, same load, one run.
 
     python bench/bench_tls.py [--duration 5] [--rounds 3] [--connections 32] [--streams 10]
-    python bench/bench_tls.py --sluice https://127.0.0.1:8443/hello   # a running sluice (see below)
+    python bench/bench_tls.py --only h2 --targets nginx-proxy,sluice     # HTTP/2 proxying only
+    python bench/bench_tls.py --sluice https://127.0.0.1:8443/hello     # a sluice already running
     python bench/bench_tls.py --json results.json
 
 Rows (each against every target that can answer it):
@@ -13,13 +14,17 @@ Rows (each against every target that can answer it):
 
 Targets:
 
-  nginx      one worker, `return 200`, `listen ... ssl http2`, access log off
-  h2-codec   sluice's HTTP/2 downstream codec and driver (sluice.proxy.http2) behind
-             sluice.proxy.tls (ServerTls, TlsAcceptor), answering 200 itself, on uvloop: the listener side of
-             sluice without routing, filters or upstream. HTTP/2 only (ALPN h2), so no tls-h1 row.
-  sluice     with --sluice URL: a sluice already running with a TLS listener (after the listener
-             integration lands, issue 11) that answers URL with 200; measured on every row.
-             Until then, this target is absent and the script measures nginx and h2-codec only.
+  nginx        one worker, `return 200`, `listen ... ssl http2`, access log off
+  nginx-proxy  the same listener, `proxy_pass` to the upstream (keep-alive pool): what sluice does
+  h2-codec     sluice's HTTP/2 downstream codec and driver (sluice.proxy.http2) behind
+               sluice.proxy.tls (ServerTls, TlsAcceptor), answering 200 itself, on uvloop: the
+               listener side of sluice without routing, filters or upstream. HTTP/2 only (ALPN h2),
+               so no tls-h1 row.
+  sluice       `sluice run`: a TLS listener with `alpn: [h2, http/1.1]`, no filters, no access
+               log, proxying to the upstream; every row. With --sluice URL, that running sluice
+               is measured instead (no CPU accounting).
+
+The upstream (for nginx-proxy and sluice) is nginx `return 200` over plain HTTP/1.1, one worker.
 
 The certificate (ECDSA P-256, made at run time with trustme) is the same for every target. Each
 server is pinned to one core when there are two; the load tools share the other. Targets not
@@ -58,11 +63,13 @@ from bench_proxy import (
     pinned,
     process_tree,
     started,
+    upstream_config,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
 ROWS = ("tls-h1", "h2", "hs")
+TARGETS = ("nginx", "nginx-proxy", "h2-codec", "sluice")
 
 
 # -- the h2-codec target (this script, run as a server) -----------------------------------------
@@ -114,9 +121,19 @@ def make_certificate(directory: Path) -> tuple[Path, Path]:
     return cert, key
 
 
-def nginx_tls_config(tmp: Path, port: int, cert: Path, key: Path) -> Path:
-    prefix = nginx_dirs(tmp, "nginx-tls")
+def nginx_tls_config(tmp: Path, port: int, cert: Path, key: Path, upstream: int | None = None) -> Path:
+    """nginx terminating TLS (HTTP/1.1 and h2): answering itself, or proxying to `upstream`."""
+    prefix = nginx_dirs(tmp, "nginx-tls" if upstream is None else "nginx-tls-proxy")
     path = prefix / "nginx.conf"
+    if upstream is None:
+        location = 'location / { default_type text/plain; return 200 "hello from nginx\\n"; }'
+        pool = ""
+    else:
+        location = (
+            "location / { proxy_pass http://up; proxy_http_version 1.1; proxy_set_header Connection \"\"; "
+            "proxy_set_header Host $host; proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for; }"
+        )
+        pool = f"upstream up {{ server 127.0.0.1:{upstream}; keepalive 64; }}"
     path.write_text(
         nginx_common(prefix)
         + f"""
@@ -128,13 +145,38 @@ http {{
     ssl_protocols TLSv1.2 TLSv1.3;
     ssl_session_cache off;
     ssl_session_tickets off;
+    {pool}
     server {{
         listen 127.0.0.1:{port} ssl http2 backlog=4096;
         ssl_certificate {cert};
         ssl_certificate_key {key};
-        location / {{ default_type text/plain; return 200 "hello from nginx\\n"; }}
+        {location}
     }}
 }}
+"""
+    )
+    return path
+
+
+def sluice_tls_config(tmp: Path, port: int, cert: Path, key: Path, upstream: int) -> Path:
+    work = tmp / "sluice"
+    work.mkdir()
+    path = work / "sluice.yaml"
+    path.write_text(
+        f"""
+listen:
+  - address: 127.0.0.1:{port}
+    tls:
+      certificates: [{{cert: {cert}, key: {key}}}]
+      alpn: [h2, http/1.1]
+admin: {{listen: "127.0.0.1:{free_port()}"}}
+access_log: null
+cache_dir: {tmp / "cache"}
+clusters:
+  up: {{endpoints: ["127.0.0.1:{upstream}"], max_connections: 1024}}
+routes:
+  - match: {{prefix: /}}
+    cluster: up
 """
     )
     return path
@@ -263,24 +305,42 @@ def measure(target: Target, row: str, args: argparse.Namespace, on: list[int] | 
 
 
 @contextlib.contextmanager
-def targets(tmp: Path, args: argparse.Namespace, on: list[int] | None) -> Iterator[list[Target]]:
+def targets(
+    tmp: Path, args: argparse.Namespace, on: list[int] | None, load: list[int] | None
+) -> Iterator[list[Target]]:
     cert, key = make_certificate(tmp)
+    wanted = set(args.targets.split(",")) if args.targets else set(TARGETS)
     found: list[Target] = []
+    nginx = shutil.which("nginx") or "nginx"
     with contextlib.ExitStack() as stack:
-        nginx_port = free_port()
-        nginx = shutil.which("nginx") or "nginx"
-        proc = stack.enter_context(
-            started(pinned([nginx, "-c", str(nginx_tls_config(tmp, nginx_port, cert, key))], on), tmp / "nginx.log")
-        )
-        wait_tls(nginx_port, proc)
-        found.append(Target("nginx", f"https://127.0.0.1:{nginx_port}/", proc, ROWS))
-        h2_port = free_port()
-        cmd = [PY, str(Path(__file__).resolve()), "--serve-h2", str(h2_port), str(cert), str(key)]
-        proc = stack.enter_context(started(pinned(cmd, on), tmp / "h2-codec.log"))
-        wait_tls(h2_port, proc)
-        found.append(Target("h2-codec", f"https://127.0.0.1:{h2_port}/", proc, ("h2", "hs")))
+        up_port = free_port()
+        if wanted & {"nginx-proxy", "sluice"}:
+            # The upstream shares the load tools' core, like bench_proxy.py's.
+            stack.enter_context(started(pinned([nginx, "-c", str(upstream_config(tmp, up_port))], load),
+                                        tmp / "upstream.log"))
+        for name, upstream in (("nginx", None), ("nginx-proxy", up_port)):
+            if name not in wanted:
+                continue
+            port = free_port()
+            conf = nginx_tls_config(tmp, port, cert, key, upstream)
+            proc = stack.enter_context(started(pinned([nginx, "-c", str(conf)], on), tmp / f"{name}.log"))
+            wait_tls(port, proc)
+            found.append(Target(name, f"https://127.0.0.1:{port}/", proc, ROWS))
+        if "h2-codec" in wanted:
+            h2_port = free_port()
+            cmd = [PY, str(Path(__file__).resolve()), "--serve-h2", str(h2_port), str(cert), str(key)]
+            proc = stack.enter_context(started(pinned(cmd, on), tmp / "h2-codec.log"))
+            wait_tls(h2_port, proc)
+            found.append(Target("h2-codec", f"https://127.0.0.1:{h2_port}/", proc, ("h2", "hs")))
         if args.sluice:
             found.append(Target("sluice", args.sluice, None, ROWS))
+        elif "sluice" in wanted:
+            port = free_port()
+            conf = sluice_tls_config(tmp, port, cert, key, up_port)
+            cmd = [PY, "-m", "sluice.proxy", "run", "-c", str(conf)]
+            proc = stack.enter_context(started(pinned(cmd, on), tmp / "sluice.log"))
+            wait_tls(port, proc)
+            found.append(Target("sluice", f"https://127.0.0.1:{port}/", proc, ROWS))
         for target in found:
             target.send(signal.SIGSTOP)  # until measured
         yield found
@@ -295,6 +355,7 @@ def main() -> int:
     parser.add_argument("--streams", type=int, default=10, help="h2load -m: concurrent streams per connection")
     parser.add_argument("--sluice", help="URL of a running sluice TLS listener to measure as well")
     parser.add_argument("--only", help="comma-separated rows: " + ",".join(ROWS))
+    parser.add_argument("--targets", help="comma-separated targets: " + ",".join(TARGETS))
     parser.add_argument("--json", type=Path)
     parser.add_argument("--serve-h2", nargs=3, metavar=("PORT", "CERT", "KEY"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -308,7 +369,9 @@ def main() -> int:
     rows = tuple(args.only.split(",")) if args.only else ROWS
     server_core, load_cores = cores()
     runs: dict[tuple[str, str], list[dict[str, float]]] = {}
-    with tempfile.TemporaryDirectory(prefix="bench-tls-") as tmpdir, targets(Path(tmpdir), args, server_core) as found:
+    with tempfile.TemporaryDirectory(prefix="bench-tls-") as tmpdir, targets(
+        Path(tmpdir), args, server_core, load_cores
+    ) as found:
         for round_no in range(args.rounds):
             for row in rows:
                 for target in found:
@@ -317,23 +380,23 @@ def main() -> int:
                     result = measure(target, row, args, load_cores)
                     runs.setdefault((row, target.name), []).append(result)
                     print(
-                        f"round {round_no + 1} {row:7s} {target.name:9s} {result['rate']:10.0f}/s"
+                        f"round {round_no + 1} {row:7s} {target.name:11s} {result['rate']:10.0f}/s"
                         + (f"  {result['cpu_us']:7.1f} us CPU each" if "cpu_us" in result else "")
                         + (f"  errors {result['errors']:.0f}" if result["errors"] else ""),
                         flush=True,
                     )
     print()
-    print(f"{'row':8s} {'target':10s} {'median/s':>10s} {'CPU each':>10s}")
+    print(f"{'row':8s} {'target':12s} {'median/s':>10s} {'CPU each':>10s}")
     summary: dict[str, dict[str, float]] = {}
     for (row, name), results in runs.items():
         rate = statistics.median(r["rate"] for r in results)
         cpu = [r["cpu_us"] for r in results if "cpu_us" in r]
         cpu_text = f"{statistics.median(cpu):7.1f} us" if cpu else ""
-        print(f"{row:8s} {name:10s} {rate:10.0f} {cpu_text:>10s}")
+        print(f"{row:8s} {name:12s} {rate:10.0f} {cpu_text:>10s}")
         summary[f"{row}/{name}"] = {"rate": rate, **({"cpu_us": statistics.median(cpu)} if cpu else {})}
     for row in rows:
         base = summary.get(f"{row}/nginx")
-        for name in ("h2-codec", "sluice"):
+        for name in ("nginx-proxy", "h2-codec", "sluice"):
             other = summary.get(f"{row}/{name}")
             if base and other:
                 print(f"{row}: {name} / nginx = {other['rate'] / base['rate']:.2f}")

@@ -202,3 +202,155 @@ def start_grpc_server() -> tuple[grpc.Server, int]:
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     return server, port
+
+
+class H2Response:
+    """One stream's answer as `H2Client` collected it."""
+
+    def __init__(self) -> None:
+        self.status = 0
+        self.headers: dict[str, str] = {}
+        self.body = bytearray()
+        self.trailers: dict[str, str] = {}
+        self.reset: int | None = None
+        """The error code of a RST_STREAM the server sent, if it did."""
+        self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def json(self) -> dict[str, object]:
+        data = json.loads(bytes(self.body))
+        assert isinstance(data, dict)
+        return data
+
+
+class H2Client:
+    """A polite HTTP/2 client (h2 on a real socket, TLS with ALPN h2 or h2c): several streams at
+    once, request bodies sent as the server's windows allow, trailers both ways.
+
+    `window` is the stream window it advertises; `ack_delay_s` waits before each read is
+    acknowledged, so the server has to keep to the windows for a whole response to arrive."""
+
+    def __init__(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, scheme: str,
+        window: int | None, ack_delay_s: float,
+    ) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.scheme = scheme
+        self.ack_delay_s = ack_delay_s
+        self.conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding="utf-8"))
+        self.conn.initiate_connection()
+        if window is not None:
+            self.conn.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: window})
+        self.responses: dict[int, H2Response] = {}
+        self.terminated: h2.events.ConnectionTerminated | None = None
+        self.settings_seen = asyncio.get_running_loop().create_future()
+        self._windows = asyncio.Event()
+        self.writer.write(self.conn.data_to_send())
+        self._reader = asyncio.get_running_loop().create_task(self._read())
+
+    @classmethod
+    async def open(
+        cls, port: int, ctx: ssl.SSLContext | None = None, *, window: int | None = None, ack_delay_s: float = 0.0
+    ) -> H2Client:
+        if ctx is not None:
+            ctx.set_alpn_protocols(["h2"])
+        reader, writer = await asyncio.open_connection(
+            "127.0.0.1", port, ssl=ctx, server_hostname="localhost" if ctx is not None else None
+        )
+        if ctx is not None:
+            assert writer.get_extra_info("ssl_object").selected_alpn_protocol() == "h2"
+        return cls(reader, writer, "https" if ctx is not None else "http", window, ack_delay_s)
+
+    async def _read(self) -> None:
+        try:
+            while True:
+                data = await self.reader.read(65536)
+                if not data:
+                    break
+                for event in self.conn.receive_data(data):
+                    await self._event(event)
+                self.writer.write(self.conn.data_to_send())
+        except (ConnectionError, h2.exceptions.ProtocolError):
+            pass
+        finally:
+            for response in self.responses.values():
+                if not response.done.done():
+                    response.done.set_exception(ConnectionError("connection closed"))
+            self._windows.set()
+
+    async def _event(self, event: h2.events.Event) -> None:
+        sid = getattr(event, "stream_id", None)
+        response = self.responses.get(sid) if sid else None
+        if isinstance(event, h2.events.ResponseReceived) and response is not None:
+            headers = dict(event.headers)
+            response.status = int(headers.pop(":status"))
+            response.headers = headers
+        elif isinstance(event, h2.events.DataReceived):
+            if response is not None:
+                response.body += event.data
+            if self.ack_delay_s:
+                await asyncio.sleep(self.ack_delay_s)
+            self.conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+        elif isinstance(event, h2.events.TrailersReceived) and response is not None:
+            response.trailers = dict(event.headers)
+        elif isinstance(event, h2.events.StreamEnded) and response is not None:
+            if not response.done.done():
+                response.done.set_result(None)
+        elif isinstance(event, h2.events.StreamReset) and response is not None:
+            response.reset = int(event.error_code)
+            if not response.done.done():
+                response.done.set_result(None)
+        elif isinstance(event, h2.events.WindowUpdated):
+            self._windows.set()
+        elif isinstance(event, h2.events.RemoteSettingsChanged):
+            if not self.settings_seen.done():
+                self.settings_seen.set_result(None)
+        elif isinstance(event, h2.events.ConnectionTerminated):
+            self.terminated = event
+
+    async def start(
+        self,
+        method: str,
+        path: str,
+        headers: list[tuple[str, str]] | None = None,
+        body: bytes = b"",
+        trailers: list[tuple[str, str]] | None = None,
+        authority: str = "localhost",
+    ) -> H2Response:
+        """Open a stream and send the whole request; the response completes `done`."""
+        sid = self.conn.get_next_available_stream_id()
+        response = self.responses[sid] = H2Response()
+        head = [(":method", method), (":path", path), (":authority", authority), (":scheme", self.scheme)]
+        ends = not body and trailers is None
+        self.conn.send_headers(sid, head + (headers or []), end_stream=ends)
+        self.writer.write(self.conn.data_to_send())
+        sent = 0
+        while sent < len(body):
+            window = min(self.conn.local_flow_control_window(sid), self.conn.max_outbound_frame_size)
+            if window <= 0:
+                self._windows.clear()
+                await asyncio.wait_for(self._windows.wait(), 10)
+                continue
+            piece = body[sent : sent + window]
+            sent += len(piece)
+            self.conn.send_data(sid, piece, end_stream=sent == len(body) and trailers is None)
+            self.writer.write(self.conn.data_to_send())
+            await self.writer.drain()
+        if trailers is not None:
+            self.conn.send_headers(sid, trailers, end_stream=True)
+            self.writer.write(self.conn.data_to_send())
+        return response
+
+    async def request(self, method: str, path: str, **kwargs: object) -> H2Response:
+        response = await self.start(method, path, **kwargs)  # type: ignore[arg-type]
+        await asyncio.wait_for(response.done, 20)
+        return response
+
+    async def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.conn.close_connection()
+            self.writer.write(self.conn.data_to_send())
+        self.writer.close()
+        self._reader.cancel()
+        with contextlib.suppress(BaseException):
+            await self._reader

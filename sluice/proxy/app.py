@@ -24,7 +24,9 @@ from sluice import abi
 
 from .admin import AdminServer
 from .config import SluiceConfig
+from .downstream_h2 import H2Listener
 from .generation import Generation, LoadedFilter, load_generation
+from .http2.events import H2Limits
 from .listener import TlsListener
 from .logs import AccessLog, AccessLogError
 from .redirect import HttpsRedirect
@@ -85,6 +87,9 @@ class Gateway:
     def tls_listeners(self) -> list[TlsListener]:
         return self.server.tls_listeners
 
+    def http2_listeners(self) -> list[H2Listener]:
+        return self.server.http2_listeners
+
     def certificate_files(self) -> set[Path]:
         """Every file a TLS listener reads (pairs, client CA): watched by hot reload."""
         return {path for t in self.server.tls_listeners for path in t.tls.watched_paths()}
@@ -136,6 +141,8 @@ class Gateway:
         """Everything an admin endpoint shows: counters, clusters, filters, generations."""
         gen = self._generation
         out: dict[str, Any] = {"stats": self.stats.snapshot(), "generation": None}
+        if self.server.http2_listeners:
+            out["http2"] = {h.name: h.counters.snapshot() for h in self.server.http2_listeners}
         if gen is None:
             return out
         out["generation"] = {"number": gen.number, "active_requests": gen.active}
@@ -182,7 +189,11 @@ class Gateway:
             listen_host = host if host is not None and position == 0 else entry.address.host
             listen_port = port if port is not None and position == 0 else entry.address.port
             redirect = HttpsRedirect(entry.redirect.https_port, entry.redirect.status) if entry.redirect else None
-            self.addresses.append(await self.server.start(listen_host, listen_port, tls, redirect))
+            self.addresses.append(
+                await self.server.start(
+                    listen_host, listen_port, tls, redirect, h2c=entry.h2c, http2=H2Limits(**entry.http2_overrides)
+                )
+            )
         self.address = self.addresses[0]
         if self.watch and self.config.source_path is not None and self.reloader is None:
             self.reloader = Reloader(self, self.config.source_path)

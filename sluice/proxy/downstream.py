@@ -28,7 +28,8 @@ import asyncio
 import collections
 import dataclasses
 import logging
-from typing import Protocol, cast
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Protocol, cast
 
 import httptools
 
@@ -36,9 +37,13 @@ from sluice.abi import HeaderMap
 
 from . import rejections
 from .deadline import ConnectionTimer
-from .h1 import dec
+from .h1 import CONTINUE_100, LAST_CHUNK, HttpDate, chunk, dec, last_chunk, response_head
 from .rejections import Rejection
 from .stats import ProxyStats
+from .tunnel import Tunnel
+
+if TYPE_CHECKING:
+    from .upstream import UpstreamConnection
 
 log = logging.getLogger("sluice.server")
 
@@ -51,7 +56,6 @@ PIPELINE_BYTES = 256 * 1024
 
 PAUSE_EXCHANGE = 1
 PAUSE_PIPELINE = 2
-PAUSE_TUNNEL = 4
 
 
 _FRAMING_FIELDS = frozenset({"content-length", "transfer-encoding", "expect"})
@@ -150,17 +154,31 @@ class ClientBytes(Protocol):
     def client_lost(self) -> None: ...
 
 
+class ServedConnection(Protocol):
+    """Any client connection of a listener (HTTP/1.1 here, `downstream_h2.H2ClientConnection`)."""
+
+    @property
+    def idle(self) -> bool: ...
+
+    def drain(self) -> None:
+        """Shutdown begins: an idle connection closes now, a busy one once its requests end."""
+
+    def abort(self) -> None:
+        """Cut the connection now."""
+
+
 class ConnectionOwner(Protocol):
     """The listener a connection belongs to (`server.ProxyServer`)."""
 
     stats: ProxyStats
-    connections: set[DownstreamConnection]
+    connections: set[ServedConnection]
+    date: HttpDate
 
     def limits(self) -> ClientLimits: ...
 
     def begin(self, client: DownstreamConnection, head: RequestHead) -> RequestHandler: ...
 
-    def connection_closed(self, client: DownstreamConnection) -> None: ...
+    def connection_closed(self, client: ServedConnection) -> None: ...
 
 
 class DownstreamConnection(asyncio.Protocol):
@@ -199,6 +217,7 @@ class DownstreamConnection(asyncio.Protocol):
         self._resume_body: bytes | None = None  # an upgrade request with a body: its framing
         self._resuming = False  # a fresh parser is reading that framing (not a new request)
         self._exchange: RequestHandler | None = None
+        self._chunked_response = False  # the current response's body goes out chunked
         self._dispatching = False
         self._pause = 0
         self._upgraded = False  # the parser stopped at an upgrade request: the rest is raw bytes
@@ -568,14 +587,100 @@ class DownstreamConnection(asyncio.Protocol):
             # The time reading was paused by the proxy does not count against the client.
             self._read_at = self._loop.time()
 
-    # -- writing -------------------------------------------------------------------------------
+    # -- writing: the client side of the exchange (exchange.ExchangeClient) -----------------------
     def write(self, data: bytes) -> None:
         transport = self.transport
         if transport is not None and not transport.is_closing():
             transport.write(data)
 
-    def start_tunnel(self, tunnel: ClientBytes) -> None:
-        """After a 101: client bytes (those that came after the upgrade request first) go raw."""
+    def send_continue(self) -> None:
+        self.write(CONTINUE_100)
+
+    def send_response_head(
+        self,
+        status: int,
+        headers: HeaderMap,
+        body: bytes,
+        *,
+        whole: bool,
+        sized: bool,
+        body_allowed: bool,
+        keep_alive: bool,
+        request_done: bool,
+        length_may_change: bool = False,
+    ) -> bool:
+        """The status line and fields, framed for HTTP/1.1 (or 1.0): Content-Length when the
+        length is known, else chunked (1.1) or the end of the connection (1.0); a whole response
+        goes out in one write. Returns whether the connection stays open after it."""
+        fields: list[tuple[str, str]] = []
+        has_length = has_server = has_date = False
+        for name, value in headers:
+            if name[0] == ":":
+                continue
+            if name == "content-length":
+                if sized or length_may_change:
+                    # Recomputed from the body actually sent, or (a filter may change the length
+                    # of a body that streams) framed without it.
+                    continue
+                has_length = True
+            elif name == "transfer-encoding":
+                continue  # the framing is ours
+            elif name == "server":
+                has_server = True
+            elif name == "date":
+                has_date = True
+            fields.append((name, value))
+        keep_alive = keep_alive and not self.closing
+        current = self._messages[0].head if self._messages else None
+        version = current.version if current is not None else "1.1"
+        self._chunked_response = False
+        if whole:
+            if (sized or not has_length) and status not in (204, 304) and not 100 <= status < 200:
+                fields.append(("content-length", str(len(body))))
+            if not request_done:
+                keep_alive = False  # the rest of the request body is not worth reading
+        elif body_allowed and not has_length:
+            if version == "1.1":
+                self._chunked_response = True
+                fields.append(("transfer-encoding", "chunked"))
+            else:
+                keep_alive = False  # HTTP/1.0: the body ends when the connection does
+        if not keep_alive:
+            fields.append(("connection", "close"))
+        elif version == "1.0":
+            fields.append(("connection", "keep-alive"))
+        if not has_server:
+            fields.append(("server", "sluice"))
+        if not has_date:
+            fields.append(("date", self.server.date.now()))
+        out = response_head(status, fields)
+        if whole and body and body_allowed:
+            out += body
+        self.write(out)
+        return keep_alive
+
+    def send_response_data(self, data: bytes, end: bool, trailers: HeaderMap | None) -> bool:
+        out = b""
+        chunked = self._chunked_response
+        if data:
+            out = chunk(data) if chunked else data
+        if end and chunked:
+            tail = last_chunk(trailers) if trailers is not None else LAST_CHUNK
+            out = out + tail if out else tail
+        if out:
+            self.write(out)
+        return self.write_paused
+
+    def start_tunnel(
+        self, headers: HeaderMap, upstream: UpstreamConnection, on_closed: Callable[[], None]
+    ) -> Tunnel:
+        """Answer 101; from now on client bytes (those that came after the upgrade request first)
+        go raw to `upstream` and back."""
+        fields = [(k, v) for k, v in headers if k[0] != ":"]
+        if "server" not in headers:
+            fields.append(("server", "sluice"))
+        self.write(response_head(101, fields))
+        tunnel = Tunnel(self, upstream, on_closed)
         self._tunnel = tunnel
         self._exchange = None
         self._messages.clear()
@@ -584,6 +689,7 @@ class DownstreamConnection(asyncio.Protocol):
         self.unpause(PAUSE_PIPELINE)
         for data in raw:
             tunnel.client_data(data)
+        return tunnel
 
     # -- timers --------------------------------------------------------------------------------
     def _arm(self, deadline: float) -> None:

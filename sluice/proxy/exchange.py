@@ -26,6 +26,7 @@ import asyncio
 import dataclasses
 import logging
 import time
+from collections.abc import Callable
 from functools import partial
 from typing import TYPE_CHECKING, Protocol
 
@@ -45,8 +46,8 @@ from .chain import (
     SendResponseTrailers,
 )
 from .clusters import ClusterPool, PoolExhausted
-from .downstream import PAUSE_EXCHANGE, DownstreamConnection, RequestHead
-from .h1 import CONTINUE_100, LAST_CHUNK, HttpDate, chunk, last_chunk, response_has_body, response_head
+from .downstream import PAUSE_EXCHANGE, RequestHandler, RequestHead
+from .h1 import HttpDate, response_has_body
 from .http import (
     VIA,
     RequestIds,
@@ -59,10 +60,10 @@ from .http import (
 )
 from .rejections import Rejection
 from .stats import ProxyStats, status_class
-from .tunnel import Tunnel
 from .upstream import (
     ConnectFailed,
     ResponseHead,
+    TunnelSink,
     UpstreamConnection,
     UpstreamError,
     UpstreamLease,
@@ -72,6 +73,74 @@ from .upstream import (
 
 if TYPE_CHECKING:
     from .generation import Generation
+
+
+class ExchangeClient(Protocol):
+    """The client side of one exchange: what the exchange reads of its connection, and how its
+    response reaches the client.
+
+    `downstream.DownstreamConnection` is the HTTP/1.1 one (one exchange at a time; it frames the
+    response: Content-Length or chunked, `Connection`, the HTTP/1.0 rules); `downstream_h2.
+    H2StreamClient` is one stream of an HTTP/2 connection. The exchange decides what is sent
+    (status, fields, body, when it ends); the client side decides how it is framed.
+    """
+
+    peer: str
+    """`ip:port` of the client."""
+    peer_ip: str
+    local: str
+    """`ip:port` the client connected to."""
+    scheme: str
+    tls_properties: dict[str, str | bool] | None
+    """The `connection.*` properties of a TLS connection, None on a plain one."""
+    closing: bool
+    """No further request on this connection after this one (drain, close asked for, error)."""
+
+    def send_continue(self) -> None:
+        """`100 Continue`: the request's body is wanted now."""
+
+    def send_response_head(
+        self,
+        status: int,
+        headers: HeaderMap,
+        body: bytes,
+        *,
+        whole: bool,
+        sized: bool,
+        body_allowed: bool,
+        keep_alive: bool,
+        request_done: bool,
+        length_may_change: bool = False,
+    ) -> bool:
+        """Send the response head; `whole`: the response ends here, `sized`: with `body` as all of
+        its body (its length is the framing; a response to HEAD says the length, sends none).
+        `keep_alive`: the exchange would keep the connection, `request_done`: the request body
+        was all read, `length_may_change`: a filter may change the length of the body that
+        streams, so its Content-Length goes. Returns whether the connection stays open after it."""
+        ...
+
+    def send_response_data(self, data: bytes, end: bool, trailers: HeaderMap | None) -> bool:
+        """Send response body (`end`: the last, with `trailers` if any). Returns True while the
+        client cannot take more: the exchange stops reading its upstream until `client_writable`."""
+        ...
+
+    def start_tunnel(
+        self, headers: HeaderMap, upstream: UpstreamConnection, on_closed: Callable[[], None]
+    ) -> TunnelSink | None:
+        """Answer 101 with `headers` and join the connection to `upstream` byte for byte (the
+        tunnel ends with `on_closed`); None where the protocol has no such thing (HTTP/2)."""
+        ...
+
+    def pause(self, reason: int = PAUSE_EXCHANGE) -> None:
+        """Stop reading the request body (the upstream cannot take more)."""
+
+    def unpause(self, reason: int = PAUSE_EXCHANGE) -> None: ...
+
+    def abort(self) -> None:
+        """The response cannot complete: HTTP/1.1 cuts the connection, HTTP/2 resets the stream."""
+
+    def exchange_done(self, exchange: RequestHandler, keep_alive: bool) -> None:
+        """The response is complete (or it was cut); `keep_alive`: the connection may serve more."""
 
 
 class ExchangeOwner(Protocol):
@@ -108,11 +177,11 @@ class Exchange:
     __slots__ = (
         "server", "gen", "stats", "client", "head", "info", "chain", "pool", "conn", "_request", "_upgrade",
         "_start", "_busy", "_done", "_reset_reason", "_connecting", "_pending", "_pending_size", "_retried",
-        "_got_head", "_upstream_full", "_status", "_chunked", "_body_allowed", "_keep_alive",
+        "_got_head", "_upstream_full", "_status", "_body_allowed", "_keep_alive",
         "_response_done", "_request_done", "_tunnel", "_awaiting_body", "_sent_end", "_uploading",
     )
 
-    def __init__(self, server: ExchangeOwner, client: DownstreamConnection, head: RequestHead, gen: Generation) -> None:
+    def __init__(self, server: ExchangeOwner, client: ExchangeClient, head: RequestHead, gen: Generation) -> None:
         self.server = server
         self.gen = gen
         self.stats = server.stats
@@ -135,12 +204,11 @@ class Exchange:
         self._got_head = False
         self._upstream_full = False
         self._status = 0
-        self._chunked = False
         self._body_allowed = True
         self._keep_alive = head.keep_alive
         self._response_done = False
         self._request_done = False
-        self._tunnel: Tunnel | None = None
+        self._tunnel: TunnelSink | None = None
         self._awaiting_body = False  # routed; the upstream is taken once enough body came
         self._sent_end = False  # the end of the request went to the chain's upstream side
         self._uploading = False  # holding one of the pool's upload slots
@@ -181,7 +249,7 @@ class Exchange:
         has_body = head.has_body
         if head.expect_continue and has_body and not body and not complete:
             # The filters and the upstream see the body as it streams: nothing to wait for.
-            client.write(CONTINUE_100)
+            client.send_continue()
         self._busy = True
         try:
             chain.request_headers(headers, not has_body)
@@ -570,81 +638,45 @@ class Exchange:
 
     # -- response side ---------------------------------------------------------------------------
     def _respond(self, headers: HeaderMap, body: bytes, *, whole: bool, sized: bool) -> None:
-        """Write the response head; `whole`: the response ends here, `sized`: with `body` as all of
-        its body (Content-Length framing from it; a response to HEAD says the length, sends none)."""
+        """Send the response head; `whole`: the response ends here, `sized`: with `body` as all of
+        its body (the client side frames it: `ExchangeClient.send_response_head`)."""
         status = int(headers.get(":status") or 502)
-        method = self.head.method
         if status == 101 and isinstance(self.conn, UpstreamConnection) and self._upgrade is not None:
             self._start_tunnel(headers)
             return
-        allowed = response_has_body(status, method)
-        fields: list[tuple[str, str]] = []
-        has_length = has_server = has_date = False
-        for name, value in headers:
-            if name[0] == ":":
-                continue
-            if name == "content-length":
-                if sized:
-                    continue  # recomputed from the body that is actually sent
-                if not whole and allowed and self.chain is not None and self.chain.may_change_body(request=False):
-                    continue  # a filter may change the streamed body's length: chunked instead
-                has_length = True
-            elif name == "transfer-encoding":
-                continue  # the framing is ours
-            elif name == "server":
-                has_server = True
-            elif name == "date":
-                has_date = True
-            fields.append((name, value))
-        client = self.client
-        keep_alive = self._keep_alive and not client.closing
-        if whole:
-            if (sized or not has_length) and status not in (204, 304) and not 100 <= status < 200:
-                fields.append(("content-length", str(len(body))))
-            if not self._request_done:
-                keep_alive = False  # the rest of the request body is not worth reading
-        elif allowed and not has_length:
-            if self.head.version == "1.1":
-                self._chunked = True
-                fields.append(("transfer-encoding", "chunked"))
-            else:
-                keep_alive = False  # HTTP/1.0: the body ends when the connection does
-        if not keep_alive:
-            fields.append(("connection", "close"))
-        elif self.head.version == "1.0":
-            fields.append(("connection", "keep-alive"))
-        if not has_server:
-            fields.append(("server", "sluice"))
-        if not has_date:
-            fields.append(("date", self.server.date.now()))
-        self._keep_alive = keep_alive
+        allowed = response_has_body(status, self.head.method)
+        # A filter that may change a streamed body's length: the client side drops its length.
+        length_may_change = (
+            not whole and allowed and self.chain is not None and self.chain.may_change_body(request=False)
+        )
         self._status = status
         self._body_allowed = allowed
-        out = response_head(status, fields)
+        self._keep_alive = self.client.send_response_head(
+            status,
+            headers,
+            body,
+            whole=whole,
+            sized=sized,
+            body_allowed=allowed,
+            keep_alive=self._keep_alive,
+            request_done=self._request_done,
+            length_may_change=length_may_change,
+        )
         if whole:
-            if body and allowed:
-                out += body
-            client.write(out)
             self._count_body(len(body))
             self._response_complete()
-            return
-        client.write(out)
 
     def _send_data(self, data: bytes, end: bool, trailers: HeaderMap | None) -> None:
         if self._response_done or self._status == 0:
             return
-        out = b""
-        if data and self._body_allowed:
-            out = chunk(data) if self._chunked else data
+        if not self._body_allowed:
+            data = b""
+        elif data:
             self._count_body(len(data))
-        if end and self._chunked:
-            tail = last_chunk(trailers) if trailers is not None else LAST_CHUNK
-            out = out + tail if out else tail
-        if out:
-            self.client.write(out)
+        full = self.client.send_response_data(data, end, trailers)
         if end:
             self._response_complete()
-        elif self.client.write_paused and self.conn is not None:
+        elif full and self.conn is not None:
             self.conn.pause_reading()
 
     def _count_body(self, size: int) -> None:
@@ -661,17 +693,15 @@ class Exchange:
     def _start_tunnel(self, headers: HeaderMap) -> None:
         conn = self.conn
         assert isinstance(conn, UpstreamConnection)  # only HTTP/1.1 upstreams switch protocols
-        fields = [(k, v) for k, v in headers if k[0] != ":"]
-        if "server" not in headers:
-            fields.append(("server", "sluice"))
-        self.client.write(response_head(101, fields))
+        tunnel = self.client.start_tunnel(headers, conn, self._tunnel_closed)
+        if tunnel is None:
+            self._fail("upgrade not possible on this connection", "upstream_reset")
+            return
         self._status = 101
         self.info.response_code = 101
         self.stats.websocket_upgrades += 1
         self.stats.responses["1xx"] += 1
-        tunnel = Tunnel(self.client, conn, self._tunnel_closed)
         self._tunnel = tunnel
-        self.client.start_tunnel(tunnel)
         conn.attach_tunnel(tunnel)
 
     def _tunnel_closed(self) -> None:

@@ -36,8 +36,9 @@ IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRAC
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 
 # Request fields the upstream request does not copy from the filters' map: `host` is rebuilt from
-# `:authority`, the framing is the upstream connection's own, and `expect` was answered here.
-_NOT_FORWARDED = frozenset({"host", "content-length", "transfer-encoding", "expect"})
+# `:authority`, the framing is the upstream connection's own, `expect` was answered here, and
+# `te: trailers` (kept for filters and HTTP/2 upstreams, where gRPC needs it) is hop-by-hop here.
+_NOT_FORWARDED = frozenset({"host", "content-length", "transfer-encoding", "expect", "te"})
 
 
 def connection_tokens(values: Iterable[str]) -> set[str]:
@@ -124,6 +125,10 @@ def downstream_request_headers(
                 connection.append(value)
             elif name == "upgrade":
                 upgrade = value
+            elif name == "te" and value.strip().lower() == "trailers":
+                # "The client accepts trailers": filters see it as in Envoy, and an HTTP/2
+                # upstream gets it (gRPC needs it; the one TE value HTTP/2 allows).
+                regular.append(("te", "trailers"))
             continue
         if name == "host":
             authority = value
@@ -207,6 +212,8 @@ class UpstreamRequest:
     """Known body length (framed by Content-Length), or None (chunked when there is a body)."""
     retryable: bool
     """Idempotent and complete without a body: may go again on a fresh connection."""
+    accepts_trailers: bool = False
+    """The client sent `te: trailers` (not in `fields`: an HTTP/2 upstream sends it again)."""
 
 
 def upstream_request(
@@ -230,10 +237,13 @@ def upstream_request(
     authority = host_rewrite or headers.get(":authority") or default_authority
     fields: list[tuple[str, str]] = [("host", authority)]
     content_length: int | None = None
+    accepts_trailers = False
     for name, value in headers:
         if name[0] == ":" or name in _NOT_FORWARDED:
             if name == "content-length" and value.isdigit():
                 content_length = int(value)
+            elif name == "te":
+                accepts_trailers = True  # only `trailers` is let into the map
             continue
         fields.append((name, value))
     if upgrade is not None:
@@ -250,4 +260,5 @@ def upstream_request(
         has_body=not end_of_stream,
         content_length=content_length if not end_of_stream else None,
         retryable=end_of_stream and method in IDEMPOTENT_METHODS,
+        accepts_trailers=accepts_trailers,
     )

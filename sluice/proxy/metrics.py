@@ -61,6 +61,7 @@ from prometheus_client.registry import Collector
 from sluice.abi import FilterMetric, MetricType, PluginReport, PluginState
 from sluice.histogram import Histogram, HistogramSnapshot
 
+from .http2.export import H2CountersCollector
 from .tls.export import CertificateExpiryCollector, HandshakeCollector
 from .view import ProxyView
 
@@ -388,4 +389,5 @@ def make_registry(view: ProxyView) -> tuple[CollectorRegistry, SluiceCollector]:
     registry.register(collector)
     registry.register(CertificateExpiryCollector(lambda: [(t.name, t.tls) for t in view.tls_listeners()]))
     registry.register(HandshakeCollector(lambda: [(t.name, t.handshakes) for t in view.tls_listeners()]))
+    registry.register(H2CountersCollector(lambda: [(h.name, h.counters) for h in view.http2_listeners()]))
     return registry, collector

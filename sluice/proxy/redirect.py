@@ -26,7 +26,7 @@ from .rejections import Rejection
 from .stats import ProxyStats, status_class
 
 if TYPE_CHECKING:
-    from .downstream import ClientLimits, DownstreamConnection, RequestHead
+    from .downstream import ClientLimits, DownstreamConnection, RequestHead, ServedConnection
 
 REDIRECT_STATUSES = (301, 302, 307, 308)
 
@@ -73,12 +73,12 @@ class RedirectOwner(Protocol):
     """What a redirect listener uses of the proxy server (`server.ProxyServer`)."""
 
     stats: ProxyStats
-    connections: set[DownstreamConnection]
+    connections: set[ServedConnection]
     date: HttpDate
 
     def limits(self) -> ClientLimits: ...
 
-    def connection_closed(self, client: DownstreamConnection) -> None: ...
+    def connection_closed(self, client: ServedConnection) -> None: ...
 
 
 class RedirectListener:
@@ -90,6 +90,7 @@ class RedirectListener:
         self.redirect = redirect
         self.stats = server.stats
         self.connections = server.connections
+        self.date = server.date
 
     def limits(self) -> ClientLimits:
         return self._server.limits()
@@ -97,12 +98,8 @@ class RedirectListener:
     def begin(self, client: DownstreamConnection, head: RequestHead) -> RedirectReply:
         return RedirectReply(self, client, head)
 
-    def connection_closed(self, client: DownstreamConnection) -> None:
+    def connection_closed(self, client: ServedConnection) -> None:
         self._server.connection_closed(client)
-
-    @property
-    def date(self) -> HttpDate:
-        return self._server.date
 
 
 class RedirectReply:

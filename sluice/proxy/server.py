@@ -13,16 +13,19 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from .downstream import ClientLimits, DownstreamConnection, RequestHead
-from .exchange import Exchange
+from .downstream import ClientLimits, DownstreamConnection, RequestHead, ServedConnection
+from .downstream_h2 import H2ClientConnection, H2Listener
+from .exchange import Exchange, ExchangeClient
 from .h1 import HttpDate
 from .http import RequestIds
+from .http2.events import H2Limits
+from .http2.select import ProtocolSelector
 from .listener import TlsDownstreamConnection, TlsListener
 from .logs import AccessLog, access_record
 from .redirect import HttpsRedirect, RedirectListener
 from .stats import ProxyStats
 from .tls.acceptor import TlsAcceptor
-from .tls.server import ServerTls
+from .tls.server import ALPN_H2, ServerTls
 
 if TYPE_CHECKING:
     from .generation import Generation
@@ -48,11 +51,13 @@ class ProxyServer:
         """Where access log lines go (sluice/proxy/logs.py), or None: no line, no per-request work."""
         self.request_ids: RequestIds | None = RequestIds()
         self.date = HttpDate()
-        self.connections: set[DownstreamConnection] = set()
+        self.connections: set[ServedConnection] = set()
         self._server: asyncio.base_events.Server | None = None
         """The first listener (`port`)."""
         self._servers: list[asyncio.base_events.Server] = []
         self.tls_listeners: list[TlsListener] = []
+        self.http2_listeners: list[H2Listener] = []
+        """Listeners that speak HTTP/2 (ALPN `h2`, or h2c), with their counters."""
         self._draining = False
         self._all_closed: asyncio.Future[None] | None = None
         self.reuse_port = False
@@ -65,23 +70,53 @@ class ProxyServer:
         return self.access_log is not None
 
     async def start(
-        self, host: str, port: int, tls: ServerTls | None = None, redirect: HttpsRedirect | None = None
+        self,
+        host: str,
+        port: int,
+        tls: ServerTls | None = None,
+        redirect: HttpsRedirect | None = None,
+        *,
+        h2c: bool = False,
+        http2: H2Limits | None = None,
     ) -> tuple[str, int]:
         """Listen on one more address (plain, or TLS with `tls`; plain answering every request
-        with a redirect to https with `redirect`); returns the bound address."""
+        with a redirect to https with `redirect`); returns the bound address.
+
+        HTTP/2 is served where ALPN offers `h2` (TLS) or with `h2c` (plain, prior knowledge;
+        HTTP/1.1 still served beside it), with `http2` as its limits."""
         loop = asyncio.get_running_loop()
         listener: TlsListener | None = None
-        factory: Callable[[], asyncio.Protocol]
+        http1: Callable[[], asyncio.Protocol]
         if redirect is not None:
             owner = RedirectListener(self, redirect)
-            factory = lambda: DownstreamConnection(owner)  # noqa: E731
+            http1 = lambda: DownstreamConnection(owner)  # noqa: E731
+            h2c = False  # a redirect listener answers HTTP/1.1 only
         elif tls is None:
-            factory = lambda: DownstreamConnection(self)  # noqa: E731
+            http1 = lambda: DownstreamConnection(self)  # noqa: E731
         else:
             secure = listener = TlsListener(f"{host}:{port}", tls)
+            http1 = lambda: TlsDownstreamConnection(self, secure)  # noqa: E731
+        h2_listener: H2Listener | None = None
+        app: Callable[[], asyncio.Protocol] = http1
+        if (ALPN_H2 in tls.settings.alpn) if tls is not None else h2c:
+            h2_side = h2_listener = H2Listener(f"{host}:{port}", http2 or H2Limits())
+
+            def h2_connection() -> asyncio.Protocol:
+                return H2ClientConnection(self, h2_side, listener)
+
+            def select() -> asyncio.Protocol:
+                return ProtocolSelector(http1, h2_connection, h2c=tls is None)
+
+            app = select
+
+        factory: Callable[[], asyncio.Protocol]
+        if listener is None:
+            factory = app
+        else:
+            accepting = listener
 
             def factory() -> asyncio.Protocol:
-                return TlsAcceptor(secure.tls, lambda: TlsDownstreamConnection(self, secure), secure.handshakes)
+                return TlsAcceptor(accepting.tls, app, accepting.handshakes)
 
         server = await loop.create_server(
             factory, host, port, reuse_address=True, reuse_port=self.reuse_port or None, backlog=1024
@@ -94,6 +129,9 @@ class ProxyServer:
         if listener is not None:
             listener.name = f"{address[0]}:{address[1]}"
             self.tls_listeners.append(listener)
+        if h2_listener is not None:
+            h2_listener.name = f"{address[0]}:{address[1]}"
+            self.http2_listeners.append(h2_listener)
         return address
 
     # -- requests ------------------------------------------------------------------------------
@@ -112,7 +150,7 @@ class ProxyServer:
             self._limits_of = gen
         return self._limits
 
-    def begin(self, client: DownstreamConnection, head: RequestHead) -> Exchange:
+    def begin(self, client: ExchangeClient, head: RequestHead) -> Exchange:
         """A request arrived on `client`: its exchange, on the current generation (not started)."""
         gen = self._current()
         gen.acquire()
@@ -163,7 +201,7 @@ class ProxyServer:
         sink.write(record)
 
     # -- connections -----------------------------------------------------------------------------
-    def connection_closed(self, client: DownstreamConnection) -> None:
+    def connection_closed(self, client: ServedConnection) -> None:
         self.connections.discard(client)
         if not self.connections and self._all_closed is not None and not self._all_closed.done():
             self._all_closed.set_result(None)

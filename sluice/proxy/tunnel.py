@@ -8,13 +8,29 @@ upstream's side ends or either connection is lost, and then both close.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING
-
-from .downstream import PAUSE_TUNNEL
+from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
-    from .downstream import DownstreamConnection
     from .upstream import UpstreamConnection
+
+
+PAUSE_TUNNEL = 4
+"""The client connection's pause reason the tunnel owns (beside `downstream.PAUSE_EXCHANGE`)."""
+
+
+class TunnelClient(Protocol):
+    """The client connection's side of a tunnel (`downstream.DownstreamConnection`)."""
+
+    @property
+    def write_paused(self) -> bool: ...
+
+    def write(self, data: bytes) -> None: ...
+
+    def pause(self, reason: int) -> None: ...
+
+    def unpause(self, reason: int) -> None: ...
+
+    def close(self) -> None: ...
 
 
 class Tunnel:
@@ -23,7 +39,7 @@ class Tunnel:
     __slots__ = ("_client", "_upstream", "_on_closed", "_closed")
 
     def __init__(
-        self, client: DownstreamConnection, upstream: UpstreamConnection, on_closed: Callable[[], None]
+        self, client: TunnelClient, upstream: UpstreamConnection, on_closed: Callable[[], None]
     ) -> None:
         self._client = client
         self._upstream = upstream

@@ -16,6 +16,7 @@ from sluice.histogram import Histogram
 
 from .config import SluiceConfig
 from .generation import Generation
+from .http2.events import H2Counters
 from .reloadevents import ReloadHistory, ReloadSource
 from .tls.acceptor import HandshakeStats
 from .tls.server import ServerTls
@@ -94,11 +95,25 @@ class TlsListenerView(Protocol):
     def handshakes(self) -> HandshakeStats: ...
 
 
+class Http2ListenerView(Protocol):
+    """One listener that speaks HTTP/2, as `/stats` reads it (`downstream_h2.H2Listener`)."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def counters(self) -> H2Counters: ...
+
+
 class ProxyView(Protocol):
     """What `/stats` and the admin API read of the running proxy."""
 
     def tls_listeners(self) -> Sequence[TlsListenerView]:
         """The TLS listeners (certificates, handshake counters), in `listen` order."""
+        ...
+
+    def http2_listeners(self) -> Sequence[Http2ListenerView]:
+        """The listeners that speak HTTP/2 (ALPN h2 or h2c), with their HTTP/2 counters."""
         ...
 
     @property

@@ -17,7 +17,8 @@ from ..tls.client import ClientTlsSettings
 from ..tls.server import ALPN_H2, ALPN_HTTP1, ClientAuth, ServerTlsSettings, TlsVersion
 from .values import HostPort, not_bool
 
-__all__ = ["CertificateConfig", "ClusterTlsConfig", "ListenerConfig", "ListenerTlsConfig", "RedirectConfig"]
+__all__ = ["CertificateConfig", "ClusterTlsConfig", "ListenerConfig", "ListenerHttp2Config", "ListenerTlsConfig",
+           "RedirectConfig"]
 
 
 class _Model(BaseModel):
@@ -90,10 +91,10 @@ class ListenerTlsConfig(_Model):
     @classmethod
     def _alpn(cls, protocols: list[str]) -> list[str]:
         for proto in protocols:
-            if proto == ALPN_H2:
-                raise ValueError("h2 is not served yet on TLS listeners (HTTP/2 downstream is not wired): use http/1.1")
-            if proto != ALPN_HTTP1:
-                raise ValueError(f"unknown ALPN protocol {proto!r} (known: http/1.1)")
+            if proto not in (ALPN_H2, ALPN_HTTP1):
+                raise ValueError(f"unknown ALPN protocol {proto!r} (known: h2, http/1.1)")
+        if len(set(protocols)) != len(protocols):
+            raise ValueError("a protocol is listed twice")
         return protocols
 
     @model_validator(mode="after")
@@ -125,17 +126,49 @@ class RedirectConfig(_Model):
     """308 keeps the method and body; 301 is what nginx configs usually send (see docs/tls.md)."""
 
 
+class ListenerHttp2Config(_Model):
+    """A listener's HTTP/2 limits; a key left out keeps the codec's default (docs/http2.md)."""
+
+    max_concurrent_streams: int | None = Field(default=None, ge=1, le=2**31 - 1)
+    max_header_list_size: int | None = Field(default=None, ge=1024, le=2**31 - 1)
+    initial_stream_window: int | None = Field(default=None, ge=65535, le=2**31 - 1)
+    connection_window: int | None = Field(default=None, ge=65535, le=2**31 - 1)
+    max_frame_size: int | None = Field(default=None, ge=16384, le=2**24 - 1)
+
+    def overrides(self) -> dict[str, int]:
+        """The limits set here, by `http2.events.H2Limits` field name."""
+        return {name: value for name, value in self.model_dump().items() if value is not None}
+
+
 class ListenerConfig(_Model):
     address: HostPort
     tls: ListenerTlsConfig | None = None
     redirect: RedirectConfig | None = None
     """A plain listener that answers every request with a redirect to https, no filters."""
+    h2c: bool = False
+    """A plain listener also takes prior-knowledge HTTP/2 (the client opens with the preface)."""
+    http2: ListenerHttp2Config | None = None
 
     @model_validator(mode="after")
-    def _redirect_is_plain(self) -> ListenerConfig:
+    def _checked(self) -> ListenerConfig:
         if self.redirect is not None and self.tls is not None:
             raise ValueError("redirect is for a plain listener (it sends clients to https): drop tls or redirect")
+        if self.redirect is not None and self.h2c:
+            raise ValueError("a redirect listener answers HTTP/1.1 only: drop h2c or redirect")
+        if self.h2c and self.tls is not None:
+            raise ValueError("h2c is for plain listeners; a TLS listener serves HTTP/2 with h2 in tls.alpn")
+        if self.http2 is not None and not self.serves_http2:
+            raise ValueError("http2: this listener serves no HTTP/2 (add h2 to tls.alpn, or h2c: true)")
         return self
+
+    @property
+    def serves_http2(self) -> bool:
+        return self.h2c if self.tls is None else ALPN_H2 in self.tls.alpn
+
+    @property
+    def http2_overrides(self) -> dict[str, int]:
+        """The `http2:` limits this listener sets (the rest keep the codec's defaults)."""
+        return self.http2.overrides() if self.http2 is not None else {}
 
     @property
     def scheme(self) -> str:

@@ -346,6 +346,14 @@ class H2ServerConnection:
             self._conn.reset_stream(stream_id, error_code)
         self._finish_drain(None)
 
+    def stop_request(self, stream_id: int) -> None:
+        """The response is complete and the rest of the request body is not wanted: RST_STREAM
+        NO_ERROR asks the client to stop sending it (RFC 9113 8.1)."""
+        if stream_id in self._streams or self.ended is not None:
+            return  # the response has not ended: that is a reset (`reset`), not this
+        with contextlib.suppress(h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
+            self._conn.reset_stream(stream_id, h2.errors.ErrorCodes.NO_ERROR)
+
     def goaway(self) -> None:
         """Graceful shutdown: GOAWAY(NO_ERROR); open streams finish, then `ended` is set.
 

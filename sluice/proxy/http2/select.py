@@ -42,6 +42,9 @@ class ProtocolSelector(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
         self._buffer = b""
         self.chosen: WireProtocol | None = None
+        self._target: asyncio.Protocol | None = None
+        """The chosen protocol's object: what still reaches the selector goes there (a TLS
+        acceptor replays what arrived during the handshake to the object it handed over to)."""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = cast(asyncio.Transport, transport)
@@ -52,6 +55,9 @@ class ProtocolSelector(asyncio.Protocol):
             self._hand_over(WireProtocol.HTTP1)
 
     def data_received(self, data: bytes) -> None:
+        if self._target is not None:
+            self._target.data_received(data)
+            return
         # Only reached on a plain h2c-enabled listener before the first bytes decided.
         self._buffer += data
         seen = self._buffer[: len(PREFACE)]
@@ -61,6 +67,8 @@ class ProtocolSelector(asyncio.Protocol):
             self._hand_over(WireProtocol.H2)
 
     def eof_received(self) -> bool | None:
+        if self._target is not None:
+            return self._target.eof_received()
         if self._buffer:
             # A client that sent part of a request and stopped: let HTTP/1.1 answer it.
             self._hand_over(WireProtocol.HTTP1)
@@ -68,13 +76,15 @@ class ProtocolSelector(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._transport = None
+        if self._target is not None:
+            self._target.connection_lost(exc)
 
     def _hand_over(self, protocol: WireProtocol) -> None:
         transport = self._transport
         if transport is None or self.chosen is not None:
             return
         self.chosen = protocol
-        target = (self._h2 if protocol is WireProtocol.H2 else self._http1)()
+        target = self._target = (self._h2 if protocol is WireProtocol.H2 else self._http1)()
         transport.set_protocol(target)
         target.connection_made(transport)
         data, self._buffer = self._buffer, b""

@@ -66,9 +66,15 @@ _LAST_STREAM_ID = 2**31 - 1000
 
 
 def request_headers(
-    method: str, scheme: str, target: str, fields: Iterable[tuple[str, str]], content_length: int | None
+    method: str,
+    scheme: str,
+    target: str,
+    fields: Iterable[tuple[str, str]],
+    content_length: int | None,
+    accepts_trailers: bool = False,
 ) -> list[tuple[str, str]]:
-    """HTTP/1.1-shaped request fields (with `host`) as an HTTP/2 header list."""
+    """HTTP/1.1-shaped request fields (with `host`) as an HTTP/2 header list (`te: trailers`
+    added when the client accepts them)."""
     authority = ""
     regular: list[tuple[str, str]] = []
     for name, value in fields:
@@ -85,6 +91,8 @@ def request_headers(
         head = [(":method", method), (":authority", authority or target)]
     if content_length is not None:
         regular.append(("content-length", str(content_length)))
+    if accepts_trailers:
+        regular.append(("te", "trailers"))
     return head + regular
 
 
@@ -217,7 +225,9 @@ class H2UpstreamStream:
         conn = self.connection
         has_body = request.has_body
         length = request.content_length if has_body else None
-        headers = request_headers(request.method, conn.scheme, request.target, request.fields, length)
+        headers = request_headers(
+            request.method, conn.scheme, request.target, request.fields, length, request.accepts_trailers
+        )
         only_head = not has_body or (end and not body)
         self.stream_id = conn.open_stream(self, headers, only_head)
         self.requests = conn.requests
