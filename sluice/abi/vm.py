@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import gc
-import struct
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -62,7 +61,6 @@ CALLBACKS: dict[str, tuple[str, str]] = {
 }
 HEADER_CALLBACKS = ("proxy_on_request_headers", "proxy_on_response_headers")
 START_DEADLINE_MS = 1000.0
-_U32x2 = struct.Struct("<II")
 OK = WasmResult.OK
 BAD_ARGUMENT = WasmResult.BAD_ARGUMENT
 NOT_FOUND = WasmResult.NOT_FOUND
@@ -607,16 +605,7 @@ class WasmVM:
         except WasmTrap as exc:
             self.nested_trap = exc  # the outer call reports this cause, not "host call failed"
             raise
-        # Written out rather than through mem.write: this runs for every buffer a filter reads.
-        end = ptr + size
-        if ptr == 0 or (end > mem.size and not mem.fits(ptr, size)):
-            return WasmResult.INVALID_MEMORY_ACCESS
-        view = mem.view
-        view[ptr:end] = data
-        if size_ptr == ptr_ptr + 4 and ptr_ptr + 8 <= mem.size:  # the usual layout: one write
-            _U32x2.pack_into(view, ptr_ptr, ptr, size)
-            return WasmResult.OK
-        if mem.write_u32(ptr_ptr, ptr) and mem.write_u32(size_ptr, size):
+        if mem.write_returned(ptr, data if type(data) is bytes else bytes(data), ptr_ptr, size_ptr):
             return WasmResult.OK
         return WasmResult.INVALID_MEMORY_ACCESS
 
