@@ -225,6 +225,26 @@ cdef class Func:
         self.results = results
 
     def __call__(self, *args):
+        return self._call(args)
+
+    def call_in(self, Deadline deadline, object instance, tuple args):
+        """Call as the callback of `instance`: arm `deadline` (None: a nested call, which runs
+        under its caller's), make `instance` the one host calls dispatch to (`ACTIVE`), and keep
+        the cycle collector paused until the call returns (its pause is the host's time, and run
+        inside a host call it would count against the filter's CPU deadline)."""
+        cdef int was_enabled
+        if deadline is not None:
+            _set_deadline(deadline._ctx, deadline._ticks)
+        _active.append(instance)
+        was_enabled = PyGC_Disable()
+        try:
+            return self._call(args)
+        finally:
+            _active.pop()
+            if was_enabled:
+                PyGC_Enable()
+
+    cdef object _call(self, tuple args):
         cdef Py_ssize_t n = len(args)
         cdef int i
         cdef wasmtime_error_t* err

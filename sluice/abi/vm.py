@@ -16,7 +16,6 @@ Rules from cpp-host that this module enforces (reference 1.0, 2.1, 2.4):
 from __future__ import annotations
 
 import dataclasses
-import gc
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -495,81 +494,74 @@ class WasmVM:
 
     def invoke(self, fn: WasmFunction, context: Context | None, args: tuple[int, ...],
                configuring: bool = False, deadline_ms: float | None = None) -> Any:
-        """`call` for a function already looked up (the per-request path)."""
+        """`call` for a function already looked up (the per-request path).
+
+        `fn.call_in` arms the deadline of an outermost call, makes this VM the one host calls
+        dispatch to and holds the cycle collector until the callback returns."""
         if self.dead is not None:
             raise WasmTrap(f"VM is no longer usable: {self.dead}")
         frames = self.frames
-        outermost = not frames
-        if outermost:
-            # The outermost frame is reused (nothing keeps a frame once its call returned):
-            # resetting its fields is cheaper than a new object, on every callback.
-            frame = self._outer_frame
-            frame.context = context
-            frame.effective = None
-            frame.configuring = configuring
-            frame.local_reply_sent = False
-            frame.foreign_args = None
-            if deadline_ms is None:
-                self.handle.arm_deadline()
-            else:
-                self.handle.arm_deadline_ms(deadline_ms)
-        else:
+        if frames:  # nested in a host call (an allocator): runs under its caller's deadline
             frame = Frame(context, configuring)
+            frames.append(frame)
+            try:
+                result = fn.call_in(None, self, args)
+            except WasmTrap as exc:
+                raise self._trapped(exc) from None
+            finally:
+                frames.pop()
+            if frame.local_reply_sent and result is not None:
+                result = 1
+            return result
+        # The outermost frame is reused (nothing keeps a frame once its call returned):
+        # resetting its fields is cheaper than a new object, on every callback.
+        frame = self._outer_frame
+        frame.context = context
+        frame.effective = None
+        frame.configuring = configuring
+        frame.local_reply_sent = False
+        frame.foreign_args = None
+        handle: StoreHandle | None = self.handle
+        if deadline_ms is not None:
+            self.handle.arm_deadline_ms(deadline_ms)
+            handle = None
         frames.append(frame)
-        _ACTIVE.append(self)
-        # The cycle collector waits until the callback returns: its pause is the host's time,
-        # and run inside a host call it would count against the filter's CPU deadline.
-        collecting = outermost and gc.isenabled()
-        if collecting:
-            gc.disable()
         try:
-            result = fn(*args)
+            result = fn.call_in(handle, self, args)
         except WasmTrap as exc:
             raise self._trapped(exc) from None
         finally:
-            _ACTIVE.pop()
             frames.pop()
-            if outermost:  # a kept context would tie the VM to itself (no refcount release)
-                frame.context = frame.effective = None
-            if collecting:
-                gc.enable()
+            frame.context = frame.effective = None  # a kept context would tie the VM to itself
         if frame.local_reply_sent and result is not None:
             result = 1  # a local reply overrides the callback's return value to "stop"
-        if outermost and self.deferred:
+        if self.deferred:
             self.run_deferred()
         return result
 
     def invoke_each(self, fns: tuple[WasmFunction, ...], context: Context, args: tuple[int, ...]) -> None:
         """Several void callbacks in a row for one context (end of stream: log, done, delete).
 
-        Each still gets a fresh effective context; raises WasmTrap naming nothing: the caller
-        knows which function it was from `self.failed_fn`.
+        Each still gets a fresh effective context (and, outermost, its full deadline); raises
+        WasmTrap naming nothing: the caller knows which function it was from `self.failed_fn`.
         """
         if self.dead is not None:
             raise WasmTrap(f"VM is no longer usable: {self.dead}")
         frame = Frame(context)
         frames = self.frames
         outermost = not frames
+        handle = self.handle if outermost else None
         frames.append(frame)
-        _ACTIVE.append(self)
-        collecting = outermost and gc.isenabled()
-        if collecting:
-            gc.disable()  # as in invoke
         fn = None
         try:
             for fn in fns:
-                if outermost:
-                    self.handle.arm_deadline()
                 frame.effective = None
-                fn(*args)
+                fn.call_in(handle, self, args)
         except WasmTrap as exc:
             self.failed_fn = fn
             raise self._trapped(exc) from None
         finally:
-            _ACTIVE.pop()
             frames.pop()
-            if collecting:
-                gc.enable()
         if outermost and self.deferred:
             self.run_deferred()
 
