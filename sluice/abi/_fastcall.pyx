@@ -449,6 +449,18 @@ cdef class Memory:
         memcpy(self._base + ptr, &v, 8)
         return True
 
+    def return_bytes(self, allocator, bytes data, long long ptr_ptr, long long size_ptr):
+        """The returned-buffer protocol (reference 4.2) for non-empty `data`: allocate its size
+        with the module's `allocator` (a nested call into wasm, under the running callback's
+        deadline; its WasmTrap propagates), copy it there, write the pointer and size. False
+        if the module's pointer or the out-pointers are out of bounds."""
+        cdef object ptr
+        if type(allocator) is not Func and not isinstance(allocator, Func):
+            ptr = allocator(PyBytes_GET_SIZE(data))
+        else:
+            ptr = (<Func>allocator)._call((PyBytes_GET_SIZE(data),))
+        return self.write_returned(ptr & 0xFFFFFFFF, data, ptr_ptr, size_ptr)
+
     def write_returned(self, long long ptr, bytes data, long long ptr_ptr, long long size_ptr):
         """The returned-buffer protocol's writes: `data` at `ptr` (just allocated in the module),
         then `ptr` and the size at `ptr_ptr` and `size_ptr`. False if any is out of bounds

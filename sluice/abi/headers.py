@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Iterable, Iterator
+from itertools import chain
 
 MAX_PAIRS = 1024
 MAX_PAIRS_BYTES = 1 << 20
@@ -71,7 +72,10 @@ class HeaderMap:
     def byte_size(self) -> int:
         """Sum of name and value bytes: what Envoy reports as a map's size."""
         if self._size < 0:
-            self._size = sum(len(_enc(k)) + len(_enc(v)) for k, v in self._items)
+            # UTF-8 is concatenative: the size of the joined text is the sum of the sizes, and an
+            # ASCII text (nearly every header map) needs no encoding to be measured.
+            text = "".join(chain.from_iterable(self._items))
+            self._size = len(text) if text.isascii() else len(_enc(text))
         return self._size
 
     def regular(self) -> list[tuple[str, str]]:
@@ -129,20 +133,21 @@ class HeaderMap:
 
 
 def serialize_pairs(items: Iterable[tuple[str, str]] | Iterable[tuple[bytes, bytes]]) -> bytes:
-    """Encode pairs: u32 count, (u32 key_len, u32 value_len) each, then key NUL value NUL each."""
-    encoded = [
-        (k if isinstance(k, bytes) else _enc(k), v if isinstance(v, bytes) else _enc(v)) for k, v in items
-    ]
-    if not encoded:
+    """Encode pairs: u32 count, (u32 key_len, u32 value_len) each, then key NUL value NUL each.
+
+    In one pass over the text: the keys and values are joined with their NULs and encoded at once
+    (an ASCII map, the usual case, then has its lengths without any per-header encoding)."""
+    flat: list[str] | list[bytes] = [x for kv in items for x in kv]  # type: ignore[misc]
+    if not flat:
         return b""
-    parts = [_U32.pack(len(encoded))]
-    parts.extend(_U32x2.pack(len(k), len(v)) for k, v in encoded)
-    for k, v in encoded:
-        parts.append(k)
-        parts.append(b"\0")
-        parts.append(v)
-        parts.append(b"\0")
-    return b"".join(parts)
+    if all(type(x) is str for x in flat):
+        text = "\0".join(flat) + "\0"  # type: ignore[arg-type]
+        if text.isascii():
+            lengths = [len(x) for x in flat]
+            data = text.encode("ascii")
+            return struct.pack(f"<{len(flat) + 1}I", len(flat) // 2, *lengths) + data
+    raw = [x if isinstance(x, bytes) else _enc(x) for x in flat]
+    return struct.pack(f"<{len(raw) + 1}I", len(raw) // 2, *map(len, raw)) + b"\0".join(raw) + b"\0"
 
 
 def deserialize_pairs_bytes(data: bytes) -> list[tuple[bytes, bytes]]:

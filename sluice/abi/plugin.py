@@ -490,16 +490,17 @@ class HttpStream:
         vm = self._vm
         plugin = self._plugin
         assert vm is not None
-        root = plugin._root_for(vm)
+        root = plugin._root if vm is plugin._vm else plugin._root_for(vm)
         if root is None:
             self.fail("the filter has no root context")
             return None
         ctx = StreamContext(vm.new_context_id(), root, self, self._maps, self._bodies)
         vm.contexts[ctx.id] = ctx
         self._ctx = ctx
+        on_context_create = vm.on_context_create
         try:
-            if vm.on_context_create is not None:
-                vm.invoke(vm.on_context_create, ctx, (ctx.id, root.id))
+            if on_context_create is not None:
+                vm.invoke(on_context_create, ctx, (ctx.id, root.id))
         except WasmTrap as exc:
             plugin._on_trap(vm, exc, "proxy_on_context_create")
             self.fail(None)

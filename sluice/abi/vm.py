@@ -593,12 +593,11 @@ class WasmVM:
                 return WasmResult.OK
             return WasmResult.INVALID_MEMORY_ACCESS
         try:
-            ptr = self.allocator(size) & 0xFFFFFFFF  # type: ignore[misc]
+            if mem.return_bytes(self.allocator, data if type(data) is bytes else bytes(data), ptr_ptr, size_ptr):
+                return WasmResult.OK
         except WasmTrap as exc:
             self.nested_trap = exc  # the outer call reports this cause, not "host call failed"
             raise
-        if mem.write_returned(ptr, data if type(data) is bytes else bytes(data), ptr_ptr, size_ptr):
-            return WasmResult.OK
         return WasmResult.INVALID_MEMORY_ACCESS
 
     # -- capabilities and limits -----------------------------------------------------------------
