@@ -75,6 +75,16 @@ class HighLevelFunction:
         except wasmtime.Trap as exc:
             raise fastcall.WasmTrap(str(exc)) from None
 
+    def call_in(self, deadline: fastcall.StoreHandle | None, instance: Any, args: tuple[int, ...]) -> Any:
+        """What `fastcall.WasmFunction.call_in` does, in Python."""
+        if deadline is not None:
+            deadline.arm_deadline()
+        fastcall.ACTIVE.append(instance)
+        try:
+            return self(*args)
+        finally:
+            fastcall.ACTIVE.pop()
+
 
 def high_level_runtime() -> abi.Runtime:
     """A Runtime whose host functions go through wasmtime-py's `Linker.define_func` instead."""

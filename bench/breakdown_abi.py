@@ -8,6 +8,7 @@ Usage:  python bench/breakdown_abi.py [--n 100000]
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import os
 import sys
@@ -49,15 +50,19 @@ PROBE = """
   (func (export "proxy_on_vm_start") (param i32 i32) (result i32) (i32.const 1))
   (func (export "proxy_on_configure") (param i32 i32) (result i32) (i32.const 1))
   (func (export "proxy_on_tick") (param $k i32)
-    (loop $l (if (local.get $k) (then (drop (call $nop)) (local.set $k (i32.sub (local.get $k) (i32.const 1))) (br $l)))))
+    (loop $l (if (local.get $k)
+      (then (drop (call $nop)) (local.set $k (i32.sub (local.get $k) (i32.const 1))) (br $l)))))
   (func (export "proxy_on_queue_ready") (param $k i32) (param i32)
-    (loop $l (if (local.get $k) (then (drop (call $eq (i32.const 1) (i32.const 2)))
+    (loop $l (if (local.get $k)
+      (then (drop (call $eq (i32.const 1) (i32.const 2)))
       (local.set $k (i32.sub (local.get $k) (i32.const 1))) (br $l)))))
   (func (export "proxy_on_foreign_function") (param $k i32) (param i32) (param i32)
-    (loop $l (if (local.get $k) (then (drop (call $get (i32.const 0) (i32.const 0) (i32.const 5) (i32.const 128) (i32.const 132)))
+    (loop $l (if (local.get $k)
+      (then (drop (call $get (i32.const 0) (i32.const 0) (i32.const 5) (i32.const 128) (i32.const 132)))
       (local.set $k (i32.sub (local.get $k) (i32.const 1))) (br $l)))))
   (func (export "proxy_on_request_headers") (param $k i32) (param i32 i32) (result i32)
-    (loop $l (if (local.get $k) (then (drop (call $add (i32.const 0) (i32.const 64) (i32.const 6) (i32.const 80) (i32.const 3)))
+    (loop $l (if (local.get $k)
+      (then (drop (call $add (i32.const 0) (i32.const 64) (i32.const 6) (i32.const 80) (i32.const 3)))
       (local.set $k (i32.sub (local.get $k) (i32.const 1))) (br $l))))
     (i32.const 0))
 )
@@ -82,10 +87,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--n", type=int, default=100000)
     n = parser.parse_args().n
-    try:
+    with contextlib.suppress(AttributeError, OSError):
         os.sched_setaffinity(0, {0})
-    except (AttributeError, OSError):
-        pass
     work = Path(tempfile.mkdtemp())
     probe_path = work / "probe.wasm"
     probe_path.write_bytes(wasmtime.wat2wasm(PROBE))

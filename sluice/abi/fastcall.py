@@ -32,6 +32,7 @@ from __future__ import annotations
 import atexit
 import ctypes
 import dataclasses
+import functools
 import sys
 import threading
 import time
@@ -41,7 +42,13 @@ from typing import Any, Protocol
 
 import wasmtime
 
-from . import _fastcall
+try:
+    from . import _fastcall
+except ImportError as exc:  # pragma: no cover - an install without its compiled part
+    raise ImportError(
+        f"sluice.abi._fastcall is not built ({exc}): install sluice with pip (it compiles the extension "
+        f"with the machine's C compiler), e.g. pip install -e ."
+    ) from exc
 
 WASMTIME_VERSION = "50.0.1"
 """The wasmtime-py release this module's use of private API was written against (pyproject pins it)."""
@@ -353,8 +360,7 @@ def define_host_functions(linker: wasmtime.Linker, functions: Sequence[HostFunct
     """
     for index, fn in enumerate(functions):
         label = f"{fn.module}.{fn.name}".encode()
-        _define(linker, fn, index,
-                lambda i=index, f=fn, lb=label: _fastcall.host_definition(i, f.params, f.results, lb))
+        _define(linker, fn, index, functools.partial(_fastcall.host_definition, index, fn.params, fn.results, label))
 
 
 def define_constant_functions(linker: wasmtime.Linker, functions: Sequence[tuple[HostFunction, int | float]]) -> None:
@@ -363,8 +369,8 @@ def define_constant_functions(linker: wasmtime.Linker, functions: Sequence[tuple
     for fn, value in functions:
         result = (float(value) if fn.results in ("f", "d") else int(value)) if fn.results else 0
         label = f"{fn.module}.{fn.name}".encode()
-        _define(linker, fn, value if fn.results else None,
-                lambda f=fn, r=result, lb=label: _fastcall.host_definition(0, f.params, f.results, lb, r))
+        make = functools.partial(_fastcall.host_definition, 0, fn.params, fn.results, label, result)
+        _define(linker, fn, value if fn.results else None, make)
 
 
 def import_signature(ty: wasmtime.FuncType) -> tuple[str, str]:
@@ -391,7 +397,9 @@ class StoreHandle(_fastcall.Deadline):
 
     def __init__(self, store: wasmtime.Store, deadline_ms: float) -> None:
         ctx = _context_ptr(store)
-        super().__init__(ctx.value or 0, deadline_ticks(deadline_ms))
+        # One tick more than the deadline needs: each callback gets at least the budget it had
+        # when re-arming was skipped within a tick (so a busy host never shortens a filter's time).
+        super().__init__(ctx.value or 0, deadline_ticks(deadline_ms) + 1)
         self.store = store
         self.ctx = ctx
 
@@ -516,7 +524,7 @@ class NoMemory:
         return False
 
 
-_SIZES = (ctypes.sizeof(ffi.wasmtime_func_t), ctypes.sizeof(ffi.wasmtime_memory_t), ctypes.sizeof(ffi.wasmtime_val_raw_t))
+_SIZES = tuple(ctypes.sizeof(t) for t in (ffi.wasmtime_func_t, ffi.wasmtime_memory_t, ffi.wasmtime_val_raw_t))
 if _fastcall.struct_sizes() != _SIZES:
     raise ImportError(f"sluice.abi._fastcall was built for other wasmtime struct layouts "
                       f"({_fastcall.struct_sizes()} bytes, wasmtime-py has {_SIZES}): reinstall sluice")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Iterable, Iterator
 from itertools import chain
+from typing import cast
 
 MAX_PAIRS = 1024
 MAX_PAIRS_BYTES = 1 << 20
@@ -86,8 +87,9 @@ class HeaderMap:
     def add(self, name: str, value: str) -> None:
         name = name.lower()
         if self._size >= 0:
-            self._size += len(_enc(name)) + len(_enc(value))
-        if name.startswith(":"):
+            both = name + value
+            self._size += len(both) if both.isascii() else len(_enc(both))
+        if name[:1] == ":":
             # Pseudo-headers stay in front, in arrival order.
             idx = 0
             while idx < len(self._items) and self._items[idx][0].startswith(":"):
@@ -137,13 +139,14 @@ def serialize_pairs(items: Iterable[tuple[str, str]] | Iterable[tuple[bytes, byt
 
     In one pass over the text: the keys and values are joined with their NULs and encoded at once
     (an ASCII map, the usual case, then has its lengths without any per-header encoding)."""
-    flat: list[str] | list[bytes] = [x for kv in items for x in kv]  # type: ignore[misc]
+    flat: list[str | bytes] = [x for kv in items for x in kv]
     if not flat:
         return b""
     if all(type(x) is str for x in flat):
-        text = "\0".join(flat) + "\0"  # type: ignore[arg-type]
+        texts = cast(list[str], flat)
+        text = "\0".join(texts) + "\0"
         if text.isascii():
-            lengths = [len(x) for x in flat]
+            lengths = [len(x) for x in texts]
             data = text.encode("ascii")
             return struct.pack(f"<{len(flat) + 1}I", len(flat) // 2, *lengths) + data
     raw = [x if isinstance(x, bytes) else _enc(x) for x in flat]

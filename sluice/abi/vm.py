@@ -611,7 +611,7 @@ class WasmVM:
         limits = self.spec.limits
         if len(hmap) >= limits.max_headers:
             return self.refuse("limit.max_headers", BAD_ARGUMENT)
-        if hmap.byte_size() + _utf8_len(key) + _utf8_len(value) > limits.max_header_bytes:
+        if hmap.byte_size() + _utf8_len(key + value) > limits.max_header_bytes:
             return self.refuse("limit.max_header_bytes", BAD_ARGUMENT)
         hmap.add(key, value)
         return OK
@@ -620,10 +620,10 @@ class WasmVM:
         """proxy_replace_header_map_value, within the header-map limits (every old `key` goes)."""
         lowered = key.lower()
         old = hmap.get_all(lowered)
-        added = _utf8_len(lowered) + _utf8_len(value)
+        added = _utf8_len(lowered + value)
         if not old and len(hmap) >= self.spec.limits.max_headers:
             return self.refuse("limit.max_headers", BAD_ARGUMENT)
-        removed = sum(_utf8_len(lowered) + _utf8_len(v) for v in old)
+        removed = sum(_utf8_len(lowered + v) for v in old) if old else 0
         if hmap.byte_size() - removed + added > self.spec.limits.max_header_bytes:
             return self.refuse("limit.max_header_bytes", BAD_ARGUMENT)
         hmap.set(key, value)
