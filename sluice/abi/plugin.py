@@ -547,6 +547,8 @@ class HttpStream:
         else:
             r = self._call("proxy_on_request_headers", len(headers))
         # 0 Continue, 2 ContinueAndEndStream; 1, 3, 4 and anything larger stop (cpp-host).
+        if (r == 0 or r == 2 or r is None) and self._mode is _WASM:
+            return CONTINUE  # the usual answer, without the general case's call
         return self._status(r, (0, 2))
 
     def request_body(self, body: bytearray, end_of_stream: bool) -> FilterStatus:
@@ -573,6 +575,8 @@ class HttpStream:
             r = self._call("proxy_on_response_headers", len(headers), 1 if end_of_stream else 0)
         else:
             r = self._call("proxy_on_response_headers", len(headers))
+        if (r == 0 or r == 2 or r is None) and self._mode is _WASM:
+            return CONTINUE
         return self._status(r, (0, 2))
 
     def response_body(self, body: bytearray, end_of_stream: bool) -> FilterStatus:
