@@ -22,6 +22,22 @@ from libc.stdint cimport int32_t, int64_t, uint8_t, uint32_t, uint64_t, uintptr_
 from libc.stdlib cimport malloc
 from libc.string cimport memcpy, memset
 
+
+cdef extern from "<time.h>" nogil:
+    ctypedef long time_t
+    cdef struct timespec:
+        time_t tv_sec
+        long tv_nsec
+    int clock_gettime(int clock, timespec* now)
+    int CLOCK_MONOTONIC
+
+
+cdef inline double _monotonic() noexcept nogil:
+    """time.perf_counter()'s clock on Linux, in seconds."""
+    cdef timespec now
+    clock_gettime(CLOCK_MONOTONIC, &now)
+    return now.tv_sec + now.tv_nsec * 1e-9
+
 from ._wasmtime cimport (
     wasm_functype_t,
     wasm_trap_t,
@@ -227,18 +243,26 @@ cdef class Func:
     def __call__(self, *args):
         return self._call(args)
 
-    def call_in(self, Deadline deadline, object instance, tuple args):
+    def call_in(self, Deadline deadline, object instance, tuple args, list timing=None):
         """Call as the callback of `instance`: arm `deadline` (None: a nested call, which runs
         under its caller's), make `instance` the one host calls dispatch to (`ACTIVE`), and keep
         the cycle collector paused until the call returns (its pause is the host's time, and run
-        inside a host call it would count against the filter's CPU deadline)."""
+        inside a host call it would count against the filter's CPU deadline). With `timing`,
+        a call that returns appends its wall time in seconds to that list."""
         cdef int was_enabled
+        cdef double started = 0.0
+        cdef object result
         if deadline is not None:
             _set_deadline(deadline._ctx, deadline._ticks)
         _active.append(instance)
         was_enabled = PyGC_Disable()
         try:
-            return self._call(args)
+            if timing is None:
+                return self._call(args)
+            started = _monotonic()
+            result = self._call(args)
+            timing.append(_monotonic() - started)
+            return result
         finally:
             _active.pop()
             if was_enabled:

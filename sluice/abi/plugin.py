@@ -16,9 +16,7 @@ Redis commands, queues, proxy_done) go through `_VMHooks`, so they are not part 
 
 from __future__ import annotations
 
-from time import perf_counter
-
-from sluice.histogram import Histogram
+from sluice.histogram import FOLD_EVERY, Histogram
 
 from .api import (
     CallResponse,
@@ -443,7 +441,7 @@ class HttpStream:
     """One HTTP stream through one filter. Methods mirror Envoy's filter callbacks."""
 
     __slots__ = ("_plugin", "_vm", "info", "_callbacks", "_mode", "_ctx", "_maps", "_bodies",
-                 "paused", "completed", "_request_args3", "_response_args3", "_observe")
+                 "paused", "completed", "_request_args3", "_response_args3", "_timing")
 
     def __init__(
         self, plugin: Plugin, vm: WasmVM | None, info: StreamInfo, callbacks: StreamCallbacks, mode: StreamMode
@@ -461,7 +459,7 @@ class HttpStream:
         self.completed = False
         self._request_args3 = vm is not None and vm.request_headers_args3
         self._response_args3 = vm is not None and vm.response_headers_args3
-        self._observe = plugin._callback_time.observe
+        self._timing = plugin._callback_time.pending
 
     # -- calls -------------------------------------------------------------------------------------
     def _call(self, name: str, *args: int) -> int | None:
@@ -476,14 +474,16 @@ class HttpStream:
             ctx = self._create_context()
             if ctx is None:
                 return None
-        started = perf_counter()
+        # Timed in C, into the callback histogram's pending values (which this folds when due).
+        timing = self._timing
         try:
-            result: int | None = vm.invoke(fn, ctx, (ctx.id, *args))
+            result: int | None = vm.invoke(fn, ctx, (ctx.id, *args), False, None, timing)
         except WasmTrap as exc:
             self._plugin._on_trap(vm, exc, name)
             self.fail(None)
             return None
-        self._observe(perf_counter() - started)
+        if len(timing) >= FOLD_EVERY:
+            self._plugin._callback_time.fold()
         return result
 
     def _create_context(self) -> StreamContext | None:

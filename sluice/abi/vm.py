@@ -493,11 +493,13 @@ class WasmVM:
         return self.invoke(fn, context, args, configuring, deadline_ms)
 
     def invoke(self, fn: WasmFunction, context: Context | None, args: tuple[int, ...],
-               configuring: bool = False, deadline_ms: float | None = None) -> Any:
+               configuring: bool = False, deadline_ms: float | None = None,
+               timing: list[float] | None = None) -> Any:
         """`call` for a function already looked up (the per-request path).
 
         `fn.call_in` arms the deadline of an outermost call, makes this VM the one host calls
-        dispatch to and holds the cycle collector until the callback returns."""
+        dispatch to and holds the cycle collector until the callback returns. With `timing`
+        (a histogram's pending list), an outermost call that returns appends its duration."""
         if self.dead is not None:
             raise WasmTrap(f"VM is no longer usable: {self.dead}")
         frames = self.frames
@@ -505,7 +507,7 @@ class WasmVM:
             frame = Frame(context, configuring)
             frames.append(frame)
             try:
-                result = fn.call_in(None, self, args)
+                result = fn.call_in(None, self, args, timing)
             except WasmTrap as exc:
                 raise self._trapped(exc) from None
             finally:
@@ -527,7 +529,7 @@ class WasmVM:
             handle = None
         frames.append(frame)
         try:
-            result = fn.call_in(handle, self, args)
+            result = fn.call_in(handle, self, args, timing)
         except WasmTrap as exc:
             raise self._trapped(exc) from None
         finally:
