@@ -503,30 +503,23 @@ class WasmVM:
         if self.dead is not None:
             raise WasmTrap(f"VM is no longer usable: {self.dead}")
         frames = self.frames
-        if frames:  # nested in a host call (an allocator): runs under its caller's deadline
+        outermost = not frames
+        handle: StoreHandle | None = None  # nested in a host call: runs under its caller's deadline
+        if outermost:
+            # The outermost frame is reused (nothing keeps a frame once its call returned):
+            # resetting its fields is cheaper than a new object, on every callback.
+            frame = self._outer_frame
+            frame.context = context
+            frame.effective = None
+            frame.configuring = configuring
+            frame.local_reply_sent = False
+            frame.foreign_args = None
+            if deadline_ms is None:
+                handle = self.handle
+            else:
+                self.handle.arm_deadline_ms(deadline_ms)
+        else:
             frame = Frame(context, configuring)
-            frames.append(frame)
-            try:
-                result = fn.call_in(None, self, args, timing)
-            except WasmTrap as exc:
-                raise self._trapped(exc) from None
-            finally:
-                frames.pop()
-            if frame.local_reply_sent and result is not None:
-                result = 1
-            return result
-        # The outermost frame is reused (nothing keeps a frame once its call returned):
-        # resetting its fields is cheaper than a new object, on every callback.
-        frame = self._outer_frame
-        frame.context = context
-        frame.effective = None
-        frame.configuring = configuring
-        frame.local_reply_sent = False
-        frame.foreign_args = None
-        handle: StoreHandle | None = self.handle
-        if deadline_ms is not None:
-            self.handle.arm_deadline_ms(deadline_ms)
-            handle = None
         frames.append(frame)
         try:
             result = fn.call_in(handle, self, args, timing)
@@ -534,10 +527,11 @@ class WasmVM:
             raise self._trapped(exc) from None
         finally:
             frames.pop()
-            frame.context = frame.effective = None  # a kept context would tie the VM to itself
+            if outermost:  # a kept context would tie the VM to itself (no refcount release)
+                frame.context = frame.effective = None
         if frame.local_reply_sent and result is not None:
             result = 1  # a local reply overrides the callback's return value to "stop"
-        if self.deferred:
+        if outermost and self.deferred:
             self.run_deferred()
         return result
 
