@@ -75,15 +75,20 @@ class HighLevelFunction:
         except wasmtime.Trap as exc:
             raise fastcall.WasmTrap(str(exc)) from None
 
-    def call_in(self, deadline: fastcall.StoreHandle | None, instance: Any, args: tuple[int, ...]) -> Any:
+    def call_in(self, deadline: fastcall.StoreHandle | None, instance: Any, args: tuple[int, ...],
+                timing: list[float] | None = None) -> Any:
         """What `fastcall.WasmFunction.call_in` does, in Python."""
         if deadline is not None:
             deadline.arm_deadline()
         fastcall.ACTIVE.append(instance)
+        started = time.perf_counter()
         try:
-            return self(*args)
+            result = self(*args)
         finally:
             fastcall.ACTIVE.pop()
+        if timing is not None:
+            timing.append(time.perf_counter() - started)
+        return result
 
 
 def high_level_runtime() -> abi.Runtime:
