@@ -9,7 +9,8 @@ PY     := $(VENV)/bin/python
 
 .PHONY: demo test lint check-built bench fuzz
 
-$(VENV)/.installed: pyproject.toml
+# The compiled extensions are built by the install: a change to them reinstalls.
+$(VENV)/.installed: pyproject.toml setup.py $(wildcard sluice/abi/*.pyx sluice/abi/*.pxd)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[dev,build]'

@@ -1,7 +1,13 @@
-"""The one compiled part of sluice: the epoch ticker thread (sluice/abi/_ticker.pyx).
+"""The compiled parts of sluice, built by `pip install` with the machine's C compiler (Cython is a
+build requirement in pyproject.toml; everything else is there too):
 
-Everything else is in pyproject.toml. The extension is optional: without a C compiler the build
-goes on and `sluice.abi.fastcall` falls back to a POSIX timer ticker.
+* `sluice.abi._fastcall` — calls into wasm, host-function trampolines and linear memory on
+  wasmtime's C API (`_fastcall.pyx`, C declarations in `_wasmtime.pxd`). Required: the fast-call
+  layer `sluice.abi.fastcall` is built on it.
+* `sluice.abi._ticker` — the epoch ticker thread. Optional: without it `fastcall` falls back to a
+  POSIX timer ticker.
+
+Neither links against wasmtime: `fastcall` hands them the addresses of its C entry points.
 """
 
 from Cython.Build import cythonize
@@ -9,7 +15,10 @@ from setuptools import Extension, setup
 
 setup(
     ext_modules=cythonize(
-        [Extension("sluice.abi._ticker", ["sluice/abi/_ticker.pyx"], optional=True)],
+        [
+            Extension("sluice.abi._fastcall", ["sluice/abi/_fastcall.pyx"]),
+            Extension("sluice.abi._ticker", ["sluice/abi/_ticker.pyx"], optional=True),
+        ],
         compiler_directives={"language_level": "3"},
     ),
 )

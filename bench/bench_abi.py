@@ -8,7 +8,12 @@ Measures, in one run on one core:
     the same host code driven through wasmtime-py's high-level API (`Func.__call__`,
     `Linker.define_func`) side by side.
 
+  * CPU µs per request (process time, so other work on a shared machine counts less) for the
+    filters bench/bench_proxy.py puts in the server: the no-op filter, the AssemblyScript headers
+    filter, each built-in Zig filter with bench_proxy's configuration, and the three chained.
+
 Usage:  python bench/bench_abi.py [--requests 20000] [--module tests/fixtures/as/build/headers.wasm]
+                                  [--rows-only]
 """
 
 from __future__ import annotations
@@ -70,6 +75,21 @@ class HighLevelFunction:
         except wasmtime.Trap as exc:
             raise fastcall.WasmTrap(str(exc)) from None
 
+    def call_in(self, deadline: fastcall.StoreHandle | None, instance: Any, args: tuple[int, ...],
+                timing: list[float] | None = None) -> Any:
+        """What `fastcall.WasmFunction.call_in` does, in Python."""
+        if deadline is not None:
+            deadline.arm_deadline()
+        fastcall.ACTIVE.append(instance)
+        started = time.perf_counter()
+        try:
+            result = self(*args)
+        finally:
+            fastcall.ACTIVE.pop()
+        if timing is not None:
+            timing.append(time.perf_counter() - started)
+        return result
+
 
 def high_level_runtime() -> abi.Runtime:
     """A Runtime whose host functions go through wasmtime-py's `Linker.define_func` instead."""
@@ -91,18 +111,18 @@ def high_level_runtime() -> abi.Runtime:
 
 # -- measurements -----------------------------------------------------------------------------
 
-def lifecycle(plugin: abi.Plugin | list[abi.Plugin], n: int) -> float:
+def lifecycle(plugin: abi.Plugin | list[abi.Plugin], n: int, clock: Any = time.perf_counter) -> float:
     """Mean µs per request for the full stream lifecycle through one filter, or a chain of them."""
     chain = plugin if isinstance(plugin, list) else [plugin]
     callbacks = _Callbacks()
     info = abi.StreamInfo()
     base = [(":method", "GET"), (":path", "/api/items?id=7"), (":authority", "example.com"),
-            (":scheme", "http"), ("user-agent", "bench/1.0"), ("accept", "*/*")]
+            (":scheme", "http"), ("user-agent", "bench/1.0"), ("accept", "*/*"), ("x-api-key", API_KEY)]
     resp = [(":status", "200"), ("content-type", "application/json"), ("content-length", "2")]
     gc.collect()
     gc.disable()
     try:
-        started = time.perf_counter()
+        started = clock()
         for _ in range(n):
             request = abi.HeaderMap(base)
             response = abi.HeaderMap(resp)
@@ -113,7 +133,7 @@ def lifecycle(plugin: abi.Plugin | list[abi.Plugin], n: int) -> float:
                 stream.response_headers(response, True)
             for stream in streams:
                 stream.complete()
-        elapsed = time.perf_counter() - started
+        elapsed = clock() - started
     finally:
         gc.enable()
     return elapsed / n * 1e6
@@ -123,12 +143,50 @@ def best_of(runs: int, fn: Any) -> float:
     return min(fn() for _ in range(runs))
 
 
+# The filters and configurations of bench/bench_proxy.py's "+noop", "+as" and "+3" rows.
+API_KEY = "bench-key"
+BUILTINS = {
+    "auth": b'{"api_keys": ["%s"]}' % API_KEY.encode(),
+    "ratelimit": b'{"requests_per_second": 1000000, "burst": 1000000}',
+    "ab": b'{"variants": {"a": 50, "b": 50}}',
+}
+
+
+def server_rows(runtime: abi.Runtime, host: _NullHost, requests: int) -> None:
+    """CPU µs per request, one stream lifecycle, for each filter bench_proxy runs in the server."""
+    work = Path(tempfile.mkdtemp())
+    noop = work / "noop.wasm"
+    noop.write_bytes(wasmtime.wat2wasm((ROOT / "bench/noop_filter.wat").read_text()))
+    rows: list[tuple[str, Path, bytes]] = [
+        ("noop (bench/noop_filter.wat)", noop, b""),
+        ("AssemblyScript headers.wasm", ROOT / "tests/fixtures/as/build/headers.wasm", b"{}"),
+    ]
+    rows += [(f"{name}.wasm", ROOT / "sluice/filters" / f"{name}.wasm", config) for name, config in BUILTINS.items()]
+    print("\nCPU µs per request (process time, best of 3) for one stream lifecycle "
+          "(create, request headers, response headers, log, done, delete):")
+    plugins: dict[str, abi.Plugin] = {}
+    for label, path, config in rows:
+        spec = abi.PluginSpec(name=path.stem, module_path=path, configuration=config, log_level=abi.LogLevel.INFO)
+        plugin = runtime.load(spec, host, module=runtime.compile(path))
+        lifecycle(plugin, 1000)  # warm up
+        plugins[path.stem] = plugin
+        us = best_of(3, lambda p=plugin: lifecycle(p, requests, time.process_time))
+        print(f"  {label:32s} {us:7.2f}")
+    chain = [plugins[name] for name in BUILTINS]
+    us = best_of(3, lambda: lifecycle(chain, requests // 2, time.process_time))
+    print(f"  {'auth + ratelimit + ab':32s} {us:7.2f}  ({us / len(chain):.2f} per filter)")
+    for plugin in plugins.values():
+        plugin.retire()
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=20000)
     parser.add_argument("--module", action="append", default=[],
                         help="a headers-only filter to measure (repeatable); default: the lean WAT "
                              "filter bench/headers_filter.wat and the AssemblyScript SDK one")
+    parser.add_argument("--rows-only", action="store_true",
+                        help="only the CPU µs rows of the filters bench_proxy runs in the server")
     args = parser.parse_args()
     if not args.module:
         lean = Path(tempfile.mkdtemp()) / "headers_filter.wasm"
@@ -140,9 +198,12 @@ def main() -> int:
     except (AttributeError, OSError):
         pinned = "not pinned"
     print(f"sluice abi benchmark — wasmtime {metadata.version('wasmtime')} — {pinned}")
+    if args.rows_only:
+        server_rows(abi.Runtime(), _NullHost(), args.requests)
+        return 0
 
     # Compile: cold vs cache.
-    modules = [Path(m) for m in args.module] + sorted((ROOT / "filters").glob("*.wasm"))
+    modules = [Path(m) for m in args.module] + sorted((ROOT / "sluice/filters").glob("*.wasm"))
     with tempfile.TemporaryDirectory() as cache:
         print("\ncompile time per module (ms):")
         for path in modules:
@@ -202,6 +263,7 @@ def main() -> int:
               f"({slow_us / fast_us:.1f}x slower)")
         print(f"  target ≤ 20 µs per request per filter: {'met' if marginal_us <= 20 else 'NOT met'}"
               f" ({marginal_us:.2f} µs per filter)")
+    server_rows(fast, host, args.requests)
     return 0
 
 

@@ -72,9 +72,16 @@ class Histogram:
         if len(pending) >= FOLD_EVERY:
             self.fold()
 
+    @property
+    def pending(self) -> list[float]:
+        """The list `observe` appends to, for a caller that appends to it itself (the host's
+        compiled call layer times callbacks in C). It stays the same list for the histogram's
+        life; whoever appends calls `fold()` once it holds `FOLD_EVERY` values."""
+        return self._pending
+
     def fold(self) -> None:
         """Put pending observations into their buckets."""
-        pending, self._pending = self._pending, []
+        pending = self._pending
         if not pending:
             return
         counts = self._counts
@@ -83,6 +90,7 @@ class Histogram:
             counts[bisect.bisect_left(bounds, value)] += 1
         self._count += len(pending)
         self._sum += math.fsum(pending)
+        pending.clear()  # in place: `pending` is handed out
 
     def snapshot(self) -> HistogramSnapshot:
         self.fold()

@@ -1,14 +1,17 @@
 """Fast calls between Python and wasm through wasmtime's raw *unchecked* C API.
 
-This module and its component half (`fastcall_component`, which takes its C entry points from
-`raw_function` here, after the version check) are the only ones in sluice that touch ctypes or
-wasmtime-py's private API (`wasmtime._ffi`,
-`Store._context`, `Func._func`, `Memory._memory`, `WasmtimeError._from_ptr`). Those are not a
-stable interface, so importing this module checks that the installed wasmtime is the version
-sluice is pinned to (`WASMTIME_VERSION`) and refuses to run on any other. wasmtime-py's high-level `Func.__call__`
-costs ~25 µs per call into wasm and its host-function trampoline ~8 µs per call out; the unchecked
-API used here costs ~1.5 µs and ~0.3 µs because nothing is boxed: arguments and results travel in
-one preallocated array of 16-byte `wasmtime_val_raw_t` slots packed with `struct`.
+This module, its compiled half (`_fastcall`, C declarations in `_wasmtime.pxd`) and its component
+half (`fastcall_component`, which takes its C entry points from `raw_function` here, after the
+version check) are the only ones in sluice that touch ctypes or wasmtime-py's private API
+(`wasmtime._ffi`, `Store._context`, `Func._func`, `Memory._memory`, `WasmtimeError._from_ptr`).
+Those are not a stable interface, so importing this module checks that the installed wasmtime is
+the version sluice is pinned to (`WASMTIME_VERSION`) and refuses to run on any other.
+wasmtime-py's high-level `Func.__call__` costs ~25 µs per call into wasm and its host-function
+trampoline ~8 µs per call out; through ctypes on the unchecked API they cost ~1.2 µs and ~0.45 µs;
+the compiled `_fastcall` (Cython, built by `pip install`) makes them a fraction of that, because
+nothing is boxed but what Python sees and no ctypes object or libffi call is involved: arguments
+and results travel in one preallocated array of 16-byte `wasmtime_val_raw_t` slots, a host
+function's C trampoline calls its Python implementation by vectorcall.
 
 Layers (wasmtime-py itself wraps the C API the same way):
 
@@ -17,10 +20,11 @@ Layers (wasmtime-py itself wraps the C API the same way):
   gets a wall-clock deadline.
 * `HostFunction` / `define_host_functions`: host functions defined once on a `Linker`; each
   dispatches to the *active* instance's Python implementation (`ACTIVE[-1]`), so instantiating a
-  VM does not create any new ctypes callbacks.
+  VM does not define anything new.
+* `StoreHandle`: a store's raw context and its per-call epoch deadline.
 * `WasmFunction`: a callable for one exported function of one instance.
-* `LinearMemory`: bounds-checked reads and writes of an instance's memory without copies of the
-  whole memory; relies on `memory_may_move = False` so the base address is stable.
+* `LinearMemory`: bounds-checked reads and writes of an instance's memory through its data
+  pointer; relies on `memory_may_move = False` so the base address is stable.
 """
 
 from __future__ import annotations
@@ -29,16 +33,22 @@ import atexit
 import ctypes
 import dataclasses
 import functools
-import struct
 import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
 from importlib import metadata
-from time import monotonic as _monotonic
 from typing import Any, Protocol
 
 import wasmtime
+
+try:
+    from . import _fastcall
+except ImportError as exc:  # pragma: no cover - an install without its compiled part
+    raise ImportError(
+        f"sluice.abi._fastcall is not built ({exc}): install sluice with pip (it compiles the extension "
+        f"with the machine's C compiler), e.g. pip install -e ."
+    ) from exc
 
 WASMTIME_VERSION = "50.0.1"
 """The wasmtime-py release this module's use of private API was written against (pyproject pins it)."""
@@ -61,27 +71,22 @@ _check_wasmtime_version()
 
 from wasmtime import _ffi as ffi  # noqa: E402 - only once the version is known to match
 
-# The raw entry points, re-bound with our own (cheaper) argument conventions. `argtypes` stays
-# unset on the hot functions so ctypes does no per-argument conversion: every argument we pass
-# is already a ctypes object of the right width.
+# The raw entry points. The hot ones are only looked up here: `_fastcall` calls them from C, by
+# address. `argtypes` stays unset on the others where every argument is already a ctypes object.
 _dll = ffi.dll
 # The same library loaded as a PyDLL: its functions keep the GIL (see `engine`).
 _pydll = ctypes.PyDLL(_dll._name)
-_call_unchecked = _dll._FuncPtr(("wasmtime_func_call_unchecked", _dll))
-_call_unchecked.restype = ctypes.c_size_t
-_set_epoch_deadline = _dll._FuncPtr(("wasmtime_context_set_epoch_deadline", _dll))
-_set_epoch_deadline.restype = None
-_memory_data = _dll._FuncPtr(("wasmtime_memory_data", _dll))
-_memory_data.restype = ctypes.c_size_t
-_memory_data_size = _dll._FuncPtr(("wasmtime_memory_data_size", _dll))
-_memory_data_size.restype = ctypes.c_size_t
+
+
+def _address(name: str) -> int:
+    address = ctypes.cast(_dll._FuncPtr((name, _dll)), ctypes.c_void_p).value
+    if not address:
+        raise ImportError(f"wasmtime's C library has no {name}")
+    return address
+
+
 _increment_epoch = _dll._FuncPtr(("wasmtime_engine_increment_epoch", _dll))
 _increment_epoch.restype = None
-_define_unchecked = _dll._FuncPtr(("wasmtime_linker_define_func_unchecked", _dll))
-_define_unchecked.restype = ctypes.c_void_p
-_trap_new = _dll._FuncPtr(("wasmtime_trap_new", _dll))
-_trap_new.restype = ctypes.c_size_t
-_trap_new.argtypes = [ctypes.c_char_p, ctypes.c_size_t]
 _trap_code = _dll._FuncPtr(("wasmtime_trap_code", _dll))
 _trap_code.restype = ctypes.c_bool
 _trap_code.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_uint8)]
@@ -90,17 +95,10 @@ _error_exit_status.restype = ctypes.c_bool
 _error_exit_status.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_int)]
 _TRAP_CODE_INTERRUPT = int(ffi.wasmtime_trap_code_enum.WASMTIME_TRAP_CODE_INTERRUPT.value)
 
-# (env, caller, args_and_results, len) -> wasm_trap_t* (0 = no trap)
-_HOST_CALLBACK = ctypes.CFUNCTYPE(ctypes.c_size_t, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t)
-_FINALIZER = ctypes.CFUNCTYPE(None, ctypes.c_void_p)
-
-_SLOT = 16  # sizeof(wasmtime_val_raw_t)
-
 # Value kinds in signatures: i = i32 (signed), I = i32 read as unsigned, q = i64, Q = i64 unsigned,
 # f = f32, d = f64.
 _WASM_TYPE = {"i": wasmtime.ValType.i32(), "I": wasmtime.ValType.i32(), "q": wasmtime.ValType.i64(),
               "Q": wasmtime.ValType.i64(), "f": wasmtime.ValType.f32(), "d": wasmtime.ValType.f64()}
-_PACK = {"i": "i12x", "I": "I12x", "q": "q8x", "Q": "Q8x", "f": "f12x", "d": "d8x"}
 
 
 class WasmTrap(Exception):
@@ -118,10 +116,6 @@ class HostTrap(Exception):
     def __init__(self, message: str, exit_code: int | None = None) -> None:
         super().__init__(message)
         self.exit_code = exit_code
-
-
-def _signature_format(kinds: str) -> struct.Struct:
-    return struct.Struct("<" + "".join(_PACK[k] for k in kinds))
 
 
 # -- engine ----------------------------------------------------------------------------------
@@ -249,7 +243,7 @@ def engine() -> wasmtime.Engine:
     One engine per process (wasmtime's advice): compiled modules are shareable and one ticker
     serves every store. It is never freed, so the ticker can never touch a dead engine.
     """
-    global _ENGINE, _call_unchecked
+    global _ENGINE
     with _engine_lock:
         if _ENGINE is None:
             made = _make_engine()
@@ -261,7 +255,7 @@ def engine() -> wasmtime.Engine:
                 # The epoch advances without Python, so a call into wasm may keep the GIL: that
                 # saves a release and re-acquire on every call and host call (~7% of a stream).
                 # A runaway filter is still interrupted, by the native timer.
-                _call_unchecked = raw_function("wasmtime_func_call_unchecked", ctypes.c_size_t, keep_gil=True)
+                _fastcall.keep_gil(True)
             else:
                 TICKER[0] = "python"
                 _ThreadTicker(made)
@@ -324,68 +318,38 @@ that it unwound reports it. A host trap reaches the caller as a plain wasmtime e
 no exit status of its own."""
 
 
-# The arguments of a host call sit in an array wasmtime owns, at an address that changes per call.
-# One view over the whole user address space reads them with `struct.unpack_from` and writes the
-# result with `pack_into`, creating no ctypes object per call (~0.25 µs saved per host call). Only
-# addresses wasmtime hands us are ever touched through it.
-_ADDRESS_SPACE = memoryview((ctypes.c_ubyte * (1 << 47)).from_address(0))
-_RESULT = {"i": struct.Struct("<i"), "I": struct.Struct("<I"), "q": struct.Struct("<q"),
-           "Q": struct.Struct("<Q"), "f": struct.Struct("<f"), "d": struct.Struct("<d")}
+def _host_failure(label: bytes, exc: BaseException) -> bytes:
+    """The trap message for a host function that raised (called by `_fastcall`'s trampoline);
+    a `HostTrap`'s exit status is kept for the call it unwinds (`_raise_call_failure`)."""
+    if isinstance(exc, HostTrap):
+        if exc.exit_code is not None:
+            _EXIT_STATUS[0] = exc.exit_code
+        return str(exc).encode()
+    return f"host function {label.decode()} failed: {type(exc).__name__}: {exc}".encode()
 
 
-def _trampoline(index: int, fn: HostFunction) -> Any:
-    fmt = _signature_format(fn.params)
-    unpack_from = fmt.unpack_from
-    has_args = fmt.size > 0
-    write = _RESULT[fn.results].pack_into if fn.results else None
-    space = _ADDRESS_SPACE
-    active = ACTIVE
-    label = f"{fn.module}.{fn.name}"
-
-    def callback(_env: int, _caller: int, args: int, _nargs: int) -> int:
-        try:
-            vals = unpack_from(space, args) if has_args else ()
-            result = active[-1].host_impls[index](*vals)
-            if write is not None:
-                write(space, args, result)
-            return 0
-        except HostTrap as exc:
-            if exc.exit_code is not None:
-                _EXIT_STATUS[0] = exc.exit_code
-            msg = str(exc).encode()
-            return int(_trap_new(msg, len(msg)))
-        except BaseException as exc:  # noqa: BLE001 - nothing may unwind through wasm frames
-            msg = f"host function {label} failed: {type(exc).__name__}: {exc}".encode()
-            return int(_trap_new(msg, len(msg)))
-
-    return _HOST_CALLBACK(callback)
+_DEFINITIONS: dict[tuple[HostFunction, int | float | None], tuple[int, wasmtime.FuncType]] = {}
+"""One C definition (`_fastcall.host_definition`) and function type per host function, kept for
+the life of the process and shared by every linker that defines it. Key: (definition, its index
+in a table) for host functions, (definition, the constant) for constant functions."""
 
 
-_NO_FINALIZER = _FINALIZER()  # a NULL function pointer: nothing to finalize
-
-_CALLBACKS: dict[tuple[HostFunction, int | float | None], tuple[Any, wasmtime.FuncType]] = {}
-"""One ctypes callback and function type per definition, kept for the life of the process and
-shared by every linker that defines it. Key: (definition, its index in a table) for host
-functions, (definition, the constant) for constant functions."""
-
-
-def _define(linker: wasmtime.Linker, fn: HostFunction, key: int | float | None, make: Callable[[], Any]) -> None:
-    entry = _CALLBACKS.get((fn, key))
+def _define(linker: wasmtime.Linker, fn: HostFunction, key: int | float | None, make: Callable[[], int]) -> None:
+    entry = _DEFINITIONS.get((fn, key))
     if entry is None:
         ty = wasmtime.FuncType([_WASM_TYPE[k] for k in fn.params], [_WASM_TYPE[k] for k in fn.results])
-        entry = _CALLBACKS[(fn, key)] = (make(), ty)
-    cb, ty = entry
-    mod = fn.module.encode()
-    name = fn.name.encode()
-    err = _define_unchecked(
-        ctypes.c_void_p(ctypes.cast(linker.ptr(), ctypes.c_void_p).value),
-        ctypes.c_char_p(mod), ctypes.c_size_t(len(mod)),
-        ctypes.c_char_p(name), ctypes.c_size_t(len(name)),
-        ctypes.c_void_p(ctypes.cast(ty.ptr(), ctypes.c_void_p).value),
-        cb, ctypes.c_void_p(0), _NO_FINALIZER,
+        entry = _DEFINITIONS[(fn, key)] = (make(), ty)
+    definition, ty = entry
+    err = _fastcall.define(
+        _pointer(linker.ptr()), fn.module.encode(), fn.name.encode(), _pointer(ty.ptr()), definition
     )
     if err:
         raise wasmtime_error(err)
+
+
+def _pointer(ptr: Any) -> int:
+    """The address a ctypes pointer holds."""
+    return ctypes.cast(ptr, ctypes.c_void_p).value or 0
 
 
 def define_host_functions(linker: wasmtime.Linker, functions: Sequence[HostFunction]) -> None:
@@ -395,27 +359,18 @@ def define_host_functions(linker: wasmtime.Linker, functions: Sequence[HostFunct
     a module with stubbed imports, see `define_constant_functions`) creates no ctypes objects.
     """
     for index, fn in enumerate(functions):
-        _define(linker, fn, index, functools.partial(_trampoline, index, fn))
-
-
-def _constant_trampoline(fn: HostFunction, value: int | float) -> Any:
-    write = _RESULT[fn.results].pack_into if fn.results else None
-    space = _ADDRESS_SPACE
-    result = float(value) if fn.results in ("f", "d") else int(value)
-
-    def callback(_env: int, _caller: int, args: int, _nargs: int) -> int:
-        if write is not None:
-            write(space, args, result)
-        return 0
-
-    return _HOST_CALLBACK(callback)
+        label = f"{fn.module}.{fn.name}".encode()
+        _define(linker, fn, index, functools.partial(_fastcall.host_definition, index, fn.params, fn.results, label))
 
 
 def define_constant_functions(linker: wasmtime.Linker, functions: Sequence[tuple[HostFunction, int | float]]) -> None:
     """Define each function as one that ignores its arguments and returns the constant (for
     imports the host does not implement). Needs no active instance: it touches no memory."""
     for fn, value in functions:
-        _define(linker, fn, value if fn.results else None, functools.partial(_constant_trampoline, fn, value))
+        result = (float(value) if fn.results in ("f", "d") else int(value)) if fn.results else 0
+        label = f"{fn.module}.{fn.name}".encode()
+        make = functools.partial(_fastcall.host_definition, 0, fn.params, fn.results, label, result)
+        _define(linker, fn, value if fn.results else None, make)
 
 
 def import_signature(ty: wasmtime.FuncType) -> tuple[str, str]:
@@ -433,35 +388,24 @@ def _context_ptr(store: wasmtime.Store) -> ctypes.c_void_p:
     return ctypes.c_void_p(ctypes.cast(store._context(), ctypes.c_void_p).value)
 
 
-class StoreHandle:
-    """The raw context of one store, and its per-call epoch deadline."""
+class StoreHandle(_fastcall.Deadline):
+    """The raw context of one store (`ctx` for ctypes callers, `address` for `_fastcall`), and its
+    per-call epoch deadline: `arm_deadline()` before each outermost call into wasm gives it the
+    store's full CPU deadline (a native call, so it is made before every callback)."""
 
-    __slots__ = ("store", "ctx", "_ticks", "_armed_at")
+    __slots__ = ("store", "ctx")
 
     def __init__(self, store: wasmtime.Store, deadline_ms: float) -> None:
+        ctx = _context_ptr(store)
+        # One tick more than the deadline needs: each callback gets at least the budget it had
+        # when re-arming was skipped within a tick (so a busy host never shortens a filter's time).
+        super().__init__(ctx.value or 0, deadline_ticks(deadline_ms) + 1)
         self.store = store
-        self.ctx = _context_ptr(store)
-        # One tick more than the deadline needs, so that a deadline armed less than a tick ago
-        # still leaves every callback its full budget (see arm_deadline).
-        self._ticks = ctypes.c_uint64(deadline_ticks(deadline_ms) + 1)
-        self._armed_at = -1.0
-
-    def arm_deadline(self) -> None:
-        """Give the next call into wasm its CPU deadline.
-
-        Callbacks come in bursts (a request runs several in a row), so re-arming is skipped when
-        the deadline was armed less than one epoch tick ago: at most one tick has passed since,
-        and the extra tick in `_ticks` covers it.
-        """
-        now = _monotonic()
-        if now - self._armed_at < EPOCH_TICK_S:
-            return
-        self._armed_at = now
-        _set_epoch_deadline(self.ctx, self._ticks)
+        self.ctx = ctx
 
     def arm_deadline_ms(self, deadline_ms: float) -> None:
-        self._armed_at = -1.0
-        _set_epoch_deadline(self.ctx, ctypes.c_uint64(deadline_ticks(deadline_ms)))
+        """Give the next call into wasm its own deadline (start-up callbacks)."""
+        self.arm_ticks(deadline_ticks(deadline_ms))
 
 
 def _raise_call_failure(err: int, trap: int) -> None:
@@ -502,39 +446,15 @@ def summarize_error(message: str) -> str:
     return lines[0].removeprefix("wasm trap: ")
 
 
-class WasmFunction:
-    """One exported function of one instance, callable with plain ints."""
+class WasmFunction(_fastcall.Func):
+    """One exported function of one instance, callable with plain ints; the caller arms the
+    epoch deadline first (`StoreHandle.arm_deadline`). Raises WasmTrap."""
 
-    __slots__ = ("name", "params", "results", "_handle", "_func", "_func_ref", "_buf", "_view", "_n",
-                 "_pack", "_trap", "_trap_ref", "_result")
+    __slots__ = ()
 
     def __init__(self, handle: StoreHandle, name: str, func: wasmtime.Func, params: str, results: str) -> None:
-        self.name = name
-        self.params = params
-        self.results = results
-        self._handle = handle
-        self._func = func._func  # the wasmtime_func_t struct; kept alive by this object
-        self._func_ref = ctypes.byref(self._func)
-        n = max(len(params), len(results), 1)
-        self._buf = (ctypes.c_ubyte * (_SLOT * n))()
-        self._view = memoryview(self._buf).cast("B")
-        self._n = ctypes.c_size_t(n)
-        self._pack = _signature_format(params).pack_into
-        self._trap = ctypes.c_void_p(0)
-        self._trap_ref = ctypes.byref(self._trap)
-        self._result = _signature_format(results).unpack_from if results else None
-
-    def __call__(self, *args: int) -> Any:
-        """Call with the epoch deadline already armed by the caller (`StoreHandle.arm_deadline`)."""
-        self._pack(self._view, 0, *args)
-        err = _call_unchecked(self._handle.ctx, self._func_ref, self._buf, self._n, self._trap_ref)
-        if err or self._trap.value:
-            trap = self._trap.value or 0
-            self._trap.value = 0
-            _raise_call_failure(err, trap)
-        if self._result is None:
-            return None
-        return self._result(self._view, 0)[0]
+        # The wasmtime_func_t (store id, index) is copied: nothing of `func` needs to stay alive.
+        super().__init__(handle.address, ctypes.addressof(func._func), name, params, results)
 
 
 def export_signature(ty: wasmtime.FuncType) -> tuple[str, str]:
@@ -566,68 +486,14 @@ def _signature(ty: wasmtime.FuncType, names: dict[str, str]) -> tuple[str, str]:
 # -- linear memory ---------------------------------------------------------------------------
 
 
-class LinearMemory:
-    """Bounds-checked access to one instance's memory.
+class LinearMemory(_fastcall.Memory):
+    """Bounds-checked access to one instance's memory (`_fastcall.Memory`: reads, writes and the
+    returned-buffer writes through the data pointer, answering None/False out of bounds)."""
 
-    `memory_may_move = False` (see `_make_engine`) keeps the base address fixed, so one view
-    stays valid; it is only widened when an access falls beyond the size last seen (memory never
-    shrinks). Every accessor returns None/False instead of raising on an out-of-bounds access, so
-    host functions can answer INVALID_MEMORY_ACCESS.
-    """
-
-    __slots__ = ("_handle", "_mem", "_mem_ref", "size", "view", "_base")
+    __slots__ = ()
 
     def __init__(self, handle: StoreHandle, memory: wasmtime.Memory) -> None:
-        self._handle = handle
-        self._mem = memory._memory
-        self._mem_ref = ctypes.byref(self._mem)
-        self.size = 0
-        self._base = 0
-        self.view = memoryview(b"")
-        self.refresh()
-
-    def refresh(self) -> None:
-        size = int(_memory_data_size(self._handle.ctx, self._mem_ref))
-        if size != self.size:
-            self._base = int(_memory_data(self._handle.ctx, self._mem_ref))
-            self.size = size
-            self.view = memoryview((ctypes.c_ubyte * size).from_address(self._base)).cast("B")
-
-    def fits(self, ptr: int, length: int) -> bool:
-        """Whether [ptr, ptr+length) is inside memory, looking again if memory may have grown."""
-        end = ptr + length
-        if end <= self.size:
-            return True
-        self.refresh()
-        return end <= self.size
-
-    def read(self, ptr: int, length: int) -> bytes | None:
-        end = ptr + length
-        # The in-bounds test is inlined: this runs several times per host call.
-        if end > self.size and not self.fits(ptr, length):
-            return None
-        if length == 0:
-            return b""  # SDKs pass (0, 0) for empty data; a pointer past the end failed above
-        return self.view[ptr:end].tobytes()
-
-    def write(self, ptr: int, data: bytes) -> bool:
-        end = ptr + len(data)
-        if end > self.size and not self.fits(ptr, len(data)):
-            return False
-        self.view[ptr:end] = data
-        return True
-
-    def write_u32(self, ptr: int, value: int) -> bool:
-        if not self.fits(ptr, 4):
-            return False
-        struct.pack_into("<I", self.view, ptr, value & 0xFFFFFFFF)
-        return True
-
-    def write_u64(self, ptr: int, value: int) -> bool:
-        if not self.fits(ptr, 8):
-            return False
-        struct.pack_into("<Q", self.view, ptr, value & 0xFFFFFFFFFFFFFFFF)
-        return True
+        super().__init__(handle.address, ctypes.addressof(memory._memory))
 
 
 class NoMemory:
@@ -650,3 +516,20 @@ class NoMemory:
     def write_u64(self, ptr: int, value: int) -> bool:
         return False
 
+    def write_returned(self, ptr: int, data: bytes, ptr_ptr: int, size_ptr: int) -> bool:
+        return False
+
+    def return_bytes(self, allocator: Callable[[int], Any] | None, data: bytes, ptr_ptr: int, size_ptr: int) -> bool:
+        allocator(len(data))  # type: ignore[misc]  # as with a memory: the module allocates first
+        return False
+
+
+_SIZES = tuple(ctypes.sizeof(t) for t in (ffi.wasmtime_func_t, ffi.wasmtime_memory_t, ffi.wasmtime_val_raw_t))
+if _fastcall.struct_sizes() != _SIZES:
+    raise ImportError(f"sluice.abi._fastcall was built for other wasmtime struct layouts "
+                      f"({_fastcall.struct_sizes()} bytes, wasmtime-py has {_SIZES}): reinstall sluice")
+_fastcall.init(
+    _address("wasmtime_func_call_unchecked"), _address("wasmtime_context_set_epoch_deadline"),
+    _address("wasmtime_memory_data"), _address("wasmtime_memory_data_size"), _address("wasmtime_trap_new"),
+    _address("wasmtime_linker_define_func_unchecked"), ACTIVE, _raise_call_failure, _host_failure,
+)

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Iterable, Iterator
+from itertools import chain
+from typing import cast
 
 MAX_PAIRS = 1024
 MAX_PAIRS_BYTES = 1 << 20
@@ -84,7 +86,10 @@ class HeaderMap:
     def byte_size(self) -> int:
         """Sum of name and value bytes: what Envoy reports as a map's size."""
         if self._size < 0:
-            self._size = sum(len(_enc(k)) + len(_enc(v)) for k, v in self._items)
+            # UTF-8 is concatenative: the size of the joined text is the sum of the sizes, and an
+            # ASCII text (nearly every header map) needs no encoding to be measured.
+            text = "".join(chain.from_iterable(self._items))
+            self._size = len(text) if text.isascii() else len(_enc(text))
         return self._size
 
     def regular(self) -> list[tuple[str, str]]:
@@ -96,8 +101,9 @@ class HeaderMap:
         self.writes += 1
         name = name.lower()
         if self._size >= 0:
-            self._size += len(_enc(name)) + len(_enc(value))
-        if name.startswith(":"):
+            both = name + value
+            self._size += len(both) if both.isascii() else len(_enc(both))
+        if name[:1] == ":":
             # Pseudo-headers stay in front, in arrival order.
             idx = 0
             while idx < len(self._items) and self._items[idx][0].startswith(":"):
@@ -146,20 +152,22 @@ class HeaderMap:
 
 
 def serialize_pairs(items: Iterable[tuple[str, str]] | Iterable[tuple[bytes, bytes]]) -> bytes:
-    """Encode pairs: u32 count, (u32 key_len, u32 value_len) each, then key NUL value NUL each."""
-    encoded = [
-        (k if isinstance(k, bytes) else _enc(k), v if isinstance(v, bytes) else _enc(v)) for k, v in items
-    ]
-    if not encoded:
+    """Encode pairs: u32 count, (u32 key_len, u32 value_len) each, then key NUL value NUL each.
+
+    In one pass over the text: the keys and values are joined with their NULs and encoded at once
+    (an ASCII map, the usual case, then has its lengths without any per-header encoding)."""
+    flat: list[str | bytes] = [x for kv in items for x in kv]
+    if not flat:
         return b""
-    parts = [_U32.pack(len(encoded))]
-    parts.extend(_U32x2.pack(len(k), len(v)) for k, v in encoded)
-    for k, v in encoded:
-        parts.append(k)
-        parts.append(b"\0")
-        parts.append(v)
-        parts.append(b"\0")
-    return b"".join(parts)
+    if all(type(x) is str for x in flat):
+        texts = cast(list[str], flat)
+        text = "\0".join(texts) + "\0"
+        if text.isascii():
+            lengths = [len(x) for x in texts]
+            data = text.encode("ascii")
+            return struct.pack(f"<{len(flat) + 1}I", len(flat) // 2, *lengths) + data
+    raw = [x if isinstance(x, bytes) else _enc(x) for x in flat]
+    return struct.pack(f"<{len(raw) + 1}I", len(raw) // 2, *map(len, raw)) + b"\0".join(raw) + b"\0"
 
 
 def deserialize_pairs_bytes(data: bytes) -> list[tuple[bytes, bytes]]:

@@ -16,9 +16,7 @@ Redis commands, queues, proxy_done) go through `_VMHooks`, so they are not part 
 
 from __future__ import annotations
 
-from time import perf_counter
-
-from sluice.histogram import Histogram
+from sluice.histogram import FOLD_EVERY, Histogram
 
 from .api import (
     CallResponse,
@@ -443,7 +441,7 @@ class HttpStream:
     """One HTTP stream through one filter. Methods mirror Envoy's filter callbacks."""
 
     __slots__ = ("_plugin", "_vm", "info", "_callbacks", "_mode", "_ctx", "_maps", "_bodies",
-                 "paused", "completed", "_request_args3", "_response_args3", "_observe", "reads_request_body",
+                 "paused", "completed", "_request_args3", "_response_args3", "_timing", "reads_request_body",
                  "reads_response_body")
 
     def __init__(
@@ -462,7 +460,7 @@ class HttpStream:
         self.completed = False
         self._request_args3 = vm is not None and vm.request_headers_args3
         self._response_args3 = vm is not None and vm.response_headers_args3
-        self._observe = plugin._callback_time.observe
+        self._timing = plugin._callback_time.pending
         # Whether this filter's body callbacks run (and so may change a body's length): the
         # proxy keeps a body's Content-Length only when no filter of the chain can change it.
         fn = vm.fn if vm is not None and mode is _WASM else {}
@@ -482,30 +480,33 @@ class HttpStream:
             ctx = self._create_context()
             if ctx is None:
                 return None
-        started = perf_counter()
+        # Timed in C, into the callback histogram's pending values (which this folds when due).
+        timing = self._timing
         try:
-            result: int | None = vm.invoke(fn, ctx, (ctx.id, *args))
+            result: int | None = vm.invoke(fn, ctx, (ctx.id, *args), False, None, timing)
         except WasmTrap as exc:
             self._plugin._on_trap(vm, exc, name)
             self.fail(None)
             return None
-        self._observe(perf_counter() - started)
+        if len(timing) >= FOLD_EVERY:
+            self._plugin._callback_time.fold()
         return result
 
     def _create_context(self) -> StreamContext | None:
         vm = self._vm
         plugin = self._plugin
         assert vm is not None
-        root = plugin._root_for(vm)
+        root = plugin._root if vm is plugin._vm else plugin._root_for(vm)
         if root is None:
             self.fail("the filter has no root context")
             return None
         ctx = StreamContext(vm.new_context_id(), root, self, self._maps, self._bodies)
         vm.contexts[ctx.id] = ctx
         self._ctx = ctx
+        on_context_create = vm.on_context_create
         try:
-            if vm.on_context_create is not None:
-                vm.invoke(vm.on_context_create, ctx, (ctx.id, root.id))
+            if on_context_create is not None:
+                vm.invoke(on_context_create, ctx, (ctx.id, root.id))
         except WasmTrap as exc:
             plugin._on_trap(vm, exc, "proxy_on_context_create")
             self.fail(None)
@@ -552,6 +553,8 @@ class HttpStream:
         else:
             r = self._call("proxy_on_request_headers", len(headers))
         # 0 Continue, 2 ContinueAndEndStream; 1, 3, 4 and anything larger stop (cpp-host).
+        if (r == 0 or r == 2 or r is None) and self._mode is _WASM:
+            return CONTINUE  # the usual answer, without the general case's call
         return self._status(r, (0, 2))
 
     def request_body(self, body: bytearray, end_of_stream: bool) -> FilterStatus:
@@ -578,6 +581,8 @@ class HttpStream:
             r = self._call("proxy_on_response_headers", len(headers), 1 if end_of_stream else 0)
         else:
             r = self._call("proxy_on_response_headers", len(headers))
+        if (r == 0 or r == 2 or r is None) and self._mode is _WASM:
+            return CONTINUE
         return self._status(r, (0, 2))
 
     def response_body(self, body: bytearray, end_of_stream: bool) -> FilterStatus:

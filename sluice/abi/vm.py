@@ -16,8 +16,6 @@ Rules from cpp-host that this module enforces (reference 1.0, 2.1, 2.4):
 from __future__ import annotations
 
 import dataclasses
-import gc
-import struct
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -62,7 +60,6 @@ CALLBACKS: dict[str, tuple[str, str]] = {
 }
 HEADER_CALLBACKS = ("proxy_on_request_headers", "proxy_on_response_headers")
 START_DEADLINE_MS = 1000.0
-_U32x2 = struct.Struct("<II")
 OK = WasmResult.OK
 BAD_ARGUMENT = WasmResult.BAD_ARGUMENT
 NOT_FOUND = WasmResult.NOT_FOUND
@@ -496,12 +493,18 @@ class WasmVM:
         return self.invoke(fn, context, args, configuring, deadline_ms)
 
     def invoke(self, fn: WasmFunction, context: Context | None, args: tuple[int, ...],
-               configuring: bool = False, deadline_ms: float | None = None) -> Any:
-        """`call` for a function already looked up (the per-request path)."""
+               configuring: bool = False, deadline_ms: float | None = None,
+               timing: list[float] | None = None) -> Any:
+        """`call` for a function already looked up (the per-request path).
+
+        `fn.call_in` arms the deadline of an outermost call, makes this VM the one host calls
+        dispatch to and holds the cycle collector until the callback returns. With `timing`
+        (a histogram's pending list), an outermost call that returns appends its duration."""
         if self.dead is not None:
             raise WasmTrap(f"VM is no longer usable: {self.dead}")
         frames = self.frames
         outermost = not frames
+        handle: StoreHandle | None = None  # nested in a host call: runs under its caller's deadline
         if outermost:
             # The outermost frame is reused (nothing keeps a frame once its call returned):
             # resetting its fields is cheaper than a new object, on every callback.
@@ -512,29 +515,20 @@ class WasmVM:
             frame.local_reply_sent = False
             frame.foreign_args = None
             if deadline_ms is None:
-                self.handle.arm_deadline()
+                handle = self.handle
             else:
                 self.handle.arm_deadline_ms(deadline_ms)
         else:
             frame = Frame(context, configuring)
         frames.append(frame)
-        _ACTIVE.append(self)
-        # The cycle collector waits until the callback returns: its pause is the host's time,
-        # and run inside a host call it would count against the filter's CPU deadline.
-        collecting = outermost and gc.isenabled()
-        if collecting:
-            gc.disable()
         try:
-            result = fn(*args)
+            result = fn.call_in(handle, self, args, timing)
         except WasmTrap as exc:
             raise self._trapped(exc) from None
         finally:
-            _ACTIVE.pop()
             frames.pop()
             if outermost:  # a kept context would tie the VM to itself (no refcount release)
                 frame.context = frame.effective = None
-            if collecting:
-                gc.enable()
         if frame.local_reply_sent and result is not None:
             result = 1  # a local reply overrides the callback's return value to "stop"
         if outermost and self.deferred:
@@ -544,34 +538,26 @@ class WasmVM:
     def invoke_each(self, fns: tuple[WasmFunction, ...], context: Context, args: tuple[int, ...]) -> None:
         """Several void callbacks in a row for one context (end of stream: log, done, delete).
 
-        Each still gets a fresh effective context; raises WasmTrap naming nothing: the caller
-        knows which function it was from `self.failed_fn`.
+        Each still gets a fresh effective context (and, outermost, its full deadline); raises
+        WasmTrap naming nothing: the caller knows which function it was from `self.failed_fn`.
         """
         if self.dead is not None:
             raise WasmTrap(f"VM is no longer usable: {self.dead}")
         frame = Frame(context)
         frames = self.frames
         outermost = not frames
+        handle = self.handle if outermost else None
         frames.append(frame)
-        _ACTIVE.append(self)
-        collecting = outermost and gc.isenabled()
-        if collecting:
-            gc.disable()  # as in invoke
         fn = None
         try:
             for fn in fns:
-                if outermost:
-                    self.handle.arm_deadline()
                 frame.effective = None
-                fn(*args)
+                fn.call_in(handle, self, args)
         except WasmTrap as exc:
             self.failed_fn = fn
             raise self._trapped(exc) from None
         finally:
-            _ACTIVE.pop()
             frames.pop()
-            if collecting:
-                gc.enable()
         if outermost and self.deferred:
             self.run_deferred()
 
@@ -603,21 +589,11 @@ class WasmVM:
                 return WasmResult.OK
             return WasmResult.INVALID_MEMORY_ACCESS
         try:
-            ptr = self.allocator(size) & 0xFFFFFFFF  # type: ignore[misc]
+            if mem.return_bytes(self.allocator, data if type(data) is bytes else bytes(data), ptr_ptr, size_ptr):
+                return WasmResult.OK
         except WasmTrap as exc:
             self.nested_trap = exc  # the outer call reports this cause, not "host call failed"
             raise
-        # Written out rather than through mem.write: this runs for every buffer a filter reads.
-        end = ptr + size
-        if ptr == 0 or (end > mem.size and not mem.fits(ptr, size)):
-            return WasmResult.INVALID_MEMORY_ACCESS
-        view = mem.view
-        view[ptr:end] = data
-        if size_ptr == ptr_ptr + 4 and ptr_ptr + 8 <= mem.size:  # the usual layout: one write
-            _U32x2.pack_into(view, ptr_ptr, ptr, size)
-            return WasmResult.OK
-        if mem.write_u32(ptr_ptr, ptr) and mem.write_u32(size_ptr, size):
-            return WasmResult.OK
         return WasmResult.INVALID_MEMORY_ACCESS
 
     # -- capabilities and limits -----------------------------------------------------------------
@@ -631,7 +607,7 @@ class WasmVM:
         limits = self.spec.limits
         if len(hmap) >= limits.max_headers:
             return self.refuse("limit.max_headers", BAD_ARGUMENT)
-        if hmap.byte_size() + _utf8_len(key) + _utf8_len(value) > limits.max_header_bytes:
+        if hmap.byte_size() + _utf8_len(key + value) > limits.max_header_bytes:
             return self.refuse("limit.max_header_bytes", BAD_ARGUMENT)
         hmap.add(key, value)
         return OK
@@ -640,10 +616,10 @@ class WasmVM:
         """proxy_replace_header_map_value, within the header-map limits (every old `key` goes)."""
         lowered = key.lower()
         old = hmap.get_all(lowered)
-        added = _utf8_len(lowered) + _utf8_len(value)
+        added = _utf8_len(lowered + value)
         if not old and len(hmap) >= self.spec.limits.max_headers:
             return self.refuse("limit.max_headers", BAD_ARGUMENT)
-        removed = sum(_utf8_len(lowered) + _utf8_len(v) for v in old)
+        removed = sum(_utf8_len(lowered + v) for v in old) if old else 0
         if hmap.byte_size() - removed + added > self.spec.limits.max_header_bytes:
             return self.refuse("limit.max_header_bytes", BAD_ARGUMENT)
         hmap.set(key, value)

@@ -1,0 +1,513 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, initializedcheck=False
+"""The compiled half of the fast-call layer: calls into wasm, host-function trampolines, linear
+memory and the epoch deadline, in C.
+
+`sluice.abi.fastcall` is the one façade the rest of sluice imports; it hands this module the
+addresses of wasmtime's C entry points (`init`) and subclasses its types to take wasmtime-py
+objects. Here nothing is boxed but what Python must see: a call into wasm packs its int
+arguments straight into one preallocated `wasmtime_val_raw_t` array and calls
+`wasmtime_func_call_unchecked`; a host function is registered with
+`wasmtime_linker_define_func_unchecked` and its C trampoline calls the Python implementation with
+plain ints by vectorcall, with no ctypes thunk or argument tuple; linear memory is read and
+written through its data pointer.
+
+What each call *means* stays in Python (`vm`, `hostcalls`); the classification of a failed call
+too (`fastcall._raise_call_failure`), so traps read exactly as before.
+"""
+
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from cpython.list cimport PyList_GET_ITEM, PyList_GET_SIZE
+from cpython.ref cimport Py_INCREF, PyObject
+from libc.stdint cimport int32_t, int64_t, uint8_t, uint32_t, uint64_t, uintptr_t
+from libc.stdlib cimport malloc
+from libc.string cimport memcpy, memset
+
+
+cdef extern from "<time.h>" nogil:
+    ctypedef long time_t
+    cdef struct timespec:
+        time_t tv_sec
+        long tv_nsec
+    int clock_gettime(int clock, timespec* now)
+    int CLOCK_MONOTONIC
+
+
+cdef inline double _monotonic() noexcept nogil:
+    """time.perf_counter()'s clock on Linux, in seconds."""
+    cdef timespec now
+    clock_gettime(CLOCK_MONOTONIC, &now)
+    return now.tv_sec + now.tv_nsec * 1e-9
+
+from ._wasmtime cimport (
+    wasm_functype_t,
+    wasm_trap_t,
+    wasmtime_caller_t,
+    wasmtime_context_set_epoch_deadline_fn,
+    wasmtime_context_t,
+    wasmtime_error_t,
+    wasmtime_finalizer_t,
+    wasmtime_func_call_unchecked_fn,
+    wasmtime_func_t,
+    wasmtime_linker_define_func_unchecked_fn,
+    wasmtime_linker_t,
+    wasmtime_memory_data_fn,
+    wasmtime_memory_data_size_fn,
+    wasmtime_memory_t,
+    wasmtime_trap_new_fn,
+    wasmtime_val_raw_t,
+)
+
+cdef extern from "Python.h":
+    # Raw references, so the trampoline builds its argument array without a tuple.
+    object _vectorcall "PyObject_Vectorcall"(object callable, PyObject** args, size_t nargsf, PyObject* kwnames)
+    long long PyLong_AsLongLongAndOverflow(object value, int* overflow) except? -1
+    unsigned long long PyLong_AsUnsignedLongLong(object value) except? -1
+    PyObject* PyLong_FromLong(long v)
+    PyObject* PyLong_FromUnsignedLong(unsigned long v)
+    PyObject* PyLong_FromLongLong(long long v)
+    PyObject* PyLong_FromUnsignedLongLong(unsigned long long v)
+    PyObject* PyFloat_FromDouble(double v)
+    void _decref "Py_DECREF"(PyObject* o)
+    int PyGC_Enable()
+    int PyGC_Disable()
+
+cdef enum:
+    MAX_SLOTS = 16  # more parameters than any host function or callback sluice defines
+
+cdef wasmtime_func_call_unchecked_fn _call_unchecked = NULL
+cdef wasmtime_context_set_epoch_deadline_fn _set_deadline = NULL
+cdef wasmtime_memory_data_fn _memory_data = NULL
+cdef wasmtime_memory_data_size_fn _memory_data_size = NULL
+cdef wasmtime_trap_new_fn _trap_new = NULL
+cdef wasmtime_linker_define_func_unchecked_fn _define_unchecked = NULL
+cdef bint _keep_gil = False
+cdef list _active = None
+cdef object _call_failure = None
+cdef object _host_failure = None
+cdef bytes _host_failed = b"host function failed"
+
+
+def init(uintptr_t call_unchecked, uintptr_t set_epoch_deadline, uintptr_t memory_data,
+         uintptr_t memory_data_size, uintptr_t trap_new, uintptr_t define_func_unchecked,
+         list active, call_failure, host_failure):
+    """Bind the C entry points (addresses from the loaded wasmtime library) and the Python side:
+    `active` is the stack of instances host calls dispatch to (`fastcall.ACTIVE`),
+    `call_failure(err, trap)` raises the WasmTrap for a failed call, `host_failure(label, exc)`
+    returns the trap message for a host function that raised."""
+    global _call_unchecked, _set_deadline, _memory_data, _memory_data_size, _trap_new, _define_unchecked
+    global _active, _call_failure, _host_failure
+    _call_unchecked = <wasmtime_func_call_unchecked_fn><void*>call_unchecked
+    _set_deadline = <wasmtime_context_set_epoch_deadline_fn><void*>set_epoch_deadline
+    _memory_data = <wasmtime_memory_data_fn><void*>memory_data
+    _memory_data_size = <wasmtime_memory_data_size_fn><void*>memory_data_size
+    _trap_new = <wasmtime_trap_new_fn><void*>trap_new
+    _define_unchecked = <wasmtime_linker_define_func_unchecked_fn><void*>define_func_unchecked
+    _active = active
+    _call_failure = call_failure
+    _host_failure = host_failure
+
+
+def struct_sizes():
+    """sizeof wasmtime_func_t, wasmtime_memory_t, wasmtime_val_raw_t as compiled here (checked
+    against wasmtime-py's own declarations by `fastcall`, so a layout change cannot go unseen)."""
+    return (sizeof(wasmtime_func_t), sizeof(wasmtime_memory_t), sizeof(wasmtime_val_raw_t))
+
+
+def keep_gil(bint keep):
+    """Whether calls into wasm keep the GIL: only when the epoch advances without Python."""
+    global _keep_gil
+    _keep_gil = keep
+
+
+# -- values ----------------------------------------------------------------------------------
+# Kinds: i = i32 (signed), I = i32 read as unsigned, q = i64, Q = i64 unsigned, f = f32, d = f64.
+
+cdef int _store(wasmtime_val_raw_t* slot, char kind, object value) except -1:
+    """One Python number into a slot. Ints wrap to the slot's width (wasm integers have no sign)."""
+    cdef unsigned long long bits
+    cdef int overflow = 0
+    if kind == b'f':
+        slot.f32 = <float>value
+    elif kind == b'd':
+        slot.f64 = <double>value
+    else:
+        # Any int in range of either signedness (u32 and i32 values both occur).
+        bits = <unsigned long long>PyLong_AsLongLongAndOverflow(value, &overflow)
+        if overflow:
+            bits = PyLong_AsUnsignedLongLong(value)
+        if kind == b'q' or kind == b'Q':
+            slot.i64 = <int64_t>bits
+        else:
+            slot.i32 = <int32_t>(<uint32_t>bits)
+    return 0
+
+
+cdef PyObject* _box(wasmtime_val_raw_t* slot, char kind):
+    """A new reference to the Python number in a slot (NULL with an exception set on failure)."""
+    if kind == b'I':
+        return PyLong_FromUnsignedLong(<uint32_t>slot.i32)
+    if kind == b'i':
+        return PyLong_FromLong(slot.i32)
+    if kind == b'q':
+        return PyLong_FromLongLong(slot.i64)
+    if kind == b'Q':
+        return PyLong_FromUnsignedLongLong(<uint64_t>slot.i64)
+    if kind == b'f':
+        return PyFloat_FromDouble(slot.f32)
+    return PyFloat_FromDouble(slot.f64)
+
+
+cdef object _unbox(wasmtime_val_raw_t* slot, char kind):
+    if kind == b'i':
+        return slot.i32
+    if kind == b'I':
+        return <uint32_t>slot.i32
+    if kind == b'q':
+        return slot.i64
+    if kind == b'Q':
+        return <uint64_t>slot.i64
+    if kind == b'f':
+        return slot.f32
+    return slot.f64
+
+
+cdef int _kinds(char* out, str kinds) except -1:
+    cdef bytes raw = kinds.encode("ascii")
+    if len(raw) > MAX_SLOTS:
+        raise ValueError(f"more than {MAX_SLOTS} values: {kinds!r}")
+    for k in raw:
+        if k not in b"iIqQfd":
+            raise ValueError(f"unknown value kind {chr(k)!r} in {kinds!r}")
+    memcpy(out, PyBytes_AS_STRING(raw), len(raw))
+    return len(raw)
+
+
+# -- the epoch deadline -----------------------------------------------------------------------
+
+cdef class Deadline:
+    """The raw context of one store and its per-call epoch deadline (`fastcall.StoreHandle`)."""
+
+    cdef wasmtime_context_t* _ctx
+    cdef uint64_t _ticks
+    cdef readonly uintptr_t address
+    """The `wasmtime_context_t*` of the store."""
+
+    def __init__(self, uintptr_t context, uint64_t ticks):
+        self._ctx = <wasmtime_context_t*><void*>context
+        self.address = context
+        self._ticks = ticks
+
+    def arm_deadline(self):
+        """Give the next call into wasm the store's full CPU deadline (a native call: cheap
+        enough to make before every callback)."""
+        _set_deadline(self._ctx, self._ticks)
+
+    def arm_ticks(self, uint64_t ticks):
+        """Give the next call into wasm `ticks` epoch ticks (a one-off budget)."""
+        _set_deadline(self._ctx, ticks)
+
+
+# -- calls into wasm --------------------------------------------------------------------------
+
+cdef class Func:
+    """One exported function of one instance, callable with plain numbers; the caller arms the
+    epoch deadline first (`Deadline.arm_deadline`)."""
+
+    cdef wasmtime_context_t* _ctx
+    cdef wasmtime_func_t _func
+    cdef wasmtime_val_raw_t _vals[MAX_SLOTS]
+    cdef int _nparams
+    cdef int _nslots
+    cdef char _kinds[MAX_SLOTS]
+    cdef char _result
+    cdef readonly str name
+    cdef readonly str params
+    cdef readonly str results
+
+    def __init__(self, uintptr_t context, uintptr_t func, str name, str params, str results):
+        """`func`: the address of a `wasmtime_func_t` (copied: it is a store id and an index)."""
+        if len(results) > 1:
+            raise ValueError("more than one result")
+        self._ctx = <wasmtime_context_t*><void*>context
+        memcpy(&self._func, <void*>func, sizeof(wasmtime_func_t))
+        memset(self._vals, 0, sizeof(self._vals))
+        self._nparams = _kinds(self._kinds, params)
+        self._result = 0
+        if results:
+            _kinds(&self._result, results)
+        self._nslots = max(self._nparams, 1)
+        self.name = name
+        self.params = params
+        self.results = results
+
+    def __call__(self, *args):
+        return self._call(args)
+
+    def call_in(self, Deadline deadline, object instance, tuple args, list timing=None):
+        """Call as the callback of `instance`: arm `deadline` (None: a nested call, which runs
+        under its caller's), make `instance` the one host calls dispatch to (`ACTIVE`), and keep
+        the cycle collector paused until the call returns (its pause is the host's time, and run
+        inside a host call it would count against the filter's CPU deadline). With `timing`,
+        a call that returns appends its wall time in seconds to that list."""
+        cdef int was_enabled
+        cdef double started = 0.0
+        cdef object result
+        if deadline is not None:
+            _set_deadline(deadline._ctx, deadline._ticks)
+        _active.append(instance)
+        was_enabled = PyGC_Disable()
+        try:
+            if timing is None:
+                return self._call(args)
+            started = _monotonic()
+            result = self._call(args)
+            timing.append(_monotonic() - started)
+            return result
+        finally:
+            _active.pop()
+            if was_enabled:
+                PyGC_Enable()
+
+    cdef object _call(self, tuple args):
+        cdef Py_ssize_t n = len(args)
+        cdef int i
+        cdef wasmtime_error_t* err
+        cdef wasm_trap_t* trap = NULL
+        if n != self._nparams:
+            raise TypeError(f"{self.name} takes {self._nparams} arguments ({n} given)")
+        for i in range(n):
+            _store(&self._vals[i], self._kinds[i], args[i])
+        if _keep_gil:
+            err = _call_unchecked(self._ctx, &self._func, self._vals, self._nslots, &trap)
+        else:
+            with nogil:
+                err = _call_unchecked(self._ctx, &self._func, self._vals, self._nslots, &trap)
+        if err != NULL or trap != NULL:
+            _call_failure(<uintptr_t>err, <uintptr_t>trap)
+            raise AssertionError("call_failure returned")  # it always raises
+        if self._result == 0:
+            return None
+        return _unbox(&self._vals[0], self._result)
+
+
+# -- host functions ---------------------------------------------------------------------------
+
+cdef struct HostDef:
+    int index
+    int nparams
+    char kinds[MAX_SLOTS]
+    char result          # 0: no result
+    bint constant        # ignore the arguments and answer `value`
+    double value_f
+    int64_t value_i
+    PyObject* label      # bytes "module.name", a reference kept for the life of the process
+
+
+cdef int _write_result(wasmtime_val_raw_t* slot, char kind, object value) except -1:
+    if kind == b'f':
+        slot.f32 = <float>value
+    elif kind == b'd':
+        slot.f64 = <double>value
+    else:
+        _store(slot, kind, value)
+    return 0
+
+
+cdef int _propagate() except -1:
+    return -1  # an exception is already set: make Cython raise it
+
+
+cdef wasm_trap_t* _trap_for(HostDef* d, object exc) noexcept:
+    cdef bytes msg
+    try:
+        msg = _host_failure(<object>d.label, exc)
+    except BaseException:
+        msg = _host_failed
+    return _trap_new(PyBytes_AS_STRING(msg), PyBytes_GET_SIZE(msg))
+
+
+cdef wasm_trap_t* _host_call(void* env, wasmtime_caller_t* caller, wasmtime_val_raw_t* vals,
+                             size_t nvals) noexcept with gil:
+    cdef HostDef* d = <HostDef*>env
+    cdef PyObject* argv[MAX_SLOTS]
+    cdef int i, made = 0
+    cdef Py_ssize_t depth
+    cdef object impl, result
+    if d.constant:
+        if d.result == b'd' or d.result == b'f':
+            if d.result == b'd':
+                vals[0].f64 = d.value_f
+            else:
+                vals[0].f32 = <float>d.value_f
+        elif d.result == b'q' or d.result == b'Q':
+            vals[0].i64 = d.value_i
+        elif d.result:
+            vals[0].i32 = <int32_t>d.value_i
+        return NULL
+    try:
+        depth = PyList_GET_SIZE(_active)
+        if depth == 0:
+            raise RuntimeError("no active instance")
+        impl = (<object>PyList_GET_ITEM(_active, depth - 1)).host_impls[d.index]
+        try:
+            for i in range(d.nparams):
+                argv[i] = _box(&vals[i], d.kinds[i])
+                if argv[i] == NULL:
+                    _propagate()
+                made += 1
+            result = _vectorcall(impl, argv, d.nparams, NULL)
+        finally:
+            for i in range(made):
+                _decref(argv[i])
+        if d.result:
+            _write_result(&vals[0], d.result, result)
+        return NULL
+    except BaseException as exc:  # nothing may unwind through wasm frames
+        return _trap_for(d, exc)
+
+
+def host_definition(int index, str params, str results, bytes label, constant=None):
+    """A host function's C environment (kept for the life of the process): it dispatches to
+    `ACTIVE[-1].host_impls[index]`, or answers `constant` without reading its arguments."""
+    cdef HostDef* d = <HostDef*>malloc(sizeof(HostDef))
+    if d == NULL:
+        raise MemoryError()
+    memset(d, 0, sizeof(HostDef))
+    d.index = index
+    d.nparams = _kinds(d.kinds, params)
+    if len(results) > 1:
+        raise ValueError("more than one result")
+    if results:
+        _kinds(&d.result, results)
+    if constant is not None:
+        d.constant = True
+        if d.result == b'd' or d.result == b'f':
+            d.value_f = constant
+        elif d.result:
+            d.value_i = constant
+    Py_INCREF(label)  # kept: the definition lives as long as the process
+    d.label = <PyObject*>label
+    return <uintptr_t>d
+
+
+def define(uintptr_t linker, bytes module, bytes name, uintptr_t functype, uintptr_t definition):
+    """Define `module.name` on a linker as the host function `definition` (from
+    `host_definition`); returns the `wasmtime_error_t*` address, 0 on success."""
+    cdef wasmtime_error_t* err = _define_unchecked(
+        <wasmtime_linker_t*><void*>linker, PyBytes_AS_STRING(module), PyBytes_GET_SIZE(module),
+        PyBytes_AS_STRING(name), PyBytes_GET_SIZE(name), <const wasm_functype_t*><void*>functype,
+        _host_call, <void*>definition, NULL)
+    return <uintptr_t>err
+
+
+# -- linear memory ----------------------------------------------------------------------------
+
+cdef class Memory:
+    """Bounds-checked access to one instance's memory through its data pointer.
+
+    The engine keeps memory in place (`memory_may_move = False`), so the base address is read
+    again only when an access falls beyond the size last seen (memory never shrinks). Every
+    accessor answers None/False for an out-of-bounds or negative address instead of raising, so
+    host functions can answer INVALID_MEMORY_ACCESS.
+    """
+
+    cdef wasmtime_context_t* _ctx
+    cdef wasmtime_memory_t _mem
+    cdef uint8_t* _base
+    cdef readonly size_t size
+
+    def __init__(self, uintptr_t context, uintptr_t memory):
+        """`memory`: the address of a `wasmtime_memory_t` (copied)."""
+        self._ctx = <wasmtime_context_t*><void*>context
+        memcpy(&self._mem, <void*>memory, sizeof(wasmtime_memory_t))
+        self.size = 0
+        self._base = NULL
+        self.refresh()
+
+    def refresh(self):
+        self._refresh()
+
+    cdef inline void _refresh(self) noexcept:
+        cdef size_t size = _memory_data_size(self._ctx, &self._mem)
+        if size != self.size:
+            self._base = _memory_data(self._ctx, &self._mem)
+            self.size = size
+
+    cdef inline bint _fits(self, long long ptr, long long length) noexcept:
+        if ptr < 0 or length < 0:
+            return False
+        if <unsigned long long>(ptr + length) <= self.size:
+            return True
+        self._refresh()
+        return <unsigned long long>(ptr + length) <= self.size
+
+    def fits(self, long long ptr, long long length):
+        """Whether [ptr, ptr+length) is inside memory, looking again if memory may have grown."""
+        return self._fits(ptr, length)
+
+    def read(self, long long ptr, long long length):
+        """A copy of [ptr, ptr+length) as bytes, or None when out of bounds."""
+        if not self._fits(ptr, length):
+            return None
+        return PyBytes_FromStringAndSize(<char*>(self._base + ptr), length)
+
+    def write(self, long long ptr, data):
+        cdef bytes raw = data if type(data) is bytes else bytes(data)
+        cdef Py_ssize_t n = PyBytes_GET_SIZE(raw)
+        if not self._fits(ptr, n):
+            return False
+        memcpy(self._base + ptr, PyBytes_AS_STRING(raw), n)
+        return True
+
+    def write_u32(self, long long ptr, value):
+        cdef uint32_t v = <uint32_t>(<unsigned long long>(value & 0xFFFFFFFF))
+        if not self._fits(ptr, 4):
+            return False
+        memcpy(self._base + ptr, &v, 4)  # wasm memory is little-endian, like the hosts sluice runs on
+        return True
+
+    def write_u64(self, long long ptr, value):
+        cdef uint64_t v = <uint64_t>(<unsigned long long>(value & 0xFFFFFFFFFFFFFFFF))
+        if not self._fits(ptr, 8):
+            return False
+        memcpy(self._base + ptr, &v, 8)
+        return True
+
+    def return_bytes(self, allocator, bytes data, long long ptr_ptr, long long size_ptr):
+        """The returned-buffer protocol (reference 4.2) for non-empty `data`: allocate its size
+        with the module's `allocator` (a nested call into wasm, under the running callback's
+        deadline; its WasmTrap propagates), copy it there, write the pointer and size. False
+        if the module's pointer or the out-pointers are out of bounds."""
+        cdef object ptr
+        if type(allocator) is not Func and not isinstance(allocator, Func):
+            ptr = allocator(PyBytes_GET_SIZE(data))
+        else:
+            ptr = (<Func>allocator)._call((PyBytes_GET_SIZE(data),))
+        return self.write_returned(ptr & 0xFFFFFFFF, data, ptr_ptr, size_ptr)
+
+    def write_returned(self, long long ptr, bytes data, long long ptr_ptr, long long size_ptr):
+        """The returned-buffer protocol's writes: `data` at `ptr` (just allocated in the module),
+        then `ptr` and the size at `ptr_ptr` and `size_ptr`. False if any is out of bounds
+        (nothing partial is written before the bounds of the data are checked)."""
+        cdef Py_ssize_t n = PyBytes_GET_SIZE(data)
+        cdef uint32_t p = <uint32_t>ptr
+        cdef uint32_t s = <uint32_t>n
+        if ptr == 0 or not self._fits(ptr, n):
+            return False
+        memcpy(self._base + ptr, PyBytes_AS_STRING(data), n)
+        if not (self._fits(ptr_ptr, 4) and self._fits(size_ptr, 4)):
+            return False
+        memcpy(self._base + ptr_ptr, &p, 4)
+        memcpy(self._base + size_ptr, &s, 4)
+        return True
+
+
+# -- the cycle collector ------------------------------------------------------------------------
+
+def gc_pause():
+    """Disable the cycle collector; whether it was enabled (for `gc_resume`)."""
+    return PyGC_Disable() == 1
+
+
+def gc_resume():
+    PyGC_Enable()
