@@ -48,12 +48,15 @@ cdef error_new_fn _error_new = NULL
 cdef add_func_fn _add_func = NULL
 cdef object _trap = None
 """fastcall_component._trap: a wasmtime_error_t* (as int) -> the WasmTrap to raise."""
+cdef object _to_utf8 = None
+"""fastcall_component.to_utf8, for the strings that are not UTF-8 as they are."""
 
 
 def init(uintptr_t func_call, uintptr_t post_return, uintptr_t val_delete, uintptr_t val_clone,
-         uintptr_t error_new, uintptr_t add_func, object trap) -> None:
-    """Hand over wasmtime's entry points (addresses) and the error-to-exception function."""
-    global _func_call, _post_return, _val_delete, _val_clone, _error_new, _add_func, _trap
+         uintptr_t error_new, uintptr_t add_func, object trap, object to_utf8) -> None:
+    """Hand over wasmtime's entry points (addresses), the error-to-exception function and the
+    str-to-UTF-8 rule for strings with lone surrogates."""
+    global _func_call, _post_return, _val_delete, _val_clone, _error_new, _add_func, _trap, _to_utf8
     _func_call = <func_call_fn>func_call
     _post_return = <post_return_fn>post_return
     _val_delete = <val_delete_fn>val_delete
@@ -61,6 +64,7 @@ def init(uintptr_t func_call, uintptr_t post_return, uintptr_t val_delete, uintp
     _error_new = <error_new_fn>error_new
     _add_func = <add_func_fn>add_func
     _trap = trap
+    _to_utf8 = to_utf8
 
 
 # -- lifting (results owned by wasmtime, read before they are dropped) -------------------------
@@ -253,7 +257,7 @@ cdef class Function:
                     strings[2 * i + j].of.string.data = PyUnicode_AsUTF8AndSize(text, &size)
                 except UnicodeEncodeError:
                     # Bytes that were not UTF-8 (kept by surrogateescape in HeaderMap) become U+FFFD.
-                    text = (<str>text).encode("utf-8", "replace")
+                    text = _to_utf8(text)
                     if keep is None:
                         keep = []
                     keep.append(text)

@@ -78,11 +78,15 @@ _ADDRESS_SPACE = memoryview((ctypes.c_ubyte * (1 << 47)).from_address(0))
 
 def to_utf8(text: str) -> bytes:
     """Strings crossing into a component must be UTF-8: bytes that were not (kept by
-    surrogateescape in `HeaderMap`) become U+FFFD."""
+    surrogateescape in `HeaderMap`) become U+FFFD, as do other lone surrogates."""
     try:
         return text.encode()
     except UnicodeEncodeError:
-        return text.encode("utf-8", "replace")
+        pass
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace").encode()
+    except UnicodeEncodeError:
+        return "".join("\ufffd" if "\ud800" <= c <= "\udfff" else c for c in text).encode()
 
 
 # -- arguments: Python-owned, borrowed by wasmtime ----------------------------------------------
@@ -138,7 +142,7 @@ class ArgBuffer:
         strings = self.alloc(_SLOT * 2 * n)
         flat = list(chain.from_iterable(items))
         text = "".join(flat)
-        blob = text.encode("utf-8", "replace")
+        blob = text.encode("utf-8", "surrogatepass")  # checked below: only ASCII is kept
         if len(blob) == len(text):
             lens = list(map(len, flat))
         else:
@@ -199,8 +203,9 @@ def _vals_format(count: int) -> struct.Struct:
 
 
 def headers_size(items: Sequence[tuple[str, str]]) -> int:
-    """Upper bound of the bytes `ArgBuffer.headers` uses for `items` (3 UTF-8 bytes a character)."""
-    return _SLOT * (1 + 3 * len(items)) + 3 * sum(len(n) + len(v) for n, v in items) + 16
+    """Upper bound of the bytes `ArgBuffer.headers` uses for `items` (4 UTF-8 bytes a character,
+    for those beyond the BMP)."""
+    return _SLOT * (1 + 3 * len(items)) + 4 * sum(len(n) + len(v) for n, v in items) + 16
 
 
 # -- results: owned by wasmtime, read then dropped ---------------------------------------------
@@ -637,5 +642,5 @@ def _address(fn: Any) -> int:
 if _native is not None:
     _native.init(
         _address(_func_call), _address(_post_return), _address(_val_delete), _address(_val_clone),
-        _address(_error_new), _address(_add_func), _trap,
+        _address(_error_new), _address(_add_func), _trap, to_utf8,
     )
