@@ -172,17 +172,20 @@ cdef class Function:
     cdef void* ctx
     cdef bint keep_gil
     cdef object owner
+    cdef ActionBuilders build
     cdef cval_t result
     cdef cval_t* vals
     cdef size_t capacity
 
-    def __cinit__(self, uintptr_t func, uintptr_t ctx, bint keep_gil, object owner) -> None:
+    def __cinit__(self, uintptr_t func, uintptr_t ctx, bint keep_gil, object owner, ActionBuilders build) -> None:
         """`func`: address of the wasmtime_component_func_t, kept alive by `owner`; `ctx`: the
-        store's context. `keep_gil` as in `fastcall_component.ComponentFunction`."""
+        store's context. `keep_gil` as in `fastcall_component.ComponentFunction`; `build` makes
+        the actions `head` and `action` return."""
         self.func = <const void*>func
         self.ctx = <void*>ctx
         self.keep_gil = keep_gil
         self.owner = owner
+        self.build = build
         memset(&self.result, 0, sizeof(cval_t))  # a `bool false`: nothing to drop
         self.vals = NULL
         self.capacity = 0
@@ -225,7 +228,7 @@ cdef class Function:
             raise _trap(<uintptr_t>err)
         return 0
 
-    def head(self, list items, ActionBuilders build) -> object:
+    def head(self, list items) -> object:
         """Call with one `list<tuple<string, string>>` argument, `items` (pairs of str); the
         returned action built by `build`. Raises WasmTrap, or ValueError for a malformed result."""
         cdef Py_ssize_t i, n = PyList_GET_SIZE(items)
@@ -266,15 +269,15 @@ cdef class Function:
                 strings[2 * i + j].of.string.size = <size_t>size
         self._call(vals, 1)
         try:
-            return _action(&self.result, build)
+            return _action(&self.result, self.build)
         finally:
             self._finish()
 
-    def action(self, uintptr_t args, size_t nargs, ActionBuilders build) -> object:
+    def action(self, uintptr_t args, size_t nargs) -> object:
         """Call with `nargs` values already packed at address `args`; the action built by `build`."""
         self._call(<const cval_t*>args, nargs)
         try:
-            return _action(&self.result, build)
+            return _action(&self.result, self.build)
         finally:
             self._finish()
 
@@ -335,7 +338,7 @@ cdef int _status(object answer, cval_t* out) except -1:
         res.of.result.is_ok = 1
         res.of.result.val = NULL
     else:
-        case = (<str>answer).encode()
+        case = (<str?>answer).encode()
         memset(&err, 0, sizeof(cval_t))
         err.kind = K_ENUM
         err.of.enumeration.size = <size_t>PyBytes_GET_SIZE(case)

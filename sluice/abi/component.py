@@ -307,9 +307,6 @@ class _Instance:
         assert result is None or isinstance(result, str)
         return result
 
-    def head_hook(self, name: str, headers: HeaderMap) -> Action:
-        return self.call(self.funcs[name].head, headers.items())  # type: ignore[return-value]
-
     def callout_response(self, response: CallResponse | None) -> Action:
         args = self.args
         if response is None:
@@ -605,6 +602,25 @@ class ComponentStream:
         self._observe(perf_counter() - started)
         return action
 
+    def _head_hook(self, name: str, headers: HeaderMap) -> Action | None:
+        """`_hook` for `on-request` / `on-response`, the hot path, without the closure."""
+        inst = self._active()
+        if inst is None:
+            return None
+        started = perf_counter()
+        try:
+            action: Action = inst.call(inst.funcs[name].head, headers.items())  # type: ignore[assignment]
+        except WasmTrap as exc:
+            self._plugin._on_trap(inst, exc, name)
+            self._fail()
+            return None
+        except (ValueError, UnicodeDecodeError) as exc:
+            self._plugin._on_bad_action(name, str(exc))
+            self._fail()
+            return None
+        self._observe(perf_counter() - started)
+        return action
+
     def _status(self) -> FilterStatus:
         return STOP if self._mode is _FAILED else CONTINUE
 
@@ -613,7 +629,7 @@ class ComponentStream:
         self._request_headers = headers
         if self._mode is _FAILED:
             return self._entry_failed()
-        action = self._hook("on-request", lambda inst: inst.head_hook("on-request", headers))
+        action = self._head_hook("on-request", headers)
         if action is None:
             return self._status()
         return self._request_action(action, headers, "on-request")
@@ -677,7 +693,7 @@ class ComponentStream:
     def response_headers(self, headers: HeaderMap, end_of_stream: bool) -> FilterStatus:
         if self._mode is not _WASM:
             return CONTINUE  # a failed filter is skipped on the way back (Envoy)
-        action = self._hook("on-response", lambda inst: inst.head_hook("on-response", headers))
+        action = self._head_hook("on-response", headers)
         if action is None:
             return CONTINUE
         if isinstance(action, Edits):

@@ -42,7 +42,9 @@ from .fastcall import StoreHandle, WasmTrap, native_ticker, raw_function, summar
 
 _native: ModuleType | None
 try:
-    from . import _component_call as _native
+    from . import _component_call
+
+    _native = _component_call
 except ImportError:  # not built (no C compiler): the pure-Python path below
     _native = None
 
@@ -569,11 +571,11 @@ class ComponentFunction:
         if _native is not None:
             # The same GIL rule as the ctypes entry points (see keep_gil_if_ticking_natively).
             self._native = fast = _native.Function(
-                ctypes.addressof(self._func), handle.ctx.value or 0, keep_gil and native_ticker(), self._func
+                ctypes.addressof(self._func), handle.ctx.value or 0, keep_gil and native_ticker(), self._func,
+                build.native,
             )
-            native_build = build.native
-            self.head = lambda items: fast.head(items, native_build)
-            self.action = lambda args, nargs: fast.action(args.base, nargs, native_build)
+            self.head = fast.head
+            self.action = lambda args, nargs: fast.action(args.base, nargs)
 
     def call(self, args: ArgBuffer, nargs: int, decode: Callable[[int], Any]) -> Any:
         """Call with `nargs` values packed at the start of `args`; `decode` reads the result.
