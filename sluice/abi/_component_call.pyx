@@ -238,7 +238,7 @@ cdef class Function:
         cdef cval_t* vals
         cdef cval_t* tuples
         cdef cval_t* strings
-        cdef list keep = None  # re-encoded strings (lone surrogates), alive until the call returns
+        cdef list keep = None  # what is made here (re-encoded strings, pairs), alive until the call returns
         self._reserve(1 + 3 * n)
         vals = self.vals
         tuples = vals + 1
@@ -249,7 +249,12 @@ cdef class Function:
         for i in range(n):
             pair = <object>PyList_GET_ITEM(items, i)
             if type(pair) is not tuple or PyTuple_GET_SIZE(pair) != 2:
-                raise TypeError(f"a header must be a (name, value) tuple, not {pair!r}")
+                pair = tuple(pair)  # any other (name, value) pair, as the pure-Python path takes
+                if PyTuple_GET_SIZE(pair) != 2:
+                    raise ValueError(f"a header is a (name, value) pair, not {pair!r}")
+                if keep is None:
+                    keep = []
+                keep.append(pair)
             tuples[i].kind = K_TUPLE
             tuples[i].of.list.size = 2
             tuples[i].of.list.data = strings + 2 * i
