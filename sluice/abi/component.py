@@ -532,6 +532,15 @@ class ComponentPlugin:
 # -- one stream -----------------------------------------------------------------------------------
 
 
+def _head_hook(inst: _Instance, name: str, headers: HeaderMap) -> Action:
+    """`on-request` / `on-response`: a function, not a closure, on the hot path."""
+    return inst.call(inst.funcs[name].head, headers.items())  # type: ignore[return-value]
+
+
+def _callout_response_hook(inst: _Instance, _name: str, response: CallResponse | None) -> Action:
+    return inst.callout_response(response)
+
+
 # Module-level aliases, as in plugin.py (cheaper than reading members off the enum class).
 _WASM = StreamMode.WASM
 _FAILED = StreamMode.FAILED
@@ -584,32 +593,15 @@ class ComponentStream:
             return None
         return inst
 
-    def _hook(self, name: str, run: Callable[[_Instance], Action]) -> Action | None:
+    def _hook(self, name: str, run: Callable[[_Instance, str, _A], Action], arg: _A) -> Action | None:
+        """`run(instance, name, arg)`, the call of hook `name`, with the failure policy applied to
+        traps and malformed results; the action, or None when the stream failed or bypasses."""
         inst = self._active()
         if inst is None:
             return None
         started = perf_counter()
         try:
-            action = run(inst)
-        except WasmTrap as exc:
-            self._plugin._on_trap(inst, exc, name)
-            self._fail()
-            return None
-        except (ValueError, UnicodeDecodeError) as exc:
-            self._plugin._on_bad_action(name, str(exc))
-            self._fail()
-            return None
-        self._observe(perf_counter() - started)
-        return action
-
-    def _head_hook(self, name: str, headers: HeaderMap) -> Action | None:
-        """`_hook` for `on-request` / `on-response`, the hot path, without the closure."""
-        inst = self._active()
-        if inst is None:
-            return None
-        started = perf_counter()
-        try:
-            action: Action = inst.call(inst.funcs[name].head, headers.items())  # type: ignore[assignment]
+            action = run(inst, name, arg)
         except WasmTrap as exc:
             self._plugin._on_trap(inst, exc, name)
             self._fail()
@@ -629,7 +621,7 @@ class ComponentStream:
         self._request_headers = headers
         if self._mode is _FAILED:
             return self._entry_failed()
-        action = self._head_hook("on-request", headers)
+        action = self._hook("on-request", _head_hook, headers)
         if action is None:
             return self._status()
         return self._request_action(action, headers, "on-request")
@@ -657,7 +649,7 @@ class ComponentStream:
         )
         if not accepted:
             plugin._guest_log(LogLevel.WARN, "", f"callout to unknown cluster {callout.cluster!r}")
-            action = self._hook("on-callout-response", lambda inst: inst.callout_response(None))
+            action = self._hook("on-callout-response", _callout_response_hook, None)
             if action is None:
                 return self._status()
             return self._request_action(action, headers, "on-callout-response")
@@ -668,7 +660,7 @@ class ComponentStream:
         if self.completed or not self.paused:
             return
         headers = self._request_headers
-        action = self._hook("on-callout-response", lambda inst: inst.callout_response(response))
+        action = self._hook("on-callout-response", _callout_response_hook, response)
         if action is None or headers is None:
             return  # failed: the policy already answered or resumed the stream
         status = self._request_action(action, headers, "on-callout-response")
@@ -693,7 +685,7 @@ class ComponentStream:
     def response_headers(self, headers: HeaderMap, end_of_stream: bool) -> FilterStatus:
         if self._mode is not _WASM:
             return CONTINUE  # a failed filter is skipped on the way back (Envoy)
-        action = self._head_hook("on-response", headers)
+        action = self._hook("on-response", _head_hook, headers)
         if action is None:
             return CONTINUE
         if isinstance(action, Edits):
