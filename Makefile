@@ -9,7 +9,8 @@ PY     := $(VENV)/bin/python
 
 .PHONY: demo test lint check-built bench fuzz
 
-$(VENV)/.installed: pyproject.toml
+# setup.py and the .pyx files too: the compiled parts of the fast-call layer are built by the install.
+$(VENV)/.installed: pyproject.toml setup.py sluice/abi/_ticker.pyx sluice/abi/_component_call.pyx sluice/abi/_component_capi.pxd
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[dev,build]'
