@@ -6,8 +6,10 @@ build requirement in pyproject.toml; everything else is there too):
   layer `sluice.abi.fastcall` is built on it.
 * `sluice.abi._ticker` — the epoch ticker thread. Optional: without it `fastcall` falls back to a
   POSIX timer ticker.
+* `sluice.abi._component_call` — component calls and host functions with values lowered and
+  lifted in C. Optional: without it `sluice.abi.fastcall_component` uses its pure-Python path.
 
-Neither links against wasmtime: `fastcall` hands them the addresses of its C entry points.
+None links against wasmtime: the fast-call modules hand them the addresses of its C entry points.
 """
 
 from Cython.Build import cythonize
@@ -18,6 +20,7 @@ setup(
         [
             Extension("sluice.abi._fastcall", ["sluice/abi/_fastcall.pyx"]),
             Extension("sluice.abi._ticker", ["sluice/abi/_ticker.pyx"], optional=True),
+            Extension("sluice.abi._component_call", ["sluice/abi/_component_call.pyx"], optional=True),
         ],
         compiler_directives={"language_level": "3"},
     ),

@@ -31,6 +31,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from time import perf_counter
+from typing import TypeVar
 
 import wasmtime
 from wasmtime import component as wc
@@ -60,6 +61,7 @@ OUR_IMPORTS = (LOGGING, SHARED_DATA, TYPES)
 EXPORTS = ("configure", "on-request", "on-response", "on-callout-response")
 CONFIGURE_DEADLINE_MS = 1000.0
 _LEVELS = {lvl.name.lower(): lvl for lvl in LogLevel}
+_A = TypeVar("_A")
 _SHARED_ERRORS = {WasmResult.CAS_MISMATCH: "cas-mismatch", WasmResult.NOT_FOUND: "not-found"}
 
 CONTINUE = FilterStatus.CONTINUE
@@ -107,58 +109,48 @@ _ACTIVE: list[_Instance] = []
 """Instances currently executing wasm; host calls act for the top one."""
 
 
-def _log(args: int, _results: int, _n: int) -> None:
-    inst = _ACTIVE[-1]
-    kind, size, name, _ = fc.read_val(args)
-    level = _LEVELS.get(fc.read_name(size, name), LogLevel.INFO) if kind == fc.ENUM else LogLevel.INFO
-    if level < inst.owner._log_level:
-        return  # below the filter's level: not even decoded
-    inst.owner._guest_log(level, fc.read_string(args + fc.VAL.size), fc.read_string(args + 2 * fc.VAL.size))
+def _log(level_name: str, context: str, message: str) -> None:
+    owner = _ACTIVE[-1].owner
+    level = _LEVELS.get(level_name, LogLevel.INFO)
+    if level >= owner._log_level:
+        owner._guest_log(level, context, message)
 
 
-def _shared_get(args: int, results: int, _n: int) -> None:
+def _shared_get(key: bytes) -> tuple[bytes, int] | str | None:
     inst = _ACTIVE[-1]
-    found = inst.shared_data.get(inst.vm_id, fc.to_utf8(fc.read_string(args)))
+    found = inst.shared_data.get(inst.vm_id, key)
     if found is None:
-        inst.results.ok_none(results)
-        return
-    value, cas = found
+        return None
     try:
-        value.decode()
+        found[0].decode()
     except UnicodeDecodeError:
-        inst.results.err_enum(results, "not-utf8")
-        return
-    inst.results.ok_entry(results, value, cas)
+        return "not-utf8"
+    return found
 
 
-def _shared_set(args: int, results: int, _n: int) -> None:
+def _shared_set(key: bytes, value: bytes, cas: int) -> str | None:
     inst = _ACTIVE[-1]
-    key = fc.to_utf8(fc.read_string(args))
-    value = fc.to_utf8(fc.read_string(args + fc.VAL.size))
-    cas = fc.read_val(args + 2 * fc.VAL.size)[1] & 0xFFFFFFFF
-    _shared_answer(inst, results, inst.shared_data.set(inst.vm_id, key, value, cas))
+    return _shared_error(inst.shared_data.set(inst.vm_id, key, value, cas))
 
 
-def _shared_delete(args: int, results: int, _n: int) -> None:
+def _shared_delete(key: bytes, cas: int) -> str | None:
     inst = _ACTIVE[-1]
-    key = fc.to_utf8(fc.read_string(args))
-    cas = fc.read_val(args + fc.VAL.size)[1] & 0xFFFFFFFF
-    _shared_answer(inst, results, inst.shared_data.delete(inst.vm_id, key, cas))
+    return _shared_error(inst.shared_data.delete(inst.vm_id, key, cas))
 
 
-def _shared_answer(inst: _Instance, results: int, status: WasmResult) -> None:
-    if status is WasmResult.OK:
-        inst.results.ok(results)
-    else:
-        inst.results.err_enum(results, _SHARED_ERRORS.get(status, "not-found"))
+def _shared_error(status: WasmResult) -> str | None:
+    """The `error` case of a shared-data result, None for ok."""
+    return None if status is WasmResult.OK else _SHARED_ERRORS.get(status, "not-found")
 
 
-_LINKERS: dict[bool, wc.Linker] = {}
+_LINKERS: dict[tuple[bool, bool], wc.Linker] = {}
+"""By (WASI imports, compiled host functions: `fastcall_component.native()`)."""
 
 
 def _linker(engine: wasmtime.Engine, wasi: bool) -> wc.Linker:
     """The linker for components without (False) or with (True) WASI 0.2 imports."""
-    linker = _LINKERS.get(wasi)
+    key = (wasi, fc.native())
+    linker = _LINKERS.get(key)
     if linker is None:
         if not _LINKERS:
             fc.keep_gil_if_ticking_natively()
@@ -169,12 +161,12 @@ def _linker(engine: wasmtime.Engine, wasi: bool) -> wc.Linker:
             with root.add_instance(TYPES):
                 pass
             with root.add_instance(LOGGING) as logging:
-                fc.define_func(logging, "log", _log, f"{LOGGING}#log")
+                fc.define_func(logging, "log", fc.HostShape.LOG, _log, f"{LOGGING}#log")
             with root.add_instance(SHARED_DATA) as shared:
-                fc.define_func(shared, "get", _shared_get, f"{SHARED_DATA}#get")
-                fc.define_func(shared, "set", _shared_set, f"{SHARED_DATA}#set")
-                fc.define_func(shared, "delete", _shared_delete, f"{SHARED_DATA}#delete")
-        _LINKERS[wasi] = linker
+                fc.define_func(shared, "get", fc.HostShape.GET_ENTRY, _shared_get, f"{SHARED_DATA}#get")
+                fc.define_func(shared, "set", fc.HostShape.SET_CAS, _shared_set, f"{SHARED_DATA}#set")
+                fc.define_func(shared, "delete", fc.HostShape.DELETE_CAS, _shared_delete, f"{SHARED_DATA}#delete")
+        _LINKERS[key] = linker
     return linker
 
 
@@ -233,25 +225,12 @@ Action = Edits | LocalReply | Callout
 _NO_EDITS = Edits()
 
 
-def _decode_action(addr: int) -> Action:
-    case, payload = fc.read_variant(addr)
-    fields = fc.read_record(payload)
-    if case == "continue":
-        remove_at, set_at, add_at = fields
-        remove = tuple(fc.read_string(a) for a in fc.read_list(remove_at)) if fc.list_size(remove_at) else ()
-        set_ = tuple(fc.read_headers(set_at)) if fc.list_size(set_at) else ()
-        add = tuple(fc.read_headers(add_at)) if fc.list_size(add_at) else ()
-        return Edits(remove, set_, add) if remove or set_ or add else _NO_EDITS
-    if case == "reply":
-        status = fc.read_val(fields[0])[1] & 0xFFFF
-        headers = tuple(fc.read_headers(fields[1]))
-        return LocalReply(status, fc.read_bytes(fields[2]), headers, details="component_reply")
-    if case == "callout":
-        return Callout(
-            fc.read_string(fields[0]), tuple(fc.read_headers(fields[1])), fc.read_bytes(fields[2]),
-            fc.read_val(fields[3])[1] & 0xFFFFFFFF,
-        )
-    raise ValueError(f"unknown action {case!r}")
+def _reply(status: int, headers: tuple[tuple[str, str], ...], body: bytes) -> LocalReply:
+    return LocalReply(status, body, headers, details="component_reply")
+
+
+_ACTIONS = fc.ActionBuilders(Edits, _NO_EDITS, _reply, Callout)
+"""What the fast-call layer turns an `action` variant into."""
 
 
 def _decode_configured(addr: int) -> str | None:
@@ -265,7 +244,7 @@ def _decode_configured(addr: int) -> str | None:
 class _Instance:
     """One store with one instance of the component."""
 
-    __slots__ = ("owner", "shared_data", "vm_id", "store", "handle", "funcs", "args", "results", "dead",
+    __slots__ = ("owner", "shared_data", "vm_id", "store", "handle", "funcs", "args", "dead",
                  "streams", "output")
 
     def __init__(self, owner: ComponentPlugin) -> None:
@@ -284,7 +263,6 @@ class _Instance:
             self.store.set_wasi(_restricted_wasi(spec, self.output))
         self.handle = StoreHandle(self.store, spec.cpu_deadline_ms)
         self.args = fc.ArgBuffer()
-        self.results = fc.HostResult()
         self.dead: str | None = None
         self.streams = 0
         self.handle.arm_deadline_ms(CONFIGURE_DEADLINE_MS)
@@ -297,18 +275,19 @@ class _Instance:
             func = instance.get_func(self.store, name)
             if func is None:
                 raise PluginLoadError(spec.module_path, f"export {name} is not a function")
-            self.funcs[name] = fc.ComponentFunction(self.handle, name, func, keep_gil=not compiled.wasi)
+            self.funcs[name] = fc.ComponentFunction(
+                self.handle, name, func, keep_gil=not compiled.wasi, build=_ACTIONS
+            )
 
-    def call(
-        self, name: str, nargs: int, decode: Callable[[int], object], *, deadline_ms: float | None = None
-    ) -> object:
+    def call(self, run: Callable[[_A], object], arg: _A, *, deadline_ms: float | None = None) -> object:
+        """`run(arg)` (one call into the instance) as the active instance, under its deadline."""
         if deadline_ms is None:
             self.handle.arm_deadline()
         else:
             self.handle.arm_deadline_ms(deadline_ms)
         _ACTIVE.append(self)
         try:
-            return self.funcs[name].call(self.args, nargs, decode)
+            return run(arg)
         except WasmTrap as exc:
             self.dead = str(exc)
             raise
@@ -323,17 +302,10 @@ class _Instance:
         args.reset(len(raw) + 64)
         args.alloc(fc.VAL.size)
         args.string(0, raw)
-        result = self.call("configure", 1, _decode_configured, deadline_ms=CONFIGURE_DEADLINE_MS)
+        configure = self.funcs["configure"]
+        result = self.call(lambda a: configure.call(a, 1, _decode_configured), args, deadline_ms=CONFIGURE_DEADLINE_MS)
         assert result is None or isinstance(result, str)
         return result
-
-    def head_hook(self, name: str, headers: HeaderMap) -> Action:
-        items = headers.items()
-        args = self.args
-        args.reset(fc.headers_size(items))
-        args.alloc(fc.VAL.size)
-        args.headers(0, items)
-        return self.call(name, 1, _decode_action)  # type: ignore[return-value]
 
     def callout_response(self, response: CallResponse | None) -> Action:
         args = self.args
@@ -353,7 +325,8 @@ class _Instance:
             args.val(status_at, fc.U16, status)
             args.headers(headers_at, items)
             args.bytes_list(body_at, response.body)
-        return self.call("on-callout-response", 1, _decode_action)  # type: ignore[return-value]
+        action = self.funcs["on-callout-response"].action
+        return self.call(lambda a: action(a, 1), args)  # type: ignore[return-value]
 
 
 class _GuestOutput:
@@ -559,6 +532,15 @@ class ComponentPlugin:
 # -- one stream -----------------------------------------------------------------------------------
 
 
+def _head_hook(inst: _Instance, name: str, headers: HeaderMap) -> Action:
+    """`on-request` / `on-response`: a function, not a closure, on the hot path."""
+    return inst.call(inst.funcs[name].head, headers.items())  # type: ignore[return-value]
+
+
+def _callout_response_hook(inst: _Instance, _name: str, response: CallResponse | None) -> Action:
+    return inst.callout_response(response)
+
+
 # Module-level aliases, as in plugin.py (cheaper than reading members off the enum class).
 _WASM = StreamMode.WASM
 _FAILED = StreamMode.FAILED
@@ -615,13 +597,15 @@ class ComponentStream:
             return None
         return inst
 
-    def _hook(self, name: str, run: Callable[[_Instance], Action]) -> Action | None:
+    def _hook(self, name: str, run: Callable[[_Instance, str, _A], Action], arg: _A) -> Action | None:
+        """`run(instance, name, arg)`, the call of hook `name`, with the failure policy applied to
+        traps and malformed results; the action, or None when the stream failed or bypasses."""
         inst = self._active()
         if inst is None:
             return None
         started = perf_counter()
         try:
-            action = run(inst)
+            action = run(inst, name, arg)
         except WasmTrap as exc:
             self._plugin._on_trap(inst, exc, name)
             self._fail()
@@ -641,7 +625,7 @@ class ComponentStream:
         self._request_headers = headers
         if self._mode is _FAILED:
             return self._entry_failed()
-        action = self._hook("on-request", lambda inst: inst.head_hook("on-request", headers))
+        action = self._hook("on-request", _head_hook, headers)
         if action is None:
             return self._status()
         return self._request_action(action, headers, "on-request")
@@ -669,7 +653,7 @@ class ComponentStream:
         )
         if not accepted:
             plugin._guest_log(LogLevel.WARN, "", f"callout to unknown cluster {callout.cluster!r}")
-            action = self._hook("on-callout-response", lambda inst: inst.callout_response(None))
+            action = self._hook("on-callout-response", _callout_response_hook, None)
             if action is None:
                 return self._status()
             return self._request_action(action, headers, "on-callout-response")
@@ -680,7 +664,7 @@ class ComponentStream:
         if self.completed or not self.paused:
             return
         headers = self._request_headers
-        action = self._hook("on-callout-response", lambda inst: inst.callout_response(response))
+        action = self._hook("on-callout-response", _callout_response_hook, response)
         if action is None or headers is None:
             return  # failed: the policy already answered or resumed the stream
         status = self._request_action(action, headers, "on-callout-response")
@@ -705,7 +689,7 @@ class ComponentStream:
     def response_headers(self, headers: HeaderMap, end_of_stream: bool) -> FilterStatus:
         if self._mode is not _WASM:
             return CONTINUE  # a failed filter is skipped on the way back (Envoy)
-        action = self._hook("on-response", lambda inst: inst.head_hook("on-response", headers))
+        action = self._hook("on-response", _head_hook, headers)
         if action is None:
             return CONTINUE
         if isinstance(action, Edits):

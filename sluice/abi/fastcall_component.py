@@ -16,21 +16,37 @@ byte, then a 24-byte union) packed with `struct` straight into one buffer:
 * host-function results are dropped by wasmtime after the callback, so they are built with
   wasmtime's own allocators (`wasm_byte_vec_new`, `wasmtime_component_val_new`, ...).
 
-Only the shapes of the `sluice:filter@0.1.0` world are encoded and decoded (see `ComponentCodec`
-users in `component.py`); an unexpected shape raises `ValueError`, which the caller reports.
+Only the shapes of the `sluice:filter@0.1.0` world are encoded and decoded (the header list,
+the `action` variant, the host functions' `HostShape`s); an unexpected shape raises `ValueError`,
+which the caller reports.
+
+The hot paths (a hook with a header list, an action result, host calls) have a compiled twin in
+`_component_call` (Cython, optional like `_ticker`), which lowers strings straight from the `str`
+objects' UTF-8 and calls wasmtime without ctypes; it is used when it was built (`native()`).
+The pure-Python path below stays the fallback, with the same behaviour (the tests run both).
 """
 
 from __future__ import annotations
 
 import ctypes
+import enum
 import struct
 from collections.abc import Callable, Sequence
 from itertools import accumulate, chain
+from types import ModuleType
 from typing import Any
 
 from wasmtime import component as wc
 
 from .fastcall import StoreHandle, WasmTrap, native_ticker, raw_function, summarize_error, wasmtime_error
+
+_native: ModuleType | None
+try:
+    from . import _component_call
+
+    _native = _component_call
+except ImportError:  # not built (no C compiler): the pure-Python path below
+    _native = None
 
 # Through `fastcall`, whose import checks the installed wasmtime is the pinned one.
 _func_call = raw_function("wasmtime_component_func_call", ctypes.c_void_p)
@@ -64,11 +80,15 @@ _ADDRESS_SPACE = memoryview((ctypes.c_ubyte * (1 << 47)).from_address(0))
 
 def to_utf8(text: str) -> bytes:
     """Strings crossing into a component must be UTF-8: bytes that were not (kept by
-    surrogateescape in `HeaderMap`) become U+FFFD."""
+    surrogateescape in `HeaderMap`) become U+FFFD, as do other lone surrogates."""
     try:
         return text.encode()
     except UnicodeEncodeError:
-        return text.encode("utf-8", "replace")
+        pass
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace").encode()
+    except UnicodeEncodeError:
+        return "".join("\ufffd" if "\ud800" <= c <= "\udfff" else c for c in text).encode()
 
 
 # -- arguments: Python-owned, borrowed by wasmtime ----------------------------------------------
@@ -124,7 +144,7 @@ class ArgBuffer:
         strings = self.alloc(_SLOT * 2 * n)
         flat = list(chain.from_iterable(items))
         text = "".join(flat)
-        blob = text.encode("utf-8", "replace")
+        blob = text.encode("utf-8", "surrogatepass")  # checked below: only ASCII is kept
         if len(blob) == len(text):
             lens = list(map(len, flat))
         else:
@@ -185,8 +205,9 @@ def _vals_format(count: int) -> struct.Struct:
 
 
 def headers_size(items: Sequence[tuple[str, str]]) -> int:
-    """Upper bound of the bytes `ArgBuffer.headers` uses for `items` (3 UTF-8 bytes a character)."""
-    return _SLOT * (1 + 3 * len(items)) + 3 * sum(len(n) + len(v) for n, v in items) + 16
+    """Upper bound of the bytes `ArgBuffer.headers` uses for `items` (4 UTF-8 bytes a character,
+    for those beyond the BMP)."""
+    return _SLOT * (1 + 3 * len(items)) + 4 * sum(len(n) + len(v) for n, v in items) + 16
 
 
 # -- results: owned by wasmtime, read then dropped ---------------------------------------------
@@ -345,18 +366,108 @@ def host_error(message: str) -> int:
 
 # -- host functions ----------------------------------------------------------------------------
 
-HostImpl = Callable[[int, int, int], None]
-"""(args address, results address, number of results) -> None; raise to trap the guest."""
+
+class HostShape(enum.IntEnum):
+    """The value shapes of the host functions sluice defines, and what their implementation is
+    called with and returns (the numbers are `_component_call.define`'s)."""
+
+    LOG = 0
+    """`(enum, string, string)`, no result: `impl(case, a, b)` with three str."""
+    GET_ENTRY = 1
+    """`(string) -> result<option<record { value: string, cas: u32 }>, enum>`:
+    `impl(key: bytes)` returns None (`ok(none)`), `(value: bytes, cas)` or an error case (str)."""
+    SET_CAS = 2
+    """`(string, string, u32) -> result<_, enum>`: `impl(key, value, cas)` returns None (ok)
+    or an error case."""
+    DELETE_CAS = 3
+    """`(string, u32) -> result<_, enum>`: `impl(key, cas)` returns None or an error case."""
+
+
+HostImpl = Callable[..., Any]
 
 _KEEPALIVE: list[Any] = []
+_HOST_RESULT: list[HostResult] = []
+"""The pure-Python path's result builder (made on first use; host calls do not nest)."""
 
 
-def define_func(instance: wc.LinkerInstance, name: str, impl: HostImpl, label: str) -> None:
-    """Define `name` on a linker instance; exceptions from `impl` trap the calling guest."""
+def _expect(nargs: int, expected: int, nresults: int, results: int) -> None:
+    if nargs != expected or nresults != results:
+        raise ValueError(f"called with {nargs} arguments and {nresults} results, expected {expected} and {results}")
 
-    def callback(_env: int, _ctx: int, _ty: int, args: int, _nargs: int, results: int, nresults: int) -> int:
+
+def read_utf8(addr: int) -> bytes:
+    """A string value's UTF-8 bytes."""
+    kind, size, data, _ = VAL.unpack_from(_ADDRESS_SPACE, addr)
+    if kind != STRING:
+        raise ValueError(f"expected a string, found value kind {kind}")
+    return _ADDRESS_SPACE[data : data + size].tobytes()
+
+
+def read_u32(addr: int) -> int:
+    kind, value, _, _ = VAL.unpack_from(_ADDRESS_SPACE, addr)
+    if kind != U32:
+        raise ValueError(f"expected a u32, found value kind {kind}")
+    return int(value) & 0xFFFFFFFF
+
+
+def _status(out: HostResult, results: int, answer: str | None) -> None:
+    if answer is None:
+        out.ok(results)
+    else:
+        out.err_enum(results, answer)
+
+
+def _python_host(shape: HostShape, impl: HostImpl) -> Callable[[int, int, int, int], None]:
+    """The pure-Python twin of `_component_call`'s callback for `shape`:
+    (args, nargs, results, nresults) -> None."""
+    if not _HOST_RESULT:
+        _HOST_RESULT.append(HostResult())
+    out = _HOST_RESULT[0]
+
+    def log(args: int, nargs: int, _results: int, nresults: int) -> None:
+        _expect(nargs, 3, nresults, 0)
+        kind, size, name, _ = read_val(args)
+        if kind != ENUM:
+            raise ValueError(f"expected an enum, found value kind {kind}")
+        impl(read_name(size, name), read_string(args + _SLOT), read_string(args + 2 * _SLOT))
+
+    def get_entry(args: int, nargs: int, results: int, nresults: int) -> None:
+        _expect(nargs, 1, nresults, 1)
+        found = impl(read_utf8(args))
+        if found is None:
+            out.ok_none(results)
+        elif isinstance(found, str):
+            out.err_enum(results, found)
+        else:
+            value, cas = found
+            out.ok_entry(results, value, cas)
+
+    def set_cas(args: int, nargs: int, results: int, nresults: int) -> None:
+        _expect(nargs, 3, nresults, 1)
+        _status(out, results, impl(read_utf8(args), read_utf8(args + _SLOT), read_u32(args + 2 * _SLOT)))
+
+    def delete_cas(args: int, nargs: int, results: int, nresults: int) -> None:
+        _expect(nargs, 2, nresults, 1)
+        _status(out, results, impl(read_utf8(args), read_u32(args + _SLOT)))
+
+    return {HostShape.LOG: log, HostShape.GET_ENTRY: get_entry, HostShape.SET_CAS: set_cas,
+            HostShape.DELETE_CAS: delete_cas}[shape]
+
+
+def define_func(instance: wc.LinkerInstance, name: str, shape: HostShape, impl: HostImpl, label: str) -> None:
+    """Define `name` on a linker instance as a function of value shape `shape` calling `impl`;
+    exceptions from `impl` (and arguments of another shape) trap the calling guest."""
+    address = ctypes.cast(instance.ptr(), ctypes.c_void_p).value or 0
+    if _native is not None:
+        err = _native.define(address, name, int(shape), impl, label)
+        if err:
+            raise wasmtime_error(err)
+        return
+    run = _python_host(shape, impl)
+
+    def callback(_env: int, _ctx: int, _ty: int, args: int, nargs: int, results: int, nresults: int) -> int:
         try:
-            impl(args or 0, results or 0, nresults)
+            run(args or 0, nargs, results or 0, nresults)
             return 0
         except BaseException as exc:  # noqa: BLE001 - nothing may unwind through wasm frames
             return host_error(f"host function {label} failed: {type(exc).__name__}: {exc}")
@@ -365,11 +476,64 @@ def define_func(instance: wc.LinkerInstance, name: str, impl: HostImpl, label: s
     _KEEPALIVE.append(cb)
     raw = name.encode()
     err = _add_func(
-        ctypes.c_void_p(ctypes.cast(instance.ptr(), ctypes.c_void_p).value),
-        ctypes.c_char_p(raw), ctypes.c_size_t(len(raw)), cb, ctypes.c_void_p(0), _NO_FINALIZER,
+        ctypes.c_void_p(address), ctypes.c_char_p(raw), ctypes.c_size_t(len(raw)), cb, ctypes.c_void_p(0),
+        _NO_FINALIZER,
     )
     if err:
         raise wasmtime_error(err)
+
+
+def native() -> bool:
+    """Whether the compiled `_component_call` is used (it was built and not switched off)."""
+    return _native is not None
+
+
+# -- actions -----------------------------------------------------------------------------------
+
+
+class ActionBuilders:
+    """What an `action` variant becomes (the caller's types, given once):
+    `edits(remove, set, add)` (`no_edits` when all three are empty), `reply(status, headers,
+    body)`, `callout(cluster, headers, body, timeout_ms)`; headers are tuples of (str, str)."""
+
+    __slots__ = ("edits", "no_edits", "reply", "callout", "native")
+
+    def __init__(
+        self, edits: Callable[..., Any], no_edits: Any, reply: Callable[..., Any], callout: Callable[..., Any]
+    ) -> None:
+        self.edits = edits
+        self.no_edits = no_edits
+        self.reply = reply
+        self.callout = callout
+        self.native = _native.ActionBuilders(edits, no_edits, reply, callout) if _native is not None else None
+
+
+def decode_action(addr: int, build: ActionBuilders) -> Any:
+    """The pure-Python twin of `_component_call`'s action lifting."""
+    case, payload = read_variant(addr)
+    if case not in _ACTION_FIELDS:
+        raise ValueError(f"unknown action {case!r}")
+    if not payload:
+        raise ValueError(f"action {case} without its record")
+    fields = read_record(payload)
+    if len(fields) != _ACTION_FIELDS[case]:
+        raise ValueError(f"action {case}: {len(fields)} fields, expected {_ACTION_FIELDS[case]}")
+    if case == "continue":
+        remove_at, set_at, add_at = fields
+        remove = tuple(read_string(a) for a in read_list(remove_at)) if list_size(remove_at) else ()
+        set_ = tuple(read_headers(set_at)) if list_size(set_at) else ()
+        add = tuple(read_headers(add_at)) if list_size(add_at) else ()
+        return build.edits(remove, set_, add) if remove or set_ or add else build.no_edits
+    if case == "reply":
+        status = read_val(fields[0])[1] & 0xFFFF
+        return build.reply(status, tuple(read_headers(fields[1])), read_bytes(fields[2]))
+    return build.callout(
+        read_string(fields[0]), tuple(read_headers(fields[1])), read_bytes(fields[2]),
+        read_val(fields[3])[1] & 0xFFFFFFFF,
+    )
+
+
+_ACTION_FIELDS = {"continue": 3, "reply": 3, "callout": 4}
 
 
 # -- calls into a component --------------------------------------------------------------------
@@ -379,12 +543,15 @@ class ComponentFunction:
     """One exported function of one component instance with one (owned) result value."""
 
     __slots__ = ("name", "_handle", "_func", "_func_ref", "_results", "_results_addr", "_results_ptr",
-                 "_results_view", "_call", "_post")
+                 "_results_view", "_call", "_post", "_native", "_build", "head", "action")
 
-    def __init__(self, handle: StoreHandle, name: str, func: wc.Func, *, keep_gil: bool) -> None:
+    def __init__(
+        self, handle: StoreHandle, name: str, func: wc.Func, *, keep_gil: bool, build: ActionBuilders
+    ) -> None:
         """`keep_gil` only for components without WASI imports: wasmtime's WASI runs work on
         threads of its own, and a Python callback there (wasmtime-py's custom stdout was one)
-        would deadlock on the GIL. sluice now installs none, but stays conservative."""
+        would deadlock on the GIL. sluice now installs none, but stays conservative.
+        `build` makes the actions `head` and `action` return."""
         self.name = name
         self._call = _gil_func_call if keep_gil else _func_call
         self._post = _gil_post_return if keep_gil else _post_return
@@ -395,6 +562,20 @@ class ComponentFunction:
         self._results_addr = ctypes.addressof(self._results)
         self._results_ptr = ctypes.c_void_p(self._results_addr)
         self._results_view = memoryview(self._results).cast("B")
+        self._build = build
+        self._native: Any = None
+        self.head: Callable[[list[tuple[str, str]]], Any] = self._head
+        """Call with one header list; the action the result is, built by `build`."""
+        self.action: Callable[[ArgBuffer, int], Any] = self._action
+        """Call with `nargs` values packed at the start of `args`; the action, built by `build`."""
+        if _native is not None:
+            # The same GIL rule as the ctypes entry points (see keep_gil_if_ticking_natively).
+            self._native = fast = _native.Function(
+                ctypes.addressof(self._func), handle.ctx.value or 0, keep_gil and native_ticker(), self._func,
+                build.native,
+            )
+            self.head = fast.head
+            self.action = lambda args, nargs: fast.action(args.base, nargs)
 
     def call(self, args: ArgBuffer, nargs: int, decode: Callable[[int], Any]) -> Any:
         """Call with `nargs` values packed at the start of `args`; `decode` reads the result.
@@ -402,6 +583,8 @@ class ComponentFunction:
         Raises WasmTrap for traps, deadlines and host-function failures; ValueError (from
         `decode`) for a result of an unexpected shape.
         """
+        if self._native is not None:
+            return self._native.call(args.base, nargs, decode)
         err = self._call(self._func_ref, self._handle.ctx, args.pointer, _COUNTS[nargs], self._results_ptr, _ONE)
         if err:
             raise _trap(int(err))
@@ -413,6 +596,21 @@ class ComponentFunction:
             err = self._post(self._func_ref, self._handle.ctx)
             if err:
                 raise _trap(int(err))
+
+    def _head(self, items: list[tuple[str, str]]) -> Any:
+        args = _HEAD_ARGS
+        args.reset(headers_size(items))
+        args.alloc(_SLOT)
+        args.headers(0, items)
+        return self._action(args, 1)
+
+    def _action(self, args: ArgBuffer, nargs: int) -> Any:
+        build = self._build
+        return self.call(args, nargs, lambda addr: decode_action(addr, build))
+
+
+_HEAD_ARGS = ArgBuffer()
+"""The pure-Python path's argument buffer for header lists (a call does not nest in another)."""
 
 
 _COUNTS = [ctypes.c_size_t(i) for i in range(8)]
@@ -437,3 +635,14 @@ def _trap(err: int) -> WasmTrap:
     text = summarize_error(str(wasmtime_error(err)))
     deadline = text.endswith("interrupt") or "wasm trap: interrupt" in text
     return WasmTrap("cpu deadline exceeded" if deadline else text, deadline=deadline)
+
+
+def _address(fn: Any) -> int:
+    return ctypes.cast(fn, ctypes.c_void_p).value or 0
+
+
+if _native is not None:
+    _native.init(
+        _address(_func_call), _address(_post_return), _address(_val_delete), _address(_val_clone),
+        _address(_error_new), _address(_add_func), _trap, to_utf8,
+    )
