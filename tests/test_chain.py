@@ -59,7 +59,8 @@ class Scripted:
         self.script = script
         self.callbacks: StreamCallbacks | None = None
         self.completed = 0
-        self.reads_request_body = self.reads_response_body = True
+        bodies = script.pop("bodies", True)  # False: like a module exporting no body callback
+        self.reads_request_body = self.reads_response_body = bodies
 
     def _answer(self, event: str, *args: Any) -> FilterStatus:
         self.log.append((self.name, event, *args))
@@ -134,6 +135,37 @@ def test_no_filters_passes_everything_through() -> None:
     actions = chain.take_actions()
     assert isinstance(actions[0], SendResponseHeaders) and isinstance(actions[1], SendResponseData)
     assert chain.response_complete
+
+
+def test_a_filter_without_body_callbacks_is_not_called_for_bodies() -> None:
+    chain, _, log = build({"bodies": False}, {})
+    chain.request_headers(req(), False)
+    chain.request_data(b"abc", True)
+    chain.response_headers(resp(), False)
+    chain.response_data(b"xyz", True)
+    assert [(n, e) for n, e, *_ in log] == [
+        ("f0", "req_headers"),
+        ("f1", "req_headers"),
+        ("f1", "req_body"),
+        ("f1", "resp_headers"),
+        ("f0", "resp_headers"),
+        ("f1", "resp_body"),
+    ]
+    data = [(type(a).__name__, getattr(a, "data", None)) for a in chain.take_actions()]
+    assert ("ForwardRequestData", b"abc") in data and ("SendResponseData", b"xyz") in data
+
+
+def test_a_filter_without_body_callbacks_still_holds_body_while_it_holds_headers() -> None:
+    chain, streams, log = build({"bodies": False, "req_headers": S})
+    chain.request_headers(req(), False)
+    chain.request_data(b"ab", False)
+    chain.request_data(b"cd", True)
+    assert kinds(chain.take_actions()) == []
+    assert streams[0].callbacks is not None
+    streams[0].callbacks.continue_request()
+    actions = chain.take_actions()
+    assert kinds(actions) == ["ForwardRequestHeaders", "ForwardRequestData"]
+    assert isinstance(actions[1], ForwardRequestData) and actions[1].data == b"abcd"
 
 
 def test_decoding_in_order_encoding_in_reverse() -> None:

@@ -300,6 +300,15 @@ class _Direction:
             self.chain._sink_data(self, bytes(data), end_of_stream)
             return
         slot = self.slots[pos]
+        if slot.body is None and slot.phase is _Phase.OPEN:
+            stream = self.chain.streams[self.order[pos]]
+            if not (stream.reads_request_body if self.decoding else stream.reads_response_body):
+                # No body callback and nothing held: the data passes this filter untouched
+                # (no copy into a buffer, no call), as cpp-host skips callbacks not exported.
+                if end_of_stream:
+                    slot.body_done = True
+                self._arrive_data(pos + 1, data, end_of_stream)
+                return
         if slot.body is None:
             # Hand the buffer over without copying when the previous filter is done with it.
             slot.body = data if isinstance(data, bytearray) else bytearray(data)
