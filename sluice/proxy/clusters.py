@@ -239,17 +239,24 @@ class ClusterPool:
         if upload and not self._upload_slots.try_take():
             self._slots.release()
             return None
+        conn = self._reuse_idle(endpoint)
+        if conn is not None:
+            self._next = (self._next + 1) % len(self.endpoints)
+            return conn
+        self._slots.release()
+        if upload:
+            self._upload_slots.release()
+        return None
+
+    def _reuse_idle(self, endpoint: Endpoint) -> UpstreamConnection | None:
+        """The newest idle connection to `endpoint` still open, made ready for an exchange."""
         idle = endpoint.idle
         while idle:
             conn = idle.pop()
             if not conn.closed:
-                self._next = (self._next + 1) % len(self.endpoints)
                 conn.reset_for_next()
                 self.reuses += 1
                 return conn
-        self._slots.release()
-        if upload:
-            self._upload_slots.release()
         return None
 
     async def _lease(self, retry: bool, fresh: bool) -> UpstreamLease:
@@ -268,12 +275,9 @@ class ClusterPool:
 
     async def _connect(self, endpoint: Endpoint, fresh: bool) -> UpstreamLease:
         if not fresh:
-            while endpoint.idle:
-                conn = endpoint.idle.pop()
-                if not conn.closed:
-                    conn.reset_for_next()
-                    self.reuses += 1
-                    return conn
+            conn = self._reuse_idle(endpoint)
+            if conn is not None:
+                return conn
         return await self._dial(endpoint, open_connection)
 
     async def _dial(
