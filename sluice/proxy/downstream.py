@@ -38,6 +38,7 @@ from sluice.abi import HeaderMap
 from . import rejections
 from .deadline import ConnectionTimer
 from .h1 import CONTINUE_100, LAST_CHUNK, HttpDate, chunk, dec, last_chunk, response_head
+from .http import copy_response_fields
 from .rejections import Rejection
 from .stats import ProxyStats
 from .tunnel import Tunnel
@@ -60,6 +61,22 @@ PAUSE_PIPELINE = 2
 
 _FRAMING_FIELDS = frozenset({"content-length", "transfer-encoding", "expect"})
 """Request fields the parser looks into (one set lookup for all the others)."""
+
+
+_FRAMED_HERE = frozenset({"transfer-encoding"})
+"""Response fields the HTTP/1.1 connection writes itself, never copied (its framing)."""
+
+
+def client_addresses(transport: asyncio.BaseTransport) -> tuple[str, str, str]:
+    """A client connection's `peer` ("ip:port"), `peer_ip` and `local` ("ip:port") addresses;
+    "unknown" where the transport cannot tell (a closed socket)."""
+    peer = transport.get_extra_info("peername")
+    sock = transport.get_extra_info("sockname")
+    return (
+        f"{peer[0]}:{peer[1]}" if peer else "unknown:0",
+        str(peer[0]) if peer else "unknown",
+        f"{sock[0]}:{sock[1]}" if sock else "unknown:0",
+    )
 
 
 class RequestHead:
@@ -235,13 +252,7 @@ class DownstreamConnection(asyncio.Protocol):
     # -- asyncio.Protocol --------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
-        peer = transport.get_extra_info("peername")
-        sock = transport.get_extra_info("sockname")
-        if peer:
-            self.peer_ip = str(peer[0])
-            self.peer = f"{peer[0]}:{peer[1]}"
-        if sock:
-            self.local = f"{sock[0]}:{sock[1]}"
+        self.peer, self.peer_ip, self.local = client_addresses(transport)
         self.server.connections.add(self)
         self._idle_since = now = self._loop.time()
         self._arm(now + KEEPALIVE_S)
@@ -613,23 +624,11 @@ class DownstreamConnection(asyncio.Protocol):
         length is known, else chunked (1.1) or the end of the connection (1.0); a whole response
         goes out in one write. Returns whether the connection stays open after it."""
         fields: list[tuple[str, str]] = []
-        has_length = has_server = has_date = False
-        for name, value in headers:
-            if name[0] == ":":
-                continue
-            if name == "content-length":
-                if sized or length_may_change:
-                    # Recomputed from the body actually sent, or (a filter may change the length
-                    # of a body that streams) framed without it.
-                    continue
-                has_length = True
-            elif name == "transfer-encoding":
-                continue  # the framing is ours
-            elif name == "server":
-                has_server = True
-            elif name == "date":
-                has_date = True
-            fields.append((name, value))
+        # Content-Length is recomputed from the body actually sent (`sized`), or left out when a
+        # filter may change the length of a body that streams; Transfer-Encoding is ours.
+        has_length, has_server, has_date = copy_response_fields(
+            headers, fields, _FRAMED_HERE, sized or length_may_change
+        )
         keep_alive = keep_alive and not self.closing
         current = self._messages[0].head if self._messages else None
         version = current.version if current is not None else "1.1"

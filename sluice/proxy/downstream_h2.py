@@ -34,8 +34,17 @@ from sluice.abi import HeaderMap
 
 from . import rejections
 from .deadline import ConnectionTimer
-from .downstream import KEEPALIVE_S, PAUSE_EXCHANGE, ClientLimits, RequestHandler, RequestHead, ServedConnection
+from .downstream import (
+    KEEPALIVE_S,
+    PAUSE_EXCHANGE,
+    ClientLimits,
+    RequestHandler,
+    RequestHead,
+    ServedConnection,
+    client_addresses,
+)
 from .h1 import HttpDate
+from .http import copy_response_fields
 from .http2.downstream import CONNECTION_SPECIFIC, H2ServerConnection
 from .http2.events import (
     CloseReason,
@@ -152,21 +161,11 @@ class H2StreamClient:
         length_may_change: bool = False,
     ) -> bool:
         fields: list[tuple[str, str]] = [(":status", str(status))]
-        has_length = has_server = has_date = False
-        for name, value in headers:
-            if name[0] == ":" or name in CONNECTION_SPECIFIC:
-                continue
-            if name == "content-length":
-                if sized or length_may_change:
-                    # Recomputed from the body actually sent, or (a filter may change the length
-                    # of a body that streams) framed without it.
-                    continue
-                has_length = True
-            elif name == "server":
-                has_server = True
-            elif name == "date":
-                has_date = True
-            fields.append((name, value))
+        # As over HTTP/1.1: Content-Length from the body sent, or none when a filter may change
+        # a streamed body's length; HTTP/1.1's connection fields never go into HTTP/2.
+        has_length, has_server, has_date = copy_response_fields(
+            headers, fields, CONNECTION_SPECIFIC, sized or length_may_change
+        )
         if whole and (sized or not has_length) and status not in (204, 304) and not 100 <= status < 200:
             fields.append(("content-length", str(len(body))))
         if not has_server:
@@ -251,13 +250,7 @@ class H2ClientConnection(asyncio.Protocol):
     # -- asyncio.Protocol ------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
-        peer = transport.get_extra_info("peername")
-        sock = transport.get_extra_info("sockname")
-        if peer:
-            self.peer_ip = str(peer[0])
-            self.peer = f"{peer[0]}:{peer[1]}"
-        if sock:
-            self.local = f"{sock[0]}:{sock[1]}"
+        self.peer, self.peer_ip, self.local = client_addresses(transport)
         ssl_obj = transport.get_extra_info("ssl_object")
         if isinstance(ssl_obj, ssl.SSLObject | ssl.SSLSocket):
             self.scheme = "https"

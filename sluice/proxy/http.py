@@ -169,6 +169,29 @@ def downstream_request_headers(
     return HeaderMap.of_lowercase(items), upgrade
 
 
+def copy_response_fields(
+    headers: HeaderMap, fields: list[tuple[str, str]], dropped: frozenset[str], drop_length: bool
+) -> tuple[bool, bool, bool]:
+    """Append to `fields` the response fields a client gets, for either downstream codec: no
+    pseudo-headers, none of `dropped` (what the codec frames itself), no Content-Length when
+    `drop_length` (the body sent decides it). Returns whether a Content-Length was kept and
+    whether Server and Date are there (the codec adds its own otherwise)."""
+    has_length = has_server = has_date = False
+    for name, value in headers:
+        if name[0] == ":" or name in dropped:
+            continue
+        if name == "content-length":
+            if drop_length:
+                continue
+            has_length = True
+        elif name == "server":
+            has_server = True
+        elif name == "date":
+            has_date = True
+        fields.append((name, value))
+    return has_length, has_server, has_date
+
+
 def append_value(headers: HeaderMap, name: str, value: str) -> None:
     """Append to a comma-separated list header, keeping one line (what most peers expect)."""
     current = headers.get_all(name)
