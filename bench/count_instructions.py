@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import re
 import shutil
 import subprocess
@@ -27,7 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_proxy import API_KEY, PY, free_port, sluice_config, wait_http  # noqa: E402
+from bench_proxy import API_KEY, PY, free_port, sluice_config, started, upstream_config, wait_http  # noqa: E402
 
 REQUEST = b"GET /bench HTTP/1.1\r\nhost: bench\r\nuser-agent: count\r\naccept: */*\r\nx-api-key: %s\r\n\r\n"
 
@@ -46,18 +47,6 @@ async def load(port: int, requests: int, key: bytes) -> None:
     await asyncio.gather(*(one(requests // 4) for _ in range(4)))
 
 
-def nginx(tmp: Path, port: int) -> subprocess.Popen[bytes]:
-    conf = tmp / "nginx.conf"
-    conf.write_text(
-        f"""worker_processes 1; daemon off; pid {tmp}/nginx.pid; error_log {tmp}/nginx.err;
-events {{ worker_connections 1024; }}
-http {{ access_log off; server {{ listen 127.0.0.1:{port}; keepalive_requests 1000000;
-location / {{ return 200 "ok\\n"; }} }} }}
-"""
-    )
-    return subprocess.Popen(["nginx", "-c", str(conf), "-p", str(tmp)])
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--target", default="sluice-nolog")
@@ -67,41 +56,32 @@ def main() -> None:
     for tool in ("valgrind", "callgrind_control", "nginx"):
         if shutil.which(tool) is None:
             sys.exit(f"needs {tool}")
-    with tempfile.TemporaryDirectory() as tmpdir:
+    with tempfile.TemporaryDirectory() as tmpdir, contextlib.ExitStack() as stack:
         tmp = Path(tmpdir)
         up_port, port = free_port(), free_port()
-        upstream = nginx(tmp, up_port)
+        stack.enter_context(started(["nginx", "-c", str(upstream_config(tmp, up_port))], tmp / "nginx.log"))
         out = args.out or tmp
         out.mkdir(parents=True, exist_ok=True)
         config = sluice_config(tmp, args.target, port, up_port)
-        proc = subprocess.Popen(
-            ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}/callgrind.out.%p",
-             PY, "-m", "sluice.proxy", "run", "-c", str(config)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-        )
-        try:
-            wait_http(f"http://127.0.0.1:{port}/", timeout=300, proc=proc)
-            asyncio.run(load(port, 400, API_KEY.encode()))
-            subprocess.run(["callgrind_control", "-z", str(proc.pid)], check=True, capture_output=True)
-            began = time.monotonic()
-            asyncio.run(load(port, args.requests, API_KEY.encode()))
-            took = time.monotonic() - began
-            subprocess.run(["callgrind_control", "-d", str(proc.pid)], check=True, capture_output=True)
-            time.sleep(1)
-            dumps = sorted(out.glob(f"callgrind.out.{proc.pid}.*"), key=lambda p: p.stat().st_mtime)
-            assert dumps, "no dump"
-            text = dumps[-1].read_text(errors="replace")
-            total = re.search(r"^(?:summary|totals): (\d+)", text, re.M)
-            assert total is not None
-            count = int(total.group(1))
-            print(f"{args.target}: {count / args.requests:,.0f} instructions per request "
-                  f"({args.requests} requests, {took:.1f} s under valgrind)")
-        finally:
-            proc.terminate()
-            proc.wait(timeout=60)
-            upstream.terminate()
-            upstream.wait(timeout=10)
-
+        command = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}/callgrind.out.%p",
+                   PY, "-m", "sluice.proxy", "run", "-c", str(config)]
+        proc = stack.enter_context(started(command, tmp / "sluice.log"))
+        wait_http(f"http://127.0.0.1:{port}/", timeout=300, proc=proc)
+        asyncio.run(load(port, 400, API_KEY.encode()))
+        subprocess.run(["callgrind_control", "-z", str(proc.pid)], check=True, capture_output=True)
+        began = time.monotonic()
+        asyncio.run(load(port, args.requests, API_KEY.encode()))
+        took = time.monotonic() - began
+        subprocess.run(["callgrind_control", "-d", str(proc.pid)], check=True, capture_output=True)
+        time.sleep(1)
+        dumps = sorted(out.glob(f"callgrind.out.{proc.pid}.*"), key=lambda p: p.stat().st_mtime)
+        assert dumps, "no dump"
+        text = dumps[-1].read_text(errors="replace")
+        total = re.search(r"^(?:summary|totals): (\d+)", text, re.M)
+        assert total is not None
+        count = int(total.group(1))
+        print(f"{args.target}: {count / args.requests:,.0f} instructions per request "
+              f"({args.requests} requests, {took:.1f} s under valgrind)")
 
 if __name__ == "__main__":
     main()
