@@ -112,7 +112,11 @@ class Gateway:
         return self._generation
 
     def _current(self) -> Generation:
-        return self.generation
+        # The property's check, without its call: this runs for every request.
+        generation = self._generation
+        if generation is None:
+            raise RuntimeError("gateway not started")
+        return generation
 
     @property
     def runtime(self) -> abi.Runtime:

@@ -37,7 +37,7 @@ from sluice.abi import HeaderMap
 
 from . import rejections
 from .deadline import ConnectionTimer
-from .h1 import CONTINUE_100, LAST_CHUNK, HttpDate, chunk, dec, last_chunk, response_head
+from .h1 import CONTINUE_100, LAST_CHUNK, HttpDate, chunk, last_chunk, response_head
 from .http import copy_response_fields
 from .rejections import Rejection
 from .stats import ProxyStats
@@ -224,7 +224,8 @@ class DownstreamConnection(asyncio.Protocol):
         self._messages: collections.deque[_Message] = collections.deque()
         self._parsing: _Message | None = None
         self._url: list[bytes] = []
-        self._fields: list[tuple[str, str]] = []
+        self._raw_fields: list[tuple[bytes, bytes]] = []
+        self._fed = 0  # bytes fed since the head being parsed began, at most (bounds its size)
         self._head_size = 0
         self._head_raw = 0
         self._content_length = -1
@@ -297,6 +298,7 @@ class DownstreamConnection(asyncio.Protocol):
         if self._broken:
             return  # after a request that could not be parsed, nothing more is
         self._idle_since = None
+        self._fed = self._head_raw + len(data)
         if not self._feed(data):
             return
         parsing = self._parsing
@@ -304,6 +306,10 @@ class DownstreamConnection(asyncio.Protocol):
             if parsing.head is None:
                 # A head still incomplete: bound what the parser accumulates for it, and time it.
                 self._head_raw += len(data)
+                if self._head_raw > self._limit and self._fields_size() > self._limit:
+                    self._broken = True
+                    self._refuse_now(Rejection.REQUEST_HEADERS_TOO_LARGE)
+                    return
                 if self._head_raw > 2 * self._limit + 16384:
                     self._broken = True
                     # Nearly all of it the target: the request line is what is too long (414).
@@ -373,7 +379,7 @@ class DownstreamConnection(asyncio.Protocol):
         self._parsing = message
         self._messages.append(message)
         self._url = []
-        self._fields = []
+        self._raw_fields = []
         self._head_size = 20
         self._head_raw = 0
         self._content_length = -1
@@ -390,55 +396,65 @@ class DownstreamConnection(asyncio.Protocol):
             raise _Refused(Rejection.REQUEST_LINE_TOO_LONG)
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        message = self._parsing
-        if self._resuming:
-            return
-        if message is not None and message.head is not None:
-            # Trailer fields of a chunked body.
-            if message.trailers is None:
-                message.trailers = []
-            message.trailers.append((dec(name).lower(), dec(value)))
-            return
-        self._head_size += len(name) + len(value) + 4
-        if self._head_size > self._limit:
-            raise _Refused(Rejection.REQUEST_HEADERS_TOO_LARGE)
-        # h1.dec inlined: this runs for every field of every request.
-        lname = name.decode("utf-8", "surrogateescape").lower()
-        text = value.decode("utf-8", "surrogateescape")
-        if lname not in _FRAMING_FIELDS:
-            pass
-        elif lname == "content-length":
+        # Kept raw: decoded, measured and looked into once the head (or the trailers) is
+        # complete, in one pass; this runs for every field of every request.
+        self._raw_fields.append((name, value))
+
+    def _fields_size(self) -> int:
+        """What the head parsed so far counts against `header_size` (line and fields)."""
+        return self._head_size + sum([len(n) + len(v) + 4 for n, v in self._raw_fields])
+
+    def _take_trailers(self) -> list[tuple[str, str]]:
+        """The trailer fields parsed after the head, decoded, names lower-case."""
+        raw, self._raw_fields = self._raw_fields, []
+        return [(n.decode("utf-8", "surrogateescape").lower(), v.decode("utf-8", "surrogateescape")) for n, v in raw]
+
+    def _framing(self, name: str, text: str) -> None:
+        """Note what one of the request's framing fields says."""
+        if name == "content-length":
             # llhttp checked the digits (and refuses overflow); strip() only drops blanks.
             digits = text.strip()
             self._content_length = int(digits) if digits.isascii() and digits.isdigit() else -1
-        elif lname == "transfer-encoding":
+        elif name == "transfer-encoding":
             codings = text.lower()
             self._chunked = self._chunked or "chunked" in codings
             # RFC 9112 6.1: a coding the proxy does not implement is refused (501), never passed on.
             if not self._bad_coding:
                 self._bad_coding = any(c.strip() not in _CODINGS_OK for c in codings.split(","))
-        elif lname == "expect":
+        else:
             self._expect = text.strip().lower() == "100-continue"
-        self._fields.append((lname, text))
 
     def on_headers_complete(self) -> None:
         if self._resuming:
             self._resuming = False  # what follows is the upgrade request's body
+            self._raw_fields = []  # the framing given to the fresh parser, not the client's fields
             return
         message = self._parsing
         assert message is not None
         self._head_since = None
+        # Measured only when it may be over the limit (a head is never larger than what was fed for it).
+        if self._fed > self._limit and self._fields_size() > self._limit:
+            raise _Refused(Rejection.REQUEST_HEADERS_TOO_LARGE)
+        # Decoded in one loop, the framing fields looked into on the way (a set lookup for the others).
+        raw, self._raw_fields = self._raw_fields, []
+        fields: list[tuple[str, str]] = []
+        for name_raw, value_raw in raw:
+            kv = (name_raw.decode("utf-8", "surrogateescape").lower(), value_raw.decode("utf-8", "surrogateescape"))
+            if kv[0] in _FRAMING_FIELDS:
+                self._framing(*kv)
+            fields.append(kv)
         if self._bad_coding:
             raise _Refused(Rejection.UNSUPPORTED_TRANSFER_CODING)
         parser = self._parser
-        method = dec(parser.get_method())
+        method = parser.get_method().decode("utf-8", "surrogateescape")
         if method == "CONNECT":
             raise _Refused(Rejection.METHOD_NOT_ALLOWED)  # a reverse proxy opens no tunnels by CONNECT
         version = parser.get_http_version()
         if version != "1.1" and version != "1.0":
             # llhttp reads a request line without a version as HTTP/0.9, and takes "HTTP/2.0".
             raise _Refused(Rejection.HTTP_VERSION_NOT_SUPPORTED)
-        target = dec(self._url[0] if len(self._url) == 1 else b"".join(self._url))
+        url = self._url
+        target = (url[0] if len(url) == 1 else b"".join(url)).decode("utf-8", "surrogateescape")
         has_body = self._chunked or self._content_length > 0
         upgrade = parser.should_upgrade()
         if upgrade and has_body:
@@ -450,13 +466,12 @@ class DownstreamConnection(asyncio.Protocol):
             method,
             target,
             version,
-            self._fields,
+            fields,
             parser.should_keep_alive(),
             has_body,
             self._expect and version == "1.1",
             upgrade,
         )
-        self._fields = []
 
     def on_body(self, body: bytes) -> None:
         message = self._parsing
@@ -470,6 +485,8 @@ class DownstreamConnection(asyncio.Protocol):
             return  # llhttp skipped the upgrade request's body; the fresh parser will read it
         message = self._parsing
         if message is not None:
+            if self._raw_fields:
+                message.trailers = self._take_trailers()  # trailer fields of a chunked body
             message.complete = True
         self._parsing = None
 
@@ -562,6 +579,8 @@ class DownstreamConnection(asyncio.Protocol):
 
     def _pipeline_pressure(self) -> None:
         waiting = len(self._messages) - 1
+        if waiting <= 0 and not self._pause & PAUSE_PIPELINE:
+            return  # the usual case: nothing queued behind the current request, nothing to lift
         if waiting > 0:
             size = sum(m.body_size for m in self._messages)
             crowded = waiting >= PIPELINE_MAX or size > PIPELINE_BYTES

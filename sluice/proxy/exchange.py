@@ -23,7 +23,6 @@ cannot take pauses reading from the upstream. A filter that buffers is bounded b
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -562,7 +561,7 @@ class Exchange:
             full = conn.start_request(request, self, pool.timeout, body, end, idle_timeout=pool.idle_timeout)
             for data, last, tail in pending:
                 full = self._write_upstream(conn, data, last, tail)
-            if self._sent_end:
+            if self._sent_end and self._uploading:
                 self._end_upload()
         except UpstreamError:
             self._drop_upstream()
@@ -588,9 +587,9 @@ class Exchange:
                     break
                 length += len(data)
         if length >= 0:
-            return request if request.content_length == length else dataclasses.replace(request, content_length=length)
+            return request if request.content_length == length else request._replace(content_length=length)
         if request.content_length is not None and chain.may_change_body(request=True):
-            return dataclasses.replace(request, content_length=None)
+            return request._replace(content_length=None)
         return request
 
     def _write_upstream(self, conn: UpstreamLease, data: bytes, end: bool, trailers: HeaderMap | None) -> bool:
@@ -663,7 +662,9 @@ class Exchange:
             length_may_change=length_may_change,
         )
         if whole:
-            self._count_body(len(body))
+            size = len(body)
+            self.info.response_size += size
+            self.stats.bytes_sent += size
             self._response_complete()
 
     def _send_data(self, data: bytes, end: bool, trailers: HeaderMap | None) -> None:
@@ -727,7 +728,8 @@ class Exchange:
         self._drop_upstream()
 
     def _release_upstream(self) -> None:
-        self._end_upload()
+        if self._uploading:
+            self._end_upload()
         conn, self.conn = self.conn, None
         if conn is not None:
             conn.detach()

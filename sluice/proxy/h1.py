@@ -28,20 +28,23 @@ def dec(data: bytes) -> str:
     return data.decode("utf-8", "surrogateescape")
 
 
+def _field_lines(fields: Iterable[tuple[str, str]]) -> str:
+    """`name: value` lines, each ending in CRLF, then the blank line that ends a head.
+
+    `": ".join` over each pair and one `"\r\n".join` run in C: no Python code per field."""
+    text = "\r\n".join(map(": ".join, fields))
+    return text + "\r\n\r\n" if text else "\r\n"
+
+
 def request_head(method: str, target: str, fields: Iterable[tuple[str, str]]) -> bytes:
     """`METHOD target HTTP/1.1` and the fields, as written to an upstream."""
-    lines = [f"{method} {target} HTTP/1.1\r\n"]
-    lines.extend([f"{k}: {v}\r\n" for k, v in fields])
-    lines.append("\r\n")
-    return enc("".join(lines))
+    return enc(f"{method} {target} HTTP/1.1\r\n{_field_lines(fields)}")
 
 
 def response_head(status: int, fields: Iterable[tuple[str, str]]) -> bytes:
     """The status line and the fields, as written to a client."""
     reason = REASONS.get(status, b"Unknown")
-    lines = [f"{k}: {v}\r\n" for k, v in fields]
-    lines.append("\r\n")
-    return b"HTTP/1.1 %d %s\r\n" % (status, reason) + enc("".join(lines))
+    return b"HTTP/1.1 %d %s\r\n" % (status, reason) + enc(_field_lines(fields))
 
 
 def chunk(data: bytes) -> bytes:
@@ -53,7 +56,7 @@ def last_chunk(trailers: HeaderMap | None) -> bytes:
     """The end of a chunked body, with trailer fields when there are any."""
     if not trailers:
         return LAST_CHUNK
-    return b"0\r\n" + enc("".join([f"{k}: {v}\r\n" for k, v in trailers if k[0] != ":"])) + b"\r\n"
+    return b"0\r\n" + enc(_field_lines([(k, v) for k, v in trailers if k[0] != ":"]))
 
 
 def response_has_body(status: int, method: str) -> bool:

@@ -6,9 +6,9 @@ server and the upstream client agree on one shape: lower-case names, pseudo-head
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from collections.abc import Iterable
+from typing import NamedTuple
 
 from sluice.abi import HeaderMap
 
@@ -35,10 +35,30 @@ IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRAC
 # (RFC 9110 8.6), which some upstreams require.
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 
-# Request fields the upstream request does not copy from the filters' map: `host` is rebuilt from
+# Request fields the upstream request does not copy from the filters' map (the usual pseudo-headers
+# too, so that one set lookup skips them; any other `:name` is skipped after it): `host` is rebuilt from
 # `:authority`, the framing is the upstream connection's own, `expect` was answered here, and
 # `te: trailers` (kept for filters and HTTP/2 upstreams, where gRPC needs it) is hop-by-hop here.
-_NOT_FORWARDED = frozenset({"host", "content-length", "transfer-encoding", "expect", "te"})
+_NOT_FORWARDED = frozenset(
+    {"host", "content-length", "transfer-encoding", "expect", "te", ":method", ":path", ":authority", ":scheme"}
+)
+
+
+_DROPPED_REQUEST_FIELDS = (HOP_BY_HOP - {"te"}) | {"host", "x-forwarded-for", "via"}
+"""Client fields the filters' map does not copy: hop-by-hop ones (`te: trailers` aside), `host`
+(it becomes `:authority`), and the two the proxy appends to (`x-forwarded-for`, `via`)."""
+
+_NOTED_REQUEST_FIELDS = _DROPPED_REQUEST_FIELDS | {"te", "x-request-id", "x-forwarded-proto", "x-forwarded-host"}
+"""Client fields `downstream_request_headers` looks into."""
+
+
+PLAIN_CONNECTION = frozenset({"keep-alive", "close"})
+"""`Connection` values that name no other field: nothing more to drop (most messages that have one)."""
+
+
+def names_fields(connection: list[str]) -> bool:
+    """Whether `Connection` values may name fields to drop (anything but one plain value)."""
+    return len(connection) > 1 or connection[0].lower() not in PLAIN_CONNECTION
 
 
 def connection_tokens(values: Iterable[str]) -> set[str]:
@@ -98,7 +118,7 @@ def origin_form(target: str) -> tuple[str, str | None]:
 def downstream_request_headers(
     method: str,
     path: str,
-    fields: Iterable[tuple[str, str]],
+    fields: list[tuple[str, str]],
     client_ip: str,
     scheme: str,
     request_ids: RequestIds | None,
@@ -113,41 +133,45 @@ def downstream_request_headers(
     `Upgrade` when the request asks for one (WebSocket), else None.
     """
     authority = ""
-    regular: list[tuple[str, str]] = []
+    # Most fields are copied as they are (the same tuples): one set lookup each picks out the
+    # few that are not, and a second look at those only.
+    regular = [kv for kv in fields if kv[0] not in _DROPPED_REQUEST_FIELDS]
     connection: list[str] = []
     upgrade: str | None = None
     xff: list[str] = []
     via: list[str] = []
-    has_id = has_proto = has_host = False
+    has_id = has_proto = has_host = has_te = False
     for name, value in fields:
-        if name in HOP_BY_HOP:
-            if name == "connection":
-                connection.append(value)
-            elif name == "upgrade":
-                upgrade = value
-            elif name == "te" and value.strip().lower() == "trailers":
-                # "The client accepts trailers": filters see it as in Envoy, and an HTTP/2
-                # upstream gets it (gRPC needs it; the one TE value HTTP/2 allows).
-                regular.append(("te", "trailers"))
+        if name not in _NOTED_REQUEST_FIELDS:
             continue
         if name == "host":
             authority = value
-            continue
-        if name == "x-forwarded-for":
+        elif name == "x-forwarded-for":
             xff.append(value)
-            continue
-        if name == "via":
+        elif name == "via":
             via.append(value)
-            continue
-        if name == "x-request-id":
+        elif name == "connection":
+            connection.append(value)
+        elif name == "upgrade":
+            upgrade = value
+        elif name == "te":
+            has_te = True
+        elif name == "x-request-id":
             has_id = True
         elif name == "x-forwarded-proto":
             has_proto = True
         elif name == "x-forwarded-host":
             has_host = True
-        regular.append((name, value))
+    if has_te:
+        # Only "the client accepts trailers" is kept: filters see it as in Envoy, and an HTTP/2
+        # upstream gets it (gRPC needs it; the one TE value HTTP/2 allows).
+        regular = [
+            (k, "trailers") if k == "te" else (k, v)
+            for k, v in regular
+            if k != "te" or v.strip().lower() == "trailers"
+        ]
     tokens: set[str] = set()
-    if connection:
+    if connection and names_fields(connection):
         tokens = connection_tokens(connection)
         regular = drop_connection_tokens(regular, tokens)
     if "upgrade" not in tokens:
@@ -169,6 +193,9 @@ def downstream_request_headers(
     return HeaderMap.of_lowercase(items), upgrade
 
 
+_NOTED_RESPONSE_FIELDS = frozenset({"content-length", "server", "date"})
+
+
 def copy_response_fields(
     headers: HeaderMap, fields: list[tuple[str, str]], dropped: frozenset[str], drop_length: bool
 ) -> tuple[bool, bool, bool]:
@@ -177,18 +204,20 @@ def copy_response_fields(
     `drop_length` (the body sent decides it). Returns whether a Content-Length was kept and
     whether Server and Date are there (the codec adds its own otherwise)."""
     has_length = has_server = has_date = False
-    for name, value in headers:
-        if name[0] == ":" or name in dropped:
+    for kv in headers:
+        name = kv[0]
+        if name in _NOTED_RESPONSE_FIELDS:
+            if name == "content-length":
+                if drop_length:
+                    continue
+                has_length = True
+            elif name == "server":
+                has_server = True
+            else:
+                has_date = True
+        elif name in dropped or name[0] == ":":
             continue
-        if name == "content-length":
-            if drop_length:
-                continue
-            has_length = True
-        elif name == "server":
-            has_server = True
-        elif name == "date":
-            has_date = True
-        fields.append((name, value))
+        fields.append(kv)  # the map's own tuple
     return has_length, has_server, has_date
 
 
@@ -222,9 +251,11 @@ def local_reply_headers(status: int, body: bytes, extra: tuple[tuple[str, str], 
     return headers
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class UpstreamRequest:
-    """The head of a request to an upstream, as `UpstreamConnection.start_request` writes it."""
+class UpstreamRequest(NamedTuple):
+    """The head of a request to an upstream, as `UpstreamConnection.start_request` writes it.
+
+    A named tuple rather than a frozen dataclass: one is built per request, and a frozen
+    dataclass's `__init__` pays an `object.__setattr__` call per field (five times the cost)."""
 
     method: str
     target: str
@@ -255,20 +286,35 @@ def upstream_request(
     Content-Length when it gave one, else chunked. A protocol upgrade is asked for again on this
     hop (`Connection`/`Upgrade` are hop-by-hop).
     """
-    method = headers.get(":method") or "GET"
-    target = headers.get(":path") or "/"
-    authority = host_rewrite or headers.get(":authority") or default_authority
-    fields: list[tuple[str, str]] = [("host", authority)]
+    method = target = authority = None
+    fields: list[tuple[str, str]] = [("host", "")]  # its value once `:authority` is known
     content_length: int | None = None
     accepts_trailers = False
-    for name, value in headers:
-        if name[0] == ":" or name in _NOT_FORWARDED:
-            if name == "content-length" and value.isdigit():
-                content_length = int(value)
+    # One pass: the pseudo-headers (the first of each, as `HeaderMap.get` reads them), the framing
+    # and the fields to forward.
+    for kv in headers:
+        name = kv[0]
+        if name in _NOT_FORWARDED:
+            if name == ":method":
+                if method is None:
+                    method = kv[1]
+            elif name == ":path":
+                if target is None:
+                    target = kv[1]
+            elif name == ":authority":
+                if authority is None:
+                    authority = kv[1]
+            elif name == "content-length":
+                if kv[1].isdigit():
+                    content_length = int(kv[1])
             elif name == "te":
                 accepts_trailers = True  # only `trailers` is let into the map
             continue
-        fields.append((name, value))
+        if name[0] != ":":
+            fields.append(kv)  # the map's own tuple: nothing is built per field
+    method = method or "GET"
+    target = target or "/"
+    fields[0] = ("host", host_rewrite or authority or default_authority)
     if upgrade is not None:
         fields.append(("connection", "upgrade"))
         fields.append(("upgrade", upgrade))
@@ -280,8 +326,8 @@ def upstream_request(
         method,
         target,
         fields,
-        has_body=not end_of_stream,
-        content_length=content_length if not end_of_stream else None,
-        retryable=end_of_stream and method in IDEMPOTENT_METHODS,
-        accepts_trailers=accepts_trailers,
+        not end_of_stream,
+        content_length if not end_of_stream else None,
+        end_of_stream and method in IDEMPOTENT_METHODS,
+        accepts_trailers,
     )

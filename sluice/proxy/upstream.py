@@ -28,7 +28,10 @@ from sluice.abi import HeaderMap
 from .config import format_host_port
 from .deadline import ConnectionTimer
 from .h1 import chunk, dec, last_chunk, request_head
-from .http import HOP_BY_HOP, UpstreamRequest, connection_tokens, drop_connection_tokens
+from .http import HOP_BY_HOP, UpstreamRequest, connection_tokens, drop_connection_tokens, names_fields
+
+_FRAMING_OR_HOP = HOP_BY_HOP | {"content-length"}
+"""Response fields the parser looks into: the framing, and those never forwarded."""
 
 
 class UpstreamError(Exception):
@@ -197,9 +200,8 @@ class UpstreamConnection(asyncio.Protocol):
         """loop.time() of the last sign of life while the idle timeout applies."""
         # Response state for the current exchange.
         self._head_method = False
-        self._fields: list[tuple[str, str]] = []
-        self._connection: list[str] = []
-        self._framed = False  # Content-Length or Transfer-Encoding seen
+        self._fields: list[tuple[bytes, bytes]] = []
+        """Fields as parsed, raw: the head's until it is complete, then the trailers'."""
         self._trailer_fields: list[tuple[str, str]] = []
         self._head: ResponseHead | None = None
         self._head_new = False
@@ -288,43 +290,43 @@ class UpstreamConnection(asyncio.Protocol):
 
     # -- httptools callbacks -------------------------------------------------------------------
     def on_header(self, name: bytes, value: bytes) -> None:
-        # h1.dec inlined: this runs for every field of every response.
-        lname = name.decode("utf-8", "surrogateescape").lower()
-        if self._head is not None:
-            self._trailer_fields.append((lname, value.decode("utf-8", "surrogateescape")))
-            return
-        # Hop-by-hop fields are dropped as they are parsed (one pass, no copy afterwards); what
-        # the framing needs of them is noted on the way.
-        if lname in HOP_BY_HOP:
-            if lname == "connection":
-                self._connection.append(dec(value))
-            elif lname == "transfer-encoding":
-                self._framed = True
-            return
-        if lname == "content-length":
-            self._framed = True
-        self._fields.append((lname, value.decode("utf-8", "surrogateescape")))
+        # Kept raw, decoded in one pass once the head (or the trailers) is complete: this runs
+        # for every field of every response.
+        self._fields.append((name, value))
 
     def on_headers_complete(self) -> None:
         status = self._parser.get_status_code()
+        raw, self._fields = self._fields, []
         if 100 <= status < 200 and status != 101:
-            # Interim response (100 Continue, 103 Early Hints): the real one follows.
-            self._fields = []
-            self._connection = []
-            self._framed = False
-            return
+            return  # an interim response (100 Continue, 103 Early Hints): the real one follows
         self._deadline = None
         if self._idle_timeout is not None:
             self._arm(self._io_at + self._idle_timeout)
-        fields = self._fields
-        if self._connection:
-            fields = drop_connection_tokens(fields, connection_tokens(self._connection))
-            self._connection = []
-        fields.insert(0, (":status", str(status)))
+        fields: list[tuple[str, str]] = [(":status", str(status))]
+        connection: list[str] | None = None
+        framed = False  # Content-Length or Transfer-Encoding seen
+        for name_raw, value_raw in raw:
+            name = name_raw.decode("utf-8", "surrogateescape").lower()
+            value = value_raw.decode("utf-8", "surrogateescape")
+            if name in _FRAMING_OR_HOP:
+                # Hop-by-hop fields are dropped here (one pass, no copy afterwards); what the
+                # framing needs of them is noted on the way.
+                if name == "content-length":
+                    framed = True
+                elif name == "transfer-encoding":
+                    framed = True
+                    continue
+                else:
+                    if name == "connection":
+                        if connection is None:
+                            connection = []
+                        connection.append(value)
+                    continue
+            fields.append((name, value))
+        if connection and names_fields(connection):
+            fields = drop_connection_tokens(fields, connection_tokens(connection))
         headers = HeaderMap.of_lowercase(fields)
-        self._fields = []
-        self._close_delimited = not (status in (204, 304) or self._head_method or self._framed)
-        self._framed = False
+        self._close_delimited = not (status in (204, 304) or self._head_method or framed)
         self._head = ResponseHead(status, headers, self._parser.should_keep_alive(), status == 101)
         self._head_new = True
         if self._head_method:
@@ -336,6 +338,9 @@ class UpstreamConnection(asyncio.Protocol):
     def on_message_complete(self) -> None:
         if self._head is None:
             return  # end of an interim response
+        if self._fields:  # trailer fields of a chunked body
+            raw, self._fields = self._fields, []
+            self._trailer_fields = [(dec(n).lower(), dec(v)) for n, v in raw]
         self._message_done = True
 
     # -- delivery --------------------------------------------------------------------------------
