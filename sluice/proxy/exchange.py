@@ -345,7 +345,10 @@ class Exchange:
                 if head.upgrade and self._upgrade is not None:
                     headers.add("connection", "upgrade")
                     headers.add("upgrade", self._upgrade)
-                append_value(headers, "via", VIA)
+                if head.has_via:
+                    append_value(headers, "via", VIA)
+                else:
+                    headers.add("via", VIA)
                 info.response_headers = headers
                 eos = head.upgrade or (complete and not body and trailers is None)
                 chain.response_headers(headers, eos)

@@ -30,8 +30,8 @@ from .deadline import ConnectionTimer
 from .h1 import chunk, dec, last_chunk, request_head
 from .http import HOP_BY_HOP, UpstreamRequest, connection_tokens, drop_connection_tokens, names_fields
 
-_FRAMING_OR_HOP = HOP_BY_HOP | {"content-length"}
-"""Response fields the parser looks into: the framing, and those never forwarded."""
+_NOTED_RESPONSE_FIELDS = HOP_BY_HOP | {"content-length", "via"}
+"""Response fields the parser looks into: the framing, those never forwarded, and `Via`."""
 
 
 class UpstreamError(Exception):
@@ -86,15 +86,19 @@ class _SkipBody(Exception):
 
 
 class ResponseHead:
-    __slots__ = ("status", "headers", "keep_alive", "upgrade")
+    __slots__ = ("status", "headers", "keep_alive", "upgrade", "has_via")
 
-    def __init__(self, status: int, headers: HeaderMap, keep_alive: bool, upgrade: bool) -> None:
+    def __init__(
+        self, status: int, headers: HeaderMap, keep_alive: bool, upgrade: bool, has_via: bool = True
+    ) -> None:
         self.status = status
         self.headers = headers
         """`:status` first, then the fields as received (names lower-case), without hop-by-hop
         fields (RFC 9110 7.6.1: those of `HOP_BY_HOP` and those `Connection` names)."""
         self.keep_alive = keep_alive
         self.upgrade = upgrade
+        self.has_via = has_via
+        """The upstream may have sent `Via` (False: it did not, the proxy's is simply added)."""
 
 
 class ResponseSink(Protocol):
@@ -305,14 +309,17 @@ class UpstreamConnection(asyncio.Protocol):
         fields: list[tuple[str, str]] = [(":status", str(status))]
         connection: list[str] | None = None
         framed = False  # Content-Length or Transfer-Encoding seen
+        has_via = False
         for name_raw, value_raw in raw:
             name = name_raw.decode("utf-8", "surrogateescape").lower()
             value = value_raw.decode("utf-8", "surrogateescape")
-            if name in _FRAMING_OR_HOP:
+            if name in _NOTED_RESPONSE_FIELDS:
                 # Hop-by-hop fields are dropped here (one pass, no copy afterwards); what the
                 # framing needs of them is noted on the way.
                 if name == "content-length":
                     framed = True
+                elif name == "via":
+                    has_via = True
                 elif name == "transfer-encoding":
                     framed = True
                     continue
@@ -327,7 +334,7 @@ class UpstreamConnection(asyncio.Protocol):
             fields = drop_connection_tokens(fields, connection_tokens(connection))
         headers = HeaderMap.of_lowercase(fields)
         self._close_delimited = not (status in (204, 304) or self._head_method or framed)
-        self._head = ResponseHead(status, headers, self._parser.should_keep_alive(), status == 101)
+        self._head = ResponseHead(status, headers, self._parser.should_keep_alive(), status == 101, has_via)
         self._head_new = True
         if self._head_method:
             raise _SkipBody()
