@@ -24,7 +24,7 @@ import dataclasses
 import ssl
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar, cast
+from typing import Any, TypeVar
 
 from .config import ClusterConfig, format_host_port
 from .http2.upstream import H2UpstreamConnection, H2UpstreamStream, open_h2_connection
@@ -314,7 +314,8 @@ class ClusterPool:
         for endpoint in self.endpoints:
             if endpoint.label == conn.endpoint:
                 if len(endpoint.idle) < MAX_IDLE_PER_ENDPOINT:
-                    endpoint.idle.append(cast(UpstreamConnection, conn))  # this pool leases only those
+                    assert isinstance(conn, UpstreamConnection)  # this pool leases only those
+                    endpoint.idle.append(conn)
                     return
                 break
         conn.close()

@@ -38,13 +38,13 @@ def _field_lines(fields: Iterable[tuple[str, str]]) -> str:
 
 def request_head(method: str, target: str, fields: Iterable[tuple[str, str]]) -> bytes:
     """`METHOD target HTTP/1.1` and the fields, as written to an upstream."""
-    return enc(f"{method} {target} HTTP/1.1\r\n{_field_lines(fields)}")
+    return f"{method} {target} HTTP/1.1\r\n{_field_lines(fields)}".encode("utf-8", "surrogateescape")
 
 
 def response_head(status: int, fields: Iterable[tuple[str, str]]) -> bytes:
     """The status line and the fields, as written to a client."""
     reason = REASONS.get(status, b"Unknown")
-    return b"HTTP/1.1 %d %s\r\n" % (status, reason) + enc(_field_lines(fields))
+    return b"HTTP/1.1 %d %s\r\n" % (status, reason) + _field_lines(fields).encode("utf-8", "surrogateescape")
 
 
 def chunk(data: bytes) -> bytes:

@@ -304,8 +304,8 @@ class UpstreamConnection(asyncio.Protocol):
         if 100 <= status < 200 and status != 101:
             return  # an interim response (100 Continue, 103 Early Hints): the real one follows
         self._deadline = None
-        if self._idle_timeout is not None:
-            self._arm(self._io_at + self._idle_timeout)
+        if self._idle_timeout is not None and not self._closed:
+            self._timer.arm(self._io_at + self._idle_timeout)
         fields: list[tuple[str, str]] = [(":status", str(status))]
         connection: list[str] | None = None
         framed = False  # Content-Length or Transfer-Encoding seen
@@ -538,7 +538,8 @@ class UpstreamConnection(asyncio.Protocol):
         """The request has been sent in full: the response head is due within the timeout."""
         if self._timeout and self._head is None and self._sink is not None:
             self._deadline = at = self._loop.time() + self._timeout
-            self._arm(at)
+            if not self._closed:
+                self._timer.arm(at)
 
     # -- tunnel (after 101) --------------------------------------------------------------------
     def attach_tunnel(self, tunnel: TunnelSink) -> None:
