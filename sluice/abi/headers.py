@@ -29,12 +29,19 @@ def _dec(data: bytes) -> str:
 
 
 class HeaderMap:
-    """An ordered multimap of lower-cased header names to values."""
+    """An ordered multimap of lower-cased header names to values.
 
-    __slots__ = ("_items", "_size", "writes")
+    Lookups go through a list of the names kept beside the entries (built on the first lookup,
+    kept up to date by `add` and `set`, dropped by other changes), so that finding a name is
+    `list.index` in C rather than a loop in Python: filters look names up many times a request.
+    """
+
+    __slots__ = ("_items", "_names", "_size", "writes")
 
     def __init__(self, items: Iterable[tuple[str, str]] = ()) -> None:
         self._items: list[tuple[str, str]] = [(k.lower(), v) for k, v in items]
+        self._names: list[str] | None = None
+        """The names of `_items`, in order, once a lookup needed them; None until then."""
         self._size = -1
         """`byte_size()` once computed, kept up to date by `add` (a filter adding headers one by
         one is checked against its limit on every add); -1 after any other change."""
@@ -48,25 +55,38 @@ class HeaderMap:
         pseudo-headers in front, as the proxy's parsers produce them (no second pass per request)."""
         headers = cls.__new__(cls)
         headers._items = items
+        headers._names = None
         headers._size = -1
         headers.writes = 0
         return headers
+
+    def _index(self) -> list[str]:
+        names = self._names
+        if names is None:
+            names = self._names = [kv[0] for kv in self._items]
+        return names
 
     # -- reading -----------------------------------------------------------------------------
     def get(self, name: str, default: str | None = None) -> str | None:
         """The first value of `name` (Envoy's `get_header_map_value` returns only the first)."""
         name = name.lower()
-        for k, v in self._items:
-            if k == name:
-                return v
+        items = self._items
+        if items and items[0][0] == name:
+            return items[0][1]  # `:method`, `:status`: the proxy's own lookups
+        names = self._index()
+        if name in names:
+            return items[names.index(name)][1]
         return default
 
     def get_all(self, name: str) -> list[str]:
         name = name.lower()
+        names = self._index()
+        if name not in names:
+            return []
         return [v for k, v in self._items if k == name]
 
     def __contains__(self, name: object) -> bool:
-        return isinstance(name, str) and self.get(name) is not None
+        return isinstance(name, str) and name.lower() in self._index()
 
     def items(self) -> list[tuple[str, str]]:
         return list(self._items)
@@ -103,37 +123,52 @@ class HeaderMap:
         if self._size >= 0:
             both = name + value
             self._size += len(both) if both.isascii() else len(_enc(both))
+        items = self._items
+        names = self._names
         if name[:1] == ":":
             # Pseudo-headers stay in front, in arrival order.
             idx = 0
-            while idx < len(self._items) and self._items[idx][0].startswith(":"):
+            while idx < len(items) and items[idx][0].startswith(":"):
                 idx += 1
-            self._items.insert(idx, (name, value))
+            items.insert(idx, (name, value))
+            if names is not None:
+                names.insert(idx, name)
         else:
-            self._items.append((name, value))
+            items.append((name, value))
+            if names is not None:
+                names.append(name)
 
     def set(self, name: str, value: str) -> None:
         """Replace every entry of `name` with one; keep the position of the first one."""
         name = name.lower()
+        names = self._index()
+        if name not in names:
+            self.add(name, value)
+            return
         self.writes += 1
-        for i, (k, _) in enumerate(self._items):
-            if k == name:
-                self._size = -1
-                self._items[i] = (name, value)
-                self._items[i + 1 :] = [kv for kv in self._items[i + 1 :] if kv[0] != name]
-                return
-        self.add(name, value)
+        self._size = -1
+        items = self._items
+        i = names.index(name)
+        items[i] = (name, value)
+        if names.count(name) > 1:
+            # Later entries of the name go (rare: a name that came more than once).
+            items[i + 1 :] = [kv for kv in items[i + 1 :] if kv[0] != name]
+            self._names = None
 
     def remove(self, name: str) -> None:
         self.writes += 1
         name = name.lower()
+        if name not in self._index():
+            return
         self._size = -1
         self._items = [kv for kv in self._items if kv[0] != name]
+        self._names = None
 
     def replace_all(self, items: Iterable[tuple[str, str]]) -> None:
         self.writes += 1
         self._size = -1
         self._items = [(k.lower(), v) for k, v in items]
+        self._names = None
 
     def copy(self) -> HeaderMap:
         clone = HeaderMap()
@@ -156,18 +191,19 @@ def serialize_pairs(items: Iterable[tuple[str, str]] | Iterable[tuple[bytes, byt
 
     In one pass over the text: the keys and values are joined with their NULs and encoded at once
     (an ASCII map, the usual case, then has its lengths without any per-header encoding)."""
-    flat: list[str | bytes] = [x for kv in items for x in kv]
+    flat: list[str | bytes] = list(chain.from_iterable(items))
     if not flat:
         return b""
-    if all(type(x) is str for x in flat):
-        texts = cast(list[str], flat)
-        text = "\0".join(texts) + "\0"
+    head = f"<{len(flat) + 1}I"
+    try:
+        text = "\0".join(cast(list[str], flat))
+    except TypeError:  # bytes among them
+        pass
+    else:
         if text.isascii():
-            lengths = [len(x) for x in texts]
-            data = text.encode("ascii")
-            return struct.pack(f"<{len(flat) + 1}I", len(flat) // 2, *lengths) + data
+            return struct.pack(head, len(flat) // 2, *map(len, flat)) + text.encode("ascii") + b"\0"
     raw = [x if isinstance(x, bytes) else _enc(x) for x in flat]
-    return struct.pack(f"<{len(raw) + 1}I", len(raw) // 2, *map(len, raw)) + b"\0".join(raw) + b"\0"
+    return struct.pack(head, len(raw) // 2, *map(len, raw)) + b"\0".join(raw) + b"\0"
 
 
 def deserialize_pairs_bytes(data: bytes) -> list[tuple[bytes, bytes]]:

@@ -1,0 +1,74 @@
+"""`HeaderMap` against a plain list model: every operation, in any order, gives the same entries
+and the same answers (its name index must never go stale), and the pairs wire format round-trips."""
+
+from __future__ import annotations
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sluice.abi import HeaderMap
+from sluice.abi.headers import deserialize_pairs, serialize_pairs
+
+NAMES = st.sampled_from([":method", ":path", ":status", "host", "x-a", "X-A", "x-b", "via", "é-x"])
+VALUES = st.text(max_size=5)
+OPS = st.one_of(
+    st.tuples(st.just("add"), NAMES, VALUES),
+    st.tuples(st.just("set"), NAMES, VALUES),
+    st.tuples(st.just("remove"), NAMES, st.just("")),
+    st.tuples(st.just("get"), NAMES, st.just("")),
+    st.tuples(st.just("get_all"), NAMES, st.just("")),
+    st.tuples(st.just("contains"), NAMES, st.just("")),
+    st.tuples(st.just("replace_all"), NAMES, VALUES),
+)
+
+
+def model_add(model: list[tuple[str, str]], name: str, value: str) -> None:
+    if name.startswith(":"):
+        at = 0
+        while at < len(model) and model[at][0].startswith(":"):
+            at += 1
+        model.insert(at, (name, value))
+    else:
+        model.append((name, value))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(NAMES, VALUES), max_size=6), st.lists(OPS, max_size=25))
+def test_header_map_matches_a_list_model(start: list[tuple[str, str]], ops: list[tuple[str, str, str]]) -> None:
+    headers = HeaderMap(start)
+    model = [(k.lower(), v) for k, v in start]
+    for op, raw_name, value in ops:
+        name = raw_name.lower()
+        if op == "add":
+            headers.add(raw_name, value)
+            model_add(model, name, value)
+        elif op == "set":
+            headers.set(raw_name, value)
+            at = next((i for i, (k, _) in enumerate(model) if k == name), None)
+            if at is None:
+                model_add(model, name, value)
+            else:
+                model[at] = (name, value)
+                model[at + 1 :] = [kv for kv in model[at + 1 :] if kv[0] != name]
+        elif op == "remove":
+            headers.remove(raw_name)
+            model = [kv for kv in model if kv[0] != name]
+        elif op == "replace_all":
+            headers.replace_all([(raw_name, value), ("x-z", value)])
+            model = [(name, value), ("x-z", value)]
+        elif op == "get":
+            assert headers.get(raw_name) == next((v for k, v in model if k == name), None)
+        elif op == "get_all":
+            assert headers.get_all(raw_name) == [v for k, v in model if k == name]
+        else:
+            assert (raw_name in headers) == any(k == name for k, _ in model)
+        assert headers.items() == model
+        assert headers.byte_size() == sum(len(k.encode()) + len(v.encode()) for k, v in model)
+
+
+@given(st.lists(st.tuples(st.text(max_size=4), st.text(max_size=4)), max_size=5))
+def test_pairs_round_trip(pairs: list[tuple[str, str]]) -> None:
+    clean = [(k.replace("\0", ""), v.replace("\0", "")) for k, v in pairs]
+    assert deserialize_pairs(serialize_pairs(clean)) == clean
+    as_bytes = [(k.encode(), v.encode()) for k, v in clean]
+    assert serialize_pairs(as_bytes) == serialize_pairs(clean)
