@@ -422,6 +422,11 @@ class WasmVM:
             response_cb = self.fn.get("proxy_on_response_headers")
             self.request_headers_args3 = request_cb is None or len(request_cb.params) == 3
             self.response_headers_args3 = response_cb is None or len(response_cb.params) == 3
+            # What every stream on this VM asks per request, answered once per VM.
+            self.request_headers_fn = request_cb
+            self.response_headers_fn = response_cb
+            self.reads_request_body = "proxy_on_request_body" in self.fn
+            self.reads_response_body = "proxy_on_response_body" in self.fn
             if self.allocator is None:
                 raise WasmTrap("module exports no allocator (malloc or proxy_on_memory_allocate)")
             self._run_start()
@@ -506,14 +511,11 @@ class WasmVM:
         outermost = not frames
         handle: StoreHandle | None = None  # nested in a host call: runs under its caller's deadline
         if outermost:
-            # The outermost frame is reused (nothing keeps a frame once its call returned):
-            # resetting its fields is cheaper than a new object, on every callback.
+            # The outermost frame is reused (nothing keeps a frame once its call returned): it is
+            # left clean after every call, so `invoke_stream` only sets its context.
             frame = self._outer_frame
             frame.context = context
-            frame.effective = None
             frame.configuring = configuring
-            frame.local_reply_sent = False
-            frame.foreign_args = None
             if deadline_ms is None:
                 handle = self.handle
             else:
@@ -528,10 +530,38 @@ class WasmVM:
         finally:
             frames.pop()
             if outermost:  # a kept context would tie the VM to itself (no refcount release)
-                frame.context = frame.effective = None
-        if frame.local_reply_sent and result is not None:
-            result = 1  # a local reply overrides the callback's return value to "stop"
+                frame.context = frame.effective = frame.foreign_args = None
+                frame.configuring = False
+        if frame.local_reply_sent:
+            frame.local_reply_sent = False
+            if result is not None:
+                result = 1  # a local reply overrides the callback's return value to "stop"
         if outermost and self.deferred:
+            self.run_deferred()
+        return result
+
+    def invoke_stream(self, fn: WasmFunction, context: StreamContext, args: tuple[int, ...],
+                      timing: list[float]) -> Any:
+        """`invoke` for a stream callback with the plugin's deadline (the per-request path):
+        outermost unless a host call is on the stack."""
+        frames = self.frames
+        if frames or self.dead is not None:
+            return self.invoke(fn, context, args, False, None, timing)
+        frame = self._outer_frame
+        frame.context = context
+        frames.append(frame)
+        try:
+            result = fn.call_in(self.handle, self, args, timing)
+        except WasmTrap as exc:
+            raise self._trapped(exc) from None
+        finally:
+            frames.pop()
+            frame.context = frame.effective = frame.foreign_args = None
+        if frame.local_reply_sent:
+            frame.local_reply_sent = False
+            if result is not None:
+                result = 1  # a local reply overrides the callback's return value to "stop"
+        if self.deferred:
             self.run_deferred()
         return result
 
@@ -770,6 +800,7 @@ class WasmVM:
         self.fn = {}
         self.end_of_stream = ()
         self.on_context_create = None
+        self.request_headers_fn = self.response_headers_fn = None
         self.allocator = None
         self.deferred.clear()
 

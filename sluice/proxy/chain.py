@@ -69,7 +69,10 @@ StreamFactory = Callable[[StreamCallbacks], FilterStream]
 
 
 # -- actions -----------------------------------------------------------------------------------
-@dataclasses.dataclass(frozen=True, slots=True)
+# Values the chain hands out and never looks at again: read-only by convention, not frozen, since
+# a frozen dataclass's __init__ sets each field through object.__setattr__ and every request
+# makes three of them (the events, made only when they must wait in the queue, stay frozen).
+@dataclasses.dataclass(slots=True)
 class ForwardRequestHeaders:
     """All filters continued: route on these headers and start the upstream request."""
 
@@ -77,18 +80,18 @@ class ForwardRequestHeaders:
     end_of_stream: bool
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
+@dataclasses.dataclass(slots=True)
 class ForwardRequestData:
     data: bytes
     end_of_stream: bool
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
+@dataclasses.dataclass(slots=True)
 class ForwardRequestTrailers:
     trailers: HeaderMap
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
+@dataclasses.dataclass(slots=True)
 class SendResponseHeaders:
     """Response headers for the client (`:status` first)."""
 
@@ -96,25 +99,25 @@ class SendResponseHeaders:
     end_of_stream: bool
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
+@dataclasses.dataclass(slots=True)
 class SendResponseData:
     data: bytes
     end_of_stream: bool
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
+@dataclasses.dataclass(slots=True)
 class SendResponseTrailers:
     trailers: HeaderMap
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
+@dataclasses.dataclass(slots=True)
 class AbortUpstream:
     """A local reply took over: stop (or never start) the upstream exchange, drop request body."""
 
     reply: LocalReply
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
+@dataclasses.dataclass(slots=True)
 class ResetStream:
     """Abort both connections without a (further) response."""
 
