@@ -644,15 +644,14 @@ class WasmVM:
 
     def replace_header(self, hmap: HeaderMap, key: str, value: str) -> WasmResult:
         """proxy_replace_header_map_value, within the header-map limits (every old `key` goes)."""
+        limits = self.spec.limits
         lowered = key.lower()
-        old = hmap.get_all(lowered)
-        added = _utf8_len(lowered + value)
-        if not old and len(hmap) >= self.spec.limits.max_headers:
+        count, removed = hmap.named(lowered)
+        if not count and len(hmap) >= limits.max_headers:
             return self.refuse("limit.max_headers", BAD_ARGUMENT)
-        removed = sum(_utf8_len(lowered + v) for v in old) if old else 0
-        if hmap.byte_size() - removed + added > self.spec.limits.max_header_bytes:
+        if hmap.byte_size() - removed + _utf8_len(lowered + value) > limits.max_header_bytes:
             return self.refuse("limit.max_header_bytes", BAD_ARGUMENT)
-        hmap.set(key, value)
+        hmap.set(lowered, value)
         return OK
 
     def replace_headers(self, hmap: HeaderMap, data: bytes) -> WasmResult:
