@@ -485,14 +485,15 @@ class _Callbacks:
 
     def send_local_reply(self, reply: LocalReply) -> None:
         chain = self._chain
-        # After complete() (a callout answering after the client left) there is nothing to act on.
-        if not chain._halted:
+        # After complete() (a callout answering after the client left) there is nothing to act on;
+        # a halted chain ignores the event itself.
+        if not chain._completed:
             chain.acted |= 1 << self._index
             chain.handle(SendLocalReply(self._index, reply))
 
     def reset(self) -> None:
         chain = self._chain
-        if not chain._halted:
+        if not chain._completed:
             chain.acted |= 1 << self._index
             chain.handle(FilterReset(self._index))
 
