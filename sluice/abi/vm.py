@@ -378,7 +378,10 @@ class WasmVM:
         self.contexts: dict[int, Context] = {}
         self._next_context = 0
         self._next_token = 0
-        self.frames: list[Frame] = []
+        self.frames: list[Frame] = [Frame(None)]
+        """Callbacks in progress, innermost last, above a bottom frame that stands for "none"
+        (no context acts there). Never empty, so the list keeps its storage: pushing the frame
+        of an outermost callback allocates nothing."""
         self._outer_frame = Frame(None)
         self.deferred: list[Callable[[], None]] = []
         self.dead: str | None = None
@@ -508,7 +511,7 @@ class WasmVM:
         if self.dead is not None:
             raise WasmTrap(f"VM is no longer usable: {self.dead}")
         frames = self.frames
-        outermost = not frames
+        outermost = len(frames) == 1
         handle: StoreHandle | None = None  # nested in a host call: runs under its caller's deadline
         if outermost:
             # The outermost frame is reused (nothing keeps a frame once its call returned): it is
@@ -545,7 +548,7 @@ class WasmVM:
         """`invoke` for a stream callback with the plugin's deadline (the per-request path):
         outermost unless a host call is on the stack."""
         frames = self.frames
-        if frames or self.dead is not None:
+        if len(frames) > 1 or self.dead is not None:
             return self.invoke(fn, context, args, False, None, timing)
         frame = self._outer_frame
         frame.context = context
@@ -575,7 +578,7 @@ class WasmVM:
             raise WasmTrap(f"VM is no longer usable: {self.dead}")
         frame = Frame(context)
         frames = self.frames
-        outermost = not frames
+        outermost = len(frames) == 1
         handle = self.handle if outermost else None
         frames.append(frame)
         fn = None
