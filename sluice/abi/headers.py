@@ -65,9 +65,10 @@ class HeaderMap:
     def get(self, name: str, default: str | None = None) -> str | None:
         """The first value of `name` (Envoy's `get_header_map_value` returns only the first)."""
         name = name.lower()
-        for k, v in self._items:
-            if k == name:
-                return v
+        items = self._items
+        names = list(map(_NAME, items))  # scanned in C rather than in a Python loop
+        if name in names:
+            return items[names.index(name)][1]
         return default
 
     def get_all(self, name: str) -> list[str]:
@@ -138,7 +139,10 @@ class HeaderMap:
             self._size = -1
         elif self._size >= 0:
             # One entry changed its value: the size follows without measuring the whole map.
-            self._size += _text_size(value) - _text_size(old)
+            if value.isascii() and old.isascii():
+                self._size += len(value) - len(old)
+            else:
+                self._size += _text_size(value) - _text_size(old)
 
     def named(self, name: str) -> tuple[int, int]:
         """How many entries `name` (lower-case) has, and their bytes (names and values), for a

@@ -177,7 +177,7 @@ class ProxyHostCalls:
         hmap = ctx.header_map(mtype, True) if ctx is not None else None
         if hmap is None:
             return BAD_ARGUMENT
-        return hmap, _dec(key), _dec(value)
+        return hmap, key.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape")
 
     def proxy_add_header_map_value(self, mtype: int, kptr: int, klen: int, vptr: int, vlen: int) -> int:
         args = self._header_write(mtype, kptr, klen, vptr, vlen)

@@ -652,7 +652,8 @@ class WasmVM:
         count, removed = hmap.named(lowered)
         if not count and len(hmap) >= limits.max_headers:
             return self.refuse("limit.max_headers", BAD_ARGUMENT)
-        if hmap.byte_size() - removed + _utf8_len(lowered + value) > limits.max_header_bytes:
+        both = lowered + value
+        if hmap.byte_size() - removed + (len(both) if both.isascii() else _utf8_len(both)) > limits.max_header_bytes:
             return self.refuse("limit.max_header_bytes", BAD_ARGUMENT)
         hmap.set(lowered, value)
         return OK
