@@ -8,7 +8,6 @@ are not UTF-8 survive a round trip through ``surrogateescape``.
 
 from __future__ import annotations
 
-import operator
 import struct
 from collections.abc import Iterable, Iterator
 from itertools import chain
@@ -27,14 +26,6 @@ def _enc(text: str) -> bytes:
 
 def _dec(data: bytes) -> str:
     return data.decode("utf-8", "surrogateescape")
-
-
-def _text_size(text: str) -> int:
-    """Bytes of `text` on the wire (an ASCII text, nearly every header, needs no encoding)."""
-    return len(text) if text.isascii() else len(_enc(text))
-
-
-_NAME = operator.itemgetter(0)
 
 
 class HeaderMap:
@@ -65,10 +56,9 @@ class HeaderMap:
     def get(self, name: str, default: str | None = None) -> str | None:
         """The first value of `name` (Envoy's `get_header_map_value` returns only the first)."""
         name = name.lower()
-        items = self._items
-        names = list(map(_NAME, items))  # scanned in C rather than in a Python loop
-        if name in names:
-            return items[names.index(name)][1]
+        for k, v in self._items:
+            if k == name:
+                return v
         return default
 
     def get_all(self, name: str) -> list[str]:
@@ -126,32 +116,13 @@ class HeaderMap:
         """Replace every entry of `name` with one; keep the position of the first one."""
         name = name.lower()
         self.writes += 1
-        items = self._items
-        names = list(map(_NAME, items))  # the scans below run in C, not in a Python loop
-        if name not in names:
-            self.add(name, value)
-            return
-        i = names.index(name)
-        old = items[i][1]
-        items[i] = (name, value)
-        if names.count(name) > 1:
-            items[i + 1 :] = [kv for kv in items[i + 1 :] if kv[0] != name]
-            self._size = -1
-        elif self._size >= 0:
-            # One entry changed its value: the size follows without measuring the whole map.
-            if value.isascii() and old.isascii():
-                self._size += len(value) - len(old)
-            else:
-                self._size += _text_size(value) - _text_size(old)
-
-    def named(self, name: str) -> tuple[int, int]:
-        """How many entries `name` (lower-case) has, and their bytes (names and values), for a
-        limit check before `set` replaces them."""
-        names = list(map(_NAME, self._items))
-        count = names.count(name)
-        if not count:
-            return 0, 0
-        return count, sum(_text_size(k + v) for k, v in self._items if k == name)
+        for i, (k, _) in enumerate(self._items):
+            if k == name:
+                self._size = -1
+                self._items[i] = (name, value)
+                self._items[i + 1 :] = [kv for kv in self._items[i + 1 :] if kv[0] != name]
+                return
+        self.add(name, value)
 
     def remove(self, name: str) -> None:
         self.writes += 1

@@ -649,9 +649,10 @@ class WasmVM:
         """proxy_replace_header_map_value, within the header-map limits (every old `key` goes)."""
         limits = self.spec.limits
         lowered = key.lower()
-        count, removed = hmap.named(lowered)
-        if not count and len(hmap) >= limits.max_headers:
+        old = hmap.get_all(lowered)
+        if not old and len(hmap) >= limits.max_headers:
             return self.refuse("limit.max_headers", BAD_ARGUMENT)
+        removed = sum(_utf8_len(lowered + v) for v in old) if old else 0
         both = lowered + value
         if hmap.byte_size() - removed + (len(both) if both.isascii() else _utf8_len(both)) > limits.max_header_bytes:
             return self.refuse("limit.max_header_bytes", BAD_ARGUMENT)
