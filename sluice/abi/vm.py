@@ -515,10 +515,11 @@ class WasmVM:
         handle: StoreHandle | None = None  # nested in a host call: runs under its caller's deadline
         if outermost:
             # The outermost frame is reused (nothing keeps a frame once its call returned): it is
-            # left clean after every call, so `invoke_stream` only sets its context.
+            # left clean after every call, so `invoke_stream` only sets its context and flag.
             frame = self._outer_frame
             frame.context = context
             frame.configuring = configuring
+            frame.local_reply_sent = False  # (a trapped call leaves it set)
             if deadline_ms is None:
                 handle = self.handle
             else:
@@ -535,10 +536,8 @@ class WasmVM:
             if outermost:  # a kept context would tie the VM to itself (no refcount release)
                 frame.context = frame.effective = frame.foreign_args = None
                 frame.configuring = False
-        if frame.local_reply_sent:
-            frame.local_reply_sent = False
-            if result is not None:
-                result = 1  # a local reply overrides the callback's return value to "stop"
+        if frame.local_reply_sent and result is not None:
+            result = 1  # a local reply overrides the callback's return value to "stop"
         if outermost and self.deferred:
             self.run_deferred()
         return result
@@ -552,6 +551,7 @@ class WasmVM:
             return self.invoke(fn, context, args, False, None, timing)
         frame = self._outer_frame
         frame.context = context
+        frame.local_reply_sent = False  # (a trapped call leaves it set)
         frames.append(frame)
         try:
             result = fn.call_in(self.handle, self, args, timing)
@@ -560,10 +560,8 @@ class WasmVM:
         finally:
             frames.pop()
             frame.context = frame.effective = frame.foreign_args = None
-        if frame.local_reply_sent:
-            frame.local_reply_sent = False
-            if result is not None:
-                result = 1  # a local reply overrides the callback's return value to "stop"
+        if frame.local_reply_sent and result is not None:
+            result = 1  # a local reply overrides the callback's return value to "stop"
         if self.deferred:
             self.run_deferred()
         return result
