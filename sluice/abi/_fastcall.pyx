@@ -70,6 +70,7 @@ cdef extern from "Python.h":
     void _decref "Py_DECREF"(PyObject* o)
     int PyGC_Enable()
     int PyGC_Disable()
+    void _set_size "Py_SET_SIZE"(object o, Py_ssize_t size)
 
 cdef enum:
     MAX_SLOTS = 16  # more parameters than any host function or callback sluice defines
@@ -209,6 +210,17 @@ cdef class Deadline:
 
 # -- calls into wasm --------------------------------------------------------------------------
 
+cdef inline void _pop_active() noexcept:
+    """`_active.pop()` without giving the list's storage back: list.pop() frees it when the list
+    empties, which every outermost call does, so the next call's append would allocate again."""
+    cdef Py_ssize_t n = PyList_GET_SIZE(_active)
+    cdef PyObject* top
+    if n > 0:
+        top = PyList_GET_ITEM(_active, n - 1)
+        _set_size(_active, n - 1)
+        _decref(top)
+
+
 cdef class Func:
     """One exported function of one instance, callable with plain numbers; the caller arms the
     epoch deadline first (`Deadline.arm_deadline`)."""
@@ -264,7 +276,7 @@ cdef class Func:
             timing.append(_monotonic() - started)
             return result
         finally:
-            _active.pop()
+            _pop_active()
             if was_enabled:
                 PyGC_Enable()
 

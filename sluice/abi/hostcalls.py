@@ -163,15 +163,8 @@ class ProxyHostCalls:
             return vm.return_bytes(b"", out_ptr, out_size) if vm.abi_version == "0.1.0" else NOT_FOUND
         return value  # the context's error answer
 
-    def _key_value(self, kptr: int, klen: int, vptr: int, vlen: int) -> tuple[str, str] | None:
-        mem = self._mem
-        key = mem.read(kptr, klen)
-        value = mem.read(vptr, vlen)
-        if key is None or value is None:
-            return None
-        return _dec(key), _dec(value)
-
-    def proxy_add_header_map_value(self, mtype: int, kptr: int, klen: int, vptr: int, vlen: int) -> int:
+    def _header_write(self, mtype: int, kptr: int, klen: int, vptr: int, vlen: int) -> tuple[HeaderMap, str, str] | int:
+        """The writable map, key and value of an add or replace, or the error to answer."""
         if mtype > 7:
             return BAD_ARGUMENT
         mem = self._mem
@@ -184,18 +177,15 @@ class ProxyHostCalls:
         hmap = ctx.header_map(mtype, True) if ctx is not None else None
         if hmap is None:
             return BAD_ARGUMENT
-        return self.vm.add_header(hmap, _dec(key), _dec(value))
+        return hmap, key.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape")
+
+    def proxy_add_header_map_value(self, mtype: int, kptr: int, klen: int, vptr: int, vlen: int) -> int:
+        args = self._header_write(mtype, kptr, klen, vptr, vlen)
+        return self.vm.add_header(*args) if isinstance(args, tuple) else args
 
     def proxy_replace_header_map_value(self, mtype: int, kptr: int, klen: int, vptr: int, vlen: int) -> int:
-        if mtype > 7:
-            return BAD_ARGUMENT
-        kv = self._key_value(kptr, klen, vptr, vlen)
-        if kv is None:
-            return INVALID_MEMORY_ACCESS
-        hmap = self._map(mtype, write=True)
-        if hmap is None:
-            return BAD_ARGUMENT
-        return self.vm.replace_header(hmap, *kv)
+        args = self._header_write(mtype, kptr, klen, vptr, vlen)
+        return self.vm.replace_header(*args) if isinstance(args, tuple) else args
 
     def proxy_remove_header_map_value(self, mtype: int, kptr: int, klen: int) -> int:
         if mtype > 7:

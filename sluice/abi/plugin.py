@@ -30,7 +30,7 @@ from .api import (
 )
 from .common import CALLBACK_BOUNDS_S, DETACHED, Counters, Replacement, StreamMode, build_report, failure_reply
 from .compiled import CompiledModule
-from .fastcall import WasmTrap
+from .fastcall import WasmFunction, WasmTrap
 from .headers import HeaderMap
 from .metrics import MetricRegistry
 from .report import ModuleInfo, PluginReport, PluginState
@@ -94,6 +94,8 @@ class Plugin:
         self._metrics = MetricRegistry()
         self._counters = Counters()
         self._callback_time = Histogram(CALLBACK_BOUNDS_S)
+        self._timing = self._callback_time.pending
+        """What the compiled call layer appends each stream callback's duration to."""
         self._log_level = spec.log_level
         self._hooks = _VMHooks(self)
         self._vm: WasmVM | None = None
@@ -441,8 +443,7 @@ class HttpStream:
     """One HTTP stream through one filter. Methods mirror Envoy's filter callbacks."""
 
     __slots__ = ("_plugin", "_vm", "info", "_callbacks", "_mode", "_ctx", "_maps", "_bodies",
-                 "paused", "completed", "_request_args3", "_response_args3", "_timing", "reads_request_body",
-                 "reads_response_body")
+                 "paused", "completed", "reads_request_body", "reads_response_body")
 
     def __init__(
         self, plugin: Plugin, vm: WasmVM | None, info: StreamInfo, callbacks: StreamCallbacks, mode: StreamMode
@@ -458,14 +459,14 @@ class HttpStream:
         self._bodies: list[bytearray | None] = [None, None]
         self.paused = False
         self.completed = False
-        self._request_args3 = vm is not None and vm.request_headers_args3
-        self._response_args3 = vm is not None and vm.response_headers_args3
-        self._timing = plugin._callback_time.pending
         # Whether this filter's body callbacks run (and so may change a body's length): the
         # proxy keeps a body's Content-Length only when no filter of the chain can change it.
-        fn = vm.fn if vm is not None and mode is _WASM else {}
-        self.reads_request_body = "proxy_on_request_body" in fn
-        self.reads_response_body = "proxy_on_response_body" in fn
+        # What the module exports is the VM's to know, once.
+        if vm is not None and mode is _WASM:
+            self.reads_request_body = vm.reads_request_body
+            self.reads_response_body = vm.reads_response_body
+        else:
+            self.reads_request_body = self.reads_response_body = False
 
     # -- calls -------------------------------------------------------------------------------------
     def _call(self, name: str, *args: int) -> int | None:
@@ -475,21 +476,24 @@ class HttpStream:
         fn = vm.fn.get(name)
         if fn is None:
             return None  # not exported: the default, continue
-        ctx = self._ctx
+        ctx = self._ctx or self._create_context()
         if ctx is None:
-            ctx = self._create_context()
-            if ctx is None:
-                return None
+            return None
+        return self._run(vm, fn, ctx, (ctx.id, *args))
+
+    def _run(self, vm: WasmVM, fn: WasmFunction, ctx: StreamContext, args: tuple[int, ...]) -> int | None:
+        """Call `fn` for this stream's context; a failure applies the failure policy (None)."""
+        plugin = self._plugin
         # Timed in C, into the callback histogram's pending values (which this folds when due).
-        timing = self._timing
+        timing = plugin._timing
         try:
-            result: int | None = vm.invoke(fn, ctx, (ctx.id, *args), False, None, timing)
+            result: int | None = vm.invoke_stream(fn, ctx, args, timing)
         except WasmTrap as exc:
-            self._plugin._on_trap(vm, exc, name)
+            plugin._on_trap(vm, exc, fn.name)
             self.fail(None)
             return None
         if len(timing) >= FOLD_EVERY:
-            self._plugin._callback_time.fold()
+            plugin._callback_time.fold()
         return result
 
     def _create_context(self) -> StreamContext | None:
@@ -548,10 +552,18 @@ class HttpStream:
         self._maps[0] = headers
         if self._mode is not _WASM:
             return self._entry_status()
-        if self._request_args3:
-            r = self._call("proxy_on_request_headers", len(headers), 1 if end_of_stream else 0)
+        vm = self._vm
+        assert vm is not None
+        fn = vm.request_headers_fn
+        if fn is None:
+            return CONTINUE  # not exported: the default
+        ctx = self._ctx or self._create_context()
+        if ctx is None:
+            r = None
+        elif vm.request_headers_args3:
+            r = self._run(vm, fn, ctx, (ctx.id, len(headers), 1 if end_of_stream else 0))
         else:
-            r = self._call("proxy_on_request_headers", len(headers))
+            r = self._run(vm, fn, ctx, (ctx.id, len(headers)))
         # 0 Continue, 2 ContinueAndEndStream; 1, 3, 4 and anything larger stop (cpp-host).
         if (r == 0 or r == 2 or r is None) and self._mode is _WASM:
             return CONTINUE  # the usual answer, without the general case's call
@@ -577,10 +589,18 @@ class HttpStream:
         self._maps[2] = headers
         if self._mode is not _WASM:
             return CONTINUE  # a failed filter is skipped on the way back (Envoy)
-        if self._response_args3:
-            r = self._call("proxy_on_response_headers", len(headers), 1 if end_of_stream else 0)
+        vm = self._vm
+        assert vm is not None
+        fn = vm.response_headers_fn
+        if fn is None:
+            return CONTINUE
+        ctx = self._ctx or self._create_context()
+        if ctx is None:
+            r = None
+        elif vm.response_headers_args3:
+            r = self._run(vm, fn, ctx, (ctx.id, len(headers), 1 if end_of_stream else 0))
         else:
-            r = self._call("proxy_on_response_headers", len(headers))
+            r = self._run(vm, fn, ctx, (ctx.id, len(headers)))
         if (r == 0 or r == 2 or r is None) and self._mode is _WASM:
             return CONTINUE
         return self._status(r, (0, 2))
@@ -617,7 +637,7 @@ class HttpStream:
         self.completed = True
         vm = self._vm
         if vm is None:
-            self._detach()
+            self._callbacks = DETACHED
             return
         try:
             if self._mode is _WASM and vm.dead is None:
@@ -631,26 +651,19 @@ class HttpStream:
                     except WasmTrap as exc:
                         failed = vm.failed_fn
                         self._plugin._on_trap(vm, exc, failed.name if failed else "proxy_on_log")
-            if self._ctx is not None:
-                self._ctx.deleted = True
-                vm.contexts.pop(self._ctx.id, None)
+            ctx = self._ctx
+            if ctx is not None:
+                ctx.deleted = True
+                vm.contexts.pop(ctx.id, None)
+                # Without this every request leaves a reference cycle (stream <-> context) for the
+                # cycle collector, whose pauses show up as tail latency.
+                ctx.stream = None  # type: ignore[assignment]
+                self._ctx = None
         finally:
             self._plugin._stream_done(vm)
-            self._detach()
-
-    def _detach(self) -> None:
-        """Drop what ties a finished stream to its context and its chain.
-
-        Without this every request leaves reference cycles (stream <-> context, stream <->
-        the chain's callbacks) for the cycle collector, whose pauses show up as tail latency.
-        Late events (a callout answer after the stream ended) see `completed` and stop there.
-        """
-        if self._ctx is not None:
-            self._ctx.stream = None  # type: ignore[assignment]
-            self._ctx = None
-        self._maps = [None, None, None, None]
-        self._bodies = [None, None]
-        self._callbacks = DETACHED
+            # Late events (a callout answer after the stream ended) see `completed` and stop
+            # there; nothing reaches the chain's callbacks any more.
+            self._callbacks = DETACHED
 
     # -- events raised by the filter (run after its callback returned) -------------------------
     def resume_request(self) -> None:

@@ -378,7 +378,10 @@ class WasmVM:
         self.contexts: dict[int, Context] = {}
         self._next_context = 0
         self._next_token = 0
-        self.frames: list[Frame] = []
+        self.frames: list[Frame] = [Frame(None)]
+        """Callbacks in progress, innermost last, above a bottom frame that stands for "none"
+        (no context acts there). Never empty, so the list keeps its storage: pushing the frame
+        of an outermost callback allocates nothing."""
         self._outer_frame = Frame(None)
         self.deferred: list[Callable[[], None]] = []
         self.dead: str | None = None
@@ -422,6 +425,11 @@ class WasmVM:
             response_cb = self.fn.get("proxy_on_response_headers")
             self.request_headers_args3 = request_cb is None or len(request_cb.params) == 3
             self.response_headers_args3 = response_cb is None or len(response_cb.params) == 3
+            # What every stream on this VM asks per request, answered once per VM.
+            self.request_headers_fn = request_cb
+            self.response_headers_fn = response_cb
+            self.reads_request_body = "proxy_on_request_body" in self.fn
+            self.reads_response_body = "proxy_on_response_body" in self.fn
             if self.allocator is None:
                 raise WasmTrap("module exports no allocator (malloc or proxy_on_memory_allocate)")
             self._run_start()
@@ -503,17 +511,15 @@ class WasmVM:
         if self.dead is not None:
             raise WasmTrap(f"VM is no longer usable: {self.dead}")
         frames = self.frames
-        outermost = not frames
+        outermost = len(frames) == 1
         handle: StoreHandle | None = None  # nested in a host call: runs under its caller's deadline
         if outermost:
-            # The outermost frame is reused (nothing keeps a frame once its call returned):
-            # resetting its fields is cheaper than a new object, on every callback.
+            # The outermost frame is reused (nothing keeps a frame once its call returned): it is
+            # left clean after every call, so `invoke_stream` only sets its context and flag.
             frame = self._outer_frame
             frame.context = context
-            frame.effective = None
             frame.configuring = configuring
-            frame.local_reply_sent = False
-            frame.foreign_args = None
+            frame.local_reply_sent = False  # (a trapped call leaves it set)
             if deadline_ms is None:
                 handle = self.handle
             else:
@@ -528,10 +534,35 @@ class WasmVM:
         finally:
             frames.pop()
             if outermost:  # a kept context would tie the VM to itself (no refcount release)
-                frame.context = frame.effective = None
+                frame.context = frame.effective = frame.foreign_args = None
+                frame.configuring = False
         if frame.local_reply_sent and result is not None:
             result = 1  # a local reply overrides the callback's return value to "stop"
         if outermost and self.deferred:
+            self.run_deferred()
+        return result
+
+    def invoke_stream(self, fn: WasmFunction, context: StreamContext, args: tuple[int, ...],
+                      timing: list[float]) -> Any:
+        """`invoke` for a stream callback with the plugin's deadline (the per-request path):
+        outermost unless a host call is on the stack."""
+        frames = self.frames
+        if len(frames) > 1 or self.dead is not None:
+            return self.invoke(fn, context, args, False, None, timing)
+        frame = self._outer_frame
+        frame.context = context
+        frame.local_reply_sent = False  # (a trapped call leaves it set)
+        frames.append(frame)
+        try:
+            result = fn.call_in(self.handle, self, args, timing)
+        except WasmTrap as exc:
+            raise self._trapped(exc) from None
+        finally:
+            frames.pop()
+            frame.context = frame.effective = frame.foreign_args = None
+        if frame.local_reply_sent and result is not None:
+            result = 1  # a local reply overrides the callback's return value to "stop"
+        if self.deferred:
             self.run_deferred()
         return result
 
@@ -545,7 +576,7 @@ class WasmVM:
             raise WasmTrap(f"VM is no longer usable: {self.dead}")
         frame = Frame(context)
         frames = self.frames
-        outermost = not frames
+        outermost = len(frames) == 1
         handle = self.handle if outermost else None
         frames.append(frame)
         fn = None
@@ -614,15 +645,16 @@ class WasmVM:
 
     def replace_header(self, hmap: HeaderMap, key: str, value: str) -> WasmResult:
         """proxy_replace_header_map_value, within the header-map limits (every old `key` goes)."""
+        limits = self.spec.limits
         lowered = key.lower()
         old = hmap.get_all(lowered)
-        added = _utf8_len(lowered + value)
-        if not old and len(hmap) >= self.spec.limits.max_headers:
+        if not old and len(hmap) >= limits.max_headers:
             return self.refuse("limit.max_headers", BAD_ARGUMENT)
         removed = sum(_utf8_len(lowered + v) for v in old) if old else 0
-        if hmap.byte_size() - removed + added > self.spec.limits.max_header_bytes:
+        both = lowered + value
+        if hmap.byte_size() - removed + (len(both) if both.isascii() else _utf8_len(both)) > limits.max_header_bytes:
             return self.refuse("limit.max_header_bytes", BAD_ARGUMENT)
-        hmap.set(key, value)
+        hmap.set(lowered, value)
         return OK
 
     def replace_headers(self, hmap: HeaderMap, data: bytes) -> WasmResult:
@@ -770,6 +802,7 @@ class WasmVM:
         self.fn = {}
         self.end_of_stream = ()
         self.on_context_create = None
+        self.request_headers_fn = self.response_headers_fn = None
         self.allocator = None
         self.deferred.clear()
 

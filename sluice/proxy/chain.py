@@ -21,16 +21,15 @@ Semantics follow Envoy's filter manager (reference sections 2.3-2.4):
 * `complete()` finishes every filter stream exactly once.
 
 Filter callbacks may arrive re-entrantly (from inside a stream method, after the VM returned) or
-later from the event loop; both go through one event queue, so the machine never runs a filter
-while another filter call of the same chain is still on the stack.
+later from the event loop. An event that finds the chain idle is handled at once; one raised
+while a filter call of the chain is on the stack waits in a queue until that call unwinds, so the
+machine never runs a filter while another filter call of the same chain is still on the stack.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import enum
 import logging
-from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
@@ -70,7 +69,10 @@ StreamFactory = Callable[[StreamCallbacks], FilterStream]
 
 
 # -- actions -----------------------------------------------------------------------------------
-@dataclasses.dataclass(frozen=True, slots=True)
+# Values the chain hands out and never looks at again: read-only by convention, not frozen, since
+# a frozen dataclass's __init__ sets each field through object.__setattr__ and every request
+# makes three of them (the events, made only when they must wait in the queue, stay frozen).
+@dataclasses.dataclass(slots=True)
 class ForwardRequestHeaders:
     """All filters continued: route on these headers and start the upstream request."""
 
@@ -78,18 +80,18 @@ class ForwardRequestHeaders:
     end_of_stream: bool
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
+@dataclasses.dataclass(slots=True)
 class ForwardRequestData:
     data: bytes
     end_of_stream: bool
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
+@dataclasses.dataclass(slots=True)
 class ForwardRequestTrailers:
     trailers: HeaderMap
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
+@dataclasses.dataclass(slots=True)
 class SendResponseHeaders:
     """Response headers for the client (`:status` first)."""
 
@@ -97,25 +99,25 @@ class SendResponseHeaders:
     end_of_stream: bool
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
+@dataclasses.dataclass(slots=True)
 class SendResponseData:
     data: bytes
     end_of_stream: bool
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
+@dataclasses.dataclass(slots=True)
 class SendResponseTrailers:
     trailers: HeaderMap
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
+@dataclasses.dataclass(slots=True)
 class AbortUpstream:
     """A local reply took over: stop (or never start) the upstream exchange, drop request body."""
 
     reply: LocalReply
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
+@dataclasses.dataclass(slots=True)
 class ResetStream:
     """Abort both connections without a (further) response."""
 
@@ -222,43 +224,42 @@ class ChainError(Exception):
 
 
 # -- one direction -----------------------------------------------------------------------------
-class _Phase(enum.Enum):
-    WAITING = 0  # headers have not reached this filter
-    READY = 1  # headers arrived, filter not called yet
-    STOPPED = 2  # filter returned STOP on headers
-    OPEN = 3  # headers continued past this filter
-
-
 class _Slot:
-    """What is queued at one filter of one direction.
+    """Body and trailers queued at one filter of one direction, made when the first of them
+    arrives there (a request whose filters read no body never makes one)."""
 
-    Defaults live on the class so that creating a slot costs nothing until something is written
-    (a chain makes one per filter and direction for every request).
-    """
+    __slots__ = ("body", "body_eos", "body_dirty", "body_stopped", "body_done", "trailers", "trailers_stopped")
 
-    phase = _Phase.WAITING
-    body: bytearray | None = None
-    body_eos = False
-    body_dirty = False  # something arrived since the filter last saw the body
-    body_stopped = False  # filter asked to buffer
-    body_done = False  # filter saw end_of_stream (or trailers passed)
-    trailers: HeaderMap | None = None
-    trailers_stopped = False
-
-    def holding(self) -> bool:
-        return self.phase is _Phase.STOPPED or self.body_stopped or self.trailers_stopped
+    def __init__(self) -> None:
+        self.body: bytearray | None = None
+        self.body_eos = False
+        self.body_dirty = False  # something arrived since the filter last saw the body
+        self.body_stopped = False  # filter asked to buffer
+        self.body_done = False  # filter saw end_of_stream (or trailers passed)
+        self.trailers: HeaderMap | None = None
+        self.trailers_stopped = False
 
 
 class _Direction:
-    """Headers, body and trailers flowing through `order` (filter indices) to a sink."""
+    """Headers, body and trailers flowing through `order` (filter indices) to a sink.
 
-    def __init__(self, chain: FilterChain, order: list[int], decoding: bool) -> None:
+    Headers pass the filters in order, one at a time, so where they are is one position:
+    every filter before `hpos` continued them; the one at `hpos` has them (being called, or
+    stopped on them when `hstopped`); the ones after it have not seen them yet.
+    """
+
+    __slots__ = ("chain", "order", "decoding", "slots", "headers", "headers_eos", "hpos", "hstopped",
+                 "finished", "aborted", "sink_started")
+
+    def __init__(self, chain: FilterChain, order: Sequence[int], decoding: bool) -> None:
         self.chain = chain
         self.order = order
         self.decoding = decoding
-        self.slots = [_Slot() for _ in order]
+        self.slots: list[_Slot | None] = [None] * len(order)
         self.headers: HeaderMap | None = None
         self.headers_eos = False
+        self.hpos = 0
+        self.hstopped = False
         self.finished = False  # end of stream reached the sink
         self.aborted = False
         self.sink_started = False  # headers reached the sink
@@ -283,32 +284,71 @@ class _Direction:
 
     # -- propagation ----------------------------------------------------------------------------
     def _arrive_headers(self, pos: int) -> None:
-        if pos == len(self.order):
-            self.sink_started = True
-            if self.headers_eos:
-                self.finished = True
-            assert self.headers is not None
-            self.chain._sink_headers(self, self.headers, self.headers_eos)
-            return
-        self.slots[pos].phase = _Phase.READY
-        self._pump(pos)
+        """Headers reached position `pos`: run them through every filter that continues.
+
+        Nothing is queued at a filter before its headers reach it (body follows headers), so
+        one loop passes them on; what a filter held while it stopped them is delivered by
+        `resume`, after this returns."""
+        chain = self.chain
+        order = self.order
+        n = len(order)
+        headers = self.headers
+        assert headers is not None
+        eos = self.headers_eos
+        streams = chain.streams
+        decoding = self.decoding
+        while pos < n:
+            self.hpos = pos
+            if self.aborted or chain._halted:
+                return
+            index = order[pos]
+            stream = streams[index]
+            # A Python exception out of a stream method is a host bug; the request fails like a
+            # filter failure instead of taking the proxy down. The map's write count is how
+            # "changed headers" is seen (only when someone reads it).
+            before = headers.writes
+            try:
+                status = stream.request_headers(headers, eos) if decoding else stream.response_headers(headers, eos)
+            except Exception:
+                status = chain._filter_crashed(index)
+            else:
+                if status is not CONTINUE or (chain.track_headers and headers.writes != before):
+                    chain.acted |= 1 << index
+                if chain._queue:
+                    status = chain._overridden(index, status)
+            if self.aborted or chain._halted:
+                return
+            if status is not CONTINUE:
+                self.hstopped = True
+                return
+            pos += 1
+        self.hpos = n
+        self.sink_started = True
+        if eos:
+            self.finished = True
+        chain._sink_headers(self, headers, eos)
 
     def _arrive_data(self, pos: int, data: bytes | bytearray, end_of_stream: bool) -> None:
-        if pos == len(self.order):
+        slots = self.slots
+        n = len(slots)
+        slot: _Slot | None = None
+        while pos < n:
+            slot = slots[pos]
+            if (slot is not None and slot.body is not None) or pos >= self.hpos:
+                break
+            stream = self.chain.streams[self.order[pos]]
+            if stream.reads_request_body if self.decoding else stream.reads_response_body:
+                break
+            # No body callback, headers passed and nothing held: the data passes this filter
+            # untouched (no copy into a buffer, no call), as cpp-host skips callbacks not exported.
+            pos += 1
+        if pos == n:
             if end_of_stream:
                 self.finished = True
             self.chain._sink_data(self, bytes(data), end_of_stream)
             return
-        slot = self.slots[pos]
-        if slot.body is None and slot.phase is _Phase.OPEN:
-            stream = self.chain.streams[self.order[pos]]
-            if not (stream.reads_request_body if self.decoding else stream.reads_response_body):
-                # No body callback and nothing held: the data passes this filter untouched
-                # (no copy into a buffer, no call), as cpp-host skips callbacks not exported.
-                if end_of_stream:
-                    slot.body_done = True
-                self._arrive_data(pos + 1, data, end_of_stream)
-                return
+        if slot is None:
+            slot = slots[pos] = _Slot()
         if slot.body is None:
             # Hand the buffer over without copying when the previous filter is done with it.
             slot.body = data if isinstance(data, bytearray) else bytearray(data)
@@ -316,7 +356,8 @@ class _Direction:
             slot.body += data
         slot.body_eos = slot.body_eos or end_of_stream
         slot.body_dirty = True
-        if slot.holding() and len(slot.body) > self.chain.max_body_buffer:
+        holding = (pos == self.hpos and self.hstopped) or slot.body_stopped or slot.trailers_stopped
+        if holding and len(slot.body) > self.chain.max_body_buffer:
             self.chain._overflow(self, pos)
             return
         self._pump(pos)
@@ -326,29 +367,21 @@ class _Direction:
             self.finished = True
             self.chain._sink_trailers(self, trailers)
             return
-        self.slots[pos].trailers = trailers
+        slot = self.slots[pos]
+        if slot is None:
+            slot = self.slots[pos] = _Slot()
+        slot.trailers = trailers
         self._pump(pos)
 
     def _pump(self, pos: int) -> None:
-        """Run filter `pos` on whatever is queued for it, passing results on."""
-        if self.aborted or self.chain._halted:
+        """Run filter `pos` on the body and trailers queued for it, passing results on (once
+        its headers continued; until then they wait)."""
+        if self.aborted or self.chain._halted or pos >= self.hpos:
             return
         slot = self.slots[pos]
-        index = self.order[pos]
-        if slot.phase is _Phase.WAITING or slot.phase is _Phase.STOPPED:
+        if slot is None:
             return
-        if slot.phase is _Phase.READY:
-            assert self.headers is not None
-            status = self.chain._call_headers(self, index, self.headers, self.headers_eos)
-            if self.aborted or self.chain._halted:
-                return
-            if status is not CONTINUE:
-                slot.phase = _Phase.STOPPED
-                return
-            slot.phase = _Phase.OPEN
-            self._arrive_headers(pos + 1)
-            if self.aborted or self.chain._halted:
-                return
+        index = self.order[pos]
         # Body: call the filter only when something new arrived for it.
         if slot.body is not None and slot.body_dirty and not slot.body_done:
             slot.body_dirty = False
@@ -381,6 +414,7 @@ class _Direction:
 
     def _release_body(self, pos: int) -> None:
         slot = self.slots[pos]
+        assert slot is not None
         body, eos = slot.body, slot.body_eos
         slot.body = None
         slot.body_stopped = False
@@ -391,6 +425,7 @@ class _Direction:
 
     def _release_trailers(self, pos: int) -> None:
         slot = self.slots[pos]
+        assert slot is not None
         trailers = slot.trailers
         slot.trailers = None
         slot.trailers_stopped = False
@@ -403,13 +438,16 @@ class _Direction:
         if self.aborted or index not in self.order:
             return
         pos = self.order.index(index)
-        slot = self.slots[pos]
-        if slot.phase is _Phase.STOPPED:
-            slot.phase = _Phase.OPEN
+        if pos == self.hpos and self.hstopped:
+            self.hstopped = False
             self._arrive_headers(pos + 1)
             # Body held while the filter sat on the headers is now delivered to it, as one buffer.
             self._pump(pos)
-        elif slot.body_stopped:
+            return
+        slot = self.slots[pos]
+        if slot is None:
+            return  # the filter was not holding anything: a stale or duplicate continue
+        if slot.body_stopped:
             self._release_body(pos)
             self._pump(pos)
         elif slot.trailers_stopped:
@@ -421,49 +459,51 @@ class _Direction:
 
     def frontier(self) -> int:
         """Highest filter index that has seen this direction's headers, or -1."""
-        seen = [self.order[p] for p, s in enumerate(self.slots) if s.phase is not _Phase.WAITING]
-        return max(seen, default=-1)
+        order = self.order
+        if self.headers is None or not order:
+            return -1
+        return max(order[: min(self.hpos, len(order) - 1) + 1])
 
 
 # -- the chain ---------------------------------------------------------------------------------
 
 class _Callbacks:
-    """The `abi.StreamCallbacks` handed to filter `index`: everything becomes a queued event."""
+    """The `abi.StreamCallbacks` handed to filter `index`: each call becomes an event, handled
+    at once when the chain is idle, queued when it comes from inside a filter call."""
 
     __slots__ = ("_chain", "_index")
 
     def __init__(self, chain: FilterChain, index: int) -> None:
-        self._chain: FilterChain | None = chain
+        self._chain = chain
         self._index = index
 
-    def _post(self, event: Event) -> None:
-        # After complete() the chain is gone: a late event (a callout answering after the client
-        # left) has nothing to act on.
-        if self._chain is not None:
-            self._chain.handle(event)
-
-    def detach(self) -> None:
-        self._chain = None
-
     def continue_request(self) -> None:
-        self._post(ContinueRequest(self._index))
+        self._chain.handle(ContinueRequest(self._index))
 
     def continue_response(self) -> None:
-        self._post(ContinueResponse(self._index))
+        self._chain.handle(ContinueResponse(self._index))
 
     def send_local_reply(self, reply: LocalReply) -> None:
-        if self._chain is not None:
-            self._chain.acted |= 1 << self._index
-        self._post(SendLocalReply(self._index, reply))
+        chain = self._chain
+        # After complete() (a callout answering after the client left) there is nothing to act on;
+        # a halted chain ignores the event itself.
+        if not chain._completed:
+            chain.acted |= 1 << self._index
+            chain.handle(SendLocalReply(self._index, reply))
 
     def reset(self) -> None:
-        if self._chain is not None:
-            self._chain.acted |= 1 << self._index
-        self._post(FilterReset(self._index))
+        chain = self._chain
+        if not chain._completed:
+            chain.acted |= 1 << self._index
+            chain.handle(FilterReset(self._index))
 
 
 class FilterChain:
     """One request's trip through the filters. Create, feed events, drain `take_actions()`."""
+
+    __slots__ = ("max_body_buffer", "track_headers", "names", "_actions", "_queue", "_running", "_halted",
+                 "_completed", "local_reply", "reset_reason", "acted", "on_actions", "streams", "_dec", "_enc",
+                 "_response_started")
 
     def __init__(
         self,
@@ -476,9 +516,9 @@ class FilterChain:
         self.track_headers = track_headers
         """Compare headers before and after each filter's headers callback, so that `acted`
         covers "changed headers" (the access log's `filters`); off when nothing reads it."""
-        self.names = [name for name, _ in factories]
         self._actions: list[Action] = []
-        self._queue: deque[Event] = deque()
+        self._queue: list[Event] = []
+        """Events raised while a filter call is on the stack, handled once it unwinds."""
         self._running = False
         self._halted = False  # reset: nothing more happens
         self._completed = False
@@ -489,12 +529,15 @@ class FilterChain:
         """Bit i set: filter i paused the stream, replied, reset or changed headers (access log)."""
         self.on_actions: Callable[[], None] | None = None
         """Called when actions became available (the I/O side wakes its action loop)."""
+        self.names: list[str] = []
         self.streams: list[FilterStream] = []
-        self._callbacks = [_Callbacks(self, index) for index in range(len(factories))]
-        for (_name, factory), callbacks in zip(factories, self._callbacks, strict=True):
-            self.streams.append(factory(callbacks))
-        n = len(self.streams)
-        self._dec = _Direction(self, list(range(n)), decoding=True)
+        if factories:
+            names = self.names
+            streams = self.streams
+            for index, (name, factory) in enumerate(factories):
+                names.append(name)
+                streams.append(factory(_Callbacks(self, index)))
+        self._dec = _Direction(self, range(len(self.streams)), decoding=True)
         self._enc: _Direction | None = None
         self._response_started = False  # response headers went to the client
 
@@ -506,30 +549,49 @@ class FilterChain:
         if self._running:
             self._queue.append(event)
             return
+        self._enter(_dispatch, event, None)
+
+    def _enter(self, handler: Callable[[FilterChain, Any, Any], None], a: Any, b: Any) -> None:
+        """Handle one input now (the chain is idle), then what the filters raised meanwhile."""
         self._running = True
         try:
-            self._dispatch(event)
-            while self._queue and not self._halted:
-                self._dispatch(self._queue.popleft())
+            handler(self, a, b)
+            queue = self._queue
+            while queue and not self._halted:
+                _dispatch(self, queue.pop(0), None)
         finally:
             self._running = False
         if self._actions and self.on_actions is not None:
             self.on_actions()
 
+    # The shorthands below skip building an event when it is handled at once (the usual case:
+    # the sockets feed an idle chain); the same handler runs either way.
     def request_headers(self, headers: HeaderMap, end_of_stream: bool) -> None:
-        self.handle(RequestHeaders(headers, end_of_stream))
+        if self._running or self._halted:
+            self.handle(RequestHeaders(headers, end_of_stream))
+        else:
+            self._enter(FilterChain._on_request_headers, headers, end_of_stream)
 
     def request_data(self, data: bytes | bytearray, end_of_stream: bool) -> None:
-        self.handle(RequestData(data, end_of_stream))
+        if self._running or self._halted:
+            self.handle(RequestData(data, end_of_stream))
+        else:
+            self._enter(FilterChain._on_request_data, data, end_of_stream)
 
     def request_trailers(self, trailers: HeaderMap) -> None:
         self.handle(RequestTrailers(trailers))
 
     def response_headers(self, headers: HeaderMap, end_of_stream: bool) -> None:
-        self.handle(ResponseHeaders(headers, end_of_stream))
+        if self._running or self._halted:
+            self.handle(ResponseHeaders(headers, end_of_stream))
+        else:
+            self._enter(FilterChain._on_response_headers, headers, end_of_stream)
 
     def response_data(self, data: bytes | bytearray, end_of_stream: bool) -> None:
-        self.handle(ResponseData(data, end_of_stream))
+        if self._running or self._halted:
+            self.handle(ResponseData(data, end_of_stream))
+        else:
+            self._enter(FilterChain._on_response_data, data, end_of_stream)
 
     def response_trailers(self, trailers: HeaderMap) -> None:
         self.handle(ResponseTrailers(trailers))
@@ -555,18 +617,20 @@ class FilterChain:
         self._completed = True
         self._halted = True
         self._queue.clear()
-        for index, stream in enumerate(self.streams):
-            try:
-                stream.complete()
-            except Exception:
-                log.exception("filter %s: complete() failed", self.names[index])
-        # Break the reference cycles (chain <-> directions, chain -> streams -> callbacks -> chain,
-        # chain -> I/O side -> chain) so that a finished request is freed by reference counting
-        # at once: left to the cycle collector, requests pile up and collections become pauses.
+        streams = self.streams
+        if streams:
+            for index, stream in enumerate(streams):
+                try:
+                    stream.complete()
+                except Exception:
+                    log.exception("filter %s: complete() failed", self.names[index])
+            # Break the reference cycles (chain -> streams -> callbacks -> chain) so that a
+            # finished request is freed by reference counting at once: left to the cycle
+            # collector, requests pile up and collections become pauses. A late callback finds
+            # the chain halted.
+            self.streams = []
+        # And chain <-> directions, chain -> I/O side -> chain.
         self.on_actions = None
-        self.streams = []
-        for callbacks in self._callbacks:
-            callbacks.detach()
         for direction in (self._dec, self._enc):
             if direction is not None:
                 direction.slots = []
@@ -608,30 +672,28 @@ class FilterChain:
             return []
         return [name for i, name in enumerate(self.names) if acted >> i & 1]
 
-    # -- dispatch ------------------------------------------------------------------------------
-    def _dispatch(self, event: Event) -> None:
-        _HANDLERS[type(event)](self, event)
+    # -- handlers: headers and data take the event's fields (they are also called directly) ----
+    def _on_request_headers(self, headers: HeaderMap, end_of_stream: bool) -> None:
+        self._dec.on_headers(headers, end_of_stream)
 
-    def _on_request_headers(self, event: RequestHeaders) -> None:
-        self._dec.on_headers(event.headers, event.end_of_stream)
-
-    def _on_request_data(self, event: RequestData) -> None:
+    def _on_request_data(self, data: bytes | bytearray, end_of_stream: bool) -> None:
         if not self._dec.aborted:
-            self._dec.on_data(event.data, event.end_of_stream)
+            self._dec.on_data(data, end_of_stream)
 
     def _on_request_trailers(self, event: RequestTrailers) -> None:
         if not self._dec.aborted:
             self._dec.on_trailers(event.trailers)
 
-    def _on_response_headers(self, event: ResponseHeaders) -> None:
+    def _on_response_headers(self, headers: HeaderMap, end_of_stream: bool) -> None:
         if self._enc is not None:
             return  # a local reply already answered; the upstream response is moot
-        self._enc = _Direction(self, list(reversed(range(len(self.streams)))), decoding=False)
-        self._enc.on_headers(event.headers, event.end_of_stream)
+        n = len(self.streams)
+        self._enc = _Direction(self, range(n - 1, -1, -1), decoding=False)
+        self._enc.on_headers(headers, end_of_stream)
 
-    def _on_response_data(self, event: ResponseData) -> None:
+    def _on_response_data(self, data: bytes | bytearray, end_of_stream: bool) -> None:
         if self._enc is not None and not self._enc.aborted and self.local_reply is None:
-            self._enc.on_data(event.data, event.end_of_stream)
+            self._enc.on_data(data, end_of_stream)
 
     def _on_response_trailers(self, event: ResponseTrailers) -> None:
         if self._enc is not None and not self._enc.aborted and self.local_reply is None:
@@ -651,20 +713,9 @@ class FilterChain:
         self._reset(f"reset by filter {self.names[event.index]}")
 
     # -- filter calls ----------------------------------------------------------------------------
+    # (Headers callbacks are called by `_Direction._arrive_headers`, in its loop.)
     # A Python exception out of a stream method is a host bug; the request fails like a filter
     # failure instead of taking the proxy down.
-    def _call_headers(self, d: _Direction, index: int, headers: HeaderMap, eos: bool) -> FilterStatus:
-        stream = self.streams[index]
-        # The map's write count is how "changed headers" is seen (only when someone reads it).
-        before = headers.writes
-        try:
-            status = stream.request_headers(headers, eos) if d.decoding else stream.response_headers(headers, eos)
-        except Exception:
-            return self._filter_crashed(index)
-        if status is not CONTINUE or (self.track_headers and headers.writes != before):
-            self.acted |= 1 << index
-        return self._overridden(index, status)
-
     def _call_body(self, d: _Direction, index: int, body: bytearray, eos: bool) -> FilterStatus:
         stream = self.streams[index]
         try:
@@ -697,7 +748,7 @@ class FilterChain:
     def _filter_crashed(self, index: int) -> FilterStatus:
         self.acted |= 1 << index
         log.exception("filter %s: stream callback raised", self.names[index])
-        self._queue.appendleft(SendLocalReply(index, LocalReply(503, b"filter failure\n", details="filter_exception")))
+        self._queue.insert(0, SendLocalReply(index, LocalReply(503, b"filter failure\n", details="filter_exception")))
         return FilterStatus.STOP
 
     # -- sinks ---------------------------------------------------------------------------------
@@ -757,7 +808,7 @@ class FilterChain:
             return
         # Only filters that saw the request headers see the reply: index, index-1, ..., 0.
         last = min(index, self._dec.frontier()) if index >= 0 else -1
-        self._enc = _Direction(self, list(range(last, -1, -1)), decoding=False)
+        self._enc = _Direction(self, range(last, -1, -1), decoding=False)
         self._enc.on_headers(headers, eos)
         if not eos and not self._enc.aborted and not self._halted:
             self._enc.on_data(reply.body, True)
@@ -772,11 +823,11 @@ class FilterChain:
 
 
 _HANDLERS: dict[type, Callable[[FilterChain, Any], None]] = {
-    RequestHeaders: FilterChain._on_request_headers,
-    RequestData: FilterChain._on_request_data,
+    RequestHeaders: lambda c, e: c._on_request_headers(e.headers, e.end_of_stream),
+    RequestData: lambda c, e: c._on_request_data(e.data, e.end_of_stream),
     RequestTrailers: FilterChain._on_request_trailers,
-    ResponseHeaders: FilterChain._on_response_headers,
-    ResponseData: FilterChain._on_response_data,
+    ResponseHeaders: lambda c, e: c._on_response_headers(e.headers, e.end_of_stream),
+    ResponseData: lambda c, e: c._on_response_data(e.data, e.end_of_stream),
     ResponseTrailers: FilterChain._on_response_trailers,
     ContinueRequest: FilterChain._on_continue_request,
     ContinueResponse: FilterChain._on_continue_response,
@@ -784,3 +835,7 @@ _HANDLERS: dict[type, Callable[[FilterChain, Any], None]] = {
     FilterReset: FilterChain._on_filter_reset,
 }
 """One handler per event type: a dict lookup, not a chain of isinstance tests."""
+
+
+def _dispatch(chain: FilterChain, event: Event, _: None) -> None:
+    _HANDLERS[type(event)](chain, event)
