@@ -29,6 +29,11 @@ def _dec(data: bytes) -> str:
     return data.decode("utf-8", "surrogateescape")
 
 
+def _text_size(text: str) -> int:
+    """Bytes of `text` on the wire (an ASCII text, nearly every header, needs no encoding)."""
+    return len(text) if text.isascii() else len(_enc(text))
+
+
 _NAME = operator.itemgetter(0)
 
 
@@ -150,14 +155,18 @@ class HeaderMap:
             self.add(name, value)
             return
         self.writes += 1
-        self._size = -1
         items = self._items
         i = names.index(name)
+        old = items[i][1]
         items[i] = (name, value)
         if names.count(name) > 1:
             # Later entries of the name go (rare: a name that came more than once).
             items[i + 1 :] = [kv for kv in items[i + 1 :] if kv[0] != name]
             self._names = None
+            self._size = -1
+        elif self._size >= 0:
+            # One value changed: the size follows it, without measuring the whole map again.
+            self._size += _text_size(value) - _text_size(old)
 
     def remove(self, name: str) -> None:
         self.writes += 1
