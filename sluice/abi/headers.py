@@ -29,7 +29,7 @@ def _dec(data: bytes) -> str:
     return data.decode("utf-8", "surrogateescape")
 
 
-def _text_size(text: str) -> int:
+def utf8_len(text: str) -> int:
     """Bytes of `text` on the wire (an ASCII text, nearly every header, needs no encoding)."""
     return len(text) if text.isascii() else len(_enc(text))
 
@@ -118,7 +118,7 @@ class HeaderMap:
             # UTF-8 is concatenative: the size of the joined text is the sum of the sizes, and an
             # ASCII text (nearly every header map) needs no encoding to be measured.
             text = "".join(chain.from_iterable(self._items))
-            self._size = len(text) if text.isascii() else len(_enc(text))
+            self._size = utf8_len(text)
         return self._size
 
     def regular(self) -> list[tuple[str, str]]:
@@ -130,8 +130,7 @@ class HeaderMap:
         self.writes += 1
         name = name.lower()
         if self._size >= 0:
-            both = name + value
-            self._size += len(both) if both.isascii() else len(_enc(both))
+            self._size += utf8_len(name + value)
         items = self._items
         names = self._names
         if name[:1] == ":":
@@ -166,7 +165,7 @@ class HeaderMap:
             self._size = -1
         elif self._size >= 0:
             # One value changed: the size follows it, without measuring the whole map again.
-            self._size += _text_size(value) - _text_size(old)
+            self._size += utf8_len(value) - utf8_len(old)
 
     def remove(self, name: str) -> None:
         self.writes += 1

@@ -26,7 +26,7 @@ from .api import CallResponse, Cancellable, Host, LocalReply, PluginSpec, RedisH
 from .compiled import CompiledModule
 from .fastcall import ACTIVE as _ACTIVE
 from .fastcall import LinearMemory, StoreHandle, WasmFunction, WasmTrap, summarize_error
-from .headers import HeaderMap, deserialize_pairs
+from .headers import HeaderMap, deserialize_pairs, utf8_len
 from .metrics import MetricRegistry
 from .properties import encode, lookup
 from .shared import Queues, SharedData
@@ -638,7 +638,7 @@ class WasmVM:
         limits = self.spec.limits
         if len(hmap) >= limits.max_headers:
             return self.refuse("limit.max_headers", BAD_ARGUMENT)
-        if hmap.byte_size() + _utf8_len(key + value) > limits.max_header_bytes:
+        if hmap.byte_size() + utf8_len(key + value) > limits.max_header_bytes:
             return self.refuse("limit.max_header_bytes", BAD_ARGUMENT)
         hmap.add(key, value)
         return OK
@@ -650,9 +650,8 @@ class WasmVM:
         old = hmap.get_all(lowered)
         if not old and len(hmap) >= limits.max_headers:
             return self.refuse("limit.max_headers", BAD_ARGUMENT)
-        removed = sum(_utf8_len(lowered + v) for v in old) if old else 0
-        both = lowered + value
-        if hmap.byte_size() - removed + (len(both) if both.isascii() else _utf8_len(both)) > limits.max_header_bytes:
+        removed = sum(utf8_len(lowered + v) for v in old) if old else 0
+        if hmap.byte_size() - removed + utf8_len(lowered + value) > limits.max_header_bytes:
             return self.refuse("limit.max_header_bytes", BAD_ARGUMENT)
         hmap.set(lowered, value)
         return OK
@@ -666,7 +665,7 @@ class WasmVM:
         if len(data) >= 4 and int.from_bytes(data[:4], "little") > limits.max_headers:
             return self.refuse("limit.max_headers", BAD_ARGUMENT)
         pairs = deserialize_pairs(data)
-        if sum(_utf8_len(k) + _utf8_len(v) for k, v in pairs) > limits.max_header_bytes:
+        if sum(utf8_len(k) + utf8_len(v) for k, v in pairs) > limits.max_header_bytes:
             return self.refuse("limit.max_header_bytes", BAD_ARGUMENT)
         hmap.replace_all(pairs)
         return OK
@@ -811,8 +810,3 @@ class WasmVM:
             return 0
         self.memory.refresh()  # the module may have grown its memory itself since we last looked
         return self.memory.size
-
-
-def _utf8_len(text: str) -> int:
-    """Bytes of `text` as the filter wrote it (header maps hold surrogate-escaped str)."""
-    return len(text) if text.isascii() else len(text.encode("utf-8", "surrogateescape"))
