@@ -487,7 +487,7 @@ class HttpStream:
         # Timed in C, into the callback histogram's pending values (which this folds when due).
         timing = plugin._timing
         try:
-            result: int | None = vm.invoke_stream(fn, ctx, args, timing)
+            result: int | None = vm.invoke(fn, ctx, args, False, None, timing)
         except WasmTrap as exc:
             plugin._on_trap(vm, exc, fn.name)
             self.fail(None)

@@ -515,7 +515,7 @@ class WasmVM:
         handle: StoreHandle | None = None  # nested in a host call: runs under its caller's deadline
         if outermost:
             # The outermost frame is reused (nothing keeps a frame once its call returned): it is
-            # left clean after every call, so `invoke_stream` only sets its context and flag.
+            # left clean after every call, so only what this call sets is set.
             frame = self._outer_frame
             frame.context = context
             frame.configuring = configuring
@@ -539,30 +539,6 @@ class WasmVM:
         if frame.local_reply_sent and result is not None:
             result = 1  # a local reply overrides the callback's return value to "stop"
         if outermost and self.deferred:
-            self.run_deferred()
-        return result
-
-    def invoke_stream(self, fn: WasmFunction, context: StreamContext, args: tuple[int, ...],
-                      timing: list[float]) -> Any:
-        """`invoke` for a stream callback with the plugin's deadline (the per-request path):
-        outermost unless a host call is on the stack."""
-        frames = self.frames
-        if len(frames) > 1 or self.dead is not None:
-            return self.invoke(fn, context, args, False, None, timing)
-        frame = self._outer_frame
-        frame.context = context
-        frame.local_reply_sent = False  # (a trapped call leaves it set)
-        frames.append(frame)
-        try:
-            result = fn.call_in(self.handle, self, args, timing)
-        except WasmTrap as exc:
-            raise self._trapped(exc) from None
-        finally:
-            frames.pop()
-            frame.context = frame.effective = frame.foreign_args = None
-        if frame.local_reply_sent and result is not None:
-            result = 1  # a local reply overrides the callback's return value to "stop"
-        if self.deferred:
             self.run_deferred()
         return result
 
