@@ -107,12 +107,10 @@ class Gateway:
     # -- generations -----------------------------------------------------------------------------
     @property
     def generation(self) -> Generation:
-        if self._generation is None:
-            raise RuntimeError("gateway not started")
-        return self._generation
+        return self._current()
 
     def _current(self) -> Generation:
-        # The property's check, without its call: this runs for every request.
+        # What `generation` answers, without the property's extra call: this runs for every request.
         generation = self._generation
         if generation is None:
             raise RuntimeError("gateway not started")

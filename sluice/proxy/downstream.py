@@ -37,7 +37,7 @@ from sluice.abi import HeaderMap
 
 from . import rejections
 from .deadline import ConnectionTimer
-from .h1 import CONTINUE_100, LAST_CHUNK, HttpDate, chunk, last_chunk, response_head
+from .h1 import CONTINUE_100, LAST_CHUNK, HttpDate, chunk, decode_fields, last_chunk, response_head
 from .http import copy_response_fields
 from .rejections import Rejection
 from .stats import ProxyStats
@@ -404,11 +404,6 @@ class DownstreamConnection(asyncio.Protocol):
         """What the head parsed so far counts against `header_size` (line and fields)."""
         return self._head_size + sum([len(n) + len(v) + 4 for n, v in self._raw_fields])
 
-    def _take_trailers(self) -> list[tuple[str, str]]:
-        """The trailer fields parsed after the head, decoded, names lower-case."""
-        raw, self._raw_fields = self._raw_fields, []
-        return [(n.decode("utf-8", "surrogateescape").lower(), v.decode("utf-8", "surrogateescape")) for n, v in raw]
-
     def _framing(self, name: str, text: str) -> None:
         """Note what one of the request's framing fields says."""
         if name == "content-length":
@@ -485,8 +480,9 @@ class DownstreamConnection(asyncio.Protocol):
             return  # llhttp skipped the upgrade request's body; the fresh parser will read it
         message = self._parsing
         if message is not None:
-            if self._raw_fields:
-                message.trailers = self._take_trailers()  # trailer fields of a chunked body
+            if self._raw_fields:  # trailer fields of a chunked body
+                raw, self._raw_fields = self._raw_fields, []
+                message.trailers = decode_fields(raw)
             message.complete = True
         self._parsing = None
 

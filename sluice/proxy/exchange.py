@@ -345,10 +345,7 @@ class Exchange:
                 if head.upgrade and self._upgrade is not None:
                     headers.add("connection", "upgrade")
                     headers.add("upgrade", self._upgrade)
-                if head.has_via:
-                    append_value(headers, "via", VIA)
-                else:
-                    headers.add("via", VIA)
+                append_value(headers, "via", VIA)
                 info.response_headers = headers
                 eos = head.upgrade or (complete and not body and trailers is None)
                 chain.response_headers(headers, eos)
@@ -564,7 +561,7 @@ class Exchange:
             full = conn.start_request(request, self, pool.timeout, body, end, idle_timeout=pool.idle_timeout)
             for data, last, tail in pending:
                 full = self._write_upstream(conn, data, last, tail)
-            if self._sent_end and self._uploading:
+            if self._sent_end:
                 self._end_upload()
         except UpstreamError:
             self._drop_upstream()
@@ -665,9 +662,7 @@ class Exchange:
             length_may_change=length_may_change,
         )
         if whole:
-            size = len(body)
-            self.info.response_size += size
-            self.stats.bytes_sent += size
+            self._count_body(len(body))
             self._response_complete()
 
     def _send_data(self, data: bytes, end: bool, trailers: HeaderMap | None) -> None:
@@ -731,8 +726,7 @@ class Exchange:
         self._drop_upstream()
 
     def _release_upstream(self) -> None:
-        if self._uploading:
-            self._end_upload()
+        self._end_upload()
         conn, self.conn = self.conn, None
         if conn is not None:
             conn.detach()

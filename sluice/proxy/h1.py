@@ -28,6 +28,12 @@ def dec(data: bytes) -> str:
     return data.decode("utf-8", "surrogateescape")
 
 
+def decode_fields(raw: list[tuple[bytes, bytes]]) -> list[tuple[str, str]]:
+    """Fields as llhttp reports them, decoded: names lower-case (trailers; a head's fields are
+    decoded in the loop that also looks into them)."""
+    return [(dec(n).lower(), dec(v)) for n, v in raw]
+
+
 def _field_lines(fields: Iterable[tuple[str, str]]) -> str:
     """`name: value` lines, each ending in CRLF, then the blank line that ends a head.
 
@@ -38,13 +44,13 @@ def _field_lines(fields: Iterable[tuple[str, str]]) -> str:
 
 def request_head(method: str, target: str, fields: Iterable[tuple[str, str]]) -> bytes:
     """`METHOD target HTTP/1.1` and the fields, as written to an upstream."""
-    return f"{method} {target} HTTP/1.1\r\n{_field_lines(fields)}".encode("utf-8", "surrogateescape")
+    return enc(f"{method} {target} HTTP/1.1\r\n{_field_lines(fields)}")
 
 
 def response_head(status: int, fields: Iterable[tuple[str, str]]) -> bytes:
     """The status line and the fields, as written to a client."""
     reason = REASONS.get(status, b"Unknown")
-    return b"HTTP/1.1 %d %s\r\n" % (status, reason) + _field_lines(fields).encode("utf-8", "surrogateescape")
+    return b"HTTP/1.1 %d %s\r\n" % (status, reason) + enc(_field_lines(fields))
 
 
 def chunk(data: bytes) -> bytes:

@@ -7,7 +7,6 @@ server and the upstream client agree on one shape: lower-case names, pseudo-head
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
 from typing import NamedTuple
 
 from sluice.abi import HeaderMap
@@ -52,17 +51,16 @@ _NOTED_REQUEST_FIELDS = _DROPPED_REQUEST_FIELDS | {"te", "x-request-id", "x-forw
 """Client fields `downstream_request_headers` looks into."""
 
 
-PLAIN_CONNECTION = frozenset({"keep-alive", "close"})
-"""`Connection` values that name no other field: nothing more to drop (most messages that have one)."""
+_PLAIN_CONNECTION = frozenset({"keep-alive", "close"})
+"""`Connection` values that name no other field (most messages that have one say one of them)."""
 
 
-def names_fields(connection: list[str]) -> bool:
-    """Whether `Connection` values may name fields to drop (anything but one plain value)."""
-    return len(connection) > 1 or connection[0].lower() not in PLAIN_CONNECTION
-
-
-def connection_tokens(values: Iterable[str]) -> set[str]:
+def connection_tokens(values: list[str]) -> set[str]:
     """Header names listed in `Connection` values (each is hop-by-hop for this hop only)."""
+    if len(values) == 1:
+        only = values[0].lower()
+        if only in _PLAIN_CONNECTION:
+            return {only}  # nothing to split
     tokens = {t.strip().lower() for value in values for t in value.split(",")}
     tokens.discard("")
     return tokens
@@ -171,7 +169,7 @@ def downstream_request_headers(
             if k != "te" or v.strip().lower() == "trailers"
         ]
     tokens: set[str] = set()
-    if connection and names_fields(connection):
+    if connection:
         tokens = connection_tokens(connection)
         regular = drop_connection_tokens(regular, tokens)
     if "upgrade" not in tokens:

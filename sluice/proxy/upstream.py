@@ -27,11 +27,11 @@ from sluice.abi import HeaderMap
 
 from .config import format_host_port
 from .deadline import ConnectionTimer
-from .h1 import chunk, dec, last_chunk, request_head
-from .http import HOP_BY_HOP, UpstreamRequest, connection_tokens, drop_connection_tokens, names_fields
+from .h1 import chunk, decode_fields, last_chunk, request_head
+from .http import HOP_BY_HOP, UpstreamRequest, connection_tokens, drop_connection_tokens
 
-_NOTED_RESPONSE_FIELDS = HOP_BY_HOP | {"content-length", "via"}
-"""Response fields the parser looks into: the framing, those never forwarded, and `Via`."""
+_NOTED_RESPONSE_FIELDS = HOP_BY_HOP | {"content-length"}
+"""Response fields the parser looks into: the framing, and those never forwarded."""
 
 
 class UpstreamError(Exception):
@@ -86,19 +86,15 @@ class _SkipBody(Exception):
 
 
 class ResponseHead:
-    __slots__ = ("status", "headers", "keep_alive", "upgrade", "has_via")
+    __slots__ = ("status", "headers", "keep_alive", "upgrade")
 
-    def __init__(
-        self, status: int, headers: HeaderMap, keep_alive: bool, upgrade: bool, has_via: bool = True
-    ) -> None:
+    def __init__(self, status: int, headers: HeaderMap, keep_alive: bool, upgrade: bool) -> None:
         self.status = status
         self.headers = headers
         """`:status` first, then the fields as received (names lower-case), without hop-by-hop
         fields (RFC 9110 7.6.1: those of `HOP_BY_HOP` and those `Connection` names)."""
         self.keep_alive = keep_alive
         self.upgrade = upgrade
-        self.has_via = has_via
-        """The upstream may have sent `Via` (False: it did not, the proxy's is simply added)."""
 
 
 class ResponseSink(Protocol):
@@ -304,37 +300,31 @@ class UpstreamConnection(asyncio.Protocol):
         if 100 <= status < 200 and status != 101:
             return  # an interim response (100 Continue, 103 Early Hints): the real one follows
         self._deadline = None
-        if self._idle_timeout is not None and not self._closed:
-            self._timer.arm(self._io_at + self._idle_timeout)
+        if self._idle_timeout is not None:
+            self._arm(self._io_at + self._idle_timeout)
         fields: list[tuple[str, str]] = [(":status", str(status))]
-        connection: list[str] | None = None
+        connection: list[str] = []
         framed = False  # Content-Length or Transfer-Encoding seen
-        has_via = False
         for name_raw, value_raw in raw:
             name = name_raw.decode("utf-8", "surrogateescape").lower()
             value = value_raw.decode("utf-8", "surrogateescape")
             if name in _NOTED_RESPONSE_FIELDS:
-                # Hop-by-hop fields are dropped here (one pass, no copy afterwards); what the
-                # framing needs of them is noted on the way.
                 if name == "content-length":
                     framed = True
-                elif name == "via":
-                    has_via = True
-                elif name == "transfer-encoding":
-                    framed = True
-                    continue
                 else:
-                    if name == "connection":
-                        if connection is None:
-                            connection = []
+                    # Hop-by-hop: dropped here (one pass, no copy afterwards); what the framing
+                    # needs of them is noted on the way.
+                    if name == "transfer-encoding":
+                        framed = True
+                    elif name == "connection":
                         connection.append(value)
                     continue
             fields.append((name, value))
-        if connection and names_fields(connection):
+        if connection:
             fields = drop_connection_tokens(fields, connection_tokens(connection))
         headers = HeaderMap.of_lowercase(fields)
         self._close_delimited = not (status in (204, 304) or self._head_method or framed)
-        self._head = ResponseHead(status, headers, self._parser.should_keep_alive(), status == 101, has_via)
+        self._head = ResponseHead(status, headers, self._parser.should_keep_alive(), status == 101)
         self._head_new = True
         if self._head_method:
             raise _SkipBody()
@@ -347,7 +337,7 @@ class UpstreamConnection(asyncio.Protocol):
             return  # end of an interim response
         if self._fields:  # trailer fields of a chunked body
             raw, self._fields = self._fields, []
-            self._trailer_fields = [(dec(n).lower(), dec(v)) for n, v in raw]
+            self._trailer_fields = decode_fields(raw)
         self._message_done = True
 
     # -- delivery --------------------------------------------------------------------------------
@@ -538,8 +528,7 @@ class UpstreamConnection(asyncio.Protocol):
         """The request has been sent in full: the response head is due within the timeout."""
         if self._timeout and self._head is None and self._sink is not None:
             self._deadline = at = self._loop.time() + self._timeout
-            if not self._closed:
-                self._timer.arm(at)
+            self._arm(at)
 
     # -- tunnel (after 101) --------------------------------------------------------------------
     def attach_tunnel(self, tunnel: TunnelSink) -> None:
