@@ -12,7 +12,7 @@ import pytest
 from conftest import proxy, run, upstream, wait_for
 from test_proxy_http import config, split_response
 
-from sluice.proxy import downstream
+from sluice.proxy import downstream, h1
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
@@ -292,5 +292,29 @@ def test_oversized_head_in_pieces_is_one_431() -> None:
             writer.close()
             assert status == 431 and body == b"request headers too large\n"
             assert gw.stats.local_replies["request_headers_too_large"] == 1
+
+    run(main())
+
+
+def test_field_names_are_remembered_up_to_a_bound(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Field names are decoded once and remembered (h1.FIELD_NAMES); a client inventing a new name
+    per request fills the memory only up to its bound, and every name still arrives lower-cased."""
+    monkeypatch.setattr(h1, "FIELD_NAMES_MAX", len(h1.FIELD_NAMES) + 8)
+
+    async def main() -> None:
+        async with upstream() as up, proxy(config(up)) as gw:
+            reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+            for i in range(20):
+                writer.write(
+                    f"GET /n{i} HTTP/1.1\r\nHost: x\r\nX-Invented-{i}: v{i}\r\nX-MiXeD: same\r\n\r\n".encode()
+                )
+                status, fields = await read_head(reader)
+                assert status == "HTTP/1.1 200 OK"
+                echo = json.loads(await reader.readexactly(int(fields["content-length"])))
+                got = dict(echo["headers"])
+                assert got[f"x-invented-{i}"] == f"v{i}" and got["x-mixed"] == "same"
+            writer.close()
+        assert len(h1.FIELD_NAMES) <= h1.FIELD_NAMES_MAX
+        assert h1.FIELD_NAMES[b"X-MiXeD"] == "x-mixed"
 
     run(main())

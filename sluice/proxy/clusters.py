@@ -232,7 +232,8 @@ class ClusterPool:
         if self._closed:
             return None
         endpoint = self.endpoints[self._next]
-        if not endpoint.idle or not endpoint.healthy(self._clock()):
+        # The clock is read only for an endpoint that was marked down (`down_until` set).
+        if not endpoint.idle or endpoint.down_until and not endpoint.healthy(self._clock()):
             return None
         if not self._slots.try_take():
             return None

@@ -37,7 +37,17 @@ from sluice.abi import HeaderMap
 
 from . import rejections
 from .deadline import ConnectionTimer
-from .h1 import CONTINUE_100, LAST_CHUNK, HttpDate, chunk, decode_fields, last_chunk, response_head
+from .h1 import (
+    CONTINUE_100,
+    FIELD_NAMES,
+    LAST_CHUNK,
+    HttpDate,
+    chunk,
+    decode_fields,
+    field_name,
+    last_chunk,
+    response_head,
+)
 from .http import copy_response_fields
 from .rejections import Rejection
 from .stats import ProxyStats
@@ -433,8 +443,9 @@ class DownstreamConnection(asyncio.Protocol):
         # Decoded in one loop, the framing fields looked into on the way (a set lookup for the others).
         raw, self._raw_fields = self._raw_fields, []
         fields: list[tuple[str, str]] = []
+        known = FIELD_NAMES
         for name_raw, value_raw in raw:
-            kv = (name_raw.decode("utf-8", "surrogateescape").lower(), value_raw.decode("utf-8", "surrogateescape"))
+            kv = (known.get(name_raw) or field_name(name_raw), value_raw.decode("utf-8", "surrogateescape"))
             if kv[0] in _FRAMING_FIELDS:
                 self._framing(*kv)
             fields.append(kv)

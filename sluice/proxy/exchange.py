@@ -54,7 +54,6 @@ from .http import (
     append_value,
     downstream_request_headers,
     origin_form,
-    path_only,
     upstream_request,
 )
 from .rejections import Rejection
@@ -239,7 +238,7 @@ class Exchange:
         info.request_headers = headers
         gen = self.gen
         chain = FilterChain(
-            [(f.name, partial(f.plugin.new_stream, info)) for f in gen.filters_for(path_only(path))],
+            [(f.name, partial(f.plugin.new_stream, info)) for f in gen.filters_for(path)],
             max_body_buffer=gen.config.max_body_buffer,
             track_headers=self.server.tracks_headers,
         )

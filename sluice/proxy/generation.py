@@ -23,6 +23,7 @@ from sluice import abi
 
 from .clusters import ClusterPool
 from .config import FilterConfig, SluiceConfig
+from .http import path_only
 from .logs import FilterLogs, variant_header
 from .routing import Router
 
@@ -80,10 +81,12 @@ class Generation:
         self.variant_header = variant_header(config.chain)
         """The request header the access log reports as `variant` (sluice/proxy/logs.py)."""
 
-    def filters_for(self, path: str) -> list[LoadedFilter]:
-        """The chain entries whose `match` prefix covers `path` (all of them when none has one)."""
+    def filters_for(self, target: str) -> list[LoadedFilter]:
+        """The chain entries whose `match` prefix covers the path of `target` (its query aside;
+        all of them when none has a prefix, without looking at the target)."""
         if self._unfiltered:
             return self.filters
+        path = path_only(target)
         return [f for f in self.filters if f.match is None or path.startswith(f.match)]
 
     # -- request accounting ------------------------------------------------------------------

@@ -28,10 +28,28 @@ def dec(data: bytes) -> str:
     return data.decode("utf-8", "surrogateescape")
 
 
+FIELD_NAMES: dict[bytes, str] = {}
+"""Field names as llhttp reports them -> decoded and lower-case. The same few dozen names come in
+every message, so each is decoded once: a dict lookup per field instead of two calls and two new
+strings (whose hashes the set lookups after it then compute again). Bounded: names beyond
+`FIELD_NAMES_MAX` (a client inventing names) are decoded each time, never kept."""
+FIELD_NAMES_MAX = 1024
+
+
+def field_name(raw: bytes) -> str:
+    """A field name decoded and lower-cased, remembered in `FIELD_NAMES` (which the loops that
+    decode heads look into first)."""
+    name = raw.decode("utf-8", "surrogateescape").lower()
+    if len(FIELD_NAMES) < FIELD_NAMES_MAX:
+        FIELD_NAMES[raw] = name
+    return name
+
+
 def decode_fields(raw: list[tuple[bytes, bytes]]) -> list[tuple[str, str]]:
     """Fields as llhttp reports them, decoded: names lower-case (trailers; a head's fields are
     decoded in the loop that also looks into them)."""
-    return [(dec(n).lower(), dec(v)) for n, v in raw]
+    known = FIELD_NAMES
+    return [(known.get(n) or field_name(n), dec(v)) for n, v in raw]
 
 
 def _field_lines(fields: Iterable[tuple[str, str]]) -> str:

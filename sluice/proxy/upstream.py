@@ -27,7 +27,7 @@ from sluice.abi import HeaderMap
 
 from .config import format_host_port
 from .deadline import ConnectionTimer
-from .h1 import chunk, decode_fields, last_chunk, request_head
+from .h1 import FIELD_NAMES, chunk, decode_fields, field_name, last_chunk, request_head
 from .http import HOP_BY_HOP, UpstreamRequest, connection_tokens, drop_connection_tokens
 
 _NOTED_RESPONSE_FIELDS = HOP_BY_HOP | {"content-length"}
@@ -305,8 +305,9 @@ class UpstreamConnection(asyncio.Protocol):
         fields: list[tuple[str, str]] = [(":status", str(status))]
         connection: list[str] = []
         framed = False  # Content-Length or Transfer-Encoding seen
+        known = FIELD_NAMES
         for name_raw, value_raw in raw:
-            name = name_raw.decode("utf-8", "surrogateescape").lower()
+            name = known.get(name_raw) or field_name(name_raw)
             value = value_raw.decode("utf-8", "surrogateescape")
             if name in _NOTED_RESPONSE_FIELDS:
                 if name == "content-length":
