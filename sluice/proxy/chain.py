@@ -528,7 +528,10 @@ class FilterChain:
         self.acted = 0
         """Bit i set: filter i paused the stream, replied, reset or changed headers (access log)."""
         self.on_actions: Callable[[], None] | None = None
-        """Called when actions became available (the I/O side wakes its action loop)."""
+        """Called when `handle` (a filter's callback from a timer or a callout, a proxy's local
+        reply) made actions available: the I/O side wakes its action loop. After its own feeding
+        calls (`request_headers()`, `request_data()`, `response_headers()`, `response_data()`)
+        the I/O side drains `take_actions()` itself, so those do not call it."""
         self.names: list[str] = []
         self.streams: list[FilterStream] = []
         if factories:
@@ -550,6 +553,8 @@ class FilterChain:
             self._queue.append(event)
             return
         self._enter(_dispatch, event, None)
+        if self._actions and self.on_actions is not None:
+            self.on_actions()
 
     def _enter(self, handler: Callable[[FilterChain, Any, Any], None], a: Any, b: Any) -> None:
         """Handle one input now (the chain is idle), then what the filters raised meanwhile."""
@@ -561,22 +566,25 @@ class FilterChain:
                 _dispatch(self, queue.pop(0), None)
         finally:
             self._running = False
-        if self._actions and self.on_actions is not None:
-            self.on_actions()
 
     # The shorthands below skip building an event when it is handled at once (the usual case:
-    # the sockets feed an idle chain); the same handler runs either way.
+    # the sockets feed an idle chain); the same handler runs either way. Without filters there is
+    # nothing that could raise an event from inside, so the handler runs without `_enter`.
     def request_headers(self, headers: HeaderMap, end_of_stream: bool) -> None:
         if self._running or self._halted:
             self.handle(RequestHeaders(headers, end_of_stream))
-        else:
+        elif self.streams:
             self._enter(FilterChain._on_request_headers, headers, end_of_stream)
+        else:
+            self._on_request_headers(headers, end_of_stream)
 
     def request_data(self, data: bytes | bytearray, end_of_stream: bool) -> None:
         if self._running or self._halted:
             self.handle(RequestData(data, end_of_stream))
-        else:
+        elif self.streams:
             self._enter(FilterChain._on_request_data, data, end_of_stream)
+        else:
+            self._on_request_data(data, end_of_stream)
 
     def request_trailers(self, trailers: HeaderMap) -> None:
         self.handle(RequestTrailers(trailers))
@@ -584,14 +592,18 @@ class FilterChain:
     def response_headers(self, headers: HeaderMap, end_of_stream: bool) -> None:
         if self._running or self._halted:
             self.handle(ResponseHeaders(headers, end_of_stream))
-        else:
+        elif self.streams:
             self._enter(FilterChain._on_response_headers, headers, end_of_stream)
+        else:
+            self._on_response_headers(headers, end_of_stream)
 
     def response_data(self, data: bytes | bytearray, end_of_stream: bool) -> None:
         if self._running or self._halted:
             self.handle(ResponseData(data, end_of_stream))
-        else:
+        elif self.streams:
             self._enter(FilterChain._on_response_data, data, end_of_stream)
+        else:
+            self._on_response_data(data, end_of_stream)
 
     def response_trailers(self, trailers: HeaderMap) -> None:
         self.handle(ResponseTrailers(trailers))
