@@ -540,7 +540,8 @@ class DownstreamConnection(asyncio.Protocol):
                 # Answered at once (no route, a filter's reply, a whole response): the next one.
         finally:
             self._dispatching = False
-        self._pipeline_pressure()
+        if len(self._messages) > 1 or self._pause & PAUSE_PIPELINE:
+            self._pipeline_pressure()  # requests queue behind the current one, or did
 
     def exchange_done(self, exchange: RequestHandler, keep_alive: bool) -> None:
         """The exchange's response is complete (or it was cut): next request, or close."""
@@ -561,8 +562,6 @@ class DownstreamConnection(asyncio.Protocol):
         if not keep_alive or self.closing:
             self._close()
             return
-        if not self._messages:
-            self._idle_since = self._loop.time()
         if self._upgraded:
             # Answered without a tunnel: what came after the upgrade request is HTTP again.
             self._upgraded = False
@@ -572,7 +571,11 @@ class DownstreamConnection(asyncio.Protocol):
             self._pause &= ~PAUSE_PIPELINE
             for data in raw:
                 self.data_received(data)  # another upgrade request holds the rest raw again
-        self._dispatch()
+        if self._messages:
+            self._dispatch()  # a pipelined request: it starts now
+        else:
+            self._idle_since = self._loop.time()
+            self._pause &= ~PAUSE_PIPELINE  # nothing waits behind a request any more
         self._apply_pause()
 
     def _linger(self) -> None:
@@ -586,8 +589,6 @@ class DownstreamConnection(asyncio.Protocol):
 
     def _pipeline_pressure(self) -> None:
         waiting = len(self._messages) - 1
-        if waiting <= 0 and not self._pause & PAUSE_PIPELINE:
-            return  # the usual case: nothing queued behind the current request, nothing to lift
         if waiting > 0:
             size = sum(m.body_size for m in self._messages)
             crowded = waiting >= PIPELINE_MAX or size > PIPELINE_BYTES
