@@ -430,9 +430,9 @@ class Exchange:
         while i < n and not self._done:
             action = actions[i]
             kind = type(action)
-            nxt = actions[i + 1] if i + 1 < n else None
             if kind is SendResponseHeaders:
                 assert isinstance(action, SendResponseHeaders)
+                nxt = actions[i + 1] if i + 1 < n else None
                 if not action.end_of_stream and type(nxt) is SendResponseData and nxt.end_of_stream:
                     # The whole response is here: one write, Content-Length framing.
                     self._respond(action.headers, nxt.data, whole=True, sized=True)
@@ -444,6 +444,7 @@ class Exchange:
                 self._send_data(action.data, action.end_of_stream, None)
             elif kind is ForwardRequestHeaders:
                 assert isinstance(action, ForwardRequestHeaders)
+                nxt = actions[i + 1] if i + 1 < n else None
                 if not action.end_of_stream and type(nxt) is ForwardRequestData:
                     # Head and body so far in one write upstream.
                     self._forward_headers(action.headers, False, nxt.data, nxt.end_of_stream)
