@@ -23,7 +23,9 @@ Every target runs from the start, pinned to one core (the proxy core); the upstr
 the other. Targets not being measured are stopped (SIGSTOP) so they take no CPU. Rounds are
 interleaved (round 1: every target once, round 2: ...) and the median of the rounds is reported,
 with the proxy process's own CPU time per request (user + system, from /proc; nginx: master +
-worker), which is steadier than req/s on a shared machine. Everything listens on 127.0.0.1.
+worker), which is steadier than req/s on a shared machine, and its two parts: the system time is
+the kernel's socket work, and it grows per request as the proxy's own (user) time does, since a
+slower proxy finds fewer requests per wake-up. Everything listens on 127.0.0.1.
 """
 
 from __future__ import annotations
@@ -93,15 +95,21 @@ def process_tree(pid: int) -> list[int]:
     return out
 
 
-def cpu_seconds(pid: int) -> float:
-    """user + system CPU of a process and its children (nginx's worker), from /proc."""
+def cpu_split(pid: int) -> tuple[float, float]:
+    """(user, system) CPU seconds of a process and its children (nginx's worker), from /proc."""
     tick = os.sysconf("SC_CLK_TCK")
-    total = 0.0
+    user = system = 0.0
     for current in process_tree(pid):
         with contextlib.suppress(OSError):
             fields = Path(f"/proc/{current}/stat").read_text().rsplit(")", 1)[1].split()
-            total += (int(fields[11]) + int(fields[12])) / tick
-    return total
+            user += int(fields[11]) / tick
+            system += int(fields[12]) / tick
+    return user, system
+
+
+def cpu_seconds(pid: int) -> float:
+    """user + system CPU of a process and its children (nginx's worker), from /proc."""
+    return sum(cpu_split(pid))
 
 
 def cores() -> tuple[list[int] | None, list[int] | None]:
@@ -322,9 +330,13 @@ def measure(target: Target, duration: float, warmup: float, connections: int, on
     try:
         if warmup:
             run_wrk(target.url, warmup, connections, on)
-        before = cpu_seconds(target.proc.pid)
+        user, system = cpu_split(target.proc.pid)
         run = run_wrk(target.url, duration, connections, on)
-        run["cpu_us"] = (cpu_seconds(target.proc.pid) - before) / max(run["requests"], 1.0) * 1e6
+        after_user, after_system = cpu_split(target.proc.pid)
+        per_request = 1e6 / max(run["requests"], 1.0)
+        run["user_us"] = (after_user - user) * per_request
+        run["sys_us"] = (after_system - system) * per_request
+        run["cpu_us"] = run["user_us"] + run["sys_us"]
         return run
     finally:
         target.pause()
@@ -411,14 +423,15 @@ def main() -> int:
                     return 1
 
     print()
-    print(f"{'target':14s} {'req/s':>9s} {'p50':>8s} {'p99':>8s} {'CPU/req':>9s}  notes")
+    print(f"{'target':14s} {'req/s':>9s} {'p50':>8s} {'p99':>8s} {'CPU/req':>9s} {'user':>7s} {'sys':>7s}  notes")
     for name, target_runs in runs.items():
         bad = sum(r["non2xx"] + r["socket_errors"] for r in target_runs)
         note = "capped by the Python upstream" if name == "sluice-pyup" else ""
         if bad:
             note += f" {int(bad)} non-2xx/socket errors"
         print(f"{name:14s} {median(target_runs, 'rps'):9.0f} {median(target_runs, 'p50_ms'):6.2f}ms "
-              f"{median(target_runs, 'p99_ms'):6.2f}ms {median(target_runs, 'cpu_us'):7.1f}us  {note}")
+              f"{median(target_runs, 'p99_ms'):6.2f}ms {median(target_runs, 'cpu_us'):7.1f}us "
+              f"{median(target_runs, 'user_us'):5.1f}us {median(target_runs, 'sys_us'):5.1f}us  {note}")
 
     def ratio(a: str, b: str, label: str, target: str) -> None:
         if a in runs and b in runs:
