@@ -237,8 +237,9 @@ class Exchange:
         self._upgrade = upgrade.partition(",")[0].strip().lower() if upgrade is not None and head.upgrade else None
         info.request_headers = headers
         gen = self.gen
+        filters = gen.filters_for(path)
         chain = FilterChain(
-            [(f.name, partial(f.plugin.new_stream, info)) for f in gen.filters_for(path)],
+            [(f.name, partial(f.plugin.new_stream, info)) for f in filters] if filters else [],
             max_body_buffer=gen.config.max_body_buffer,
             track_headers=self.server.tracks_headers,
         )
