@@ -511,6 +511,20 @@ def test_on_actions_wakes_the_io_side_for_async_events() -> None:
     assert woken == [1]
 
 
+def test_feeding_calls_leave_the_actions_to_the_feeder_and_handled_events_wake_it() -> None:
+    """The I/O side drains actions after its own feeding calls (with filters or without), so those
+    never wake it; an event it did not feed (a local reply, a filter's late callback) does."""
+    for scripts in ({"req_headers": C, "resp_headers": C}, None):
+        chain, _, _ = build(scripts) if scripts is not None else build()
+        woken: list[int] = []
+        chain.on_actions = lambda: woken.append(1)  # noqa: B023 - used within the iteration
+        chain.request_headers(req(), True)
+        assert kinds(chain.take_actions()) == ["ForwardRequestHeaders"] and woken == []
+        chain.send_local_reply(LocalReply(502, b"upstream connect error\n", details="upstream_connect_failure"))
+        assert woken == [1]
+        assert kinds(chain.take_actions()) == ["AbortUpstream", "SendResponseHeaders", "SendResponseData"]
+
+
 # -- real filters on the real host -----------------------------------------------------------------
 
 
