@@ -305,16 +305,20 @@ def test_field_names_are_remembered_up_to_a_bound(monkeypatch: pytest.MonkeyPatc
         async with upstream() as up, proxy(config(up)) as gw:
             reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
             for i in range(20):
+                long_name = "X-Long-" + "n" * h1.FIELD_NAME_KEPT
                 writer.write(
-                    f"GET /n{i} HTTP/1.1\r\nHost: x\r\nX-Invented-{i}: v{i}\r\nX-MiXeD: same\r\n\r\n".encode()
+                    f"GET /n{i} HTTP/1.1\r\nHost: x\r\nX-Invented-{i}: v{i}\r\nX-MiXeD: same\r\n"
+                    f"{long_name}: {i}\r\n\r\n".encode()
                 )
                 status, fields = await read_head(reader)
                 assert status == "HTTP/1.1 200 OK"
                 echo = json.loads(await reader.readexactly(int(fields["content-length"])))
                 got = dict(echo["headers"])
                 assert got[f"x-invented-{i}"] == f"v{i}" and got["x-mixed"] == "same"
+                assert got[long_name.lower()] == str(i)
             writer.close()
         assert len(h1.FIELD_NAMES) <= h1.FIELD_NAMES_MAX
         assert h1.FIELD_NAMES[b"X-MiXeD"] == "x-mixed"
+        assert long_name.encode() not in h1.FIELD_NAMES  # too long to be kept
 
     run(main())

@@ -32,15 +32,17 @@ FIELD_NAMES: dict[bytes, str] = {}
 """Field names as llhttp reports them -> decoded and lower-case. The same few dozen names come in
 every message, so each is decoded once: a dict lookup per field instead of two calls and two new
 strings (whose hashes the set lookups after it then compute again). Bounded: names beyond
-`FIELD_NAMES_MAX` (a client inventing names) are decoded each time, never kept."""
+`FIELD_NAMES_MAX`, or longer than `FIELD_NAME_KEPT` bytes (a client inventing names), are decoded
+each time, never kept: at most ~200 KiB."""
 FIELD_NAMES_MAX = 1024
+FIELD_NAME_KEPT = 64
 
 
 def field_name(raw: bytes) -> str:
     """A field name decoded and lower-cased, remembered in `FIELD_NAMES` (which the loops that
     decode heads look into first)."""
     name = raw.decode("utf-8", "surrogateescape").lower()
-    if len(FIELD_NAMES) < FIELD_NAMES_MAX:
+    if len(raw) <= FIELD_NAME_KEPT and len(FIELD_NAMES) < FIELD_NAMES_MAX:
         FIELD_NAMES[raw] = name
     return name
 
