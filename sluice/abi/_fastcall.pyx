@@ -67,6 +67,8 @@ cdef extern from "Python.h":
     PyObject* PyLong_FromLongLong(long long v)
     PyObject* PyLong_FromUnsignedLongLong(unsigned long long v)
     PyObject* PyFloat_FromDouble(double v)
+    object PyUnicode_DecodeUTF8(const char* s, Py_ssize_t size, const char* errors)
+    object PyUnicode_AsEncodedString(object text, const char* encoding, const char* errors)
     void _decref "Py_DECREF"(PyObject* o)
     int PyGC_Enable()
     int PyGC_Disable()
@@ -85,18 +87,19 @@ cdef bint _keep_gil = False
 cdef list _active = None
 cdef object _call_failure = None
 cdef object _host_failure = None
+cdef object _trap_type = None
 cdef bytes _host_failed = b"host function failed"
 
 
 def init(uintptr_t call_unchecked, uintptr_t set_epoch_deadline, uintptr_t memory_data,
          uintptr_t memory_data_size, uintptr_t trap_new, uintptr_t define_func_unchecked,
-         list active, call_failure, host_failure):
+         list active, call_failure, host_failure, trap_type):
     """Bind the C entry points (addresses from the loaded wasmtime library) and the Python side:
     `active` is the stack of instances host calls dispatch to (`fastcall.ACTIVE`),
     `call_failure(err, trap)` raises the WasmTrap for a failed call, `host_failure(label, exc)`
-    returns the trap message for a host function that raised."""
+    returns the trap message for a host function that raised, `trap_type` is `WasmTrap`."""
     global _call_unchecked, _set_deadline, _memory_data, _memory_data_size, _trap_new, _define_unchecked
-    global _active, _call_failure, _host_failure
+    global _active, _call_failure, _host_failure, _trap_type
     _call_unchecked = <wasmtime_func_call_unchecked_fn><void*>call_unchecked
     _set_deadline = <wasmtime_context_set_epoch_deadline_fn><void*>set_epoch_deadline
     _memory_data = <wasmtime_memory_data_fn><void*>memory_data
@@ -106,6 +109,7 @@ def init(uintptr_t call_unchecked, uintptr_t set_epoch_deadline, uintptr_t memor
     _active = active
     _call_failure = call_failure
     _host_failure = host_failure
+    _trap_type = trap_type
 
 
 def struct_sizes():
@@ -490,17 +494,23 @@ cdef class Memory:
         with the module's `allocator` (a nested call into wasm, under the running callback's
         deadline; its WasmTrap propagates), copy it there, write the pointer and size. False
         if the module's pointer or the out-pointers are out of bounds."""
+        return self._return_bytes(allocator, data, ptr_ptr, size_ptr)
+
+    cdef bint _return_bytes(self, object allocator, bytes data, long long ptr_ptr, long long size_ptr) except -1:
         cdef object ptr
         if type(allocator) is not Func and not isinstance(allocator, Func):
             ptr = allocator(PyBytes_GET_SIZE(data))
         else:
             ptr = (<Func>allocator)._call((PyBytes_GET_SIZE(data),))
-        return self.write_returned(ptr & 0xFFFFFFFF, data, ptr_ptr, size_ptr)
+        return self._write_returned(ptr & 0xFFFFFFFF, data, ptr_ptr, size_ptr)
 
     def write_returned(self, long long ptr, bytes data, long long ptr_ptr, long long size_ptr):
         """The returned-buffer protocol's writes: `data` at `ptr` (just allocated in the module),
         then `ptr` and the size at `ptr_ptr` and `size_ptr`. False if any is out of bounds
         (nothing partial is written before the bounds of the data are checked)."""
+        return self._write_returned(ptr, data, ptr_ptr, size_ptr)
+
+    cdef bint _write_returned(self, long long ptr, bytes data, long long ptr_ptr, long long size_ptr) noexcept:
         cdef Py_ssize_t n = PyBytes_GET_SIZE(data)
         cdef uint32_t p = <uint32_t>ptr
         cdef uint32_t s = <uint32_t>n
@@ -512,6 +522,147 @@ cdef class Memory:
         memcpy(self._base + ptr_ptr, &p, 4)
         memcpy(self._base + size_ptr, &s, 4)
         return True
+
+
+# -- the hottest host functions ----------------------------------------------------------------
+# proxy-wasm-cpp-host's exports.cc shape: unpack the arguments (pointers into linear memory,
+# validated; UTF-8 decoded with surrogateescape), ask the acting context or the VM what the call
+# means (`vm.StreamContext`, `vm.WasmVM`: Python, where the ABI's rules live), write the answer
+# back. Python frames per call are what a filter's host calls cost, so these few are here.
+
+cdef object _OK = 0
+cdef object _NOT_FOUND = 1
+cdef object _BAD_ARGUMENT = 2
+cdef object _INVALID_MEMORY_ACCESS = 6
+cdef tuple _LEVELS = ()
+
+
+def set_constants(tuple levels, tuple results):
+    """The `LogLevel` and `WasmResult` members by value, so that answers here are the members
+    the Python host functions answer (and proxy_log hands the VM a level, not an int)."""
+    global _LEVELS, _OK, _NOT_FOUND, _BAD_ARGUMENT, _INVALID_MEMORY_ACCESS
+    _LEVELS = levels
+    _OK, _NOT_FOUND, _BAD_ARGUMENT, _INVALID_MEMORY_ACCESS = results[0], results[1], results[2], results[6]
+
+
+cdef object return_result(object vm, Memory mem, bytes data, long long ptr_ptr, long long size_ptr):
+    """The returned-buffer protocol (reference 4.2): allocate in the module, copy, report.
+
+    The allocator runs nested inside the host call that needs the buffer, on its frame; a trap
+    there is kept as `vm.nested_trap`, the cause the outer call reports."""
+    cdef uint32_t zero = 0
+    if PyBytes_GET_SIZE(data) == 0:
+        if mem._fits(ptr_ptr, 4) and mem._fits(size_ptr, 4):
+            memcpy(mem._base + ptr_ptr, &zero, 4)
+            memcpy(mem._base + size_ptr, &zero, 4)
+            return _OK
+        return _INVALID_MEMORY_ACCESS
+    try:
+        if mem._return_bytes(vm.allocator, data, ptr_ptr, size_ptr):
+            return _OK
+    except BaseException as exc:
+        if isinstance(exc, _trap_type):
+            vm.nested_trap = exc
+        raise
+    return _INVALID_MEMORY_ACCESS
+
+
+def return_bytes(object vm, Memory mem not None, data, long long ptr_ptr, long long size_ptr):
+    """`return_result` for Python callers (`WasmVM.return_bytes`)."""
+    return return_result(vm, mem, data if type(data) is bytes else bytes(data), ptr_ptr, size_ptr)
+
+
+cdef class HostCalls:
+    """The compiled `env` host functions of one VM, the base of `hostcalls.ProxyHostCalls` (which
+    defines the others in Python). Their bound methods are the VM's `host_impls` like the rest."""
+
+    cdef object _vm
+    cdef Memory _memory  # None until the instance's memory is bound: every access fails then
+
+    def __init__(self, object vm):
+        self._vm = vm
+        self._memory = None
+
+    def bind_memory(self, Memory memory):
+        self._memory = memory
+
+    cdef inline object _acting(self):
+        """The context the running callback acts for (its effective context, if it set one)."""
+        cdef list frames = self._vm.frames
+        cdef object frame = <object>PyList_GET_ITEM(frames, PyList_GET_SIZE(frames) - 1)
+        cdef object ctx = frame.effective
+        return frame.context if ctx is None else ctx
+
+    cdef inline object _text(self, long long ptr, long long size):
+        """The UTF-8 text at [ptr, ptr+size) (surrogateescape), or None when out of bounds."""
+        cdef Memory mem = self._memory
+        if mem is None or not mem._fits(ptr, size):
+            return None
+        return PyUnicode_DecodeUTF8(<char*>(mem._base + ptr), size, "surrogateescape")
+
+    def proxy_log(self, long long level, long long ptr, long long size):
+        cdef Memory mem = self._memory
+        if level < 0 or level > 5:
+            return _BAD_ARGUMENT
+        if level < self._vm.log_level():
+            # Below the filter's level: SDKs log chattily at debug, so answer before any copy.
+            # The pointer is still validated, as cpp-host does.
+            return _OK if mem is not None and mem._fits(ptr, size) else _INVALID_MEMORY_ACCESS
+        text = self._text(ptr, size)
+        if text is None:
+            return _INVALID_MEMORY_ACCESS
+        self._vm.log(_LEVELS[level], text)
+        return _OK
+
+    def proxy_get_header_map_value(self, long long mtype, long long kptr, long long klen,
+                                   long long out_ptr, long long out_size):
+        if mtype > 7:
+            return _BAD_ARGUMENT
+        key = self._text(kptr, klen)
+        if key is None:
+            return _INVALID_MEMORY_ACCESS
+        ctx = self._acting()
+        if ctx is None:
+            return _BAD_ARGUMENT
+        value = ctx.get_header_value(mtype, key)
+        if isinstance(value, str):
+            return return_result(self._vm, self._memory, PyUnicode_AsEncodedString(value, "utf-8", "surrogateescape"),
+                                 out_ptr, out_size)
+        if value is None:
+            # 0.1.0 answers OK with an empty value for a missing header.
+            if self._vm.abi_version == "0.1.0":
+                return return_result(self._vm, self._memory, b"", out_ptr, out_size)
+            return _NOT_FOUND
+        return value  # the context's error answer
+
+    cdef object _header_write(self, long long mtype, long long kptr, long long klen, long long vptr,
+                              long long vlen):
+        """The writable map, key and value of an add or replace, or the error to answer."""
+        if mtype > 7:
+            return _BAD_ARGUMENT
+        key = self._text(kptr, klen)
+        value = self._text(vptr, vlen)
+        if key is None or value is None:
+            return _INVALID_MEMORY_ACCESS
+        ctx = self._acting()
+        hmap = ctx.header_map(mtype, True) if ctx is not None else None
+        if hmap is None:
+            return _BAD_ARGUMENT
+        return (hmap, key, value)
+
+    def proxy_add_header_map_value(self, long long mtype, long long kptr, long long klen, long long vptr,
+                                   long long vlen):
+        args = self._header_write(mtype, kptr, klen, vptr, vlen)
+        if type(args) is not tuple:
+            return args
+        return self._vm.add_header(*args)
+
+    def proxy_replace_header_map_value(self, long long mtype, long long kptr, long long klen, long long vptr,
+                                       long long vlen):
+        args = self._header_write(mtype, kptr, klen, vptr, vlen)
+        if type(args) is not tuple:
+            return args
+        return self._vm.replace_header(*args)
 
 
 # -- the cycle collector ------------------------------------------------------------------------

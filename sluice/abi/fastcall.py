@@ -71,6 +71,8 @@ _check_wasmtime_version()
 
 from wasmtime import _ffi as ffi  # noqa: E402 - only once the version is known to match
 
+from .types import LogLevel, WasmResult  # noqa: E402
+
 # The raw entry points. The hot ones are only looked up here: `_fastcall` calls them from C, by
 # address. `argtypes` stays unset on the others where every argument is already a ctypes object.
 _dll = ffi.dll
@@ -531,5 +533,12 @@ if _fastcall.struct_sizes() != _SIZES:
 _fastcall.init(
     _address("wasmtime_func_call_unchecked"), _address("wasmtime_context_set_epoch_deadline"),
     _address("wasmtime_memory_data"), _address("wasmtime_memory_data_size"), _address("wasmtime_trap_new"),
-    _address("wasmtime_linker_define_func_unchecked"), ACTIVE, _raise_call_failure, _host_failure,
+    _address("wasmtime_linker_define_func_unchecked"), ACTIVE, _raise_call_failure, _host_failure, WasmTrap,
 )
+_fastcall.set_constants(tuple(LogLevel), tuple(WasmResult))
+
+HostCalls = _fastcall.HostCalls
+"""The compiled host functions (proxy_log, reading and writing a header value): the base of
+`hostcalls.ProxyHostCalls`."""
+return_bytes = _fastcall.return_bytes
+"""The returned-buffer protocol (reference 4.2) on `vm.memory` with `vm.allocator`."""

@@ -587,21 +587,10 @@ class WasmVM:
         """The returned-buffer protocol (reference 4.2): allocate in the module, copy, report.
 
         The allocator runs nested inside the host call that needs the buffer, on its frame (the
-        only host call allocators make in practice is proxy_log).
-        """
-        size = len(data)
-        mem = self.memory
-        if size == 0:
-            if mem.write_u32(ptr_ptr, 0) and mem.write_u32(size_ptr, 0):
-                return WasmResult.OK
-            return WasmResult.INVALID_MEMORY_ACCESS
-        try:
-            if mem.return_bytes(self.allocator, data if type(data) is bytes else bytes(data), ptr_ptr, size_ptr):
-                return WasmResult.OK
-        except WasmTrap as exc:
-            self.nested_trap = exc  # the outer call reports this cause, not "host call failed"
-            raise
-        return WasmResult.INVALID_MEMORY_ACCESS
+        only host call allocators make in practice is proxy_log); its trap is kept as
+        `nested_trap`, the cause the outer call reports rather than "host call failed"."""
+        result: int = fastcall.return_bytes(self, self.memory, data, ptr_ptr, size_ptr)
+        return result
 
     # -- capabilities and limits -----------------------------------------------------------------
     def refuse(self, what: str, status: WasmResult) -> WasmResult:
