@@ -265,6 +265,9 @@ cdef class Func:
         the cycle collector paused until the call returns (its pause is the host's time, and run
         inside a host call it would count against the filter's CPU deadline). With `timing`,
         a call that returns appends its wall time in seconds to that list."""
+        return self._call_in(deadline, instance, args, timing)
+
+    cdef object _call_in(self, Deadline deadline, object instance, tuple args, list timing):
         cdef int was_enabled
         cdef double started = 0.0
         cdef object result
@@ -304,6 +307,124 @@ cdef class Func:
         if self._result == 0:
             return None
         return _unbox(&self._vals[0], self._result)
+
+
+# -- callbacks: frames and the calls the VM makes ----------------------------------------------
+
+cdef class Frame:
+    """One callback in progress (`vm.WasmVM.frames`): the context it runs for and what it may see."""
+
+    cdef public object context
+    cdef public object effective
+    """The context set by proxy_set_effective_context, until the callback returns."""
+    cdef public bint configuring
+    """Inside proxy_on_configure: the plugin configuration buffer is readable."""
+    cdef public bint local_reply_sent
+    cdef public object foreign_args
+
+    def __init__(self, object context, bint configuring=False):
+        self.context = context
+        self.effective = None
+        self.configuring = configuring
+        self.local_reply_sent = False
+        self.foreign_args = None
+
+
+cdef inline void _pop_frame(list frames) noexcept:
+    """frames.pop() that keeps the list's storage (as `_pop_active`)."""
+    cdef Py_ssize_t n = PyList_GET_SIZE(frames)
+    cdef PyObject* top
+    if n > 0:
+        top = PyList_GET_ITEM(frames, n - 1)
+        _set_size(frames, n - 1)
+        _decref(top)
+
+
+def invoke(object vm, Func fn, object context, tuple args, bint configuring=False, object deadline_ms=None,
+           list timing=None):
+    """`WasmVM.invoke` (bound as that method): call `fn` under a frame for `context`, then run
+    the deferred actions if it was the outermost call. See `vm.WasmVM.invoke`."""
+    cdef list frames
+    cdef Frame frame
+    cdef Deadline handle = None  # nested in a host call: runs under its caller's deadline
+    cdef bint outermost
+    cdef object result
+    if vm.dead is not None:
+        raise _trap_type(f"VM is no longer usable: {vm.dead}")
+    frames = vm.frames
+    outermost = PyList_GET_SIZE(frames) == 1
+    if outermost:
+        # The outermost frame is reused (nothing keeps a frame once its call returned): it is
+        # left clean after every call, so only what this call sets is set.
+        frame = vm._outer_frame
+        frame.context = context
+        frame.configuring = configuring
+        frame.local_reply_sent = False  # (a trapped call leaves it set)
+        if deadline_ms is None:
+            handle = vm.handle
+        else:
+            vm.handle.arm_deadline_ms(deadline_ms)
+    else:
+        frame = Frame(context, configuring)
+    frames.append(frame)
+    try:
+        result = fn._call_in(handle, vm, args, timing)
+    except BaseException as exc:
+        if isinstance(exc, _trap_type):
+            raise vm._trapped(exc) from None
+        raise
+    finally:
+        _pop_frame(frames)
+        if outermost:  # a kept context would tie the VM to itself (no refcount release)
+            frame.context = None
+            frame.effective = None
+            frame.foreign_args = None
+            frame.configuring = False
+    if frame.local_reply_sent and result is not None:
+        result = 1  # a local reply overrides the callback's return value to "stop"
+    if outermost and vm.deferred:
+        vm.run_deferred()
+    return result
+
+
+def invoke_each(object vm, tuple fns, object context, tuple args):
+    """`WasmVM.invoke_each` (bound as that method): several void callbacks in a row for one
+    context. See `vm.WasmVM.invoke_each`."""
+    cdef list frames
+    cdef Frame frame
+    cdef Deadline handle = None
+    cdef bint outermost
+    cdef object fn = None
+    if vm.dead is not None:
+        raise _trap_type(f"VM is no longer usable: {vm.dead}")
+    frames = vm.frames
+    outermost = PyList_GET_SIZE(frames) == 1
+    if outermost:
+        frame = vm._outer_frame
+        frame.context = context
+        frame.configuring = False
+        frame.local_reply_sent = False
+        handle = vm.handle
+    else:
+        frame = Frame(context)
+    frames.append(frame)
+    try:
+        for fn in fns:
+            frame.effective = None  # each gets a fresh effective context (and, outermost, its full deadline)
+            (<Func?>fn)._call_in(handle, vm, args, None)
+    except BaseException as exc:
+        if isinstance(exc, _trap_type):
+            vm.failed_fn = fn
+            raise vm._trapped(exc) from None
+        raise
+    finally:
+        _pop_frame(frames)
+        if outermost:
+            frame.context = None
+            frame.effective = None
+            frame.foreign_args = None
+    if outermost and vm.deferred:
+        vm.run_deferred()
 
 
 # -- host functions ---------------------------------------------------------------------------
@@ -589,9 +710,8 @@ cdef class HostCalls:
     cdef inline object _acting(self):
         """The context the running callback acts for (its effective context, if it set one)."""
         cdef list frames = self._vm.frames
-        cdef object frame = <object>PyList_GET_ITEM(frames, PyList_GET_SIZE(frames) - 1)
-        cdef object ctx = frame.effective
-        return frame.context if ctx is None else ctx
+        cdef Frame frame = <Frame>PyList_GET_ITEM(frames, PyList_GET_SIZE(frames) - 1)
+        return frame.context if frame.effective is None else frame.effective
 
     cdef inline object _text(self, long long ptr, long long size):
         """The UTF-8 text at [ptr, ptr+size) (surrogateescape), or None when out of bounds."""

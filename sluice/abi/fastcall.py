@@ -541,4 +541,8 @@ HostCalls = _fastcall.HostCalls
 """The compiled host functions (proxy_log, reading and writing a header value): the base of
 `hostcalls.ProxyHostCalls`."""
 return_bytes = _fastcall.return_bytes
+Frame = _fastcall.Frame
+"""One callback in progress (`vm.WasmVM.frames`): the context it runs for and what it may see."""
+invoke = _fastcall.invoke
+invoke_each = _fastcall.invoke_each
 """The returned-buffer protocol (reference 4.2) on `vm.memory` with `vm.allocator`."""

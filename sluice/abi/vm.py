@@ -25,7 +25,7 @@ from . import fastcall
 from .api import CallResponse, Cancellable, Host, LocalReply, PluginSpec, RedisHost, StreamInfo
 from .compiled import CompiledModule
 from .fastcall import ACTIVE as _ACTIVE
-from .fastcall import LinearMemory, StoreHandle, WasmFunction, WasmTrap, summarize_error
+from .fastcall import Frame, LinearMemory, StoreHandle, WasmFunction, WasmTrap, summarize_error
 from .headers import HeaderMap, deserialize_pairs, utf8_len
 from .metrics import MetricRegistry
 from .properties import encode, lookup
@@ -349,20 +349,6 @@ class VMServices:
     bind_host_functions: HostBinder
 
 
-class Frame:
-    """One callback in progress: the context it runs for and what it may see."""
-
-    __slots__ = ("context", "effective", "configuring", "local_reply_sent", "foreign_args")
-
-    def __init__(self, context: Context | None, configuring: bool = False) -> None:
-        self.context = context
-        self.effective: Context | None = None
-        self.configuring = configuring
-        """Inside proxy_on_configure: the plugin configuration buffer is readable."""
-        self.local_reply_sent = False
-        self.foreign_args: bytes | None = None
-
-
 class WasmVM:
     """A live instance. Not thread-safe: all calls happen on the proxy's thread."""
 
@@ -472,7 +458,8 @@ class WasmVM:
 
     def acting(self) -> Context | None:
         frame = self.frames[-1]
-        return frame.effective or frame.context
+        ctx: Context | None = frame.effective or frame.context
+        return ctx
 
     def acting_root(self) -> RootContext | None:
         ctx = self.acting()
@@ -500,73 +487,22 @@ class WasmVM:
             return None
         return self.invoke(fn, context, args, configuring, deadline_ms)
 
-    def invoke(self, fn: WasmFunction, context: Context | None, args: tuple[int, ...],
-               configuring: bool = False, deadline_ms: float | None = None,
-               timing: list[float] | None = None) -> Any:
-        """`call` for a function already looked up (the per-request path).
+    invoke = fastcall.invoke
+    """invoke(fn, context, args, configuring=False, deadline_ms=None, timing=None): `call` for a
+    function already looked up (the per-request path), compiled.
 
-        `fn.call_in` arms the deadline of an outermost call, makes this VM the one host calls
-        dispatch to and holds the cycle collector until the callback returns. With `timing`
-        (a histogram's pending list), an outermost call that returns appends its duration."""
-        if self.dead is not None:
-            raise WasmTrap(f"VM is no longer usable: {self.dead}")
-        frames = self.frames
-        outermost = len(frames) == 1
-        handle: StoreHandle | None = None  # nested in a host call: runs under its caller's deadline
-        if outermost:
-            # The outermost frame is reused (nothing keeps a frame once its call returned): it is
-            # left clean after every call, so only what this call sets is set.
-            frame = self._outer_frame
-            frame.context = context
-            frame.configuring = configuring
-            frame.local_reply_sent = False  # (a trapped call leaves it set)
-            if deadline_ms is None:
-                handle = self.handle
-            else:
-                self.handle.arm_deadline_ms(deadline_ms)
-        else:
-            frame = Frame(context, configuring)
-        frames.append(frame)
-        try:
-            result = fn.call_in(handle, self, args, timing)
-        except WasmTrap as exc:
-            raise self._trapped(exc) from None
-        finally:
-            frames.pop()
-            if outermost:  # a kept context would tie the VM to itself (no refcount release)
-                frame.context = frame.effective = frame.foreign_args = None
-                frame.configuring = False
-        if frame.local_reply_sent and result is not None:
-            result = 1  # a local reply overrides the callback's return value to "stop"
-        if outermost and self.deferred:
-            self.run_deferred()
-        return result
+    Runs `fn` under a frame for `context` (the outermost frame is reused: it is left clean after
+    every call); an outermost call arms the CPU deadline (or `deadline_ms`), makes this VM the one
+    host calls dispatch to and holds the cycle collector until the callback returns; with
+    `timing` (a histogram's pending list) it appends its duration. A local reply sent during the
+    call makes the result 1 ("stop"). Deferred actions run after an outermost call. Raises WasmTrap."""
 
-    def invoke_each(self, fns: tuple[WasmFunction, ...], context: Context, args: tuple[int, ...]) -> None:
-        """Several void callbacks in a row for one context (end of stream: log, done, delete).
+    invoke_each = fastcall.invoke_each
+    """invoke_each(fns, context, args): several void callbacks in a row for one context (end of
+    stream: log, done, delete), compiled.
 
-        Each still gets a fresh effective context (and, outermost, its full deadline); raises
-        WasmTrap naming nothing: the caller knows which function it was from `self.failed_fn`.
-        """
-        if self.dead is not None:
-            raise WasmTrap(f"VM is no longer usable: {self.dead}")
-        frame = Frame(context)
-        frames = self.frames
-        outermost = len(frames) == 1
-        handle = self.handle if outermost else None
-        frames.append(frame)
-        fn = None
-        try:
-            for fn in fns:
-                frame.effective = None
-                fn.call_in(handle, self, args)
-        except WasmTrap as exc:
-            self.failed_fn = fn
-            raise self._trapped(exc) from None
-        finally:
-            frames.pop()
-        if outermost and self.deferred:
-            self.run_deferred()
+    Each gets a fresh effective context (and, outermost, its full deadline); raises WasmTrap
+    naming nothing: the caller knows which function it was from `self.failed_fn`."""
 
     def _trapped(self, exc: WasmTrap) -> WasmTrap:
         nested, self.nested_trap = self.nested_trap, None
