@@ -693,16 +693,35 @@ def return_bytes(object vm, Memory mem not None, data, long long ptr_ptr, long l
     return return_result(vm, mem, data if type(data) is bytes else bytes(data), ptr_ptr, size_ptr)
 
 
+cdef class LogThreshold:
+    """A filter's log level, shared by the plugin and its VMs: called, it answers the `LogLevel`
+    (`VMOwner.log_level()`); the compiled proxy_log reads the number without a call."""
+
+    cdef int level
+
+    def __init__(self, int level):
+        self.level = level
+
+    def set(self, int level):
+        self.level = level
+
+    def __call__(self):
+        return _LEVELS[self.level]
+
+
 cdef class HostCalls:
     """The compiled `env` host functions of one VM, the base of `hostcalls.ProxyHostCalls` (which
     defines the others in Python). Their bound methods are the VM's `host_impls` like the rest."""
 
     cdef object _vm
     cdef Memory _memory  # None until the instance's memory is bound: every access fails then
+    cdef LogThreshold _threshold  # the owner's, when its log_level is one (else None: a call)
 
     def __init__(self, object vm):
         self._vm = vm
         self._memory = None
+        level = vm.log_level
+        self._threshold = level if isinstance(level, LogThreshold) else None
 
     def bind_memory(self, Memory memory):
         self._memory = memory
@@ -724,7 +743,7 @@ cdef class HostCalls:
         cdef Memory mem = self._memory
         if level < 0 or level > 5:
             return _BAD_ARGUMENT
-        if level < self._vm.log_level():
+        if level < (self._threshold.level if self._threshold is not None else self._vm.log_level()):
             # Below the filter's level: SDKs log chattily at debug, so answer before any copy.
             # The pointer is still validated, as cpp-host does.
             return _OK if mem is not None and mem._fits(ptr, size) else _INVALID_MEMORY_ACCESS

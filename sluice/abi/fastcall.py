@@ -541,6 +541,9 @@ HostCalls = _fastcall.HostCalls
 """The compiled host functions (proxy_log, reading and writing a header value): the base of
 `hostcalls.ProxyHostCalls`."""
 return_bytes = _fastcall.return_bytes
+LogThreshold = _fastcall.LogThreshold
+"""A filter's log level shared by its plugin and VMs: `threshold()` is the `LogLevel`, and the
+compiled proxy_log compares with it without a call into Python."""
 Frame = _fastcall.Frame
 """One callback in progress (`vm.WasmVM.frames`): the context it runs for and what it may see."""
 invoke = _fastcall.invoke

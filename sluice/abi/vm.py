@@ -262,7 +262,7 @@ class StreamContext:
         length_now = len(body)
         start = min(start, length_now)
         end = min(start + size, length_now)
-        vm = self._vm()
+        vm = self._live_vm()
         if length_now - (end - start) + len(data) > vm.spec.limits.max_body_bytes:
             return vm.refuse("limit.max_body_bytes", BAD_ARGUMENT)
         body[start:end] = data
@@ -281,11 +281,11 @@ class StreamContext:
             action = stream.reset
         else:
             action = stream.resume_request if stype == StreamType.HTTP_REQUEST else stream.resume_response
-        self._vm().deferred.append(action)
+        self._live_vm().deferred.append(action)
         return OK
 
     def send_local_response(self, reply: LocalReply) -> WasmResult:
-        vm = self._vm()
+        vm = self._live_vm()
         if not vm.spec.capabilities.local_reply:
             return vm.refuse("capability.local_reply", UNIMPLEMENTED)
         frame = vm.frames[-1]
@@ -295,7 +295,7 @@ class StreamContext:
         vm.deferred.append(lambda: stream.reply_locally(reply))
         return OK
 
-    def _vm(self) -> WasmVM:
+    def _live_vm(self) -> WasmVM:
         vm = self.root.vm
         assert vm is not None  # a context whose VM is closed runs no callbacks
         return vm
