@@ -340,7 +340,25 @@ cdef inline void _pop_frame(list frames) noexcept:
         _decref(top)
 
 
-def invoke(object vm, Func fn, object context, tuple args, bint configuring=False, object deadline_ms=None,
+cdef class VMCore:
+    """What the compiled calls read and write of one VM (`vm.WasmVM` is its subclass) on every
+    callback and host call, as C fields rather than attributes looked up by name."""
+
+    cdef public list frames
+    """Callbacks in progress, innermost last (see `vm.WasmVM`)."""
+    cdef public Frame _outer_frame
+    cdef public list deferred
+    cdef public object dead
+    cdef public Deadline handle
+    cdef public object allocator
+    cdef public object nested_trap
+
+    def __cinit__(self, *args, **kwargs):
+        self.frames = []
+        self.deferred = []
+
+
+def invoke(VMCore vm, Func fn, object context, tuple args, bint configuring=False, object deadline_ms=None,
            list timing=None):
     """`WasmVM.invoke` (bound as that method): call `fn` under a frame for `context`, then run
     the deferred actions if it was the outermost call. See `vm.WasmVM.invoke`."""
@@ -387,7 +405,7 @@ def invoke(object vm, Func fn, object context, tuple args, bint configuring=Fals
     return result
 
 
-def invoke_each(object vm, tuple fns, object context, tuple args):
+def invoke_each(VMCore vm, tuple fns, object context, tuple args):
     """`WasmVM.invoke_each` (bound as that method): several void callbacks in a row for one
     context. See `vm.WasmVM.invoke_each`."""
     cdef list frames
@@ -666,7 +684,7 @@ def set_constants(tuple levels, tuple results):
     _OK, _NOT_FOUND, _BAD_ARGUMENT, _INVALID_MEMORY_ACCESS = results[0], results[1], results[2], results[6]
 
 
-cdef object return_result(object vm, Memory mem, bytes data, long long ptr_ptr, long long size_ptr):
+cdef object return_result(VMCore vm, Memory mem, bytes data, long long ptr_ptr, long long size_ptr):
     """The returned-buffer protocol (reference 4.2): allocate in the module, copy, report.
 
     The allocator runs nested inside the host call that needs the buffer, on its frame; a trap
@@ -688,7 +706,7 @@ cdef object return_result(object vm, Memory mem, bytes data, long long ptr_ptr, 
     return _INVALID_MEMORY_ACCESS
 
 
-def return_bytes(object vm, Memory mem not None, data, long long ptr_ptr, long long size_ptr):
+def return_bytes(VMCore vm, Memory mem not None, data, long long ptr_ptr, long long size_ptr):
     """`return_result` for Python callers (`WasmVM.return_bytes`)."""
     return return_result(vm, mem, data if type(data) is bytes else bytes(data), ptr_ptr, size_ptr)
 
@@ -713,11 +731,11 @@ cdef class HostCalls:
     """The compiled `env` host functions of one VM, the base of `hostcalls.ProxyHostCalls` (which
     defines the others in Python). Their bound methods are the VM's `host_impls` like the rest."""
 
-    cdef object _vm
+    cdef VMCore _vm
     cdef Memory _memory  # None until the instance's memory is bound: every access fails then
     cdef LogThreshold _threshold  # the owner's, when its log_level is one (else None: a call)
 
-    def __init__(self, object vm):
+    def __init__(self, VMCore vm):
         self._vm = vm
         self._memory = None
         level = vm.log_level

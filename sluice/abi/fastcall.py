@@ -545,6 +545,7 @@ LogThreshold = _fastcall.LogThreshold
 """A filter's log level shared by its plugin and VMs: `threshold()` is the `LogLevel`, and the
 compiled proxy_log compares with it without a call into Python."""
 Frame = _fastcall.Frame
+VMCore = _fastcall.VMCore
 """One callback in progress (`vm.WasmVM.frames`): the context it runs for and what it may see."""
 invoke = _fastcall.invoke
 invoke_each = _fastcall.invoke_each

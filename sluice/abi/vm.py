@@ -349,8 +349,23 @@ class VMServices:
     bind_host_functions: HostBinder
 
 
-class WasmVM:
-    """A live instance. Not thread-safe: all calls happen on the proxy's thread."""
+class WasmVM(fastcall.VMCore):
+    """A live instance. Not thread-safe: all calls happen on the proxy's thread.
+
+    The state every callback and host call touches (frames, deferred actions, the deadline
+    handle, the allocator...) lives in `fastcall.VMCore`'s C fields, where the compiled calls read it."""
+
+    handle: StoreHandle
+    nested_trap: WasmTrap | None
+    allocator: WasmFunction | None
+
+    # Slots, not a __dict__: on a subclass of a compiled type, attributes in a dict are read
+    # by name on every access (the interpreter's attribute caches do not apply), slots are not.
+    __slots__ = ("services", "module", "owner", "spec", "host", "metrics", "log_level", "abi_version", "contexts",
+                 "_next_context", "_next_token", "failed_fn", "host_impls", "store", "memory", "fn",
+                 "on_context_create", "end_of_stream", "request_headers_args3", "response_headers_args3",
+                 "request_headers_fn", "response_headers_fn", "reads_request_body", "reads_response_body",
+                 "__weakref__")
 
     def __init__(self, services: VMServices, module: CompiledModule, owner: VMOwner) -> None:
         self.services = services
@@ -364,15 +379,15 @@ class WasmVM:
         self.contexts: dict[int, Context] = {}
         self._next_context = 0
         self._next_token = 0
-        self.frames: list[Frame] = [Frame(None)]
+        self.frames = [Frame(None)]
         """Callbacks in progress, innermost last, above a bottom frame that stands for "none"
         (no context acts there). Never empty, so the list keeps its storage: pushing the frame
         of an outermost callback allocates nothing."""
         self._outer_frame = Frame(None)
-        self.deferred: list[Callable[[], None]] = []
-        self.dead: str | None = None
+        self.deferred = []
+        self.dead = None
         """Why the VM may not be entered any more (proc_exit), or None."""
-        self.nested_trap: WasmTrap | None = None
+        self.nested_trap = None
         self.failed_fn: WasmFunction | None = None
         self.host_impls, bind_memory = services.bind_host_functions(self)
 
