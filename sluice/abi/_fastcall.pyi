@@ -1,4 +1,4 @@
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 def init(
@@ -34,7 +34,8 @@ class Func:
     def __init__(self, context: int, func: int, name: str, params: str, results: str) -> None: ...
     def __call__(self, *args: int) -> Any: ...
     def call_in(
-        self, deadline: Deadline | None, instance: object, args: tuple[int, ...], timing: list[float] | None = None
+        self, deadline: Deadline | None, instance: object, args: tuple[int, ...],
+        timing: list[float] | CallbackTimes | None = None,
     ) -> Any: ...
 
 class Memory:
@@ -70,7 +71,7 @@ class Frame:
 
 def invoke(
     vm: VMCore, fn: Func, context: Any, args: tuple[int, ...], configuring: bool = False,
-    deadline_ms: float | None = None, timing: list[float] | None = None,
+    deadline_ms: float | None = None, timing: list[float] | CallbackTimes | None = None,
 ) -> Any: ...
 def invoke_each(vm: VMCore, fns: tuple[Func, ...], context: Any, args: tuple[int, ...]) -> None: ...
 
@@ -87,3 +88,10 @@ class VMCore:
     handle: Deadline
     allocator: Func | None
     nested_trap: BaseException | None
+
+class CallbackTimes:
+    @property
+    def bounds(self) -> tuple[float, ...]: ...
+    def __init__(self, bounds: Sequence[float]) -> None: ...
+    def observe(self, seconds: float) -> None: ...
+    def state(self) -> tuple[tuple[float, ...], tuple[int, ...], float, int]: ...

@@ -71,6 +71,8 @@ _check_wasmtime_version()
 
 from wasmtime import _ffi as ffi  # noqa: E402 - only once the version is known to match
 
+from sluice.histogram import HistogramSnapshot  # noqa: E402
+
 from .types import LogLevel, WasmResult  # noqa: E402
 
 # The raw entry points. The hot ones are only looked up here: `_fastcall` calls them from C, by
@@ -541,6 +543,19 @@ HostCalls = _fastcall.HostCalls
 """The compiled host functions (proxy_log, reading and writing a header value): the base of
 `hostcalls.ProxyHostCalls`."""
 return_bytes = _fastcall.return_bytes
+
+
+class CallbackTimes(_fastcall.CallbackTimes):
+    """Stream callbacks' wall times, bucketed in C as each timed call returns (`invoke(...,
+    timing=...)`), read as a `histogram.HistogramSnapshot`."""
+
+    __slots__ = ()
+
+    def snapshot(self) -> HistogramSnapshot:
+        bounds, counts, total, count = self.state()
+        return HistogramSnapshot(bounds, counts, total, count)
+
+
 LogThreshold = _fastcall.LogThreshold
 """A filter's log level shared by its plugin and VMs: `threshold()` is the `LogLevel`, and the
 compiled proxy_log compares with it without a call into Python."""

@@ -16,8 +16,6 @@ Redis commands, queues, proxy_done) go through `_VMHooks`, so they are not part 
 
 from __future__ import annotations
 
-from sluice.histogram import FOLD_EVERY, Histogram
-
 from .api import (
     CallResponse,
     Host,
@@ -30,7 +28,7 @@ from .api import (
 )
 from .common import CALLBACK_BOUNDS_S, DETACHED, Counters, Replacement, StreamMode, build_report, failure_reply
 from .compiled import CompiledModule
-from .fastcall import LogThreshold, WasmFunction, WasmTrap
+from .fastcall import CallbackTimes, LogThreshold, WasmFunction, WasmTrap
 from .headers import HeaderMap
 from .metrics import MetricRegistry
 from .report import ModuleInfo, PluginReport, PluginState
@@ -92,9 +90,8 @@ class Plugin:
         self._host = host
         self._metrics = MetricRegistry()
         self._counters = Counters()
-        self._callback_time = Histogram(CALLBACK_BOUNDS_S)
-        self._timing = self._callback_time.pending
-        """What the compiled call layer appends each stream callback's duration to."""
+        self._callback_time = CallbackTimes(CALLBACK_BOUNDS_S)
+        """Where the compiled call layer buckets each stream callback's duration."""
         self._log_level = spec.log_level
         self._log_threshold = LogThreshold(spec.log_level)
         self._hooks = _VMHooks(self)
@@ -492,16 +489,13 @@ class HttpStream(StreamContext):
     def _run(self, vm: WasmVM, fn: WasmFunction, args: tuple[int, ...]) -> int | None:
         """Call `fn` for this stream's context; a failure applies the failure policy (None)."""
         plugin = self._plugin
-        # Timed in C, into the callback histogram's pending values (which this folds when due).
-        timing = plugin._timing
         try:
-            result: int | None = vm.invoke(fn, self, args, False, None, timing)
+            # Timed and bucketed in C.
+            result: int | None = vm.invoke(fn, self, args, False, None, plugin._callback_time)
         except WasmTrap as exc:
             plugin._on_trap(vm, exc, fn.name)
             self.fail(None)
             return None
-        if len(timing) >= FOLD_EVERY:
-            plugin._callback_time.fold()
         return result
 
     def _create_context(self) -> bool:
