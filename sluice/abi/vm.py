@@ -26,7 +26,7 @@ from .api import CallResponse, Cancellable, Host, LocalReply, PluginSpec, RedisH
 from .compiled import CompiledModule
 from .fastcall import ACTIVE as _ACTIVE
 from .fastcall import Frame, LinearMemory, StoreHandle, WasmFunction, WasmTrap, summarize_error
-from .headers import HeaderMap, deserialize_pairs, utf8_len
+from .headers import FITS, TOO_MANY, HeaderMap, deserialize_pairs, utf8_len
 from .metrics import MetricRegistry
 from .properties import encode, lookup
 from .shared import Queues, SharedData
@@ -552,25 +552,17 @@ class WasmVM(fastcall.VMCore):
     def add_header(self, hmap: HeaderMap, key: str, value: str) -> WasmResult:
         """proxy_add_header_map_value, within the filter's header-map limits."""
         limits = self.spec.limits
-        if len(hmap) >= limits.max_headers:
-            return self.refuse("limit.max_headers", BAD_ARGUMENT)
-        if hmap.byte_size() + utf8_len(key + value) > limits.max_header_bytes:
-            return self.refuse("limit.max_header_bytes", BAD_ARGUMENT)
-        hmap.add(key, value)
-        return OK
+        fit = hmap.add_within(key, value, limits.max_headers, limits.max_header_bytes)
+        return OK if fit == FITS else self._header_limit(fit)
 
     def replace_header(self, hmap: HeaderMap, key: str, value: str) -> WasmResult:
         """proxy_replace_header_map_value, within the header-map limits (every old `key` goes)."""
         limits = self.spec.limits
-        lowered = key.lower()
-        old = hmap.get_all(lowered)
-        if not old and len(hmap) >= limits.max_headers:
-            return self.refuse("limit.max_headers", BAD_ARGUMENT)
-        removed = sum(utf8_len(lowered + v) for v in old) if old else 0
-        if hmap.byte_size() - removed + utf8_len(lowered + value) > limits.max_header_bytes:
-            return self.refuse("limit.max_header_bytes", BAD_ARGUMENT)
-        hmap.set(lowered, value)
-        return OK
+        fit = hmap.set_within(key.lower(), value, limits.max_headers, limits.max_header_bytes)
+        return OK if fit == FITS else self._header_limit(fit)
+
+    def _header_limit(self, fit: int) -> WasmResult:
+        return self.refuse("limit.max_headers" if fit == TOO_MANY else "limit.max_header_bytes", BAD_ARGUMENT)
 
     def replace_headers(self, hmap: HeaderMap, data: bytes) -> WasmResult:
         """proxy_set_header_map_pairs: the whole map at once, or nothing when over a limit.
