@@ -488,15 +488,18 @@ class HttpStream(StreamContext):
 
     def _run(self, vm: WasmVM, fn: WasmFunction, args: tuple[int, ...]) -> int | None:
         """Call `fn` for this stream's context; a failure applies the failure policy (None)."""
-        plugin = self._plugin
         try:
             # Timed and bucketed in C.
-            result: int | None = vm.invoke(fn, self, args, False, None, plugin._callback_time)
+            result: int | None = vm.invoke(fn, self, args, False, None, self._plugin._callback_time)
         except WasmTrap as exc:
-            plugin._on_trap(vm, exc, fn.name)
-            self.fail(None)
+            self._trapped(vm, fn, exc)
             return None
         return result
+
+    def _trapped(self, vm: WasmVM, fn: WasmFunction, exc: WasmTrap) -> None:
+        """A stream callback trapped: the plugin's failure policy applies to this stream."""
+        self._plugin._on_trap(vm, exc, fn.name)
+        self.fail(None)
 
     def _create_context(self) -> bool:
         """Bring the stream context to life in the VM; False when that failed (policy applied)."""
@@ -562,10 +565,15 @@ class HttpStream(StreamContext):
             return CONTINUE  # not exported: the default
         if not self.id and not self._create_context():
             r = None
-        elif vm.request_headers_args3:
-            r = self._run(vm, fn, (self.id, len(headers), 1 if end_of_stream else 0))
         else:
-            r = self._run(vm, fn, (self.id, len(headers)))
+            # `_run` written out: the one callback (with the response's) every filter gets.
+            count = len(headers)
+            args = (self.id, count, 1 if end_of_stream else 0) if vm.request_headers_args3 else (self.id, count)
+            try:
+                r = vm.invoke(fn, self, args, False, None, self._plugin._callback_time)
+            except WasmTrap as exc:
+                self._trapped(vm, fn, exc)
+                r = None
         # 0 Continue, 2 ContinueAndEndStream; 1, 3, 4 and anything larger stop (cpp-host).
         if (r == 0 or r == 2 or r is None) and self._mode is _WASM:
             return CONTINUE  # the usual answer, without the general case's call
@@ -598,10 +606,15 @@ class HttpStream(StreamContext):
             return CONTINUE
         if not self.id and not self._create_context():
             r = None
-        elif vm.response_headers_args3:
-            r = self._run(vm, fn, (self.id, len(headers), 1 if end_of_stream else 0))
         else:
-            r = self._run(vm, fn, (self.id, len(headers)))
+            # `_run` written out: the one callback (with the response's) every filter gets.
+            count = len(headers)
+            args = (self.id, count, 1 if end_of_stream else 0) if vm.response_headers_args3 else (self.id, count)
+            try:
+                r = vm.invoke(fn, self, args, False, None, self._plugin._callback_time)
+            except WasmTrap as exc:
+                self._trapped(vm, fn, exc)
+                r = None
         if (r == 0 or r == 2 or r is None) and self._mode is _WASM:
             return CONTINUE
         return self._status(r, (0, 2))
