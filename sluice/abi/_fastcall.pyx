@@ -214,14 +214,15 @@ cdef class Deadline:
 
 # -- calls into wasm --------------------------------------------------------------------------
 
-cdef inline void _pop_active() noexcept:
-    """`_active.pop()` without giving the list's storage back: list.pop() frees it when the list
-    empties, which every outermost call does, so the next call's append would allocate again."""
-    cdef Py_ssize_t n = PyList_GET_SIZE(_active)
+cdef inline void _pop_keeping_storage(list stack) noexcept:
+    """`stack.pop()` without giving the list's storage back: list.pop() frees it when the list
+    empties, which every outermost call does (`_active`, a VM's frames above its bottom one), so
+    the next call's append would allocate again."""
+    cdef Py_ssize_t n = PyList_GET_SIZE(stack)
     cdef PyObject* top
     if n > 0:
-        top = PyList_GET_ITEM(_active, n - 1)
-        _set_size(_active, n - 1)
+        top = PyList_GET_ITEM(stack, n - 1)
+        _set_size(stack, n - 1)
         _decref(top)
 
 
@@ -336,7 +337,7 @@ cdef class Func:
                 timing.append(_monotonic() - started)
             return result
         finally:
-            _pop_active()
+            _pop_keeping_storage(_active)
             if was_enabled:
                 PyGC_Enable()
 
@@ -383,16 +384,6 @@ cdef class Frame:
         self.foreign_args = None
 
 
-cdef inline void _pop_frame(list frames) noexcept:
-    """frames.pop() that keeps the list's storage (as `_pop_active`)."""
-    cdef Py_ssize_t n = PyList_GET_SIZE(frames)
-    cdef PyObject* top
-    if n > 0:
-        top = PyList_GET_ITEM(frames, n - 1)
-        _set_size(frames, n - 1)
-        _decref(top)
-
-
 cdef class VMCore:
     """What the compiled calls read and write of one VM (`vm.WasmVM` is its subclass) on every
     callback and host call, as C fields rather than attributes looked up by name."""
@@ -411,33 +402,48 @@ cdef class VMCore:
         self.deferred = []
 
 
-def invoke(VMCore vm, Func fn, object context, tuple args, bint configuring=False, object deadline_ms=None,
-           object timing=None):
-    """`WasmVM.invoke` (bound as that method): call `fn` under a frame for `context`, then run
-    the deferred actions if it was the outermost call. See `vm.WasmVM.invoke`."""
-    cdef list frames
+cdef Frame _enter(VMCore vm, object context, bint configuring, bint outermost):
+    """Push the frame a call into `vm` runs under: the VM's outermost frame, reused (nothing keeps
+    a frame once its call returned, and `_leave` leaves it clean, so only what this call sets is
+    set), or a fresh one for a call nested in a host call."""
     cdef Frame frame
-    cdef Deadline handle = None  # nested in a host call: runs under its caller's deadline
-    cdef bint outermost
-    cdef object result
     if vm.dead is not None:
         raise _trap_type(f"VM is no longer usable: {vm.dead}")
-    frames = vm.frames
-    outermost = PyList_GET_SIZE(frames) == 1
     if outermost:
-        # The outermost frame is reused (nothing keeps a frame once its call returned): it is
-        # left clean after every call, so only what this call sets is set.
         frame = vm._outer_frame
         frame.context = context
         frame.configuring = configuring
         frame.local_reply_sent = False  # (a trapped call leaves it set)
+    else:
+        frame = Frame(context, configuring)
+    vm.frames.append(frame)
+    return frame
+
+
+cdef inline void _leave(VMCore vm, Frame frame, bint outermost) noexcept:
+    """Pop `frame`; clean the outermost one: a context kept there would tie the VM to itself (no
+    refcount release)."""
+    _pop_keeping_storage(vm.frames)
+    if outermost:
+        frame.context = None
+        frame.effective = None
+        frame.foreign_args = None
+        frame.configuring = False
+
+
+def invoke(VMCore vm, Func fn, object context, tuple args, bint configuring=False, object deadline_ms=None,
+           object timing=None):
+    """`WasmVM.invoke` (bound as that method): call `fn` under a frame for `context`, then run
+    the deferred actions if it was the outermost call. See `vm.WasmVM.invoke`."""
+    cdef bint outermost = PyList_GET_SIZE(vm.frames) == 1
+    cdef Deadline handle = None  # nested in a host call: runs under its caller's deadline
+    cdef Frame frame = _enter(vm, context, configuring, outermost)
+    cdef object result
+    if outermost:
         if deadline_ms is None:
             handle = vm.handle
         else:
             vm.handle.arm_deadline_ms(deadline_ms)
-    else:
-        frame = Frame(context, configuring)
-    frames.append(frame)
     try:
         result = fn._call_in(handle, vm, args, timing)
     except BaseException as exc:
@@ -445,12 +451,7 @@ def invoke(VMCore vm, Func fn, object context, tuple args, bint configuring=Fals
             raise vm._trapped(exc) from None
         raise
     finally:
-        _pop_frame(frames)
-        if outermost:  # a kept context would tie the VM to itself (no refcount release)
-            frame.context = None
-            frame.effective = None
-            frame.foreign_args = None
-            frame.configuring = False
+        _leave(vm, frame, outermost)
     if frame.local_reply_sent and result is not None:
         result = 1  # a local reply overrides the callback's return value to "stop"
     if outermost and vm.deferred:
@@ -461,24 +462,10 @@ def invoke(VMCore vm, Func fn, object context, tuple args, bint configuring=Fals
 def invoke_each(VMCore vm, tuple fns, object context, tuple args):
     """`WasmVM.invoke_each` (bound as that method): several void callbacks in a row for one
     context. See `vm.WasmVM.invoke_each`."""
-    cdef list frames
-    cdef Frame frame
-    cdef Deadline handle = None
-    cdef bint outermost
+    cdef bint outermost = PyList_GET_SIZE(vm.frames) == 1
+    cdef Deadline handle = vm.handle if outermost else None
+    cdef Frame frame = _enter(vm, context, False, outermost)
     cdef object fn = None
-    if vm.dead is not None:
-        raise _trap_type(f"VM is no longer usable: {vm.dead}")
-    frames = vm.frames
-    outermost = PyList_GET_SIZE(frames) == 1
-    if outermost:
-        frame = vm._outer_frame
-        frame.context = context
-        frame.configuring = False
-        frame.local_reply_sent = False
-        handle = vm.handle
-    else:
-        frame = Frame(context)
-    frames.append(frame)
     try:
         for fn in fns:
             frame.effective = None  # each gets a fresh effective context (and, outermost, its full deadline)
@@ -489,11 +476,7 @@ def invoke_each(VMCore vm, tuple fns, object context, tuple args):
             raise vm._trapped(exc) from None
         raise
     finally:
-        _pop_frame(frames)
-        if outermost:
-            frame.context = None
-            frame.effective = None
-            frame.foreign_args = None
+        _leave(vm, frame, outermost)
     if outermost and vm.deferred:
         vm.run_deferred()
 
@@ -863,16 +846,12 @@ cdef class HostCalls:
     def proxy_add_header_map_value(self, long long mtype, long long kptr, long long klen, long long vptr,
                                    long long vlen):
         args = self._header_write(mtype, kptr, klen, vptr, vlen)
-        if type(args) is not tuple:
-            return args
-        return self._vm.add_header(*args)
+        return self._vm.add_header(*args) if type(args) is tuple else args
 
     def proxy_replace_header_map_value(self, long long mtype, long long kptr, long long klen, long long vptr,
                                        long long vlen):
         args = self._header_write(mtype, kptr, klen, vptr, vlen)
-        if type(args) is not tuple:
-            return args
-        return self._vm.replace_header(*args)
+        return self._vm.replace_header(*args) if type(args) is tuple else args
 
 
 # -- the cycle collector ------------------------------------------------------------------------
