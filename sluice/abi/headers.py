@@ -199,7 +199,14 @@ class HeaderMap:
                 return TOO_MANY
             if size + added > max_bytes:
                 return TOO_LARGE
-            self.add(name, value)
+            if name[:1] == ":":
+                self.add(name, value)  # pseudo-headers go in front
+                return FITS
+            # `add`'s usual case, with the size already measured and the name already lower-case.
+            self.writes += 1
+            items.append((name, value))
+            names.append(name)
+            self._size = size + added
             return FITS
         i = names.index(name)
         if names.count(name) > 1:  # rare: a name that came more than once
