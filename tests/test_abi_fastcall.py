@@ -7,8 +7,12 @@ from importlib import metadata
 
 import pytest
 import wasmtime
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from sluice.abi import fastcall
+from sluice.abi.common import CALLBACK_BOUNDS_S
+from sluice.histogram import Histogram
 
 
 def test_installed_wasmtime_is_the_pinned_one() -> None:
@@ -133,3 +137,18 @@ def test_memory_accessors_answer_out_of_bounds_instead_of_raising() -> None:
     assert memory.read(100, 5) == b"hello" and memory.read(200, 8) == b"\x64\0\0\0\x05\0\0\0"
     assert not memory.write_returned(0, b"x", 200, 204)  # a null pointer from the allocator
     assert not memory.write_returned(size - 2, b"xyz", 200, 204)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.one_of(st.sampled_from(CALLBACK_BOUNDS_S), st.floats(0, 0.2, allow_nan=False)), max_size=40))
+def test_callback_times_bucket_like_a_histogram(values: list[float]) -> None:
+    """The C bucketing of callback times puts each value where `Histogram` does (a value equal
+    to a bound falls in that bound's bucket), with the same count and sum."""
+    times = fastcall.CallbackTimes(CALLBACK_BOUNDS_S)
+    reference = Histogram(CALLBACK_BOUNDS_S)
+    for value in values:
+        times.observe(value)
+        reference.observe(value)
+    got, want = times.snapshot(), reference.snapshot()
+    assert (got.bounds, got.counts, got.count) == (want.bounds, want.counts, want.count)
+    assert got.sum == pytest.approx(want.sum)

@@ -72,3 +72,34 @@ def test_pairs_round_trip(pairs: list[tuple[str, str]]) -> None:
     assert deserialize_pairs(serialize_pairs(clean)) == clean
     as_bytes = [(k.encode(), v.encode()) for k, v in clean]
     assert serialize_pairs(as_bytes) == serialize_pairs(clean)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(NAMES, VALUES), max_size=6), st.lists(st.tuples(st.booleans(), NAMES, VALUES), max_size=12),
+       st.integers(0, 8), st.integers(0, 60))
+def test_bounded_writes_match_the_unbounded_ones_within_their_bounds(
+    start: list[tuple[str, str]], ops: list[tuple[bool, str, str]], max_entries: int, max_bytes: int
+) -> None:
+    """add_within / set_within write exactly what add / set write when the result fits the bounds
+    (entries, then bytes of names and values), and nothing otherwise; the size they keep is exact."""
+    headers = HeaderMap(start)
+    for replace, raw_name, value in ops:
+        name = raw_name.lower()
+        expected = headers.copy()
+        before = list(expected)
+        if replace:
+            grows = name not in expected
+            expected.set(name, value)
+            fit = headers.set_within(name, value, max_entries, max_bytes)
+        else:
+            grows = True
+            expected.add(raw_name, value)
+            fit = headers.add_within(raw_name, value, max_entries, max_bytes)
+        want = 0
+        if grows and len(before) >= max_entries:
+            want = 1
+        elif expected.byte_size() > max_bytes:
+            want = 2
+        assert fit == want
+        assert list(headers) == (list(expected) if want == 0 else before)
+        assert headers.byte_size() == HeaderMap(list(headers)).byte_size()

@@ -19,7 +19,7 @@ from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes
 from cpython.list cimport PyList_GET_ITEM, PyList_GET_SIZE
 from cpython.ref cimport Py_INCREF, PyObject
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint32_t, uint64_t, uintptr_t
-from libc.stdlib cimport malloc
+from libc.stdlib cimport calloc, free, malloc
 from libc.string cimport memcpy, memset
 
 
@@ -67,6 +67,8 @@ cdef extern from "Python.h":
     PyObject* PyLong_FromLongLong(long long v)
     PyObject* PyLong_FromUnsignedLongLong(unsigned long long v)
     PyObject* PyFloat_FromDouble(double v)
+    object PyUnicode_DecodeUTF8(const char* s, Py_ssize_t size, const char* errors)
+    object PyUnicode_AsEncodedString(object text, const char* encoding, const char* errors)
     void _decref "Py_DECREF"(PyObject* o)
     int PyGC_Enable()
     int PyGC_Disable()
@@ -85,18 +87,19 @@ cdef bint _keep_gil = False
 cdef list _active = None
 cdef object _call_failure = None
 cdef object _host_failure = None
+cdef object _trap_type = None
 cdef bytes _host_failed = b"host function failed"
 
 
 def init(uintptr_t call_unchecked, uintptr_t set_epoch_deadline, uintptr_t memory_data,
          uintptr_t memory_data_size, uintptr_t trap_new, uintptr_t define_func_unchecked,
-         list active, call_failure, host_failure):
+         list active, call_failure, host_failure, trap_type):
     """Bind the C entry points (addresses from the loaded wasmtime library) and the Python side:
     `active` is the stack of instances host calls dispatch to (`fastcall.ACTIVE`),
     `call_failure(err, trap)` raises the WasmTrap for a failed call, `host_failure(label, exc)`
-    returns the trap message for a host function that raised."""
+    returns the trap message for a host function that raised, `trap_type` is `WasmTrap`."""
     global _call_unchecked, _set_deadline, _memory_data, _memory_data_size, _trap_new, _define_unchecked
-    global _active, _call_failure, _host_failure
+    global _active, _call_failure, _host_failure, _trap_type
     _call_unchecked = <wasmtime_func_call_unchecked_fn><void*>call_unchecked
     _set_deadline = <wasmtime_context_set_epoch_deadline_fn><void*>set_epoch_deadline
     _memory_data = <wasmtime_memory_data_fn><void*>memory_data
@@ -106,6 +109,7 @@ def init(uintptr_t call_unchecked, uintptr_t set_epoch_deadline, uintptr_t memor
     _active = active
     _call_failure = call_failure
     _host_failure = host_failure
+    _trap_type = trap_type
 
 
 def struct_sizes():
@@ -210,15 +214,65 @@ cdef class Deadline:
 
 # -- calls into wasm --------------------------------------------------------------------------
 
-cdef inline void _pop_active() noexcept:
-    """`_active.pop()` without giving the list's storage back: list.pop() frees it when the list
-    empties, which every outermost call does, so the next call's append would allocate again."""
-    cdef Py_ssize_t n = PyList_GET_SIZE(_active)
+cdef inline void _pop_keeping_storage(list stack) noexcept:
+    """`stack.pop()` without giving the list's storage back: list.pop() frees it when the list
+    empties, which every outermost call does (`_active`, a VM's frames above its bottom one), so
+    the next call's append would allocate again."""
+    cdef Py_ssize_t n = PyList_GET_SIZE(stack)
     cdef PyObject* top
     if n > 0:
-        top = PyList_GET_ITEM(_active, n - 1)
-        _set_size(_active, n - 1)
+        top = PyList_GET_ITEM(stack, n - 1)
+        _set_size(stack, n - 1)
         _decref(top)
+
+
+cdef class CallbackTimes:
+    """Callbacks' wall times in seconds against fixed upper bounds (`value <= bound` falls in that
+    bound's bucket, as `sluice.histogram.Histogram`), bucketed here as each timed call returns:
+    no float object, no list, no fold in Python per callback. `state()` is read by reports."""
+
+    cdef double* _bounds
+    cdef long long* _counts
+    cdef Py_ssize_t _n
+    cdef double _sum
+    cdef long long _count
+    cdef readonly tuple bounds
+
+    def __cinit__(self, bounds):
+        cdef Py_ssize_t i
+        self.bounds = tuple(float(b) for b in bounds)
+        if any(b >= a for a, b in zip(self.bounds[1:], self.bounds)):
+            raise ValueError(f"histogram bounds must ascend: {self.bounds}")
+        self._n = len(self.bounds)
+        self._bounds = <double*>malloc((self._n + 1) * sizeof(double))
+        self._counts = <long long*>calloc(self._n + 1, sizeof(long long))
+        if self._bounds == NULL or self._counts == NULL:
+            raise MemoryError()
+        for i in range(self._n):
+            self._bounds[i] = self.bounds[i]
+
+    def __dealloc__(self):
+        free(self._bounds)
+        free(self._counts)
+
+    cdef inline void record(self, double seconds) noexcept:
+        cdef Py_ssize_t lo = 0, hi = self._n, mid
+        while lo < hi:  # bisect_left
+            mid = (lo + hi) >> 1
+            if self._bounds[mid] < seconds:
+                lo = mid + 1
+            else:
+                hi = mid
+        self._counts[lo] += 1
+        self._sum += seconds
+        self._count += 1
+
+    def observe(self, double seconds):
+        self.record(seconds)
+
+    def state(self):
+        """(bounds, counts per bucket with +Inf last, sum, count) as they are now."""
+        return (self.bounds, tuple(self._counts[i] for i in range(self._n + 1)), self._sum, self._count)
 
 
 cdef class Func:
@@ -255,12 +309,16 @@ cdef class Func:
     def __call__(self, *args):
         return self._call(args)
 
-    def call_in(self, Deadline deadline, object instance, tuple args, list timing=None):
+    def call_in(self, Deadline deadline, object instance, tuple args, object timing=None):
         """Call as the callback of `instance`: arm `deadline` (None: a nested call, which runs
         under its caller's), make `instance` the one host calls dispatch to (`ACTIVE`), and keep
         the cycle collector paused until the call returns (its pause is the host's time, and run
         inside a host call it would count against the filter's CPU deadline). With `timing`,
-        a call that returns appends its wall time in seconds to that list."""
+        a call that returns records its wall time in seconds there (a `CallbackTimes`, or a list
+        it is appended to)."""
+        return self._call_in(deadline, instance, args, timing)
+
+    cdef object _call_in(self, Deadline deadline, object instance, tuple args, object timing):
         cdef int was_enabled
         cdef double started = 0.0
         cdef object result
@@ -273,10 +331,13 @@ cdef class Func:
                 return self._call(args)
             started = _monotonic()
             result = self._call(args)
-            timing.append(_monotonic() - started)
+            if isinstance(timing, CallbackTimes):
+                (<CallbackTimes>timing).record(_monotonic() - started)
+            else:
+                timing.append(_monotonic() - started)
             return result
         finally:
-            _pop_active()
+            _pop_keeping_storage(_active)
             if was_enabled:
                 PyGC_Enable()
 
@@ -300,6 +361,124 @@ cdef class Func:
         if self._result == 0:
             return None
         return _unbox(&self._vals[0], self._result)
+
+
+# -- callbacks: frames and the calls the VM makes ----------------------------------------------
+
+cdef class Frame:
+    """One callback in progress (`vm.WasmVM.frames`): the context it runs for and what it may see."""
+
+    cdef public object context
+    cdef public object effective
+    """The context set by proxy_set_effective_context, until the callback returns."""
+    cdef public bint configuring
+    """Inside proxy_on_configure: the plugin configuration buffer is readable."""
+    cdef public bint local_reply_sent
+    cdef public object foreign_args
+
+    def __init__(self, object context, bint configuring=False):
+        self.context = context
+        self.effective = None
+        self.configuring = configuring
+        self.local_reply_sent = False
+        self.foreign_args = None
+
+
+cdef class VMCore:
+    """What the compiled calls read and write of one VM (`vm.WasmVM` is its subclass) on every
+    callback and host call, as C fields rather than attributes looked up by name."""
+
+    cdef public list frames
+    """Callbacks in progress, innermost last (see `vm.WasmVM`)."""
+    cdef public Frame _outer_frame
+    cdef public list deferred
+    cdef public object dead
+    cdef public Deadline handle
+    cdef public object allocator
+    cdef public object nested_trap
+
+    def __cinit__(self, *args, **kwargs):
+        self.frames = []
+        self.deferred = []
+
+
+cdef Frame _enter(VMCore vm, object context, bint configuring, bint outermost):
+    """Push the frame a call into `vm` runs under: the VM's outermost frame, reused (nothing keeps
+    a frame once its call returned, and `_leave` leaves it clean, so only what this call sets is
+    set), or a fresh one for a call nested in a host call."""
+    cdef Frame frame
+    if vm.dead is not None:
+        raise _trap_type(f"VM is no longer usable: {vm.dead}")
+    if outermost:
+        frame = vm._outer_frame
+        frame.context = context
+        frame.configuring = configuring
+        frame.local_reply_sent = False  # (a trapped call leaves it set)
+    else:
+        frame = Frame(context, configuring)
+    vm.frames.append(frame)
+    return frame
+
+
+cdef inline void _leave(VMCore vm, Frame frame, bint outermost) noexcept:
+    """Pop `frame`; clean the outermost one: a context kept there would tie the VM to itself (no
+    refcount release)."""
+    _pop_keeping_storage(vm.frames)
+    if outermost:
+        frame.context = None
+        frame.effective = None
+        frame.foreign_args = None
+        frame.configuring = False
+
+
+def invoke(VMCore vm, Func fn, object context, tuple args, bint configuring=False, object deadline_ms=None,
+           object timing=None):
+    """`WasmVM.invoke` (bound as that method): call `fn` under a frame for `context`, then run
+    the deferred actions if it was the outermost call. See `vm.WasmVM.invoke`."""
+    cdef bint outermost = PyList_GET_SIZE(vm.frames) == 1
+    cdef Deadline handle = None  # nested in a host call: runs under its caller's deadline
+    cdef Frame frame = _enter(vm, context, configuring, outermost)
+    cdef object result
+    if outermost:
+        if deadline_ms is None:
+            handle = vm.handle
+        else:
+            vm.handle.arm_deadline_ms(deadline_ms)
+    try:
+        result = fn._call_in(handle, vm, args, timing)
+    except BaseException as exc:
+        if isinstance(exc, _trap_type):
+            raise vm._trapped(exc) from None
+        raise
+    finally:
+        _leave(vm, frame, outermost)
+    if frame.local_reply_sent and result is not None:
+        result = 1  # a local reply overrides the callback's return value to "stop"
+    if outermost and vm.deferred:
+        vm.run_deferred()
+    return result
+
+
+def invoke_each(VMCore vm, tuple fns, object context, tuple args):
+    """`WasmVM.invoke_each` (bound as that method): several void callbacks in a row for one
+    context. See `vm.WasmVM.invoke_each`."""
+    cdef bint outermost = PyList_GET_SIZE(vm.frames) == 1
+    cdef Deadline handle = vm.handle if outermost else None
+    cdef Frame frame = _enter(vm, context, False, outermost)
+    cdef object fn = None
+    try:
+        for fn in fns:
+            frame.effective = None  # each gets a fresh effective context (and, outermost, its full deadline)
+            (<Func?>fn)._call_in(handle, vm, args, None)
+    except BaseException as exc:
+        if isinstance(exc, _trap_type):
+            vm.failed_fn = fn
+            raise vm._trapped(exc) from None
+        raise
+    finally:
+        _leave(vm, frame, outermost)
+    if outermost and vm.deferred:
+        vm.run_deferred()
 
 
 # -- host functions ---------------------------------------------------------------------------
@@ -490,17 +669,23 @@ cdef class Memory:
         with the module's `allocator` (a nested call into wasm, under the running callback's
         deadline; its WasmTrap propagates), copy it there, write the pointer and size. False
         if the module's pointer or the out-pointers are out of bounds."""
+        return self._return_bytes(allocator, data, ptr_ptr, size_ptr)
+
+    cdef bint _return_bytes(self, object allocator, bytes data, long long ptr_ptr, long long size_ptr) except -1:
         cdef object ptr
         if type(allocator) is not Func and not isinstance(allocator, Func):
             ptr = allocator(PyBytes_GET_SIZE(data))
         else:
             ptr = (<Func>allocator)._call((PyBytes_GET_SIZE(data),))
-        return self.write_returned(ptr & 0xFFFFFFFF, data, ptr_ptr, size_ptr)
+        return self._write_returned(ptr & 0xFFFFFFFF, data, ptr_ptr, size_ptr)
 
     def write_returned(self, long long ptr, bytes data, long long ptr_ptr, long long size_ptr):
         """The returned-buffer protocol's writes: `data` at `ptr` (just allocated in the module),
         then `ptr` and the size at `ptr_ptr` and `size_ptr`. False if any is out of bounds
         (nothing partial is written before the bounds of the data are checked)."""
+        return self._write_returned(ptr, data, ptr_ptr, size_ptr)
+
+    cdef bint _write_returned(self, long long ptr, bytes data, long long ptr_ptr, long long size_ptr) noexcept:
         cdef Py_ssize_t n = PyBytes_GET_SIZE(data)
         cdef uint32_t p = <uint32_t>ptr
         cdef uint32_t s = <uint32_t>n
@@ -512,6 +697,161 @@ cdef class Memory:
         memcpy(self._base + ptr_ptr, &p, 4)
         memcpy(self._base + size_ptr, &s, 4)
         return True
+
+
+# -- the hottest host functions ----------------------------------------------------------------
+# proxy-wasm-cpp-host's exports.cc shape: unpack the arguments (pointers into linear memory,
+# validated; UTF-8 decoded with surrogateescape), ask the acting context or the VM what the call
+# means (`vm.StreamContext`, `vm.WasmVM`: Python, where the ABI's rules live), write the answer
+# back. Python frames per call are what a filter's host calls cost, so these few are here.
+
+cdef object _OK = 0
+cdef object _NOT_FOUND = 1
+cdef object _BAD_ARGUMENT = 2
+cdef object _INVALID_MEMORY_ACCESS = 6
+cdef tuple _LEVELS = ()
+
+
+def set_constants(tuple levels, tuple results):
+    """The `LogLevel` and `WasmResult` members by value, so that answers here are the members
+    the Python host functions answer (and proxy_log hands the VM a level, not an int)."""
+    global _LEVELS, _OK, _NOT_FOUND, _BAD_ARGUMENT, _INVALID_MEMORY_ACCESS
+    _LEVELS = levels
+    _OK, _NOT_FOUND, _BAD_ARGUMENT, _INVALID_MEMORY_ACCESS = results[0], results[1], results[2], results[6]
+
+
+cdef object return_result(VMCore vm, Memory mem, bytes data, long long ptr_ptr, long long size_ptr):
+    """The returned-buffer protocol (reference 4.2): allocate in the module, copy, report.
+
+    The allocator runs nested inside the host call that needs the buffer, on its frame; a trap
+    there is kept as `vm.nested_trap`, the cause the outer call reports."""
+    cdef uint32_t zero = 0
+    if PyBytes_GET_SIZE(data) == 0:
+        if mem._fits(ptr_ptr, 4) and mem._fits(size_ptr, 4):
+            memcpy(mem._base + ptr_ptr, &zero, 4)
+            memcpy(mem._base + size_ptr, &zero, 4)
+            return _OK
+        return _INVALID_MEMORY_ACCESS
+    try:
+        if mem._return_bytes(vm.allocator, data, ptr_ptr, size_ptr):
+            return _OK
+    except BaseException as exc:
+        if isinstance(exc, _trap_type):
+            vm.nested_trap = exc
+        raise
+    return _INVALID_MEMORY_ACCESS
+
+
+def return_bytes(VMCore vm, Memory mem not None, data, long long ptr_ptr, long long size_ptr):
+    """`return_result` for Python callers (`WasmVM.return_bytes`)."""
+    return return_result(vm, mem, data if type(data) is bytes else bytes(data), ptr_ptr, size_ptr)
+
+
+cdef class LogThreshold:
+    """A filter's log level, shared by the plugin and its VMs: called, it answers the `LogLevel`
+    (`VMOwner.log_level()`); the compiled proxy_log reads the number without a call."""
+
+    cdef int level
+
+    def __init__(self, int level):
+        self.level = level
+
+    def set(self, int level):
+        self.level = level
+
+    def __call__(self):
+        return _LEVELS[self.level]
+
+
+cdef class HostCalls:
+    """The compiled `env` host functions of one VM, the base of `hostcalls.ProxyHostCalls` (which
+    defines the others in Python). Their bound methods are the VM's `host_impls` like the rest."""
+
+    cdef VMCore _vm
+    cdef Memory _memory  # None until the instance's memory is bound: every access fails then
+    cdef LogThreshold _threshold  # the owner's, when its log_level is one (else None: a call)
+
+    def __init__(self, VMCore vm):
+        self._vm = vm
+        self._memory = None
+        level = vm.log_level
+        self._threshold = level if isinstance(level, LogThreshold) else None
+
+    def bind_memory(self, Memory memory):
+        self._memory = memory
+
+    cdef inline object _acting(self):
+        """The context the running callback acts for (its effective context, if it set one)."""
+        cdef list frames = self._vm.frames
+        cdef Frame frame = <Frame>PyList_GET_ITEM(frames, PyList_GET_SIZE(frames) - 1)
+        return frame.context if frame.effective is None else frame.effective
+
+    cdef inline object _text(self, long long ptr, long long size):
+        """The UTF-8 text at [ptr, ptr+size) (surrogateescape), or None when out of bounds."""
+        cdef Memory mem = self._memory
+        if mem is None or not mem._fits(ptr, size):
+            return None
+        return PyUnicode_DecodeUTF8(<char*>(mem._base + ptr), size, "surrogateescape")
+
+    def proxy_log(self, long long level, long long ptr, long long size):
+        cdef Memory mem = self._memory
+        if level < 0 or level > 5:
+            return _BAD_ARGUMENT
+        if level < (self._threshold.level if self._threshold is not None else self._vm.log_level()):
+            # Below the filter's level: SDKs log chattily at debug, so answer before any copy.
+            # The pointer is still validated, as cpp-host does.
+            return _OK if mem is not None and mem._fits(ptr, size) else _INVALID_MEMORY_ACCESS
+        text = self._text(ptr, size)
+        if text is None:
+            return _INVALID_MEMORY_ACCESS
+        self._vm.log(_LEVELS[level], text)
+        return _OK
+
+    def proxy_get_header_map_value(self, long long mtype, long long kptr, long long klen,
+                                   long long out_ptr, long long out_size):
+        if mtype > 7:
+            return _BAD_ARGUMENT
+        key = self._text(kptr, klen)
+        if key is None:
+            return _INVALID_MEMORY_ACCESS
+        ctx = self._acting()
+        if ctx is None:
+            return _BAD_ARGUMENT
+        value = ctx.get_header_value(mtype, key)
+        if isinstance(value, str):
+            return return_result(self._vm, self._memory, PyUnicode_AsEncodedString(value, "utf-8", "surrogateescape"),
+                                 out_ptr, out_size)
+        if value is None:
+            # 0.1.0 answers OK with an empty value for a missing header.
+            if self._vm.abi_version == "0.1.0":
+                return return_result(self._vm, self._memory, b"", out_ptr, out_size)
+            return _NOT_FOUND
+        return value  # the context's error answer
+
+    cdef object _header_write(self, long long mtype, long long kptr, long long klen, long long vptr,
+                              long long vlen):
+        """The writable map, key and value of an add or replace, or the error to answer."""
+        if mtype > 7:
+            return _BAD_ARGUMENT
+        key = self._text(kptr, klen)
+        value = self._text(vptr, vlen)
+        if key is None or value is None:
+            return _INVALID_MEMORY_ACCESS
+        ctx = self._acting()
+        hmap = ctx.header_map(mtype, True) if ctx is not None else None
+        if hmap is None:
+            return _BAD_ARGUMENT
+        return (hmap, key, value)
+
+    def proxy_add_header_map_value(self, long long mtype, long long kptr, long long klen, long long vptr,
+                                   long long vlen):
+        args = self._header_write(mtype, kptr, klen, vptr, vlen)
+        return self._vm.add_header(*args) if type(args) is tuple else args
+
+    def proxy_replace_header_map_value(self, long long mtype, long long kptr, long long klen, long long vptr,
+                                       long long vlen):
+        args = self._header_write(mtype, kptr, klen, vptr, vlen)
+        return self._vm.replace_header(*args) if type(args) is tuple else args
 
 
 # -- the cycle collector ------------------------------------------------------------------------

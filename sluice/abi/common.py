@@ -9,8 +9,9 @@ import dataclasses
 import enum
 import time
 from collections.abc import Callable
+from typing import Protocol
 
-from sluice.histogram import Histogram
+from sluice.histogram import HistogramSnapshot
 
 from .api import Cancellable, Host, LocalReply
 from .report import FilterMetric, ModuleInfo, PluginCounters, PluginReport, PluginState
@@ -22,6 +23,12 @@ CALLBACK_BOUNDS_S: tuple[float, ...] = (
 """Upper bounds of the callback-time histogram (seconds); the report carries them."""
 MAX_BACKOFF_S = 60.0
 """The longest wait between two attempts to replace a failed VM or instance."""
+
+
+class Timings(Protocol):
+    """Where a filter's callback times are kept (`histogram.Histogram`, `fastcall.CallbackTimes`)."""
+
+    def snapshot(self) -> HistogramSnapshot: ...
 
 
 class StreamMode(enum.Enum):
@@ -55,7 +62,7 @@ def build_report(
     state: PluginState,
     module: ModuleInfo,
     counters: Counters,
-    callback_time: Histogram,
+    callback_time: Timings,
     metrics: tuple[FilterMetric, ...],
     last_error: str | None,
     log_level: LogLevel,

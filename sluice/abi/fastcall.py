@@ -71,6 +71,10 @@ _check_wasmtime_version()
 
 from wasmtime import _ffi as ffi  # noqa: E402 - only once the version is known to match
 
+from sluice.histogram import HistogramSnapshot  # noqa: E402
+
+from .types import LogLevel, WasmResult  # noqa: E402
+
 # The raw entry points. The hot ones are only looked up here: `_fastcall` calls them from C, by
 # address. `argtypes` stays unset on the others where every argument is already a ctypes object.
 _dll = ffi.dll
@@ -531,5 +535,33 @@ if _fastcall.struct_sizes() != _SIZES:
 _fastcall.init(
     _address("wasmtime_func_call_unchecked"), _address("wasmtime_context_set_epoch_deadline"),
     _address("wasmtime_memory_data"), _address("wasmtime_memory_data_size"), _address("wasmtime_trap_new"),
-    _address("wasmtime_linker_define_func_unchecked"), ACTIVE, _raise_call_failure, _host_failure,
+    _address("wasmtime_linker_define_func_unchecked"), ACTIVE, _raise_call_failure, _host_failure, WasmTrap,
 )
+_fastcall.set_constants(tuple(LogLevel), tuple(WasmResult))
+
+HostCalls = _fastcall.HostCalls
+"""The compiled host functions (proxy_log, reading and writing a header value): the base of
+`hostcalls.ProxyHostCalls`."""
+return_bytes = _fastcall.return_bytes
+
+
+class CallbackTimes(_fastcall.CallbackTimes):
+    """Stream callbacks' wall times, bucketed in C as each timed call returns (`invoke(...,
+    timing=...)`), read as a `histogram.HistogramSnapshot`."""
+
+    __slots__ = ()
+
+    def snapshot(self) -> HistogramSnapshot:
+        bounds, counts, total, count = self.state()
+        return HistogramSnapshot(bounds, counts, total, count)
+
+
+LogThreshold = _fastcall.LogThreshold
+"""A filter's log level shared by its plugin and VMs: `threshold()` is the `LogLevel`, and the
+compiled proxy_log compares with it without a call into Python."""
+Frame = _fastcall.Frame
+VMCore = _fastcall.VMCore
+"""One callback in progress (`vm.WasmVM.frames`): the context it runs for and what it may see."""
+invoke = _fastcall.invoke
+invoke_each = _fastcall.invoke_each
+"""The returned-buffer protocol (reference 4.2) on `vm.memory` with `vm.allocator`."""

@@ -17,10 +17,10 @@ from typing import Any
 
 from . import wasi
 from .api import LocalReply
-from .fastcall import HostFunction, HostTrap, LinearMemory, NoMemory
+from .fastcall import HostCalls, HostFunction, HostTrap, LinearMemory, NoMemory
 from .headers import HeaderMap, deserialize_pairs, serialize_pairs
 from .properties import split_path
-from .types import LogLevel, StreamType, WasmResult
+from .types import StreamType, WasmResult
 from .vm import WasmVM
 
 OK = WasmResult.OK
@@ -44,28 +44,17 @@ def _text(data: bytes) -> str:
     return data.decode("utf-8", "replace")
 
 
-class ProxyHostCalls:
-    """Implementations of `env.*` for one VM."""
+class ProxyHostCalls(HostCalls):
+    """Implementations of `env.*` for one VM: the hottest (proxy_log, reading, adding and
+    replacing a header value) are the compiled `fastcall.HostCalls`'s, the rest are here."""
 
     def __init__(self, vm: WasmVM) -> None:
+        super().__init__(vm)
         self.vm = vm
         # Until the instance exists (host calls from a start section) every access fails cleanly.
         self._mem: LinearMemory | NoMemory = NoMemory()
 
     # -- 1.1 logging, time, ticks, configuration, status ----------------------------------------
-    def proxy_log(self, level: int, ptr: int, size: int) -> int:
-        if level < 0 or level > 5:
-            return BAD_ARGUMENT
-        if level < self.vm.log_level():
-            # Below the filter's level: SDKs log chattily at debug, so answer before any copy.
-            # The pointer is still validated, as cpp-host does.
-            return OK if self._mem.fits(ptr, size) else INVALID_MEMORY_ACCESS
-        data = self._mem.read(ptr, size)
-        if data is None:
-            return INVALID_MEMORY_ACCESS
-        self.vm.log(LogLevel(level), _dec(data))
-        return OK
-
     def proxy_get_log_level(self, out: int) -> int:
         return OK if self._mem.write_u32(out, int(self.vm.log_level())) else INVALID_MEMORY_ACCESS
 
@@ -141,51 +130,6 @@ class ProxyHostCalls:
         if hmap is None:
             return BAD_ARGUMENT
         return self.vm.replace_headers(hmap, data)
-
-    def proxy_get_header_map_value(self, mtype: int, kptr: int, klen: int, out_ptr: int, out_size: int) -> int:
-        # The hottest host call (SDKs read headers one by one): kept flat on purpose.
-        if mtype > 7:
-            return BAD_ARGUMENT
-        mem = self._mem
-        key = mem.read(kptr, klen)
-        if key is None:
-            return INVALID_MEMORY_ACCESS
-        vm = self.vm
-        frame = vm.frames[-1]
-        ctx = frame.effective or frame.context
-        if ctx is None:
-            return BAD_ARGUMENT
-        value = ctx.get_header_value(mtype, key.decode("utf-8", "surrogateescape"))
-        if isinstance(value, str):
-            return vm.return_bytes(value.encode("utf-8", "surrogateescape"), out_ptr, out_size)
-        if value is None:
-            # 0.1.0 answers OK with an empty value for a missing header.
-            return vm.return_bytes(b"", out_ptr, out_size) if vm.abi_version == "0.1.0" else NOT_FOUND
-        return value  # the context's error answer
-
-    def _header_write(self, mtype: int, kptr: int, klen: int, vptr: int, vlen: int) -> tuple[HeaderMap, str, str] | int:
-        """The writable map, key and value of an add or replace, or the error to answer."""
-        if mtype > 7:
-            return BAD_ARGUMENT
-        mem = self._mem
-        key = mem.read(kptr, klen)
-        value = mem.read(vptr, vlen)
-        if key is None or value is None:
-            return INVALID_MEMORY_ACCESS
-        frame = self.vm.frames[-1]
-        ctx = frame.effective or frame.context
-        hmap = ctx.header_map(mtype, True) if ctx is not None else None
-        if hmap is None:
-            return BAD_ARGUMENT
-        return hmap, key.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape")
-
-    def proxy_add_header_map_value(self, mtype: int, kptr: int, klen: int, vptr: int, vlen: int) -> int:
-        args = self._header_write(mtype, kptr, klen, vptr, vlen)
-        return self.vm.add_header(*args) if isinstance(args, tuple) else args
-
-    def proxy_replace_header_map_value(self, mtype: int, kptr: int, klen: int, vptr: int, vlen: int) -> int:
-        args = self._header_write(mtype, kptr, klen, vptr, vlen)
-        return self.vm.replace_header(*args) if isinstance(args, tuple) else args
 
     def proxy_remove_header_map_value(self, mtype: int, kptr: int, klen: int) -> int:
         if mtype > 7:
@@ -547,6 +491,7 @@ def bind_host_functions(vm: WasmVM) -> tuple[list[Callable[..., Any]], Callable[
 
     def bind_memory(memory: LinearMemory) -> None:
         proxy._mem = memory
+        proxy.bind_memory(memory)
 
     return impls, bind_memory
 

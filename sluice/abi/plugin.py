@@ -16,8 +16,6 @@ Redis commands, queues, proxy_done) go through `_VMHooks`, so they are not part 
 
 from __future__ import annotations
 
-from sluice.histogram import FOLD_EVERY, Histogram
-
 from .api import (
     CallResponse,
     Host,
@@ -30,7 +28,7 @@ from .api import (
 )
 from .common import CALLBACK_BOUNDS_S, DETACHED, Counters, Replacement, StreamMode, build_report, failure_reply
 from .compiled import CompiledModule
-from .fastcall import WasmFunction, WasmTrap
+from .fastcall import CallbackTimes, LogThreshold, WasmFunction, WasmTrap
 from .headers import HeaderMap
 from .metrics import MetricRegistry
 from .report import ModuleInfo, PluginReport, PluginState
@@ -48,7 +46,7 @@ class _VMHooks:
 
     A separate object so the VM-only hooks are not methods of `Plugin`'s public API."""
 
-    __slots__ = ("_plugin", "spec", "host", "redis", "metrics")
+    __slots__ = ("_plugin", "spec", "host", "redis", "metrics", "log_level")
 
     def __init__(self, plugin: Plugin) -> None:
         self._plugin = plugin
@@ -56,9 +54,8 @@ class _VMHooks:
         self.host = plugin._host
         self.redis: RedisHost | None = plugin._host if isinstance(plugin._host, RedisHost) else None
         self.metrics = plugin._metrics
-
-    def log_level(self) -> LogLevel:
-        return self._plugin._log_level
+        self.log_level = plugin._log_threshold
+        """The plugin's level, read by the compiled proxy_log without a call (`log_level()` for the rest)."""
 
     def set_tick_period(self, root: RootContext, period_ms: int) -> None:
         self._plugin._set_tick_period(root, period_ms)
@@ -93,10 +90,10 @@ class Plugin:
         self._host = host
         self._metrics = MetricRegistry()
         self._counters = Counters()
-        self._callback_time = Histogram(CALLBACK_BOUNDS_S)
-        self._timing = self._callback_time.pending
-        """What the compiled call layer appends each stream callback's duration to."""
+        self._callback_time = CallbackTimes(CALLBACK_BOUNDS_S)
+        """Where the compiled call layer buckets each stream callback's duration."""
         self._log_level = spec.log_level
+        self._log_threshold = LogThreshold(spec.log_level)
         self._hooks = _VMHooks(self)
         self._vm: WasmVM | None = None
         self._root: RootContext | None = None
@@ -120,6 +117,7 @@ class Plugin:
 
     def set_log_level(self, level: LogLevel) -> None:
         self._log_level = level
+        self._log_threshold.set(level)
 
     # -- what the VMs call (through _VMHooks) -------------------------------------------------------
     def _set_tick_period(self, root: RootContext, period_ms: int) -> None:
@@ -439,24 +437,32 @@ _FAILED = StreamMode.FAILED
 _BYPASS = StreamMode.BYPASS
 
 
-class HttpStream:
-    """One HTTP stream through one filter. Methods mirror Envoy's filter callbacks."""
+class HttpStream(StreamContext):
+    """One HTTP stream through one filter. Methods mirror Envoy's filter callbacks.
 
-    __slots__ = ("_plugin", "_vm", "info", "_callbacks", "_mode", "_ctx", "_maps", "_bodies",
-                 "paused", "completed", "reads_request_body", "reads_response_body")
+    It is also the filter's stream context (`vm.StreamContext`, what the ABI calls on the stream
+    mean): one object per filter and request rather than two pointing at each other. The context
+    comes to life in the VM (an id, a root, `proxy_on_context_create`) at the first callback."""
+
+    __slots__ = ("_plugin", "_vm", "info", "_callbacks", "_mode", "paused", "completed",
+                 "reads_request_body", "reads_response_body")
 
     def __init__(
         self, plugin: Plugin, vm: WasmVM | None, info: StreamInfo, callbacks: StreamCallbacks, mode: StreamMode
     ) -> None:
+        # The context's fields, set here rather than by StreamContext.__init__ (a call per filter
+        # and request): no id until the context is created, `root` is set then too.
+        self.id = 0
+        self.stream = self
+        self.deleted = False
+        self.maps = [None, None, None, None]  # filled phase by phase
+        self.bodies = [None, None]
+        self.in_log = False
         self._plugin = plugin
         self._vm = vm
         self.info = info
         self._callbacks = callbacks
         self._mode = mode
-        self._ctx: StreamContext | None = None
-        # Filled phase by phase; the stream context reads and writes them (shared lists).
-        self._maps: list[HeaderMap | None] = [None, None, None, None]
-        self._bodies: list[bytearray | None] = [None, None]
         self.paused = False
         self.completed = False
         # Whether this filter's body callbacks run (and so may change a body's length): the
@@ -476,46 +482,46 @@ class HttpStream:
         fn = vm.fn.get(name)
         if fn is None:
             return None  # not exported: the default, continue
-        ctx = self._ctx or self._create_context()
-        if ctx is None:
+        if not self.id and not self._create_context():
             return None
-        return self._run(vm, fn, ctx, (ctx.id, *args))
+        return self._run(vm, fn, (self.id, *args))
 
-    def _run(self, vm: WasmVM, fn: WasmFunction, ctx: StreamContext, args: tuple[int, ...]) -> int | None:
+    def _run(self, vm: WasmVM, fn: WasmFunction, args: tuple[int, ...]) -> int | None:
         """Call `fn` for this stream's context; a failure applies the failure policy (None)."""
-        plugin = self._plugin
-        # Timed in C, into the callback histogram's pending values (which this folds when due).
-        timing = plugin._timing
         try:
-            result: int | None = vm.invoke(fn, ctx, args, False, None, timing)
+            # Timed and bucketed in C.
+            result: int | None = vm.invoke(fn, self, args, False, None, self._plugin._callback_time)
         except WasmTrap as exc:
-            plugin._on_trap(vm, exc, fn.name)
-            self.fail(None)
+            self._trapped(vm, fn, exc)
             return None
-        if len(timing) >= FOLD_EVERY:
-            plugin._callback_time.fold()
         return result
 
-    def _create_context(self) -> StreamContext | None:
+    def _trapped(self, vm: WasmVM, fn: WasmFunction, exc: WasmTrap) -> None:
+        """A stream callback trapped: the plugin's failure policy applies to this stream."""
+        self._plugin._on_trap(vm, exc, fn.name)
+        self.fail(None)
+
+    def _create_context(self) -> bool:
+        """Bring the stream context to life in the VM; False when that failed (policy applied)."""
         vm = self._vm
         plugin = self._plugin
         assert vm is not None
         root = plugin._root if vm is plugin._vm else plugin._root_for(vm)
         if root is None:
             self.fail("the filter has no root context")
-            return None
-        ctx = StreamContext(vm.new_context_id(), root, self, self._maps, self._bodies)
-        vm.contexts[ctx.id] = ctx
-        self._ctx = ctx
+            return False
+        self.root = root
+        context_id = self.id = vm.new_context_id()
+        vm.contexts[context_id] = self
         on_context_create = vm.on_context_create
         try:
             if on_context_create is not None:
-                vm.invoke(on_context_create, ctx, (ctx.id, root.id))
+                vm.invoke(on_context_create, self, (context_id, root.id))
         except WasmTrap as exc:
             plugin._on_trap(vm, exc, "proxy_on_context_create")
             self.fail(None)
-            return None
-        return ctx
+            return False
+        return True
 
     def fail(self, reason: str | None) -> None:
         """Apply the failure policy to this stream (after a trap, or when the VM is unusable)."""
@@ -549,7 +555,7 @@ class HttpStream:
 
     # -- request path --------------------------------------------------------------------------
     def request_headers(self, headers: HeaderMap, end_of_stream: bool) -> FilterStatus:
-        self._maps[0] = headers
+        self.maps[0] = headers
         if self._mode is not _WASM:
             return self._entry_status()
         vm = self._vm
@@ -557,20 +563,24 @@ class HttpStream:
         fn = vm.request_headers_fn
         if fn is None:
             return CONTINUE  # not exported: the default
-        ctx = self._ctx or self._create_context()
-        if ctx is None:
+        if not self.id and not self._create_context():
             r = None
-        elif vm.request_headers_args3:
-            r = self._run(vm, fn, ctx, (ctx.id, len(headers), 1 if end_of_stream else 0))
         else:
-            r = self._run(vm, fn, ctx, (ctx.id, len(headers)))
+            # `_run` written out: the one callback (with the response's) every filter gets.
+            count = len(headers)
+            args = (self.id, count, 1 if end_of_stream else 0) if vm.request_headers_args3 else (self.id, count)
+            try:
+                r = vm.invoke(fn, self, args, False, None, self._plugin._callback_time)
+            except WasmTrap as exc:
+                self._trapped(vm, fn, exc)
+                r = None
         # 0 Continue, 2 ContinueAndEndStream; 1, 3, 4 and anything larger stop (cpp-host).
         if (r == 0 or r == 2 or r is None) and self._mode is _WASM:
             return CONTINUE  # the usual answer, without the general case's call
         return self._status(r, (0, 2))
 
     def request_body(self, body: bytearray, end_of_stream: bool) -> FilterStatus:
-        self._bodies[0] = body
+        self.bodies[0] = body
         if self._mode is not _WASM:
             return self._entry_status()
         self.paused = False
@@ -578,7 +588,7 @@ class HttpStream:
         return self._status(r, (0,))
 
     def request_trailers(self, trailers: HeaderMap) -> FilterStatus:
-        self._maps[1] = trailers
+        self.maps[1] = trailers
         if self._mode is not _WASM:
             return self._entry_status()
         r = self._call("proxy_on_request_trailers", len(trailers))
@@ -586,7 +596,7 @@ class HttpStream:
 
     # -- response path -------------------------------------------------------------------------
     def response_headers(self, headers: HeaderMap, end_of_stream: bool) -> FilterStatus:
-        self._maps[2] = headers
+        self.maps[2] = headers
         if self._mode is not _WASM:
             return CONTINUE  # a failed filter is skipped on the way back (Envoy)
         vm = self._vm
@@ -594,19 +604,23 @@ class HttpStream:
         fn = vm.response_headers_fn
         if fn is None:
             return CONTINUE
-        ctx = self._ctx or self._create_context()
-        if ctx is None:
+        if not self.id and not self._create_context():
             r = None
-        elif vm.response_headers_args3:
-            r = self._run(vm, fn, ctx, (ctx.id, len(headers), 1 if end_of_stream else 0))
         else:
-            r = self._run(vm, fn, ctx, (ctx.id, len(headers)))
+            # `_run` written out: the one callback (with the response's) every filter gets.
+            count = len(headers)
+            args = (self.id, count, 1 if end_of_stream else 0) if vm.response_headers_args3 else (self.id, count)
+            try:
+                r = vm.invoke(fn, self, args, False, None, self._plugin._callback_time)
+            except WasmTrap as exc:
+                self._trapped(vm, fn, exc)
+                r = None
         if (r == 0 or r == 2 or r is None) and self._mode is _WASM:
             return CONTINUE
         return self._status(r, (0, 2))
 
     def response_body(self, body: bytearray, end_of_stream: bool) -> FilterStatus:
-        self._bodies[1] = body
+        self.bodies[1] = body
         if self._mode is not _WASM:
             return CONTINUE
         self.paused = False
@@ -614,7 +628,7 @@ class HttpStream:
         return self._status(r, (0,))
 
     def response_trailers(self, trailers: HeaderMap) -> FilterStatus:
-        self._maps[3] = trailers
+        self.maps[3] = trailers
         if self._mode is not _WASM:
             return CONTINUE
         r = self._call("proxy_on_response_trailers", len(trailers))
@@ -641,24 +655,22 @@ class HttpStream:
             return
         try:
             if self._mode is _WASM and vm.dead is None:
-                if self._ctx is None and self._maps[0] is not None:
-                    self._create_context()  # Envoy: the access-log hook creates it if needed
-                ctx = self._ctx
-                if ctx is not None and self._mode is _WASM and vm.end_of_stream:
-                    ctx.in_log = True
+                live = bool(self.id)
+                if not live and self.maps[0] is not None:
+                    live = self._create_context()  # Envoy: the access-log hook creates it if needed
+                if live and self._mode is _WASM and vm.end_of_stream:
+                    self.in_log = True
                     try:
-                        vm.invoke_each(vm.end_of_stream, ctx, (ctx.id,))
+                        vm.invoke_each(vm.end_of_stream, self, (self.id,))
                     except WasmTrap as exc:
                         failed = vm.failed_fn
                         self._plugin._on_trap(vm, exc, failed.name if failed else "proxy_on_log")
-            ctx = self._ctx
-            if ctx is not None:
-                ctx.deleted = True
-                vm.contexts.pop(ctx.id, None)
-                # Without this every request leaves a reference cycle (stream <-> context) for the
-                # cycle collector, whose pauses show up as tail latency.
-                ctx.stream = None  # type: ignore[assignment]
-                self._ctx = None
+            if self.id and not self.deleted:
+                self.deleted = True
+                vm.contexts.pop(self.id, None)
+            # Without this every request leaves a reference cycle (the context's `stream` is the
+            # stream itself) for the cycle collector, whose pauses show up as tail latency.
+            self.stream = None  # type: ignore[assignment]
         finally:
             self._plugin._stream_done(vm)
             # Late events (a callout answer after the stream ended) see `completed` and stop

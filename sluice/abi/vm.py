@@ -25,8 +25,8 @@ from . import fastcall
 from .api import CallResponse, Cancellable, Host, LocalReply, PluginSpec, RedisHost, StreamInfo
 from .compiled import CompiledModule
 from .fastcall import ACTIVE as _ACTIVE
-from .fastcall import LinearMemory, StoreHandle, WasmFunction, WasmTrap, summarize_error
-from .headers import HeaderMap, deserialize_pairs, utf8_len
+from .fastcall import Frame, LinearMemory, StoreHandle, WasmFunction, WasmTrap, summarize_error
+from .headers import FITS, TOO_MANY, HeaderMap, deserialize_pairs, utf8_len
 from .metrics import MetricRegistry
 from .properties import encode, lookup
 from .shared import Queues, SharedData
@@ -262,7 +262,7 @@ class StreamContext:
         length_now = len(body)
         start = min(start, length_now)
         end = min(start + size, length_now)
-        vm = self._vm()
+        vm = self._live_vm()
         if length_now - (end - start) + len(data) > vm.spec.limits.max_body_bytes:
             return vm.refuse("limit.max_body_bytes", BAD_ARGUMENT)
         body[start:end] = data
@@ -281,11 +281,11 @@ class StreamContext:
             action = stream.reset
         else:
             action = stream.resume_request if stype == StreamType.HTTP_REQUEST else stream.resume_response
-        self._vm().deferred.append(action)
+        self._live_vm().deferred.append(action)
         return OK
 
     def send_local_response(self, reply: LocalReply) -> WasmResult:
-        vm = self._vm()
+        vm = self._live_vm()
         if not vm.spec.capabilities.local_reply:
             return vm.refuse("capability.local_reply", UNIMPLEMENTED)
         frame = vm.frames[-1]
@@ -295,7 +295,7 @@ class StreamContext:
         vm.deferred.append(lambda: stream.reply_locally(reply))
         return OK
 
-    def _vm(self) -> WasmVM:
+    def _live_vm(self) -> WasmVM:
         vm = self.root.vm
         assert vm is not None  # a context whose VM is closed runs no callbacks
         return vm
@@ -349,22 +349,23 @@ class VMServices:
     bind_host_functions: HostBinder
 
 
-class Frame:
-    """One callback in progress: the context it runs for and what it may see."""
+class WasmVM(fastcall.VMCore):
+    """A live instance. Not thread-safe: all calls happen on the proxy's thread.
 
-    __slots__ = ("context", "effective", "configuring", "local_reply_sent", "foreign_args")
+    The state every callback and host call touches (frames, deferred actions, the deadline
+    handle, the allocator...) lives in `fastcall.VMCore`'s C fields, where the compiled calls read it."""
 
-    def __init__(self, context: Context | None, configuring: bool = False) -> None:
-        self.context = context
-        self.effective: Context | None = None
-        self.configuring = configuring
-        """Inside proxy_on_configure: the plugin configuration buffer is readable."""
-        self.local_reply_sent = False
-        self.foreign_args: bytes | None = None
+    handle: StoreHandle
+    nested_trap: WasmTrap | None
+    allocator: WasmFunction | None
 
-
-class WasmVM:
-    """A live instance. Not thread-safe: all calls happen on the proxy's thread."""
+    # Slots, not a __dict__: on a subclass of a compiled type, attributes in a dict are read
+    # by name on every access (the interpreter's attribute caches do not apply), slots are not.
+    __slots__ = ("services", "module", "owner", "spec", "host", "metrics", "log_level", "abi_version", "contexts",
+                 "_next_context", "_next_token", "failed_fn", "host_impls", "store", "memory", "fn",
+                 "on_context_create", "end_of_stream", "request_headers_args3", "response_headers_args3",
+                 "request_headers_fn", "response_headers_fn", "reads_request_body", "reads_response_body",
+                 "__weakref__")
 
     def __init__(self, services: VMServices, module: CompiledModule, owner: VMOwner) -> None:
         self.services = services
@@ -378,15 +379,15 @@ class WasmVM:
         self.contexts: dict[int, Context] = {}
         self._next_context = 0
         self._next_token = 0
-        self.frames: list[Frame] = [Frame(None)]
+        self.frames = [Frame(None)]
         """Callbacks in progress, innermost last, above a bottom frame that stands for "none"
         (no context acts there). Never empty, so the list keeps its storage: pushing the frame
         of an outermost callback allocates nothing."""
         self._outer_frame = Frame(None)
-        self.deferred: list[Callable[[], None]] = []
-        self.dead: str | None = None
+        self.deferred = []
+        self.dead = None
         """Why the VM may not be entered any more (proc_exit), or None."""
-        self.nested_trap: WasmTrap | None = None
+        self.nested_trap = None
         self.failed_fn: WasmFunction | None = None
         self.host_impls, bind_memory = services.bind_host_functions(self)
 
@@ -472,7 +473,8 @@ class WasmVM:
 
     def acting(self) -> Context | None:
         frame = self.frames[-1]
-        return frame.effective or frame.context
+        ctx: Context | None = frame.effective or frame.context
+        return ctx
 
     def acting_root(self) -> RootContext | None:
         ctx = self.acting()
@@ -500,73 +502,22 @@ class WasmVM:
             return None
         return self.invoke(fn, context, args, configuring, deadline_ms)
 
-    def invoke(self, fn: WasmFunction, context: Context | None, args: tuple[int, ...],
-               configuring: bool = False, deadline_ms: float | None = None,
-               timing: list[float] | None = None) -> Any:
-        """`call` for a function already looked up (the per-request path).
+    invoke = fastcall.invoke
+    """invoke(fn, context, args, configuring=False, deadline_ms=None, timing=None): `call` for a
+    function already looked up (the per-request path), compiled.
 
-        `fn.call_in` arms the deadline of an outermost call, makes this VM the one host calls
-        dispatch to and holds the cycle collector until the callback returns. With `timing`
-        (a histogram's pending list), an outermost call that returns appends its duration."""
-        if self.dead is not None:
-            raise WasmTrap(f"VM is no longer usable: {self.dead}")
-        frames = self.frames
-        outermost = len(frames) == 1
-        handle: StoreHandle | None = None  # nested in a host call: runs under its caller's deadline
-        if outermost:
-            # The outermost frame is reused (nothing keeps a frame once its call returned): it is
-            # left clean after every call, so only what this call sets is set.
-            frame = self._outer_frame
-            frame.context = context
-            frame.configuring = configuring
-            frame.local_reply_sent = False  # (a trapped call leaves it set)
-            if deadline_ms is None:
-                handle = self.handle
-            else:
-                self.handle.arm_deadline_ms(deadline_ms)
-        else:
-            frame = Frame(context, configuring)
-        frames.append(frame)
-        try:
-            result = fn.call_in(handle, self, args, timing)
-        except WasmTrap as exc:
-            raise self._trapped(exc) from None
-        finally:
-            frames.pop()
-            if outermost:  # a kept context would tie the VM to itself (no refcount release)
-                frame.context = frame.effective = frame.foreign_args = None
-                frame.configuring = False
-        if frame.local_reply_sent and result is not None:
-            result = 1  # a local reply overrides the callback's return value to "stop"
-        if outermost and self.deferred:
-            self.run_deferred()
-        return result
+    Runs `fn` under a frame for `context` (the outermost frame is reused: it is left clean after
+    every call); an outermost call arms the CPU deadline (or `deadline_ms`), makes this VM the one
+    host calls dispatch to and holds the cycle collector until the callback returns; with
+    `timing` (a histogram's pending list) it appends its duration. A local reply sent during the
+    call makes the result 1 ("stop"). Deferred actions run after an outermost call. Raises WasmTrap."""
 
-    def invoke_each(self, fns: tuple[WasmFunction, ...], context: Context, args: tuple[int, ...]) -> None:
-        """Several void callbacks in a row for one context (end of stream: log, done, delete).
+    invoke_each = fastcall.invoke_each
+    """invoke_each(fns, context, args): several void callbacks in a row for one context (end of
+    stream: log, done, delete), compiled.
 
-        Each still gets a fresh effective context (and, outermost, its full deadline); raises
-        WasmTrap naming nothing: the caller knows which function it was from `self.failed_fn`.
-        """
-        if self.dead is not None:
-            raise WasmTrap(f"VM is no longer usable: {self.dead}")
-        frame = Frame(context)
-        frames = self.frames
-        outermost = len(frames) == 1
-        handle = self.handle if outermost else None
-        frames.append(frame)
-        fn = None
-        try:
-            for fn in fns:
-                frame.effective = None
-                fn.call_in(handle, self, args)
-        except WasmTrap as exc:
-            self.failed_fn = fn
-            raise self._trapped(exc) from None
-        finally:
-            frames.pop()
-        if outermost and self.deferred:
-            self.run_deferred()
+    Each gets a fresh effective context (and, outermost, its full deadline); raises WasmTrap
+    naming nothing: the caller knows which function it was from `self.failed_fn`."""
 
     def _trapped(self, exc: WasmTrap) -> WasmTrap:
         nested, self.nested_trap = self.nested_trap, None
@@ -587,21 +538,10 @@ class WasmVM:
         """The returned-buffer protocol (reference 4.2): allocate in the module, copy, report.
 
         The allocator runs nested inside the host call that needs the buffer, on its frame (the
-        only host call allocators make in practice is proxy_log).
-        """
-        size = len(data)
-        mem = self.memory
-        if size == 0:
-            if mem.write_u32(ptr_ptr, 0) and mem.write_u32(size_ptr, 0):
-                return WasmResult.OK
-            return WasmResult.INVALID_MEMORY_ACCESS
-        try:
-            if mem.return_bytes(self.allocator, data if type(data) is bytes else bytes(data), ptr_ptr, size_ptr):
-                return WasmResult.OK
-        except WasmTrap as exc:
-            self.nested_trap = exc  # the outer call reports this cause, not "host call failed"
-            raise
-        return WasmResult.INVALID_MEMORY_ACCESS
+        only host call allocators make in practice is proxy_log); its trap is kept as
+        `nested_trap`, the cause the outer call reports rather than "host call failed"."""
+        result: int = fastcall.return_bytes(self, self.memory, data, ptr_ptr, size_ptr)
+        return result
 
     # -- capabilities and limits -----------------------------------------------------------------
     def refuse(self, what: str, status: WasmResult) -> WasmResult:
@@ -612,25 +552,17 @@ class WasmVM:
     def add_header(self, hmap: HeaderMap, key: str, value: str) -> WasmResult:
         """proxy_add_header_map_value, within the filter's header-map limits."""
         limits = self.spec.limits
-        if len(hmap) >= limits.max_headers:
-            return self.refuse("limit.max_headers", BAD_ARGUMENT)
-        if hmap.byte_size() + utf8_len(key + value) > limits.max_header_bytes:
-            return self.refuse("limit.max_header_bytes", BAD_ARGUMENT)
-        hmap.add(key, value)
-        return OK
+        fit = hmap.add_within(key, value, limits.max_headers, limits.max_header_bytes)
+        return OK if fit == FITS else self._header_limit(fit)
 
     def replace_header(self, hmap: HeaderMap, key: str, value: str) -> WasmResult:
         """proxy_replace_header_map_value, within the header-map limits (every old `key` goes)."""
         limits = self.spec.limits
-        lowered = key.lower()
-        old = hmap.get_all(lowered)
-        if not old and len(hmap) >= limits.max_headers:
-            return self.refuse("limit.max_headers", BAD_ARGUMENT)
-        removed = sum(utf8_len(lowered + v) for v in old) if old else 0
-        if hmap.byte_size() - removed + utf8_len(lowered + value) > limits.max_header_bytes:
-            return self.refuse("limit.max_header_bytes", BAD_ARGUMENT)
-        hmap.set(lowered, value)
-        return OK
+        fit = hmap.set_within(key.lower(), value, limits.max_headers, limits.max_header_bytes)
+        return OK if fit == FITS else self._header_limit(fit)
+
+    def _header_limit(self, fit: int) -> WasmResult:
+        return self.refuse("limit.max_headers" if fit == TOO_MANY else "limit.max_header_bytes", BAD_ARGUMENT)
 
     def replace_headers(self, hmap: HeaderMap, data: bytes) -> WasmResult:
         """proxy_set_header_map_pairs: the whole map at once, or nothing when over a limit.

@@ -297,10 +297,13 @@ class _Direction:
         eos = self.headers_eos
         streams = chain.streams
         decoding = self.decoding
-        while pos < n:
+        track = chain.track_headers
+        if self.aborted or chain._halted:
             self.hpos = pos
-            if self.aborted or chain._halted:
-                return
+            return
+        # `hpos` is written when the loop leaves: nothing reads it while a filter runs (what a
+        # filter raises waits in the chain's queue until this returns).
+        while pos < n:
             index = order[pos]
             stream = streams[index]
             # A Python exception out of a stream method is a host bug; the request fails like a
@@ -312,13 +315,15 @@ class _Direction:
             except Exception:
                 status = chain._filter_crashed(index)
             else:
-                if status is not CONTINUE or (chain.track_headers and headers.writes != before):
+                if status is not CONTINUE or (track and headers.writes != before):
                     chain.acted |= 1 << index
                 if chain._queue:
                     status = chain._overridden(index, status)
             if self.aborted or chain._halted:
+                self.hpos = pos
                 return
             if status is not CONTINUE:
+                self.hpos = pos
                 self.hstopped = True
                 return
             pos += 1
@@ -467,35 +472,39 @@ class _Direction:
 
 # -- the chain ---------------------------------------------------------------------------------
 
-class _Callbacks:
+class _Callbacks(tuple["FilterChain", int]):
     """The `abi.StreamCallbacks` handed to filter `index`: each call becomes an event, handled
-    at once when the chain is idle, queued when it comes from inside a filter call."""
+    at once when the chain is idle, queued when it comes from inside a filter call.
 
-    __slots__ = ("_chain", "_index")
+    A (chain, index) pair made by `tuple.__new__`: one per filter and request, so no Python
+    `__init__` runs to make it."""
 
-    def __init__(self, chain: FilterChain, index: int) -> None:
-        self._chain = chain
-        self._index = index
+    __slots__ = ()
 
     def continue_request(self) -> None:
-        self._chain.handle(ContinueRequest(self._index))
+        chain, index = self
+        chain.handle(ContinueRequest(index))
 
     def continue_response(self) -> None:
-        self._chain.handle(ContinueResponse(self._index))
+        chain, index = self
+        chain.handle(ContinueResponse(index))
 
     def send_local_reply(self, reply: LocalReply) -> None:
-        chain = self._chain
+        chain, index = self
         # After complete() (a callout answering after the client left) there is nothing to act on;
         # a halted chain ignores the event itself.
         if not chain._completed:
-            chain.acted |= 1 << self._index
-            chain.handle(SendLocalReply(self._index, reply))
+            chain.acted |= 1 << index
+            chain.handle(SendLocalReply(index, reply))
 
     def reset(self) -> None:
-        chain = self._chain
+        chain, index = self
         if not chain._completed:
-            chain.acted |= 1 << self._index
-            chain.handle(FilterReset(self._index))
+            chain.acted |= 1 << index
+            chain.handle(FilterReset(index))
+
+
+_new_callbacks = tuple.__new__
 
 
 class FilterChain:
@@ -539,7 +548,7 @@ class FilterChain:
             streams = self.streams
             for index, (name, factory) in enumerate(factories):
                 names.append(name)
-                streams.append(factory(_Callbacks(self, index)))
+                streams.append(factory(_new_callbacks(_Callbacks, (self, index))))
         self._dec = _Direction(self, range(len(self.streams)), decoding=True)
         self._enc: _Direction | None = None
         self._response_started = False  # response headers went to the client
