@@ -18,38 +18,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_proxy as bp  # noqa: E402
-
-
-@contextlib.contextmanager
-def checkout_started(root: Path, cmd: list[str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
-    """A process run from `root`, its own `sluice` first on the path; ended by PID."""
-    env = {**os.environ, "PYTHONPATH": str(root)}
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=root)
-    try:
-        yield proc
-    finally:
-        for pid in bp.process_tree(proc.pid):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGCONT)  # a paused target must see the SIGTERM
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def main() -> int:
@@ -91,22 +67,13 @@ def main() -> int:
                 cmd = bp.pinned([str(root / ".venv" / "bin" / "python"), "-m", "sluice.proxy", "run", "-c",
                                  str(config)], proxy_core)
                 log = tmp / f"{label}-{name}.log"
-                proc = stack.enter_context(checkout_started(root, cmd, log))
+                proc = stack.enter_context(bp.started(cmd, log, root))
                 targets.append(bp.Target(f"{label}:{name}", f"http://127.0.0.1:{port}/hello", proc, log))
-        for target in targets:
-            try:
-                bp.wait_http(target.url, timeout=60, proc=target.proc)
-            except RuntimeError:
-                print(target.log.read_text(), file=sys.stderr)
-                raise
-            target.pause()
-        runs: dict[str, list[dict[str, float]]] = {t.name: [] for t in targets}
-        for round_no in range(1, args.rounds + 1):
-            for target in targets:
-                run = bp.measure(target, args.duration, args.warmup, 32, other_cores)
-                runs[target.name].append(run)
-                print(f"  round {round_no} {target.name:20s} {run['rps']:8.0f} req/s {run['cpu_us']:6.1f} us CPU/req "
-                      f"(user {run['user_us']:5.1f}, sys {run['sys_us']:5.1f})", flush=True)
+        bp.ready(targets)
+        measured = bp.interleaved(targets, args.rounds, args.duration, args.warmup, 32, other_cores)
+        if measured is None:
+            return 1
+        runs = measured
 
     def med(name: str, key: str) -> float:
         return statistics.median(r[key] for r in runs[name])

@@ -145,10 +145,12 @@ class Target:
 
 
 @contextlib.contextmanager
-def started(cmd: list[str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+def started(cmd: list[str], log: Path, root: Path = ROOT) -> Iterator[subprocess.Popen[bytes]]:
+    """`cmd` run from the checkout `root` (its `sluice` first on the path), output to `log`;
+    ended by PID (SIGTERM, then SIGKILL after 20 s)."""
+    env = {**os.environ, "PYTHONPATH": str(root)}
     with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=root, env=env)
     try:
         yield proc
     finally:
@@ -342,6 +344,37 @@ def measure(target: Target, duration: float, warmup: float, connections: int, on
         target.pause()
 
 
+def ready(targets: list[Target], timeout: float = 60.0) -> None:
+    """Wait until every target answers, then stop it (SIGSTOP) until its turn comes."""
+    for target in targets:
+        try:
+            wait_http(target.url, timeout=timeout, proc=target.proc)
+        except RuntimeError:
+            print(target.log.read_text(), file=sys.stderr)
+            raise
+        target.pause()
+
+
+def interleaved(
+    targets: list[Target], rounds: int, duration: float, warmup: float, connections: int, on: list[int] | None
+) -> dict[str, list[dict[str, float]]] | None:
+    """Round 1: every target once, round 2: ...; each run printed as it ends. None when a target
+    exited meanwhile (its output is printed)."""
+    runs: dict[str, list[dict[str, float]]] = {t.name: [] for t in targets}
+    width = max(len(t.name) for t in targets)
+    for round_no in range(1, rounds + 1):
+        for target in targets:
+            run = measure(target, duration, warmup, connections, on)
+            runs[target.name].append(run)
+            print(f"  round {round_no} {target.name:{width}s} {run['rps']:9.0f} req/s  {run['cpu_us']:6.1f} us CPU/req"
+                  f" (user {run['user_us']:5.1f}, sys {run['sys_us']:5.1f})  p99 {run['p99_ms']:6.2f} ms", flush=True)
+        for target in targets:
+            if target.proc.poll() is not None:
+                print(f"{target.name} exited with {target.proc.returncode}:\n{target.log.read_text()}", file=sys.stderr)
+                return None
+    return runs
+
+
 def median(runs: list[dict[str, float]], key: str) -> float:
     return statistics.median(r[key] for r in runs)
 
@@ -401,26 +434,10 @@ def main() -> int:
             proc = stack.enter_context(started(pinned([PY, "-m", "sluice.proxy", "run", "-c", str(conf)], proxy_core),
                                                tmp / "sluice-pyup.out"))
             targets.append(Target("sluice-pyup", f"http://127.0.0.1:{port}/hello", proc, tmp / "sluice-pyup.out"))
-        for target in targets:
-            try:
-                wait_http(target.url, proc=target.proc)
-            except RuntimeError:
-                print(target.log.read_text(), file=sys.stderr)
-                raise
-            target.pause()
-
-        runs: dict[str, list[dict[str, float]]] = {t.name: [] for t in targets}
-        for round_no in range(1, args.rounds + 1):
-            for target in targets:
-                run = measure(target, args.duration, args.warmup, args.connections, other_cores)
-                runs[target.name].append(run)
-                print(f"  round {round_no} {target.name:13s} {run['rps']:9.0f} req/s  {run['cpu_us']:6.1f} us CPU/req"
-                      f"  p99 {run['p99_ms']:6.2f} ms", flush=True)
-            for target in targets:
-                if target.proc.poll() is not None:
-                    print(f"{target.name} exited with {target.proc.returncode}:\n{target.log.read_text()}",
-                          file=sys.stderr)
-                    return 1
+        ready(targets)
+        runs = interleaved(targets, args.rounds, args.duration, args.warmup, args.connections, other_cores)
+        if runs is None:
+            return 1
 
     print()
     print(f"{'target':14s} {'req/s':>9s} {'p50':>8s} {'p99':>8s} {'CPU/req':>9s} {'user':>7s} {'sys':>7s}  notes")

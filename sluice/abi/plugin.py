@@ -566,14 +566,9 @@ class HttpStream(StreamContext):
         if not self.id and not self._create_context():
             r = None
         else:
-            # `_run` written out: the one callback (with the response's) every filter gets.
             count = len(headers)
             args = (self.id, count, 1 if end_of_stream else 0) if vm.request_headers_args3 else (self.id, count)
-            try:
-                r = vm.invoke(fn, self, args, False, None, self._plugin._callback_time)
-            except WasmTrap as exc:
-                self._trapped(vm, fn, exc)
-                r = None
+            r = self._run(vm, fn, args)
         # 0 Continue, 2 ContinueAndEndStream; 1, 3, 4 and anything larger stop (cpp-host).
         if (r == 0 or r == 2 or r is None) and self._mode is _WASM:
             return CONTINUE  # the usual answer, without the general case's call
@@ -607,14 +602,9 @@ class HttpStream(StreamContext):
         if not self.id and not self._create_context():
             r = None
         else:
-            # `_run` written out: the one callback (with the response's) every filter gets.
             count = len(headers)
             args = (self.id, count, 1 if end_of_stream else 0) if vm.response_headers_args3 else (self.id, count)
-            try:
-                r = vm.invoke(fn, self, args, False, None, self._plugin._callback_time)
-            except WasmTrap as exc:
-                self._trapped(vm, fn, exc)
-                r = None
+            r = self._run(vm, fn, args)
         if (r == 0 or r == 2 or r is None) and self._mode is _WASM:
             return CONTINUE
         return self._status(r, (0, 2))
