@@ -567,6 +567,9 @@ class FilterChain:
 
     def _enter(self, handler: Callable[[FilterChain, Any, Any], None], a: Any, b: Any) -> None:
         """Handle one input now (the chain is idle), then what the filters raised meanwhile."""
+        if not self.streams:
+            handler(self, a, b)  # no filter: nothing can raise an event from inside the handler
+            return
         self._running = True
         try:
             handler(self, a, b)
@@ -577,23 +580,18 @@ class FilterChain:
             self._running = False
 
     # The shorthands below skip building an event when it is handled at once (the usual case:
-    # the sockets feed an idle chain); the same handler runs either way. Without filters there is
-    # nothing that could raise an event from inside, so the handler runs without `_enter`.
+    # the sockets feed an idle chain); the same handler runs either way.
     def request_headers(self, headers: HeaderMap, end_of_stream: bool) -> None:
         if self._running or self._halted:
             self.handle(RequestHeaders(headers, end_of_stream))
-        elif self.streams:
-            self._enter(FilterChain._on_request_headers, headers, end_of_stream)
         else:
-            self._on_request_headers(headers, end_of_stream)
+            self._enter(FilterChain._on_request_headers, headers, end_of_stream)
 
     def request_data(self, data: bytes | bytearray, end_of_stream: bool) -> None:
         if self._running or self._halted:
             self.handle(RequestData(data, end_of_stream))
-        elif self.streams:
-            self._enter(FilterChain._on_request_data, data, end_of_stream)
         else:
-            self._on_request_data(data, end_of_stream)
+            self._enter(FilterChain._on_request_data, data, end_of_stream)
 
     def request_trailers(self, trailers: HeaderMap) -> None:
         self.handle(RequestTrailers(trailers))
@@ -601,18 +599,14 @@ class FilterChain:
     def response_headers(self, headers: HeaderMap, end_of_stream: bool) -> None:
         if self._running or self._halted:
             self.handle(ResponseHeaders(headers, end_of_stream))
-        elif self.streams:
-            self._enter(FilterChain._on_response_headers, headers, end_of_stream)
         else:
-            self._on_response_headers(headers, end_of_stream)
+            self._enter(FilterChain._on_response_headers, headers, end_of_stream)
 
     def response_data(self, data: bytes | bytearray, end_of_stream: bool) -> None:
         if self._running or self._halted:
             self.handle(ResponseData(data, end_of_stream))
-        elif self.streams:
-            self._enter(FilterChain._on_response_data, data, end_of_stream)
         else:
-            self._on_response_data(data, end_of_stream)
+            self._enter(FilterChain._on_response_data, data, end_of_stream)
 
     def response_trailers(self, trailers: HeaderMap) -> None:
         self.handle(ResponseTrailers(trailers))
