@@ -232,8 +232,7 @@ class ClusterPool:
         if self._closed:
             return None
         endpoint = self.endpoints[self._next]
-        # The clock is read only for an endpoint that was marked down (`down_until` set).
-        if not endpoint.idle or endpoint.down_until and not endpoint.healthy(self._clock()):
+        if not endpoint.idle or not endpoint.healthy(self._clock()):
             return None
         if not self._slots.try_take():
             return None

@@ -194,7 +194,7 @@ class ProxyServer:
             info.cluster_name,
             info.route_name,
             headers.get(gen.variant_header) if headers is not None else None,
-            chain.acted_filters() if chain is not None and chain.acted else [],
+            chain.acted_filters() if chain is not None else [],
             info.source_address,
             (local.details or "filter") if local is not None else None,
         )
