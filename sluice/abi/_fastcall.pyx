@@ -664,14 +664,11 @@ cdef class Memory:
         memcpy(self._base + ptr, &v, 8)
         return True
 
-    def return_bytes(self, allocator, bytes data, long long ptr_ptr, long long size_ptr):
-        """The returned-buffer protocol (reference 4.2) for non-empty `data`: allocate its size
-        with the module's `allocator` (a nested call into wasm, under the running callback's
-        deadline; its WasmTrap propagates), copy it there, write the pointer and size. False
-        if the module's pointer or the out-pointers are out of bounds."""
-        return self._return_bytes(allocator, data, ptr_ptr, size_ptr)
-
     cdef bint _return_bytes(self, object allocator, bytes data, long long ptr_ptr, long long size_ptr) except -1:
+        # The returned-buffer protocol (reference 4.2) for non-empty `data` (`return_result`):
+        # allocate its size with the module's `allocator` (a nested call into wasm, under the
+        # running callback's deadline; its WasmTrap propagates), copy it there, write the pointer
+        # and size. False if the module's pointer or the out-pointers are out of bounds.
         cdef object ptr
         if type(allocator) is not Func and not isinstance(allocator, Func):
             ptr = allocator(PyBytes_GET_SIZE(data))

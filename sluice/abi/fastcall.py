@@ -523,10 +523,6 @@ class NoMemory:
     def write_returned(self, ptr: int, data: bytes, ptr_ptr: int, size_ptr: int) -> bool:
         return False
 
-    def return_bytes(self, allocator: Callable[[int], Any] | None, data: bytes, ptr_ptr: int, size_ptr: int) -> bool:
-        allocator(len(data))  # type: ignore[misc]  # as with a memory: the module allocates first
-        return False
-
 
 _SIZES = tuple(ctypes.sizeof(t) for t in (ffi.wasmtime_func_t, ffi.wasmtime_memory_t, ffi.wasmtime_val_raw_t))
 if _fastcall.struct_sizes() != _SIZES:
