@@ -492,14 +492,10 @@ class HttpStream(StreamContext):
             # Timed and bucketed in C.
             result: int | None = vm.invoke(fn, self, args, False, None, self._plugin._callback_time)
         except WasmTrap as exc:
-            self._trapped(vm, fn, exc)
+            self._plugin._on_trap(vm, exc, fn.name)
+            self.fail(None)  # the plugin's failure policy applies to this stream
             return None
         return result
-
-    def _trapped(self, vm: WasmVM, fn: WasmFunction, exc: WasmTrap) -> None:
-        """A stream callback trapped: the plugin's failure policy applies to this stream."""
-        self._plugin._on_trap(vm, exc, fn.name)
-        self.fail(None)
 
     def _create_context(self) -> bool:
         """Bring the stream context to life in the VM; False when that failed (policy applied)."""
