@@ -72,13 +72,6 @@ class Histogram:
         if len(pending) >= FOLD_EVERY:
             self.fold()
 
-    @property
-    def pending(self) -> list[float]:
-        """The list `observe` appends to, for a caller that appends to it itself (the host's
-        compiled call layer times callbacks in C). It stays the same list for the histogram's
-        life; whoever appends calls `fold()` once it holds `FOLD_EVERY` values."""
-        return self._pending
-
     def fold(self) -> None:
         """Put pending observations into their buckets."""
         pending = self._pending

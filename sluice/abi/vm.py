@@ -509,7 +509,7 @@ class WasmVM(fastcall.VMCore):
     Runs `fn` under a frame for `context` (the outermost frame is reused: it is left clean after
     every call); an outermost call arms the CPU deadline (or `deadline_ms`), makes this VM the one
     host calls dispatch to and holds the cycle collector until the callback returns; with
-    `timing` (a histogram's pending list) it appends its duration. A local reply sent during the
+    `timing` (a `fastcall.CallbackTimes`) it records its duration there. A local reply sent during the
     call makes the result 1 ("stop"). Deferred actions run after an outermost call. Raises WasmTrap."""
 
     invoke_each = fastcall.invoke_each
