@@ -85,6 +85,16 @@ class VMCore:
     handle: Deadline
     allocator: Func | None
     nested_trap: BaseException | None
+    request_headers_fn: Func | None
+    response_headers_fn: Func | None
+    request_headers_args3: bool
+    response_headers_args3: bool
+    reads_request_body: bool
+    reads_response_body: bool
+    on_context_create: Func | None
+    end_of_stream: tuple[Func, ...]
+    contexts: dict[int, Any]
+    _next_context: int
 
 class CallbackTimes:
     @property
@@ -92,3 +102,34 @@ class CallbackTimes:
     def __init__(self, bounds: Sequence[float]) -> None: ...
     def observe(self, seconds: float) -> None: ...
     def state(self) -> tuple[tuple[float, ...], tuple[int, ...], float, int]: ...
+
+def set_stream_constants(wasm_mode: Any, cont: Any, stop: Any, detached: Any) -> None: ...
+
+class StreamCore:
+    id: int
+    root: Any
+    """The root context (`vm.RootContext`) once the context is created."""
+    stream: Any
+    deleted: bool
+    maps: list[Any]
+    bodies: list[Any]
+    in_log: bool
+    _plugin: Any
+    """`plugin.Plugin`."""
+    _vm: Any
+    """`vm.WasmVM`, or None for a stream that never runs wasm."""
+    info: Any
+    _callbacks: Any
+    _mode: Any
+    _timing: CallbackTimes
+    paused: bool
+    completed: bool
+    reads_request_body: bool
+    reads_response_body: bool
+    def __init__(self, plugin: Any, vm: VMCore | None, info: Any, callbacks: Any, mode: Any) -> None: ...
+    def request_headers(self, headers: Any, end_of_stream: bool) -> Any: ...
+    def response_headers(self, headers: Any, end_of_stream: bool) -> Any: ...
+    def header_map(self, mtype: int, write: bool) -> Any: ...
+    def get_header_value(self, mtype: int, key: str) -> Any: ...
+    def _create_context(self) -> bool: ...
+    def complete(self) -> None: ...

@@ -396,6 +396,19 @@ cdef class VMCore:
     cdef public Deadline handle
     cdef public object allocator
     cdef public object nested_trap
+    # What every stream on the VM asks on every request, answered once per VM (`vm.WasmVM`).
+    cdef public Func request_headers_fn
+    cdef public Func response_headers_fn
+    cdef public bint request_headers_args3
+    cdef public bint response_headers_args3
+    cdef public bint reads_request_body
+    cdef public bint reads_response_body
+    cdef public Func on_context_create
+    cdef public tuple end_of_stream
+    """What ends a stream context: proxy_on_log, proxy_on_done, proxy_on_delete, those exported."""
+    cdef public dict contexts
+    """Live contexts (roots and streams) by id."""
+    cdef public long long _next_context
 
     def __cinit__(self, *args, **kwargs):
         self.frames = []
@@ -435,6 +448,11 @@ def invoke(VMCore vm, Func fn, object context, tuple args, bint configuring=Fals
            object timing=None):
     """`WasmVM.invoke` (bound as that method): call `fn` under a frame for `context`, then run
     the deferred actions if it was the outermost call. See `vm.WasmVM.invoke`."""
+    return _invoke(vm, fn, context, args, configuring, deadline_ms, timing)
+
+
+cdef object _invoke(VMCore vm, Func fn, object context, tuple args, bint configuring, object deadline_ms,
+                    object timing):
     cdef bint outermost = PyList_GET_SIZE(vm.frames) == 1
     cdef Deadline handle = None  # nested in a host call: runs under its caller's deadline
     cdef Frame frame = _enter(vm, context, configuring, outermost)
@@ -462,6 +480,10 @@ def invoke(VMCore vm, Func fn, object context, tuple args, bint configuring=Fals
 def invoke_each(VMCore vm, tuple fns, object context, tuple args):
     """`WasmVM.invoke_each` (bound as that method): several void callbacks in a row for one
     context. See `vm.WasmVM.invoke_each`."""
+    _invoke_each(vm, fns, context, args)
+
+
+cdef object _invoke_each(VMCore vm, tuple fns, object context, tuple args):
     cdef bint outermost = PyList_GET_SIZE(vm.frames) == 1
     cdef Deadline handle = vm.handle if outermost else None
     cdef Frame frame = _enter(vm, context, False, outermost)
@@ -479,6 +501,203 @@ def invoke_each(VMCore vm, tuple fns, object context, tuple args):
         _leave(vm, frame, outermost)
     if outermost and vm.deferred:
         vm.run_deferred()
+
+
+# -- stream contexts --------------------------------------------------------------------------
+
+cdef object _wasm_mode = None
+cdef object _continue = None
+cdef object _stop = None
+cdef object _detached = None
+
+
+def set_stream_constants(object wasm_mode, object cont, object stop, object detached):
+    """`StreamMode.WASM`, `FilterStatus.CONTINUE` and `FilterStatus.STOP`: the members the
+    compiled stream callbacks compare with and answer; `common.DETACHED`, the callbacks of a
+    stream that has ended."""
+    global _wasm_mode, _continue, _stop, _detached
+    _wasm_mode, _continue, _stop, _detached = wasm_mode, cont, stop, detached
+
+
+cdef class StreamCore:
+    """One filter's stream (`plugin.HttpStream`, which is also its `vm.StreamContext`): the fields
+    its compiled calls read, and the calls made on every request of every filter — the header
+    callbacks, and the header lookups of host calls. What is rare is the Python subclass's: the
+    context's creation in the VM, a trap, the failure policy, a status other than Continue."""
+
+    cdef public long long id
+    """The context id in the VM; 0 until the context is created (at the first callback)."""
+    cdef public object root
+    cdef public object stream
+    """What the context asks of its stream (`vm.StreamActions`): the stream itself."""
+    cdef public bint deleted
+    cdef public list maps
+    """Indexed by MapType 0..3, filled phase by phase."""
+    cdef public list bodies
+    """Indexed by BufferType 0..1."""
+    cdef public bint in_log
+    """proxy_on_log (and done/delete) is running: the stream's maps are read-only."""
+    cdef public object _plugin
+    cdef public VMCore _vm
+    cdef public object info
+    cdef public object _callbacks
+    cdef public object _mode
+    cdef public object _timing
+    cdef public bint paused
+    cdef public bint completed
+    cdef public bint reads_request_body
+    """This filter's body callbacks run (and so may change the body's length)."""
+    cdef public bint reads_response_body
+
+    def __init__(self, object plugin, VMCore vm, object info, object callbacks, object mode):
+        self.id = 0
+        self.root = None
+        self.stream = self
+        self.deleted = False
+        self.maps = [None, None, None, None]
+        self.bodies = [None, None]
+        self.in_log = False
+        self._plugin = plugin
+        self._vm = vm
+        self.info = info
+        self._callbacks = callbacks
+        self._mode = mode
+        self._timing = plugin._callback_time
+        self.paused = False
+        self.completed = False
+        # What the module exports is the VM's to know, once.
+        if vm is not None and mode is _wasm_mode:
+            self.reads_request_body = vm.reads_request_body
+            self.reads_response_body = vm.reads_response_body
+
+    # -- header callbacks (Envoy's decodeHeaders / encodeHeaders) --------------------------------
+    def request_headers(self, object headers, bint end_of_stream):
+        self.maps[0] = headers
+        if self._mode is not _wasm_mode:
+            return self._entry_status()
+        cdef VMCore vm = self._vm
+        if vm.request_headers_fn is None:
+            return _continue  # not exported: the default
+        return self._headers_call(vm, vm.request_headers_fn, vm.request_headers_args3, headers, end_of_stream)
+
+    def response_headers(self, object headers, bint end_of_stream):
+        self.maps[2] = headers
+        if self._mode is not _wasm_mode:
+            return _continue  # a failed filter is skipped on the way back (Envoy)
+        cdef VMCore vm = self._vm
+        if vm.response_headers_fn is None:
+            return _continue
+        return self._headers_call(vm, vm.response_headers_fn, vm.response_headers_args3, headers, end_of_stream)
+
+    cdef object _headers_call(self, VMCore vm, Func fn, bint args3, object headers, bint end_of_stream):
+        cdef object r = None
+        cdef tuple args
+        if self.id != 0 or self._create():
+            if args3:
+                args = (self.id, len(headers), 1 if end_of_stream else 0)
+            else:
+                args = (self.id, len(headers))
+            try:
+                r = _invoke(vm, fn, self, args, False, None, self._timing)
+            except BaseException as exc:
+                if not isinstance(exc, _trap_type):
+                    raise
+                self._trapped(fn, exc)  # the failure policy applies to this stream
+                r = None
+        # 0 Continue, 2 ContinueAndEndStream; 1, 3, 4 and anything larger stop (cpp-host).
+        if (r is None or r == 0 or r == 2) and self._mode is _wasm_mode:
+            return _continue
+        return self._status(r, (0, 2))
+
+    # -- the context in the VM ------------------------------------------------------------------
+    def _create_context(self):
+        """Bring the stream context to life in the VM; False when that failed (policy applied)."""
+        return self._create()
+
+    cdef bint _create(self) except -1:
+        cdef VMCore vm = self._vm
+        plugin = self._plugin
+        root = plugin._root if vm is plugin._vm else plugin._root_for(vm)
+        if root is None:
+            self.fail("the filter has no root context")
+            return False
+        self.root = root
+        vm._next_context += 1
+        self.id = vm._next_context
+        vm.contexts[self.id] = self
+        if vm.on_context_create is not None:
+            try:
+                _invoke(vm, vm.on_context_create, self, (self.id, root.id), False, None, None)
+            except BaseException as exc:
+                if not isinstance(exc, _trap_type):
+                    raise
+                plugin._on_trap(vm, exc, "proxy_on_context_create")
+                self.fail(None)
+                return False
+        return True
+
+    def complete(self):
+        """proxy_on_log, proxy_on_done, proxy_on_delete (current Envoy order); exactly once."""
+        if self.completed:
+            return
+        self.completed = True
+        cdef VMCore vm = self._vm
+        cdef bint live
+        if vm is None:
+            self._callbacks = _detached
+            return
+        try:
+            if self._mode is _wasm_mode and vm.dead is None:
+                live = self.id != 0
+                if not live and self.maps[0] is not None:
+                    live = self._create()  # Envoy: the access-log hook creates it if needed
+                if live and self._mode is _wasm_mode and vm.end_of_stream:
+                    self.in_log = True
+                    try:
+                        _invoke_each(vm, vm.end_of_stream, self, (self.id,))
+                    except BaseException as exc:
+                        if not isinstance(exc, _trap_type):
+                            raise
+                        failed = vm.failed_fn
+                        self._plugin._on_trap(vm, exc, failed.name if failed is not None else "proxy_on_log")
+            if self.id != 0 and not self.deleted:
+                self.deleted = True
+                vm.contexts.pop(self.id, None)
+            # Without this every request leaves a reference cycle (the context's `stream` is the
+            # stream itself) for the cycle collector, whose pauses show up as tail latency.
+            self.stream = None
+        finally:
+            self._plugin._stream_done(vm)
+            # Late events (a callout answer after the stream ended) see `completed` and stop
+            # there; nothing reaches the chain's callbacks any more.
+            self._callbacks = _detached
+
+    # -- what host calls read (`vm.StreamContext`: the rest of what they mean) -------------------
+    def header_map(self, long long mtype, bint write):
+        """Map `mtype` if it exists and may be used this way now, else None."""
+        return self._header_map(mtype, write)
+
+    cdef inline object _header_map(self, long long mtype, bint write):
+        if mtype <= 3:
+            if write and self.in_log:
+                return None  # Envoy: the access-log phase sees the maps read-only
+            return <object>PyList_GET_ITEM(self.maps, mtype)
+        return self.root.header_map(mtype, write)
+
+    def get_header_value(self, long long mtype, str key):
+        """The value of `key` in map `mtype`; None when the map lacks it."""
+        return self._header_value(mtype, key)
+
+    cdef inline object _header_value(self, long long mtype, str key):
+        cdef object hmap
+        if mtype <= 3:
+            hmap = <object>PyList_GET_ITEM(self.maps, mtype)
+        else:
+            hmap = self.root.header_map(mtype, False)
+        if hmap is None:
+            # A map this stream never had reads as empty in the log phase (Envoy), else it is an error.
+            return None if self.in_log else _BAD_ARGUMENT
+        return hmap.get(key)
 
 
 # -- host functions ---------------------------------------------------------------------------
@@ -814,7 +1033,10 @@ cdef class HostCalls:
         ctx = self._acting()
         if ctx is None:
             return _BAD_ARGUMENT
-        value = ctx.get_header_value(mtype, key)
+        if isinstance(ctx, StreamCore):
+            value = (<StreamCore>ctx)._header_value(mtype, key)
+        else:
+            value = ctx.get_header_value(mtype, key)
         if isinstance(value, str):
             return return_result(self._vm, self._memory, PyUnicode_AsEncodedString(value, "utf-8", "surrogateescape"),
                                  out_ptr, out_size)
@@ -835,7 +1057,10 @@ cdef class HostCalls:
         if key is None or value is None:
             return _INVALID_MEMORY_ACCESS
         ctx = self._acting()
-        hmap = ctx.header_map(mtype, True) if ctx is not None else None
+        if isinstance(ctx, StreamCore):
+            hmap = (<StreamCore>ctx)._header_map(mtype, True)
+        else:
+            hmap = ctx.header_map(mtype, True) if ctx is not None else None
         if hmap is None:
             return _BAD_ARGUMENT
         return (hmap, key, value)

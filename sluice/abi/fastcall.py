@@ -560,4 +560,7 @@ VMCore = _fastcall.VMCore
 """One callback in progress (`vm.WasmVM.frames`): the context it runs for and what it may see."""
 invoke = _fastcall.invoke
 invoke_each = _fastcall.invoke_each
+StreamCore = _fastcall.StreamCore
+"""The fields and per-request calls of one filter's stream (`plugin.HttpStream`, `vm.StreamContext`)."""
+set_stream_constants = _fastcall.set_stream_constants
 """The returned-buffer protocol (reference 4.2) on `vm.memory` with `vm.allocator`."""

@@ -28,7 +28,7 @@ from .api import (
 )
 from .common import CALLBACK_BOUNDS_S, DETACHED, Counters, Replacement, StreamMode, build_report, failure_reply
 from .compiled import CompiledModule
-from .fastcall import CallbackTimes, LogThreshold, WasmFunction, WasmTrap
+from .fastcall import CallbackTimes, LogThreshold, WasmFunction, WasmTrap, set_stream_constants
 from .headers import HeaderMap
 from .metrics import MetricRegistry
 from .report import ModuleInfo, PluginReport, PluginState
@@ -435,6 +435,7 @@ class Plugin:
 _WASM = StreamMode.WASM
 _FAILED = StreamMode.FAILED
 _BYPASS = StreamMode.BYPASS
+set_stream_constants(_WASM, CONTINUE, STOP, DETACHED)
 
 
 class HttpStream(StreamContext):
@@ -442,37 +443,17 @@ class HttpStream(StreamContext):
 
     It is also the filter's stream context (`vm.StreamContext`, what the ABI calls on the stream
     mean): one object per filter and request rather than two pointing at each other. The context
-    comes to life in the VM (an id, a root, `proxy_on_context_create`) at the first callback."""
+    comes to life in the VM (an id, a root, `proxy_on_context_create`) at the first callback.
 
-    __slots__ = ("_plugin", "_vm", "info", "_callbacks", "_mode", "paused", "completed",
-                 "reads_request_body", "reads_response_body")
+    Its fields, `__init__(plugin, vm, info, callbacks, mode)` and the header callbacks
+    (`request_headers`, `response_headers`: every request of every filter) are compiled
+    (`fastcall.StreamCore`); they call back here only for what is rare: `_create_context`, a
+    trap (`_trapped`), a status other than Continue (`_status`), a stream that is not running wasm
+    (`_entry_status`).
 
-    def __init__(
-        self, plugin: Plugin, vm: WasmVM | None, info: StreamInfo, callbacks: StreamCallbacks, mode: StreamMode
-    ) -> None:
-        # The context's fields, set here rather than by StreamContext.__init__ (a call per filter
-        # and request): no id until the context is created, `root` is set then too.
-        self.id = 0
-        self.stream = self
-        self.deleted = False
-        self.maps = [None, None, None, None]  # filled phase by phase
-        self.bodies = [None, None]
-        self.in_log = False
-        self._plugin = plugin
-        self._vm = vm
-        self.info = info
-        self._callbacks = callbacks
-        self._mode = mode
-        self.paused = False
-        self.completed = False
-        # Whether this filter's body callbacks run (and so may change a body's length): the
-        # proxy keeps a body's Content-Length only when no filter of the chain can change it.
-        # What the module exports is the VM's to know, once.
-        if vm is not None and mode is _WASM:
-            self.reads_request_body = vm.reads_request_body
-            self.reads_response_body = vm.reads_response_body
-        else:
-            self.reads_request_body = self.reads_response_body = False
+    `complete()` (log, done, delete) and `_create_context()` are compiled too."""
+
+    __slots__ = ()
 
     # -- calls -------------------------------------------------------------------------------------
     def _call(self, name: str, *args: int) -> int | None:
@@ -484,40 +465,20 @@ class HttpStream(StreamContext):
             return None  # not exported: the default, continue
         if not self.id and not self._create_context():
             return None
-        return self._run(vm, fn, (self.id, *args))
-
-    def _run(self, vm: WasmVM, fn: WasmFunction, args: tuple[int, ...]) -> int | None:
-        """Call `fn` for this stream's context; a failure applies the failure policy (None)."""
         try:
             # Timed and bucketed in C.
-            result: int | None = vm.invoke(fn, self, args, False, None, self._plugin._callback_time)
+            result: int | None = vm.invoke(fn, self, (self.id, *args), False, None, self._timing)
         except WasmTrap as exc:
-            self._plugin._on_trap(vm, exc, fn.name)
-            self.fail(None)  # the plugin's failure policy applies to this stream
+            self._trapped(fn, exc)
             return None
         return result
 
-    def _create_context(self) -> bool:
-        """Bring the stream context to life in the VM; False when that failed (policy applied)."""
+    def _trapped(self, fn: WasmFunction, exc: WasmTrap) -> None:
+        """A callback of this stream trapped: reported, and the plugin's failure policy applies."""
         vm = self._vm
-        plugin = self._plugin
         assert vm is not None
-        root = plugin._root if vm is plugin._vm else plugin._root_for(vm)
-        if root is None:
-            self.fail("the filter has no root context")
-            return False
-        self.root = root
-        context_id = self.id = vm.new_context_id()
-        vm.contexts[context_id] = self
-        on_context_create = vm.on_context_create
-        try:
-            if on_context_create is not None:
-                vm.invoke(on_context_create, self, (context_id, root.id))
-        except WasmTrap as exc:
-            plugin._on_trap(vm, exc, "proxy_on_context_create")
-            self.fail(None)
-            return False
-        return True
+        self._plugin._on_trap(vm, exc, fn.name)
+        self.fail(None)
 
     def fail(self, reason: str | None) -> None:
         """Apply the failure policy to this stream (after a trap, or when the VM is unusable)."""
@@ -549,27 +510,7 @@ class HttpStream(StreamContext):
         self.paused = True
         return STOP
 
-    # -- request path --------------------------------------------------------------------------
-    def request_headers(self, headers: HeaderMap, end_of_stream: bool) -> FilterStatus:
-        self.maps[0] = headers
-        if self._mode is not _WASM:
-            return self._entry_status()
-        vm = self._vm
-        assert vm is not None
-        fn = vm.request_headers_fn
-        if fn is None:
-            return CONTINUE  # not exported: the default
-        if not self.id and not self._create_context():
-            r = None
-        else:
-            count = len(headers)
-            args = (self.id, count, 1 if end_of_stream else 0) if vm.request_headers_args3 else (self.id, count)
-            r = self._run(vm, fn, args)
-        # 0 Continue, 2 ContinueAndEndStream; 1, 3, 4 and anything larger stop (cpp-host).
-        if (r == 0 or r == 2 or r is None) and self._mode is _WASM:
-            return CONTINUE  # the usual answer, without the general case's call
-        return self._status(r, (0, 2))
-
+    # -- request path (headers: compiled) ------------------------------------------------------
     def request_body(self, body: bytearray, end_of_stream: bool) -> FilterStatus:
         self.bodies[0] = body
         if self._mode is not _WASM:
@@ -585,26 +526,7 @@ class HttpStream(StreamContext):
         r = self._call("proxy_on_request_trailers", len(trailers))
         return self._status(r, (0,))
 
-    # -- response path -------------------------------------------------------------------------
-    def response_headers(self, headers: HeaderMap, end_of_stream: bool) -> FilterStatus:
-        self.maps[2] = headers
-        if self._mode is not _WASM:
-            return CONTINUE  # a failed filter is skipped on the way back (Envoy)
-        vm = self._vm
-        assert vm is not None
-        fn = vm.response_headers_fn
-        if fn is None:
-            return CONTINUE
-        if not self.id and not self._create_context():
-            r = None
-        else:
-            count = len(headers)
-            args = (self.id, count, 1 if end_of_stream else 0) if vm.response_headers_args3 else (self.id, count)
-            r = self._run(vm, fn, args)
-        if (r == 0 or r == 2 or r is None) and self._mode is _WASM:
-            return CONTINUE
-        return self._status(r, (0, 2))
-
+    # -- response path (headers: compiled) -----------------------------------------------------
     def response_body(self, body: bytearray, end_of_stream: bool) -> FilterStatus:
         self.bodies[1] = body
         if self._mode is not _WASM:
@@ -629,39 +551,7 @@ class HttpStream(StreamContext):
             self._callbacks.send_local_reply(failure_reply(self._plugin._spec.name))
         return STOP
 
-    # -- end of stream -------------------------------------------------------------------------
-    def complete(self) -> None:
-        """proxy_on_log, proxy_on_done, proxy_on_delete (current Envoy order); exactly once."""
-        if self.completed:
-            return
-        self.completed = True
-        vm = self._vm
-        if vm is None:
-            self._callbacks = DETACHED
-            return
-        try:
-            if self._mode is _WASM and vm.dead is None:
-                live = bool(self.id)
-                if not live and self.maps[0] is not None:
-                    live = self._create_context()  # Envoy: the access-log hook creates it if needed
-                if live and self._mode is _WASM and vm.end_of_stream:
-                    self.in_log = True
-                    try:
-                        vm.invoke_each(vm.end_of_stream, self, (self.id,))
-                    except WasmTrap as exc:
-                        failed = vm.failed_fn
-                        self._plugin._on_trap(vm, exc, failed.name if failed else "proxy_on_log")
-            if self.id and not self.deleted:
-                self.deleted = True
-                vm.contexts.pop(self.id, None)
-            # Without this every request leaves a reference cycle (the context's `stream` is the
-            # stream itself) for the cycle collector, whose pauses show up as tail latency.
-            self.stream = None  # type: ignore[assignment]
-        finally:
-            self._plugin._stream_done(vm)
-            # Late events (a callout answer after the stream ended) see `completed` and stop
-            # there; nothing reaches the chain's callbacks any more.
-            self._callbacks = DETACHED
+    # -- end of stream: `complete()` is compiled (fastcall.StreamCore) --------------------------
 
     # -- events raised by the filter (run after its callback returned) -------------------------
     def resume_request(self) -> None:

@@ -65,8 +65,6 @@ BAD_ARGUMENT = WasmResult.BAD_ARGUMENT
 NOT_FOUND = WasmResult.NOT_FOUND
 UNIMPLEMENTED = WasmResult.UNIMPLEMENTED
 # Plain ints for the tests made on every host call (reading an IntEnum member costs far more).
-_LAST_STREAM_MAP = int(MapType.HTTP_RESPONSE_TRAILERS)
-"""Maps 0..3 belong to the stream."""
 _RESPONSE_BODY = int(BufferType.HTTP_RESPONSE_BODY)
 _CALL_RESPONSE_BODY = int(BufferType.HTTP_CALL_RESPONSE_BODY)
 _VM_CONFIGURATION = int(BufferType.VM_CONFIGURATION)
@@ -212,40 +210,19 @@ class StreamActions(Protocol):
     def fail(self, reason: str | None) -> None: ...
 
 
-class StreamContext:
+class StreamContext(fastcall.StreamCore):
     """One HTTP stream as its filter sees it: the header maps and bodies of the phase in progress,
-    and what each ABI call on them means (Envoy's rules live here, once)."""
+    and what each ABI call on them means (Envoy's rules live here, once; the header lookups every
+    request makes, `header_map` and `get_header_value`, are compiled in `fastcall.StreamCore`
+    with the fields). Only ever made as `plugin.HttpStream`, the stream that is its own context."""
 
-    __slots__ = ("id", "root", "stream", "deleted", "maps", "bodies", "in_log")
+    __slots__ = ()
 
-    def __init__(self, context_id: int, root: RootContext, stream: StreamActions,
-                 maps: list[HeaderMap | None], bodies: list[bytearray | None]) -> None:
-        self.id = context_id
-        self.root = root
-        self.stream = stream
-        self.deleted = False
-        self.maps = maps
-        """Indexed by MapType 0..3; shared with the stream, which fills them phase by phase."""
-        self.bodies = bodies
-        """Indexed by BufferType 0..1, shared like `maps`."""
-        self.in_log = False
-        """proxy_on_log (and done/delete) is running: the stream's maps are read-only."""
-
-    def header_map(self, mtype: int, write: bool) -> HeaderMap | None:
-        """Map `mtype` if it exists and may be used this way now, else None."""
-        if mtype <= _LAST_STREAM_MAP:
-            if write and self.in_log:
-                return None  # Envoy: the access-log phase sees the maps read-only
-            return self.maps[mtype]
-        return self.root.header_map(mtype, write)
-
-    def get_header_value(self, mtype: int, key: str) -> str | None | WasmResult:
-        """The value of `key` in map `mtype`; None when the map lacks it."""
-        hmap = self.maps[mtype] if mtype <= _LAST_STREAM_MAP else self.root.header_map(mtype, False)
-        if hmap is None:
-            # A map this stream never had reads as empty in the log phase (Envoy), else it is an error.
-            return None if self.in_log else BAD_ARGUMENT
-        return hmap.get(key)
+    # The compiled fields, as this module uses them.
+    root: RootContext
+    stream: StreamActions
+    maps: list[HeaderMap | None]
+    bodies: list[bytearray | None]
 
     def body(self, btype: int) -> bytes | bytearray | None:
         if btype <= _RESPONSE_BODY:  # the request and response bodies (0, 1)
@@ -361,11 +338,8 @@ class WasmVM(fastcall.VMCore):
 
     # Slots, not a __dict__: on a subclass of a compiled type, attributes in a dict are read
     # by name on every access (the interpreter's attribute caches do not apply), slots are not.
-    __slots__ = ("services", "module", "owner", "spec", "host", "metrics", "log_level", "abi_version", "contexts",
-                 "_next_context", "_next_token", "failed_fn", "host_impls", "store", "memory", "fn",
-                 "on_context_create", "end_of_stream", "request_headers_args3", "response_headers_args3",
-                 "request_headers_fn", "response_headers_fn", "reads_request_body", "reads_response_body",
-                 "__weakref__")
+    __slots__ = ("services", "module", "owner", "spec", "host", "metrics", "log_level", "abi_version",
+                 "_next_token", "failed_fn", "host_impls", "store", "memory", "fn", "__weakref__")
 
     def __init__(self, services: VMServices, module: CompiledModule, owner: VMOwner) -> None:
         self.services = services
@@ -376,7 +350,7 @@ class WasmVM(fastcall.VMCore):
         self.metrics = owner.metrics
         self.log_level = owner.log_level
         self.abi_version = module.abi_version
-        self.contexts: dict[int, Context] = {}
+        self.contexts = {}
         self._next_context = 0
         self._next_token = 0
         self.frames = [Frame(None)]
