@@ -24,6 +24,7 @@ from sluice.proxy.chain import (
     ForwardRequestData,
     ForwardRequestHeaders,
     ForwardRequestTrailers,
+    PassThrough,
     RequestData,
     RequestHeaders,
     RequestTrailers,
@@ -135,6 +136,62 @@ def test_no_filters_passes_everything_through() -> None:
     actions = chain.take_actions()
     assert isinstance(actions[0], SendResponseHeaders) and isinstance(actions[1], SendResponseData)
     assert chain.response_complete
+
+
+PASS_THROUGH_SCRIPTS: list[list[tuple[str, tuple[Any, ...]]]] = [
+    # a request and its response, streaming both ways
+    [("request_headers", (False,)), ("request_data", (b"ab", False)), ("request_data", (bytearray(b"c"), True)),
+     ("response_headers", (False,)), ("response_data", (b"x", False)), ("response_data", (b"y", True))],
+    # trailers both ways
+    [("request_headers", (False,)), ("request_data", (b"ab", False)), ("request_trailers", ()),
+     ("response_headers", (False,)), ("response_trailers", ())],
+    # the proxy answers (404 with a body): the rest of the request and the upstream's answer are moot
+    [("request_headers", (False,)), ("local_reply", (404, b"no route\n", None)), ("request_data", (b"late", True)),
+     ("response_headers", (False,)), ("response_data", (b"x", True))],
+    # a reply once the response has started can only reset; after that nothing happens
+    [("request_headers", (True,)), ("response_headers", (False,)), ("local_reply", (502, b"gone\n", None)),
+     ("response_data", (b"x", True)), ("local_reply", (503, b"", None))],
+    # a reply to a reply resets too; a gRPC status goes in the headers; an empty body ends with them
+    [("request_headers", (True,)), ("local_reply", (503, b"", 14)), ("local_reply", (500, b"again\n", None))],
+    # the client went away: nothing more
+    [("request_headers", (False,)), ("reset", ("client disconnected",)), ("request_data", (b"x", True)),
+     ("local_reply", (504, b"timeout\n", None)), ("response_headers", (True,))],
+]
+
+
+@pytest.mark.parametrize("script", PASS_THROUGH_SCRIPTS, ids=range(len(PASS_THROUGH_SCRIPTS)))
+def test_pass_through_is_a_chain_without_filters(script: list[tuple[str, tuple[Any, ...]]]) -> None:
+    """The exchange drives `PassThrough` where a route has no filter: step for step, the same
+    actions, wake-ups and state as `FilterChain` with no filter."""
+    general, _, _ = build()
+    lean = PassThrough()
+    woken: dict[str, int] = {"general": 0, "lean": 0}
+    general.on_actions = lambda: woken.__setitem__("general", woken["general"] + 1)
+    lean.on_actions = lambda: woken.__setitem__("lean", woken["lean"] + 1)
+    for step, (name, args) in enumerate(script):
+        for chain in (general, lean):
+            if name == "request_headers":
+                chain.request_headers(req("/p", "POST"), *args)
+            elif name == "response_headers":
+                chain.response_headers(resp(), *args)
+            elif name in ("request_trailers", "response_trailers"):
+                getattr(chain, name)(HeaderMap([("x-checksum", "1")]))
+            elif name == "local_reply":
+                status, body, grpc = args
+                chain.send_local_reply(LocalReply(status, body, details="test", grpc_status=grpc))
+            else:
+                getattr(chain, name)(*args)
+        expected, got = general.take_actions(), lean.take_actions()
+        assert got == expected, f"step {step} ({name})"
+        assert (lean.halted, lean.local_reply, lean.response_started, lean.reset_reason) == (
+            general.halted, general.local_reply, general.response_started, general.reset_reason
+        ), f"step {step} ({name})"
+        assert woken["lean"] == woken["general"], f"step {step} ({name})"
+    assert lean.acted_filters() == general.acted_filters() == []
+    assert lean.may_change_body(request=True) is general.may_change_body(request=True) is False
+    general.complete()
+    lean.complete()
+    assert lean.halted and lean.on_actions is None
 
 
 def test_a_filter_without_body_callbacks_is_not_called_for_bodies() -> None:

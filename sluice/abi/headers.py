@@ -189,36 +189,44 @@ class HeaderMap:
     def set_within(self, name: str, value: str, max_entries: int, max_bytes: int) -> int:
         """`set(name, value)` (every entry of the lower-case `name` replaced by one) unless the map
         would then hold more than `max_entries` entries or `max_bytes` bytes: FITS (set), TOO_MANY
-        or TOO_LARGE (unchanged). One pass for the test and the write: filters set headers often."""
+        or TOO_LARGE (unchanged). One pass for the test and the write: filters set headers often,
+        so the usual cases (ASCII text, a name there once or not at all) make no further call."""
         items = self._items
-        names = self._index()
+        names = self._names
+        if names is None:
+            names = self._index()
         size = self._size if self._size >= 0 else self.byte_size()
-        added = utf8_len(name + value)
-        if name not in names:
-            if len(items) >= max_entries:
-                return TOO_MANY
-            if size + added > max_bytes:
-                return TOO_LARGE
-            if name[:1] == ":":
-                self.add(name, value)  # pseudo-headers go in front
+        if name in names:
+            i = names.index(name)
+            if names.count(name) > 1:  # rare: a name that came more than once
+                if size - sum(utf8_len(k + v) for k, v in items if k == name) + utf8_len(name + value) > max_bytes:
+                    return TOO_LARGE
+                self.set(name, value)
                 return FITS
-            # `add`'s usual case, with the size already measured and the name already lower-case.
-            self.writes += 1
-            items.append((name, value))
-            names.append(name)
-            self._size = size + added
-            return FITS
-        i = names.index(name)
-        if names.count(name) > 1:  # rare: a name that came more than once
-            if size - sum(utf8_len(k + v) for k, v in items if k == name) + added > max_bytes:
+            old = items[i][1]
+            # The name's bytes cancel out: only the values' lengths change the size.
+            if value.isascii() and old.isascii():
+                size += len(value) - len(old)
+            else:
+                size += utf8_len(value) - utf8_len(old)
+            if size > max_bytes:
                 return TOO_LARGE
-            self.set(name, value)
+            self.writes += 1
+            items[i] = (name, value)
+            self._size = size
             return FITS
-        size += added - utf8_len(name + items[i][1])
+        if len(items) >= max_entries:
+            return TOO_MANY
+        size += len(name) + len(value) if name.isascii() and value.isascii() else utf8_len(name + value)
         if size > max_bytes:
             return TOO_LARGE
+        if name[:1] == ":":
+            self.add(name, value)  # pseudo-headers go in front
+            return FITS
+        # `add`'s usual case, with the size already measured and the name already lower-case.
         self.writes += 1
-        items[i] = (name, value)
+        items.append((name, value))
+        names.append(name)
         self._size = size
         return FITS
 

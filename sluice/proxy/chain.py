@@ -807,9 +807,7 @@ class FilterChain:
         self._dec.aborted = True
         if first:
             self._actions.append(AbortUpstream(reply))
-        headers = local_reply_headers(reply.status, reply.body, reply.headers)
-        if reply.grpc_status is not None:
-            headers.set("grpc-status", str(reply.grpc_status))
+        headers = reply_headers(reply)
         eos = not reply.body
         if self._enc is not None:
             # Encoding already began (upstream response, or a reply to a reply): send directly,
@@ -835,6 +833,119 @@ class FilterChain:
         self._actions.append(ResetStream(reason))
         self._halted = True
         self._queue.clear()
+
+
+def reply_headers(reply: LocalReply) -> HeaderMap:
+    """The response headers of a local reply (Envoy's, with `grpc-status` when it has one)."""
+    headers = local_reply_headers(reply.status, reply.body, reply.headers)
+    if reply.grpc_status is not None:
+        headers.set("grpc-status", str(reply.grpc_status))
+    return headers
+
+
+class PassThrough:
+    """The chain of a request no filter sees: what `FilterChain` does with no filter, each input
+    turned into its action at once (no directions, no event queue, no filter calls), with the same
+    surface for the exchange. A route without filters is the common case of a plain proxy."""
+
+    __slots__ = ("_actions", "_halted", "_replied", "local_reply", "reset_reason", "on_actions", "_response_started")
+
+    def __init__(self) -> None:
+        self._actions: list[Action] = []
+        self._halted = False  # reset or complete: nothing more happens
+        self._replied = False  # a local reply was sent: the upstream's response is moot
+        self.local_reply: LocalReply | None = None
+        self.reset_reason: str | None = None
+        self.on_actions: Callable[[], None] | None = None
+        """As `FilterChain.on_actions`: called when `handle`/`send_local_reply` made actions."""
+        self._response_started = False
+
+    # -- inputs (the feeding calls leave the actions to the feeder, as FilterChain's) ------------
+    def request_headers(self, headers: HeaderMap, end_of_stream: bool) -> None:
+        if not self._halted and self.local_reply is None:
+            self._actions.append(ForwardRequestHeaders(headers, end_of_stream))
+
+    def request_data(self, data: bytes | bytearray, end_of_stream: bool) -> None:
+        if not self._halted and self.local_reply is None:
+            self._actions.append(ForwardRequestData(bytes(data), end_of_stream))
+
+    def request_trailers(self, trailers: HeaderMap) -> None:
+        if not self._halted and self.local_reply is None:
+            self._actions.append(ForwardRequestTrailers(trailers))
+            self._wake()
+
+    def response_headers(self, headers: HeaderMap, end_of_stream: bool) -> None:
+        if not self._halted and not self._replied:
+            self._response_started = True
+            self._actions.append(SendResponseHeaders(headers, end_of_stream))
+
+    def response_data(self, data: bytes | bytearray, end_of_stream: bool) -> None:
+        if not self._halted and not self._replied and self._response_started:
+            self._actions.append(SendResponseData(bytes(data), end_of_stream))
+
+    def response_trailers(self, trailers: HeaderMap) -> None:
+        if not self._halted and not self._replied and self._response_started:
+            self._actions.append(SendResponseTrailers(trailers))
+            self._wake()
+
+    def send_local_reply(self, reply: LocalReply) -> None:
+        """A reply from the proxy itself (404, 502, 504...): the upstream is dropped and the
+        reply sent, or, once the response has started, the stream can only be reset (Envoy)."""
+        if self._halted:
+            return
+        if self._response_started:
+            self._reset_stream(f"local reply {reply.status} after response start")
+        else:
+            if self.local_reply is None:
+                self._actions.append(AbortUpstream(reply))
+            self.local_reply = reply
+            self._replied = True
+            self._response_started = True
+            eos = not reply.body
+            self._actions.append(SendResponseHeaders(reply_headers(reply), eos))
+            if not eos:
+                self._actions.append(SendResponseData(reply.body, True))
+        self._wake()
+
+    def _reset_stream(self, reason: str) -> None:
+        self.reset_reason = reason
+        self._actions.append(ResetStream(reason))
+        self._halted = True
+
+    def _wake(self) -> None:
+        if self._actions and self.on_actions is not None:
+            self.on_actions()
+
+    def reset(self, reason: str = "reset") -> None:
+        self._halted = True
+        self.reset_reason = self.reset_reason or reason
+
+    def take_actions(self) -> list[Action]:
+        actions, self._actions = self._actions, []
+        return actions
+
+    def complete(self) -> None:
+        self._halted = True
+        self.on_actions = None  # the exchange <-> chain reference
+
+    # -- state queries ---------------------------------------------------------------------------
+    @property
+    def response_started(self) -> bool:
+        return self._response_started
+
+    @property
+    def halted(self) -> bool:
+        return self._halted
+
+    def may_change_body(self, *, request: bool) -> bool:
+        return False
+
+    def acted_filters(self) -> list[str]:
+        return []
+
+
+Chain = FilterChain | PassThrough
+"""What an exchange drives: the filters of its route, or none."""
 
 
 _HANDLERS: dict[type, Callable[[FilterChain, Any], None]] = {

@@ -1,4 +1,4 @@
-"""`Exchange`: one request's I/O around its `FilterChain`.
+"""`Exchange`: one request's I/O around its chain (`FilterChain`, or `PassThrough` when no filter sees it).
 
 Everything is a callback: the client connection hands over the request (`start`, then
 `request_body`), the upstream connection hands over the response (`upstream_response`,
@@ -35,10 +35,12 @@ from . import eager, rejections
 from .chain import (
     AbortUpstream,
     Action,
+    Chain,
     FilterChain,
     ForwardRequestData,
     ForwardRequestHeaders,
     ForwardRequestTrailers,
+    PassThrough,
     ResetStream,
     SendResponseData,
     SendResponseHeaders,
@@ -186,7 +188,7 @@ class Exchange:
         self.client = client
         self.head = head
         self.info = StreamInfo()
-        self.chain: FilterChain | None = None
+        self.chain: Chain | None = None
         self.pool: ClusterPool | None = None
         self.conn: UpstreamLease | None = None
         self._request: UpstreamRequest | None = None
@@ -238,11 +240,15 @@ class Exchange:
         info.request_headers = headers
         gen = self.gen
         filters = gen.filters_for(path)
-        chain = FilterChain(
-            [(f.name, partial(f.plugin.new_stream, info)) for f in filters] if filters else [],
-            max_body_buffer=gen.config.max_body_buffer,
-            track_headers=self.server.tracks_headers,
-        )
+        chain: Chain
+        if filters:
+            chain = FilterChain(
+                [(f.name, partial(f.plugin.new_stream, info)) for f in filters],
+                max_body_buffer=gen.config.max_body_buffer,
+                track_headers=self.server.tracks_headers,
+            )
+        else:
+            chain = PassThrough()
         self.chain = chain
         chain.on_actions = self._run
         has_body = head.has_body
@@ -271,7 +277,7 @@ class Exchange:
             self._busy = False
         self._run()
 
-    def _feed_request_body(self, chain: FilterChain, body: bytes, complete: bool, trailers: HeaderMap | None) -> None:
+    def _feed_request_body(self, chain: Chain, body: bytes, complete: bool, trailers: HeaderMap | None) -> None:
         if body:
             self.info.request_size += len(body)
             self.stats.bytes_received += len(body)
@@ -574,7 +580,7 @@ class Exchange:
         else:
             self.client.unpause(PAUSE_EXCHANGE)
 
-    def _framed(self, request: UpstreamRequest, chain: FilterChain) -> UpstreamRequest:
+    def _framed(self, request: UpstreamRequest, chain: Chain) -> UpstreamRequest:
         """The request framed for the body it will actually carry: a body all in hand (read
         whole before connecting, or ended with the head) is framed by its length as the filters
         left it; one that still streams keeps the client's Content-Length only if no filter can
