@@ -95,6 +95,8 @@ class VMCore:
     end_of_stream: tuple[Func, ...]
     contexts: dict[int, Any]
     _next_context: int
+    live_streams: int
+    release_when_idle: bool
 
 class CallbackTimes:
     @property

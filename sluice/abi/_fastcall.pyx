@@ -409,6 +409,11 @@ cdef class VMCore:
     cdef public dict contexts
     """Live contexts (roots and streams) by id."""
     cdef public long long _next_context
+    cdef public long long live_streams
+    """Streams begun on this VM and not yet complete (counted here, in C, on every stream)."""
+    cdef public bint release_when_idle
+    """No new stream comes to this VM (replaced, or its plugin retired): once `live_streams`
+    drops to 0 its plugin releases it."""
 
     def __cinit__(self, *args, **kwargs):
         self.frames = []
@@ -566,9 +571,11 @@ cdef class StreamCore:
         self.paused = False
         self.completed = False
         # What the module exports is the VM's to know, once.
-        if vm is not None and mode is _wasm_mode:
-            self.reads_request_body = vm.reads_request_body
-            self.reads_response_body = vm.reads_response_body
+        if vm is not None:
+            vm.live_streams += 1
+            if mode is _wasm_mode:
+                self.reads_request_body = vm.reads_request_body
+                self.reads_response_body = vm.reads_response_body
 
     # -- header callbacks (Envoy's decodeHeaders / encodeHeaders) --------------------------------
     def request_headers(self, object headers, bint end_of_stream):
@@ -667,7 +674,9 @@ cdef class StreamCore:
             # stream itself) for the cycle collector, whose pauses show up as tail latency.
             self.stream = None
         finally:
-            self._plugin._stream_done(vm)
+            vm.live_streams -= 1
+            if vm.live_streams <= 0 and vm.release_when_idle:
+                self._plugin._stream_done(vm)
             # Late events (a callout answer after the stream ended) see `completed` and stop
             # there; nothing reaches the chain's callbacks any more.
             self._callbacks = _detached

@@ -99,8 +99,8 @@ class Plugin:
         self._root: RootContext | None = None
         self._last_error: str | None = None
         self._retired = False
-        self._vms: dict[WasmVM, int] = {}
-        """Live VMs and their active stream counts."""
+        self._vms: set[WasmVM] = set()
+        """Live VMs (each counts its own streams: `live_streams`)."""
         self._replacement = Replacement(host, spec.reload_backoff_s, self._replace_vm)
 
     @classmethod
@@ -108,7 +108,7 @@ class Plugin:
         """A plugin with its first VM and root context. Raises PluginLoadError."""
         plugin = cls(services, module, spec, host)
         plugin._vm, plugin._root = plugin._create_vm()
-        plugin._vms[plugin._vm] = 0
+        plugin._vms.add(plugin._vm)
         return plugin
 
     @property
@@ -295,13 +295,11 @@ class Plugin:
             else:
                 self._counters.fail_open += 1
             return HttpStream(self, None, info, callbacks, mode)
-        self._vms[vm] = self._vms.get(vm, 0) + 1
-        return HttpStream(self, vm, info, callbacks, _WASM)
+        return HttpStream(self, vm, info, callbacks, _WASM)  # counted in `vm.live_streams`
 
     def _stream_done(self, vm: WasmVM) -> None:
-        count = self._vms.get(vm, 0) - 1
-        self._vms[vm] = count
-        if count <= 0 and (vm is not self._vm or self._retired):
+        """The last stream of a VM marked `release_when_idle` completed."""
+        if vm in self._vms and vm.live_streams <= 0:
             self._release(vm)
 
     def _root_for(self, vm: WasmVM) -> RootContext | None:
@@ -314,7 +312,7 @@ class Plugin:
         return None
 
     def _release(self, vm: WasmVM) -> None:
-        self._vms.pop(vm, None)
+        self._vms.discard(vm)
         for ctx in list(vm.contexts.values()):
             if isinstance(ctx, RootContext):
                 self._close_root(vm, ctx)
@@ -358,13 +356,14 @@ class Plugin:
         """Stop ticks; release every VM once its last stream completes (hot reload, shutdown)."""
         self._retired = True
         self._replacement.stop()
-        for vm, count in list(self._vms.items()):
+        for vm in list(self._vms):
+            vm.release_when_idle = True
             for ctx in vm.contexts.values():
                 if isinstance(ctx, RootContext) and ctx.tick_timer is not None:
                     ctx.tick_timer.cancel()
                     ctx.tick_timer = None
                     ctx.tick_period_ms = 0
-            if count <= 0:
+            if vm.live_streams <= 0:
                 self._release(vm)
 
     # -- failures ----------------------------------------------------------------------------------
@@ -394,9 +393,11 @@ class Plugin:
             return False
         self._counters.reloads += 1
         self._vm, self._root = vm, root
-        self._vms[vm] = 0
-        if old is not None and self._vms.get(old, 0) <= 0:
-            self._release(old)
+        self._vms.add(vm)
+        if old is not None:
+            old.release_when_idle = True
+            if old in self._vms and old.live_streams <= 0:
+                self._release(old)
         return True
 
     def _fail_paused_streams(self, vm: WasmVM) -> None:
@@ -416,7 +417,7 @@ class Plugin:
             ),
             self._counters, self._callback_time, self._metrics.report(), self._last_error, self._log_level,
             vm_count=len(self._vms),
-            active_streams=sum(max(n, 0) for n in self._vms.values()),
+            active_streams=sum(max(vm.live_streams, 0) for vm in self._vms),
             memory_bytes=sum(vm.memory_bytes() for vm in self._vms),
         )
 
