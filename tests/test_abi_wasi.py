@@ -6,6 +6,7 @@ fixtures/wat/wasi.wat imports the same functions from `wasi_snapshot_preview1` a
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,6 +17,7 @@ from hosting import FilterRig
 
 from sluice import abi
 from sluice.abi import LogLevel
+from sluice.abi.wasi import RandomPool
 
 WAT = Path(__file__).resolve().parent / "fixtures" / "wat" / "wasi.wat"
 
@@ -101,6 +103,24 @@ def test_random_get(rig: FilterRig, wasm: Path) -> None:
     assert first != bytes(32) and second != bytes(32) and first != second
     assert seen["random_64k"] == SUCCESS
     assert seen["random_too_big"] == INVAL
+
+
+def test_random_pool_hands_each_byte_out_once_and_not_across_a_fork() -> None:
+    pool = RandomPool()
+    small = [pool.take(16) for _ in range(RandomPool.REFILL // 16 + 3)]  # crosses a refill
+    assert all(len(b) == 16 for b in small) and len(set(small)) == len(small)
+    assert len(pool.take(RandomPool.REFILL + 1)) == RandomPool.REFILL + 1  # beyond the pool: direct
+    pool.take(8)  # the pool holds bytes now; a child must not hand out the same ones
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: its next bytes, then out without running the parent's cleanup
+        os.write(write_end, pool.take(32))
+        os._exit(0)
+    os.close(write_end)
+    child = os.read(read_end, 32)
+    os.close(read_end)
+    os.waitpid(pid, 0)
+    assert len(child) == 32 and child != pool.take(32)
 
 
 def test_args_poll_and_preopens(rig: FilterRig, wasm: Path) -> None:

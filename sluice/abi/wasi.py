@@ -28,6 +28,36 @@ NOTSUP = 58
 
 RANDOM_MAX = 65536
 
+
+class RandomPool:
+    """Kernel random bytes fetched 4 KiB at a time and each handed out once: a filter asking for a
+    few bytes per request (an A/B split) costs no `getrandom` syscall per request. A forked child
+    (a fleet worker) starts with an empty pool, so no two processes hand out the same bytes."""
+
+    REFILL = 4096
+
+    def __init__(self) -> None:
+        self._pool = b""
+        self._at = 0
+        os.register_at_fork(after_in_child=self._forget)
+
+    def _forget(self) -> None:
+        self._pool = b""
+        self._at = 0
+
+    def take(self, length: int) -> bytes:
+        at = self._at
+        if at + length > len(self._pool):
+            if length > self.REFILL:
+                return os.urandom(length)
+            self._pool = os.urandom(self.REFILL)
+            at = 0
+        self._at = at + length
+        return self._pool[at : at + length]
+
+
+_RANDOM = RandomPool()
+
 # (name, params, results); "I" = unsigned i32, "q" = i64.
 FUNCTIONS: list[tuple[str, str, str]] = [
     ("fd_write", "IIII", "i"),
@@ -232,7 +262,7 @@ class Wasi:
             return INVAL
         if length == 0:
             return SUCCESS
-        return SUCCESS if self.vm.memory.write(buf, os.urandom(length)) else FAULT
+        return SUCCESS if self.vm.memory.write(buf, _RANDOM.take(length)) else FAULT
 
     def proc_exit(self, code: int) -> None:
         self.vm.log(LogLevel.ERROR, f"proc_exit({code})")
