@@ -97,6 +97,7 @@ class VMCore:
     _next_context: int
     live_streams: int
     release_when_idle: bool
+    def new_context_id(self) -> int: ...
 
 class CallbackTimes:
     @property

@@ -419,6 +419,14 @@ cdef class VMCore:
         self.frames = []
         self.deferred = []
 
+    def new_context_id(self):
+        """The id of a new context (root or stream) in this VM."""
+        return self._new_context_id()
+
+    cdef inline long long _new_context_id(self):
+        self._next_context += 1
+        return self._next_context
+
 
 cdef Frame _enter(VMCore vm, object context, bint configuring, bint outermost):
     """Push the frame a call into `vm` runs under: the VM's outermost frame, reused (nothing keeps
@@ -609,7 +617,7 @@ cdef class StreamCore:
             except BaseException as exc:
                 if not isinstance(exc, _trap_type):
                     raise
-                self._trapped(fn, exc)  # the failure policy applies to this stream
+                self._trapped(fn.name, exc)  # the failure policy applies to this stream
                 r = None
         # 0 Continue, 2 ContinueAndEndStream; 1, 3, 4 and anything larger stop (cpp-host).
         if (r is None or r == 0 or r == 2) and self._mode is _wasm_mode:
@@ -629,8 +637,7 @@ cdef class StreamCore:
             self.fail("the filter has no root context")
             return False
         self.root = root
-        vm._next_context += 1
-        self.id = vm._next_context
+        self.id = vm._new_context_id()
         vm.contexts[self.id] = self
         if vm.on_context_create is not None:
             try:
@@ -638,8 +645,7 @@ cdef class StreamCore:
             except BaseException as exc:
                 if not isinstance(exc, _trap_type):
                     raise
-                plugin._on_trap(vm, exc, "proxy_on_context_create")
-                self.fail(None)
+                self._trapped("proxy_on_context_create", exc)
                 return False
         return True
 

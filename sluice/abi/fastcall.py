@@ -539,6 +539,7 @@ HostCalls = _fastcall.HostCalls
 """The compiled host functions (proxy_log, reading and writing a header value): the base of
 `hostcalls.ProxyHostCalls`."""
 return_bytes = _fastcall.return_bytes
+"""The returned-buffer protocol (reference 4.2) on `vm.memory` with `vm.allocator`."""
 
 
 class CallbackTimes(_fastcall.CallbackTimes):
@@ -556,11 +557,10 @@ LogThreshold = _fastcall.LogThreshold
 """A filter's log level shared by its plugin and VMs: `threshold()` is the `LogLevel`, and the
 compiled proxy_log compares with it without a call into Python."""
 Frame = _fastcall.Frame
-VMCore = _fastcall.VMCore
 """One callback in progress (`vm.WasmVM.frames`): the context it runs for and what it may see."""
+VMCore = _fastcall.VMCore
 invoke = _fastcall.invoke
 invoke_each = _fastcall.invoke_each
 StreamCore = _fastcall.StreamCore
 """The fields and per-request calls of one filter's stream (`plugin.HttpStream`, `vm.StreamContext`)."""
 set_stream_constants = _fastcall.set_stream_constants
-"""The returned-buffer protocol (reference 4.2) on `vm.memory` with `vm.allocator`."""

@@ -28,7 +28,7 @@ from .api import (
 )
 from .common import CALLBACK_BOUNDS_S, DETACHED, Counters, Replacement, StreamMode, build_report, failure_reply
 from .compiled import CompiledModule
-from .fastcall import CallbackTimes, LogThreshold, WasmFunction, WasmTrap, set_stream_constants
+from .fastcall import CallbackTimes, LogThreshold, WasmTrap, set_stream_constants
 from .headers import HeaderMap
 from .metrics import MetricRegistry
 from .report import ModuleInfo, PluginReport, PluginState
@@ -298,8 +298,8 @@ class Plugin:
         return HttpStream(self, vm, info, callbacks, _WASM)  # counted in `vm.live_streams`
 
     def _stream_done(self, vm: WasmVM) -> None:
-        """The last stream of a VM marked `release_when_idle` completed."""
-        if vm in self._vms and vm.live_streams <= 0:
+        """The last stream of a VM marked `release_when_idle` completed (`StreamCore.complete`)."""
+        if vm in self._vms:  # not released already
             self._release(vm)
 
     def _root_for(self, vm: WasmVM) -> RootContext | None:
@@ -446,13 +446,11 @@ class HttpStream(StreamContext):
     mean): one object per filter and request rather than two pointing at each other. The context
     comes to life in the VM (an id, a root, `proxy_on_context_create`) at the first callback.
 
-    Its fields, `__init__(plugin, vm, info, callbacks, mode)` and the header callbacks
-    (`request_headers`, `response_headers`: every request of every filter) are compiled
-    (`fastcall.StreamCore`); they call back here only for what is rare: `_create_context`, a
-    trap (`_trapped`), a status other than Continue (`_status`), a stream that is not running wasm
-    (`_entry_status`).
-
-    `complete()` (log, done, delete) and `_create_context()` are compiled too."""
+    What every request of every filter runs is compiled with the fields (`fastcall.StreamCore`):
+    `__init__(plugin, vm, info, callbacks, mode)`, the header callbacks, `_create_context` and
+    `complete` (log, done, delete). They call back here only for what is rare: a trap
+    (`_trapped`), the failure policy (`fail`), a status other than Continue (`_status`), a stream
+    that is not running wasm (`_entry_status`)."""
 
     __slots__ = ()
 
@@ -470,15 +468,16 @@ class HttpStream(StreamContext):
             # Timed and bucketed in C.
             result: int | None = vm.invoke(fn, self, (self.id, *args), False, None, self._timing)
         except WasmTrap as exc:
-            self._trapped(fn, exc)
+            self._trapped(fn.name, exc)
             return None
         return result
 
-    def _trapped(self, fn: WasmFunction, exc: WasmTrap) -> None:
-        """A callback of this stream trapped: reported, and the plugin's failure policy applies."""
+    def _trapped(self, where: str, exc: WasmTrap) -> None:
+        """A callback of this stream (`where`) trapped: reported, and the plugin's failure policy
+        applies."""
         vm = self._vm
         assert vm is not None
-        self._plugin._on_trap(vm, exc, fn.name)
+        self._plugin._on_trap(vm, exc, where)
         self.fail(None)
 
     def fail(self, reason: str | None) -> None:

@@ -437,10 +437,6 @@ class WasmVM(fastcall.VMCore):
             self.fn["_start"]()
 
     # -- contexts -----------------------------------------------------------------------------
-    def new_context_id(self) -> int:
-        self._next_context += 1
-        return self._next_context
-
     def new_token(self) -> int:
         self._next_token += 1
         return self._next_token << 2  # HTTP-call ids: low 2 bits 0, like cpp-host

@@ -567,9 +567,6 @@ class FilterChain:
 
     def _enter(self, handler: Callable[[FilterChain, Any, Any], None], a: Any, b: Any) -> None:
         """Handle one input now (the chain is idle), then what the filters raised meanwhile."""
-        if not self.streams:
-            handler(self, a, b)  # no filter: nothing can raise an event from inside the handler
-            return
         self._running = True
         try:
             handler(self, a, b)
