@@ -6,7 +6,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sluice.abi import HeaderMap
+from sluice.abi import HeaderMap, fastcall
 from sluice.abi.headers import deserialize_pairs, serialize_pairs
 
 NAMES = st.sampled_from([":method", ":path", ":status", "host", "x-a", "X-A", "x-b", "via", "é-x"])
@@ -80,7 +80,8 @@ def test_pairs_round_trip(pairs: list[tuple[str, str]]) -> None:
 def test_bounded_writes_match_the_unbounded_ones_within_their_bounds(
     start: list[tuple[str, str]], ops: list[tuple[bool, str, str]], max_entries: int, max_bytes: int
 ) -> None:
-    """add_within / set_within write exactly what add / set write when the result fits the bounds
+    """The compiled add and replace of the header host calls (`fastcall.header_add_within`,
+    `header_set_within`) write exactly what add / set write when the result fits the bounds
     (entries, then bytes of names and values), and nothing otherwise; the size they keep is exact."""
     headers = HeaderMap(start)
     for replace, raw_name, value in ops:
@@ -90,16 +91,16 @@ def test_bounded_writes_match_the_unbounded_ones_within_their_bounds(
         if replace:
             grows = name not in expected
             expected.set(name, value)
-            fit = headers.set_within(name, value, max_entries, max_bytes)
+            fit = fastcall.header_set_within(headers, name, value, max_entries, max_bytes)
         else:
             grows = True
             expected.add(raw_name, value)
-            fit = headers.add_within(raw_name, value, max_entries, max_bytes)
-        want = 0
+            fit = fastcall.header_add_within(headers, raw_name, value, max_entries, max_bytes)
+        want = fastcall.HEADER_FITS
         if grows and len(before) >= max_entries:
-            want = 1
+            want = fastcall.HEADER_TOO_MANY
         elif expected.byte_size() > max_bytes:
-            want = 2
+            want = fastcall.HEADER_TOO_LARGE
         assert fit == want
-        assert list(headers) == (list(expected) if want == 0 else before)
+        assert list(headers) == (list(expected) if want == fastcall.HEADER_FITS else before)
         assert headers.byte_size() == HeaderMap(list(headers)).byte_size()

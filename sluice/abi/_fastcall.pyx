@@ -73,6 +73,8 @@ cdef extern from "Python.h":
     int PyGC_Enable()
     int PyGC_Disable()
     void _set_size "Py_SET_SIZE"(object o, Py_ssize_t size)
+    bint PyUnicode_IS_ASCII(object text)
+    Py_ssize_t PyUnicode_GET_LENGTH(object text)
 
 cdef enum:
     MAX_SLOTS = 16  # more parameters than any host function or callback sluice defines
@@ -414,6 +416,11 @@ cdef class VMCore:
     cdef public bint release_when_idle
     """No new stream comes to this VM (replaced, or its plugin retired): once `live_streams`
     drops to 0 its plugin releases it."""
+    cdef public Py_ssize_t max_headers
+    """The filter's header-map limits (`Limits.max_headers`, `max_header_bytes`), which the
+    compiled add and replace host calls hold a map to."""
+    cdef public Py_ssize_t max_header_bytes
+
 
     def __cinit__(self, *args, **kwargs):
         self.frames = []
@@ -934,7 +941,8 @@ cdef class Memory:
 # proxy-wasm-cpp-host's exports.cc shape: unpack the arguments (pointers into linear memory,
 # validated; UTF-8 decoded with surrogateescape), ask the acting context or the VM what the call
 # means (`vm.StreamContext`, `vm.WasmVM`: Python, where the ABI's rules live), write the answer
-# back. Python frames per call are what a filter's host calls cost, so these few are here.
+# back. Python frames per call are what a filter's host calls cost, so these few are here; the
+# header writes (filters set several headers a request) also make their write here, below.
 
 cdef object _OK = 0
 cdef object _NOT_FOUND = 1
@@ -1062,33 +1070,150 @@ cdef class HostCalls:
             return _NOT_FOUND
         return value  # the context's error answer
 
-    cdef object _header_write(self, long long mtype, long long kptr, long long klen, long long vptr,
-                              long long vlen):
-        """The writable map, key and value of an add or replace, or the error to answer."""
+    cdef object _writable_map(self, long long mtype):
+        """Map `mtype` of the acting context if it may be written now, else None."""
+        ctx = self._acting()
+        if isinstance(ctx, StreamCore):
+            return (<StreamCore>ctx)._header_map(mtype, True)
+        return ctx.header_map(mtype, True) if ctx is not None else None
+
+    def proxy_add_header_map_value(self, long long mtype, long long kptr, long long klen, long long vptr,
+                                   long long vlen):
         if mtype > 7:
             return _BAD_ARGUMENT
         key = self._text(kptr, klen)
         value = self._text(vptr, vlen)
         if key is None or value is None:
             return _INVALID_MEMORY_ACCESS
-        ctx = self._acting()
-        if isinstance(ctx, StreamCore):
-            hmap = (<StreamCore>ctx)._header_map(mtype, True)
-        else:
-            hmap = ctx.header_map(mtype, True) if ctx is not None else None
+        hmap = self._writable_map(mtype)
         if hmap is None:
             return _BAD_ARGUMENT
-        return (hmap, key, value)
-
-    def proxy_add_header_map_value(self, long long mtype, long long kptr, long long klen, long long vptr,
-                                   long long vlen):
-        args = self._header_write(mtype, kptr, klen, vptr, vlen)
-        return self._vm.add_header(*args) if type(args) is tuple else args
+        cdef int fit = _add_within(hmap, key, value, self._vm.max_headers, self._vm.max_header_bytes)
+        return _OK if fit == FITS else self._vm.refuse_header_limit(fit)
 
     def proxy_replace_header_map_value(self, long long mtype, long long kptr, long long klen, long long vptr,
                                        long long vlen):
-        args = self._header_write(mtype, kptr, klen, vptr, vlen)
-        return self._vm.replace_header(*args) if type(args) is tuple else args
+        if mtype > 7:
+            return _BAD_ARGUMENT
+        key = self._text(kptr, klen)
+        value = self._text(vptr, vlen)
+        if key is None or value is None:
+            return _INVALID_MEMORY_ACCESS
+        hmap = self._writable_map(mtype)
+        if hmap is None:
+            return _BAD_ARGUMENT
+        cdef int fit = _set_within(hmap, key.lower(), value, self._vm.max_headers, self._vm.max_header_bytes)
+        return _OK if fit == FITS else self._vm.refuse_header_limit(fit)
+
+
+# -- header-map writes within bounds ------------------------------------------------------------
+# `headers.HeaderMap.add` and `set` held to a filter's limits, for the two host calls above: in
+# their usual cases (ASCII text, a regular name there once or not at all) on the map's fields here,
+# since a Python frame per call is what those calls cost; for the rest (a pseudo-header added, a
+# name there more than once) through the map's own methods, where its rules live.
+
+cdef enum:
+    FITS = 0
+    TOO_MANY = 1  # more entries than allowed
+    TOO_LARGE = 2  # more bytes (names and values) than allowed
+
+HEADER_FITS, HEADER_TOO_MANY, HEADER_TOO_LARGE = FITS, TOO_MANY, TOO_LARGE
+"""What `header_add_within` and `header_set_within` answer (and `WasmVM.refuse_header_limit` reads)."""
+
+
+cdef inline Py_ssize_t _utf8_len(str text) except -1:
+    if PyUnicode_IS_ASCII(text):
+        return PyUnicode_GET_LENGTH(text)
+    return PyBytes_GET_SIZE(PyUnicode_AsEncodedString(text, "utf-8", "surrogateescape"))
+
+
+cdef inline list _names_of(object hmap):
+    names = hmap._names
+    return hmap._index() if names is None else names
+
+
+cdef inline Py_ssize_t _size_of(object hmap) except -1:
+    cdef Py_ssize_t size = hmap._size
+    return hmap.byte_size() if size < 0 else size
+
+
+cdef int _add_within(object hmap, str name, str value, Py_ssize_t max_entries, Py_ssize_t max_bytes) except -1:
+    """`hmap.add(name, value)` unless the map would then hold more than `max_entries` entries or
+    `max_bytes` bytes: FITS (added), TOO_MANY or TOO_LARGE (unchanged)."""
+    cdef list items = hmap._items
+    if PyList_GET_SIZE(items) >= max_entries:
+        return TOO_MANY
+    name = name.lower()  # measured as stored
+    cdef Py_ssize_t size = _size_of(hmap) + _utf8_len(name) + _utf8_len(value)
+    if size > max_bytes:
+        return TOO_LARGE
+    if PyUnicode_GET_LENGTH(name) and name[0] == ":":
+        hmap.add(name, value)  # pseudo-headers go in front
+        return FITS
+    hmap.writes = hmap.writes + 1
+    items.append((name, value))
+    names = hmap._names
+    if names is not None:
+        (<list>names).append(name)
+    hmap._size = size
+    return FITS
+
+
+cdef int _set_within(object hmap, str name, str value, Py_ssize_t max_entries, Py_ssize_t max_bytes) except -1:
+    """`hmap.set(name, value)` (every entry of the lower-case `name` replaced by one) unless the map
+    would then hold more than `max_entries` entries or `max_bytes` bytes: FITS (set), TOO_MANY or
+    TOO_LARGE (unchanged)."""
+    cdef list items = hmap._items
+    cdef list names = _names_of(hmap)
+    cdef Py_ssize_t size = _size_of(hmap)
+    cdef Py_ssize_t n = PyList_GET_SIZE(names), i, first = -1, count = 0
+    cdef str old
+    for i in range(n):
+        if <str>PyList_GET_ITEM(names, i) == name:
+            count += 1
+            if first < 0:
+                first = i
+    if count > 1:  # rare: a name that came more than once
+        for i in range(n):
+            if <str>PyList_GET_ITEM(names, i) == name:
+                old = (<tuple>PyList_GET_ITEM(items, i))[1]
+                size -= _utf8_len(name) + _utf8_len(old)
+        if size + _utf8_len(name) + _utf8_len(value) > max_bytes:
+            return TOO_LARGE
+        hmap.set(name, value)
+        return FITS
+    if count == 1:
+        old = (<tuple>PyList_GET_ITEM(items, first))[1]
+        size += _utf8_len(value) - _utf8_len(old)  # the name's bytes cancel out
+        if size > max_bytes:
+            return TOO_LARGE
+        hmap.writes = hmap.writes + 1
+        items[first] = (name, value)
+        hmap._size = size
+        return FITS
+    if n >= max_entries:
+        return TOO_MANY
+    size += _utf8_len(name) + _utf8_len(value)
+    if size > max_bytes:
+        return TOO_LARGE
+    if PyUnicode_GET_LENGTH(name) and name[0] == ":":
+        hmap.add(name, value)  # pseudo-headers go in front
+        return FITS
+    hmap.writes = hmap.writes + 1
+    items.append((name, value))
+    names.append(name)
+    hmap._size = size
+    return FITS
+
+
+def header_add_within(hmap, str name, str value, Py_ssize_t max_entries, Py_ssize_t max_bytes):
+    """`_add_within` for Python callers (tests): HEADER_FITS, HEADER_TOO_MANY or HEADER_TOO_LARGE."""
+    return _add_within(hmap, name, value, max_entries, max_bytes)
+
+
+def header_set_within(hmap, str name, str value, Py_ssize_t max_entries, Py_ssize_t max_bytes):
+    """`_set_within` for Python callers (tests); `name` lower-case."""
+    return _set_within(hmap, name, value, max_entries, max_bytes)
 
 
 # -- the cycle collector ------------------------------------------------------------------------

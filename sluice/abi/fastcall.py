@@ -536,10 +536,21 @@ _fastcall.init(
 _fastcall.set_constants(tuple(LogLevel), tuple(WasmResult))
 
 HostCalls = _fastcall.HostCalls
-"""The compiled host functions (proxy_log, reading and writing a header value): the base of
+"""The compiled host functions (proxy_log, reading a header value, adding or replacing one within
+the filter's header-map limits): the base of
 `hostcalls.ProxyHostCalls`."""
 return_bytes = _fastcall.return_bytes
 """The returned-buffer protocol (reference 4.2) on `vm.memory` with `vm.allocator`."""
+header_add_within = _fastcall.header_add_within
+"""header_add_within(hmap, name, value, max_entries, max_bytes): `HeaderMap.add` unless the map
+would then hold more than `max_entries` entries or `max_bytes` bytes; answers HEADER_FITS (added),
+HEADER_TOO_MANY or HEADER_TOO_LARGE (unchanged). What proxy_add_header_map_value does, compiled."""
+header_set_within = _fastcall.header_set_within
+"""header_set_within(hmap, name, value, max_entries, max_bytes): the same for `HeaderMap.set` of a
+lower-case `name` (proxy_replace_header_map_value)."""
+HEADER_FITS = _fastcall.HEADER_FITS
+HEADER_TOO_MANY = _fastcall.HEADER_TOO_MANY
+HEADER_TOO_LARGE = _fastcall.HEADER_TOO_LARGE
 
 
 class CallbackTimes(_fastcall.CallbackTimes):

@@ -36,14 +36,6 @@ def utf8_len(text: str) -> int:
 
 _NAME = operator.itemgetter(0)
 
-# What `add_within` / `set_within` answer.
-FITS = 0
-TOO_MANY = 1
-"""More entries than allowed."""
-TOO_LARGE = 2
-"""More bytes than allowed."""
-
-
 class HeaderMap:
     """An ordered multimap of lower-cased header names to values.
 
@@ -173,62 +165,6 @@ class HeaderMap:
         elif self._size >= 0:
             # One value changed: the size follows it, without measuring the whole map again.
             self._size += utf8_len(value) - utf8_len(old)
-
-    # -- writing within bounds (the host's header-map limits) --------------------------------------
-    def add_within(self, name: str, value: str, max_entries: int, max_bytes: int) -> int:
-        """`add(name, value)` unless the map would then hold more than `max_entries` entries or
-        `max_bytes` bytes (`byte_size()`): FITS (added), TOO_MANY or TOO_LARGE (unchanged)."""
-        if len(self._items) >= max_entries:
-            return TOO_MANY
-        size = self._size if self._size >= 0 else self.byte_size()
-        if size + utf8_len(name + value) > max_bytes:
-            return TOO_LARGE
-        self.add(name, value)
-        return FITS
-
-    def set_within(self, name: str, value: str, max_entries: int, max_bytes: int) -> int:
-        """`set(name, value)` (every entry of the lower-case `name` replaced by one) unless the map
-        would then hold more than `max_entries` entries or `max_bytes` bytes: FITS (set), TOO_MANY
-        or TOO_LARGE (unchanged). One pass for the test and the write: filters set headers often,
-        so the usual cases (ASCII text, a name there once or not at all) make no further call."""
-        items = self._items
-        names = self._names
-        if names is None:
-            names = self._index()
-        size = self._size if self._size >= 0 else self.byte_size()
-        if name in names:
-            i = names.index(name)
-            if names.count(name) > 1:  # rare: a name that came more than once
-                if size - sum(utf8_len(k + v) for k, v in items if k == name) + utf8_len(name + value) > max_bytes:
-                    return TOO_LARGE
-                self.set(name, value)
-                return FITS
-            old = items[i][1]
-            # The name's bytes cancel out: only the values' lengths change the size.
-            if value.isascii() and old.isascii():
-                size += len(value) - len(old)
-            else:
-                size += utf8_len(value) - utf8_len(old)
-            if size > max_bytes:
-                return TOO_LARGE
-            self.writes += 1
-            items[i] = (name, value)
-            self._size = size
-            return FITS
-        if len(items) >= max_entries:
-            return TOO_MANY
-        size += len(name) + len(value) if name.isascii() and value.isascii() else utf8_len(name + value)
-        if size > max_bytes:
-            return TOO_LARGE
-        if name[:1] == ":":
-            self.add(name, value)  # pseudo-headers go in front
-            return FITS
-        # `add`'s usual case, with the size already measured and the name already lower-case.
-        self.writes += 1
-        items.append((name, value))
-        names.append(name)
-        self._size = size
-        return FITS
 
     def remove(self, name: str) -> None:
         self.writes += 1

@@ -26,7 +26,7 @@ from .api import CallResponse, Cancellable, Host, LocalReply, PluginSpec, RedisH
 from .compiled import CompiledModule
 from .fastcall import ACTIVE as _ACTIVE
 from .fastcall import Frame, LinearMemory, StoreHandle, WasmFunction, WasmTrap, summarize_error
-from .headers import FITS, TOO_MANY, HeaderMap, deserialize_pairs, utf8_len
+from .headers import HeaderMap, deserialize_pairs, utf8_len
 from .metrics import MetricRegistry
 from .properties import encode, lookup
 from .shared import Queues, SharedData
@@ -346,6 +346,8 @@ class WasmVM(fastcall.VMCore):
         self.module = module
         self.owner = owner
         self.spec = owner.spec
+        self.max_headers = self.spec.limits.max_headers
+        self.max_header_bytes = self.spec.limits.max_header_bytes
         self.host = owner.host
         self.metrics = owner.metrics
         self.log_level = owner.log_level
@@ -519,20 +521,11 @@ class WasmVM(fastcall.VMCore):
         self.owner.refused(what)
         return status
 
-    def add_header(self, hmap: HeaderMap, key: str, value: str) -> WasmResult:
-        """proxy_add_header_map_value, within the filter's header-map limits."""
-        limits = self.spec.limits
-        fit = hmap.add_within(key, value, limits.max_headers, limits.max_header_bytes)
-        return OK if fit == FITS else self._header_limit(fit)
-
-    def replace_header(self, hmap: HeaderMap, key: str, value: str) -> WasmResult:
-        """proxy_replace_header_map_value, within the header-map limits (every old `key` goes)."""
-        limits = self.spec.limits
-        fit = hmap.set_within(key.lower(), value, limits.max_headers, limits.max_header_bytes)
-        return OK if fit == FITS else self._header_limit(fit)
-
-    def _header_limit(self, fit: int) -> WasmResult:
-        return self.refuse("limit.max_headers" if fit == TOO_MANY else "limit.max_header_bytes", BAD_ARGUMENT)
+    def refuse_header_limit(self, fit: int) -> WasmResult:
+        """An add or replace of a header (compiled in `fastcall.HostCalls`) that the header-map
+        limits refused (`fit`: `fastcall.HEADER_TOO_MANY` or `HEADER_TOO_LARGE`)."""
+        what = "limit.max_headers" if fit == fastcall.HEADER_TOO_MANY else "limit.max_header_bytes"
+        return self.refuse(what, BAD_ARGUMENT)
 
     def replace_headers(self, hmap: HeaderMap, data: bytes) -> WasmResult:
         """proxy_set_header_map_pairs: the whole map at once, or nothing when over a limit.
