@@ -7,7 +7,6 @@ exactly); the second half with real filters on the real host (AssemblyScript fix
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -98,8 +97,8 @@ def build(*scripts: dict[str, Any], max_body_buffer: int = 1 << 20) -> tuple[Fil
     log: list[tuple[Any, ...]] = []
     streams: list[Scripted] = []
 
-    def factory(name: str, script: dict[str, Any]) -> Callable[[StreamCallbacks], Scripted]:
-        def make(callbacks: StreamCallbacks) -> Scripted:
+    def factory(name: str, script: dict[str, Any]) -> Callable[[StreamInfo, StreamCallbacks], Scripted]:
+        def make(info: StreamInfo, callbacks: StreamCallbacks) -> Scripted:
             stream = Scripted(name, log, **script)
             stream.callbacks = callbacks
             streams.append(stream)
@@ -108,7 +107,7 @@ def build(*scripts: dict[str, Any], max_body_buffer: int = 1 << 20) -> tuple[Fil
         return make
 
     chain = FilterChain(
-        [(f"f{i}", factory(f"f{i}", s)) for i, s in enumerate(scripts)], max_body_buffer=max_body_buffer
+        [(f"f{i}", factory(f"f{i}", s)) for i, s in enumerate(scripts)], StreamInfo(), max_body_buffer=max_body_buffer
     )
     return chain, streams, log
 
@@ -283,7 +282,7 @@ def test_filter_callbacks_arrive_as_typed_events() -> None:
 def test_headers_comparison_can_be_turned_off() -> None:
     # "Changed headers" counts as acting only when someone reads it (the access log).
     for track, acted in ((True, ["f0"]), (False, [])):
-        chain = FilterChain([("f0", lambda cbs: _Rewriter())], track_headers=track)
+        chain = FilterChain([("f0", lambda info, cbs: _Rewriter())], StreamInfo(), track_headers=track)
         chain.request_headers(req(), True)
         assert chain.acted_filters() == acted
 
@@ -622,8 +621,7 @@ def _real_chain(runtime: Any, *names: str, max_body_buffer: int = 1 << 20) -> tu
     plugins = [_plugin(runtime, n) for n in names]
     info = StreamInfo()
     chain = FilterChain(
-        [(n, functools.partial(p.new_stream, info)) for n, p in zip(names, plugins, strict=True)],
-        max_body_buffer=max_body_buffer,
+        [(n, p.new_stream) for n, p in zip(names, plugins, strict=True)], info, max_body_buffer=max_body_buffer
     )
     return chain, plugins
 

@@ -33,7 +33,7 @@ import logging
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
-from sluice.abi import FilterStatus, HeaderMap, LocalReply, StreamCallbacks
+from sluice.abi import FilterStatus, HeaderMap, LocalReply, StreamCallbacks, StreamInfo
 
 from .http import local_reply_headers
 
@@ -64,8 +64,11 @@ class FilterStream(Protocol):
     def complete(self) -> None: ...
 
 
-StreamFactory = Callable[[StreamCallbacks], FilterStream]
-"""Creates one filter's stream given the callbacks it must use (`plugin.new_stream(info, cbs)`)."""
+StreamFactory = Callable[[StreamInfo, StreamCallbacks], FilterStream]
+"""Creates one filter's stream for a request given the callbacks it must use (`plugin.new_stream`)."""
+
+ChainEntry = tuple[str, StreamFactory]
+"""A filter of a chain: its name and how it makes a request's stream (built once per config)."""
 
 
 # -- actions -----------------------------------------------------------------------------------
@@ -331,7 +334,12 @@ class _Direction:
         self.sink_started = True
         if eos:
             self.finished = True
-        chain._sink_headers(self, headers, eos)
+        # The sink: the upstream request, or the client's response.
+        if decoding:
+            chain._actions.append(ForwardRequestHeaders(headers, eos))
+        else:
+            chain._response_started = True
+            chain._actions.append(SendResponseHeaders(headers, eos))
 
     def _arrive_data(self, pos: int, data: bytes | bytearray, end_of_stream: bool) -> None:
         slots = self.slots
@@ -350,7 +358,10 @@ class _Direction:
         if pos == n:
             if end_of_stream:
                 self.finished = True
-            self.chain._sink_data(self, bytes(data), end_of_stream)
+            data = bytes(data)
+            self.chain._actions.append(
+                ForwardRequestData(data, end_of_stream) if self.decoding else SendResponseData(data, end_of_stream)
+            )
             return
         if slot is None:
             slot = slots[pos] = _Slot()
@@ -370,7 +381,9 @@ class _Direction:
     def _arrive_trailers(self, pos: int, trailers: HeaderMap) -> None:
         if pos == len(self.order):
             self.finished = True
-            self.chain._sink_trailers(self, trailers)
+            self.chain._actions.append(
+                ForwardRequestTrailers(trailers) if self.decoding else SendResponseTrailers(trailers)
+            )
             return
         slot = self.slots[pos]
         if slot is None:
@@ -510,13 +523,14 @@ _new_callbacks = tuple.__new__
 class FilterChain:
     """One request's trip through the filters. Create, feed events, drain `take_actions()`."""
 
-    __slots__ = ("max_body_buffer", "track_headers", "names", "_actions", "_queue", "_running", "_halted",
+    __slots__ = ("max_body_buffer", "track_headers", "entries", "_actions", "_queue", "_running", "_halted",
                  "_completed", "local_reply", "reset_reason", "acted", "on_actions", "streams", "_dec", "_enc",
                  "_response_started")
 
     def __init__(
         self,
-        factories: Sequence[tuple[str, StreamFactory]],
+        entries: Sequence[ChainEntry],
+        info: StreamInfo,
         *,
         max_body_buffer: int = 1 << 20,
         track_headers: bool = True,
@@ -541,14 +555,14 @@ class FilterChain:
         reply) made actions available: the I/O side wakes its action loop. After its own feeding
         calls (`request_headers()`, `request_data()`, `response_headers()`, `response_data()`)
         the I/O side drains `take_actions()` itself, so those do not call it."""
-        self.names: list[str] = []
+        self.entries = entries
+        """The filters, in decoding order (index i: `streams[i]`)."""
         self.streams: list[FilterStream] = []
-        if factories:
-            names = self.names
-            streams = self.streams
-            for index, (name, factory) in enumerate(factories):
-                names.append(name)
-                streams.append(factory(_new_callbacks(_Callbacks, (self, index))))
+        streams = self.streams
+        index = 0
+        for _name, new_stream in entries:
+            streams.append(new_stream(info, _new_callbacks(_Callbacks, (self, index))))
+            index += 1
         self._dec = _Direction(self, range(len(self.streams)), decoding=True)
         self._enc: _Direction | None = None
         self._response_started = False  # response headers went to the client
@@ -561,34 +575,48 @@ class FilterChain:
         if self._running:
             self._queue.append(event)
             return
-        self._enter(_dispatch, event, None)
+        self._running = True
+        try:
+            _dispatch(self, event)
+            if self._queue:
+                self._drain()
+        finally:
+            self._running = False
         if self._actions and self.on_actions is not None:
             self.on_actions()
 
-    def _enter(self, handler: Callable[[FilterChain, Any, Any], None], a: Any, b: Any) -> None:
-        """Handle one input now (the chain is idle), then what the filters raised meanwhile."""
-        self._running = True
-        try:
-            handler(self, a, b)
-            queue = self._queue
-            while queue and not self._halted:
-                _dispatch(self, queue.pop(0), None)
-        finally:
-            self._running = False
+    def _drain(self) -> None:
+        """Handle what the filters raised while the chain was running, in order (it still is)."""
+        queue = self._queue
+        while queue and not self._halted:
+            _dispatch(self, queue.pop(0))
 
     # The shorthands below skip building an event when it is handled at once (the usual case:
-    # the sockets feed an idle chain); the same handler runs either way.
+    # the sockets feed an idle chain): the chain runs the event's handler (or, for headers and
+    # data, the direction it goes to) itself, then what the filters raised meanwhile.
     def request_headers(self, headers: HeaderMap, end_of_stream: bool) -> None:
         if self._running or self._halted:
             self.handle(RequestHeaders(headers, end_of_stream))
-        else:
-            self._enter(FilterChain._on_request_headers, headers, end_of_stream)
+            return
+        self._running = True
+        try:
+            self._dec.on_headers(headers, end_of_stream)
+            if self._queue:
+                self._drain()
+        finally:
+            self._running = False
 
     def request_data(self, data: bytes | bytearray, end_of_stream: bool) -> None:
         if self._running or self._halted:
             self.handle(RequestData(data, end_of_stream))
-        else:
-            self._enter(FilterChain._on_request_data, data, end_of_stream)
+            return
+        self._running = True
+        try:
+            self._on_request_data(data, end_of_stream)
+            if self._queue:
+                self._drain()
+        finally:
+            self._running = False
 
     def request_trailers(self, trailers: HeaderMap) -> None:
         self.handle(RequestTrailers(trailers))
@@ -596,14 +624,26 @@ class FilterChain:
     def response_headers(self, headers: HeaderMap, end_of_stream: bool) -> None:
         if self._running or self._halted:
             self.handle(ResponseHeaders(headers, end_of_stream))
-        else:
-            self._enter(FilterChain._on_response_headers, headers, end_of_stream)
+            return
+        self._running = True
+        try:
+            self._on_response_headers(headers, end_of_stream)
+            if self._queue:
+                self._drain()
+        finally:
+            self._running = False
 
     def response_data(self, data: bytes | bytearray, end_of_stream: bool) -> None:
         if self._running or self._halted:
             self.handle(ResponseData(data, end_of_stream))
-        else:
-            self._enter(FilterChain._on_response_data, data, end_of_stream)
+            return
+        self._running = True
+        try:
+            self._on_response_data(data, end_of_stream)
+            if self._queue:
+                self._drain()
+        finally:
+            self._running = False
 
     def response_trailers(self, trailers: HeaderMap) -> None:
         self.handle(ResponseTrailers(trailers))
@@ -635,7 +675,7 @@ class FilterChain:
                 try:
                     stream.complete()
                 except Exception:
-                    log.exception("filter %s: complete() failed", self.names[index])
+                    log.exception("filter %s: complete() failed", self.entries[index][0])
             # Break the reference cycles (chain -> streams -> callbacks -> chain) so that a
             # finished request is freed by reference counting at once: left to the cycle
             # collector, requests pile up and collections become pauses. A late callback finds
@@ -682,7 +722,7 @@ class FilterChain:
         acted = self.acted
         if not acted:
             return []
-        return [name for i, name in enumerate(self.names) if acted >> i & 1]
+        return [name for i, (name, _) in enumerate(self.entries) if acted >> i & 1]
 
     # -- handlers: headers and data take the event's fields (they are also called directly) ----
     def _on_request_headers(self, headers: HeaderMap, end_of_stream: bool) -> None:
@@ -722,7 +762,7 @@ class FilterChain:
         self._local_reply(event.index, event.reply)
 
     def _on_filter_reset(self, event: FilterReset) -> None:
-        self._reset(f"reset by filter {self.names[event.index]}")
+        self._reset(f"reset by filter {self.entries[event.index][0]}")
 
     # -- filter calls ----------------------------------------------------------------------------
     # (Headers callbacks are called by `_Direction._arrive_headers`, in its loop.)
@@ -759,29 +799,9 @@ class FilterChain:
 
     def _filter_crashed(self, index: int) -> FilterStatus:
         self.acted |= 1 << index
-        log.exception("filter %s: stream callback raised", self.names[index])
+        log.exception("filter %s: stream callback raised", self.entries[index][0])
         self._queue.insert(0, SendLocalReply(index, LocalReply(503, b"filter failure\n", details="filter_exception")))
         return FilterStatus.STOP
-
-    # -- sinks ---------------------------------------------------------------------------------
-    def _sink_headers(self, d: _Direction, headers: HeaderMap, eos: bool) -> None:
-        if d.decoding:
-            self._actions.append(ForwardRequestHeaders(headers, eos))
-        else:
-            self._response_started = True
-            self._actions.append(SendResponseHeaders(headers, eos))
-
-    def _sink_data(self, d: _Direction, data: bytes, eos: bool) -> None:
-        if d.decoding:
-            self._actions.append(ForwardRequestData(data, eos))
-        else:
-            self._actions.append(SendResponseData(data, eos))
-
-    def _sink_trailers(self, d: _Direction, trailers: HeaderMap) -> None:
-        if d.decoding:
-            self._actions.append(ForwardRequestTrailers(trailers))
-        else:
-            self._actions.append(SendResponseTrailers(trailers))
 
     # -- local replies and resets --------------------------------------------------------------
     def _overflow(self, d: _Direction, pos: int) -> None:
@@ -960,5 +980,5 @@ _HANDLERS: dict[type, Callable[[FilterChain, Any], None]] = {
 """One handler per event type: a dict lookup, not a chain of isinstance tests."""
 
 
-def _dispatch(chain: FilterChain, event: Event, _: None) -> None:
+def _dispatch(chain: FilterChain, event: Event) -> None:
     _HANDLERS[type(event)](chain, event)

@@ -239,13 +239,11 @@ class Exchange:
         self._upgrade = upgrade.partition(",")[0].strip().lower() if upgrade is not None and head.upgrade else None
         info.request_headers = headers
         gen = self.gen
-        filters = gen.filters_for(path)
+        entries = gen.chain_for(path)
         chain: Chain
-        if filters:
+        if entries:
             chain = FilterChain(
-                [(f.name, partial(f.plugin.new_stream, info)) for f in filters],
-                max_body_buffer=gen.config.max_body_buffer,
-                track_headers=self.server.tracks_headers,
+                entries, info, max_body_buffer=gen.config.max_body_buffer, track_headers=self.server.tracks_headers
             )
         else:
             chain = PassThrough()

@@ -306,12 +306,12 @@ class FilterRig:
 
         events = Recorder(on_event=on_event)
 
-        def open_stream(callbacks: StreamCallbacks) -> FilterStream:
+        def open_stream(info: abi.StreamInfo, callbacks: StreamCallbacks) -> FilterStream:
             events.forward = callbacks
             phase_logs.append(_PhaseLog(plugin.new_stream(info, events), events.events))
             return phase_logs[0]
 
-        chain = FilterChain([(plugin.report().name, open_stream)])
+        chain = FilterChain([(plugin.report().name, open_stream)], info)
         chain.on_actions = woken.set
         run = _Run(chain, info, upstream, response_body)
         try:

@@ -21,6 +21,7 @@ from collections.abc import Callable
 
 from sluice import abi
 
+from .chain import ChainEntry
 from .clusters import ClusterPool
 from .config import FilterConfig, SluiceConfig
 from .http import path_only
@@ -77,17 +78,19 @@ class Generation:
         self.disposed = False
         self._keep: frozenset[int] = frozenset()
         self._unfiltered = not any(f.match for f in filters)
+        self._entries: tuple[ChainEntry, ...] = tuple((f.name, f.plugin.new_stream) for f in filters)
+        """Every filter as the chain takes it, made once: a request's chain does not look them up."""
         self.on_disposed: Callable[[Generation], None] | None = None
         self.variant_header = variant_header(config.chain)
         """The request header the access log reports as `variant` (sluice/proxy/logs.py)."""
 
-    def filters_for(self, target: str) -> list[LoadedFilter]:
-        """The chain entries whose `match` prefix covers the path of `target` (its query aside;
-        all of them when none has a prefix, without looking at the target)."""
+    def chain_for(self, target: str) -> tuple[ChainEntry, ...]:
+        """The filters (as `FilterChain` entries) whose `match` prefix covers the path of `target`
+        (its query aside; all of them when none has a prefix, without looking at the target)."""
         if self._unfiltered:
-            return self.filters
+            return self._entries
         path = path_only(target)
-        return [f for f in self.filters if f.match is None or path.startswith(f.match)]
+        return tuple(e for f, e in zip(self.filters, self._entries) if f.match is None or path.startswith(f.match))
 
     # -- request accounting ------------------------------------------------------------------
     def acquire(self) -> None:
