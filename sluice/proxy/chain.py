@@ -559,10 +559,8 @@ class FilterChain:
         """The filters, in decoding order (index i: `streams[i]`)."""
         self.streams: list[FilterStream] = []
         streams = self.streams
-        index = 0
-        for _name, new_stream in entries:
+        for index, (_name, new_stream) in enumerate(entries):
             streams.append(new_stream(info, _new_callbacks(_Callbacks, (self, index))))
-            index += 1
         self._dec = _Direction(self, range(len(self.streams)), decoding=True)
         self._enc: _Direction | None = None
         self._response_started = False  # response headers went to the client

@@ -90,7 +90,8 @@ class Generation:
         if self._unfiltered:
             return self._entries
         path = path_only(target)
-        return tuple(e for f, e in zip(self.filters, self._entries) if f.match is None or path.startswith(f.match))
+        filters = zip(self.filters, self._entries, strict=True)
+        return tuple(e for f, e in filters if f.match is None or path.startswith(f.match))
 
     # -- request accounting ------------------------------------------------------------------
     def acquire(self) -> None:
