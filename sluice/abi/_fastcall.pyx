@@ -616,9 +616,9 @@ cdef class StreamCore:
         cdef tuple args
         if self.id != 0 or self._create():
             if args3:
-                args = (self.id, len(headers), 1 if end_of_stream else 0)
+                args = (self.id, PyList_GET_SIZE(<list>headers._items), 1 if end_of_stream else 0)
             else:
-                args = (self.id, len(headers))
+                args = (self.id, PyList_GET_SIZE(<list>headers._items))
             try:
                 r = _invoke(vm, fn, self, args, False, None, self._timing)
             except BaseException as exc:
@@ -719,7 +719,7 @@ cdef class StreamCore:
         if hmap is None:
             # A map this stream never had reads as empty in the log phase (Envoy), else it is an error.
             return None if self.in_log else _BAD_ARGUMENT
-        return hmap.get(key)
+        return _header_get(hmap, key)
 
 
 # -- host functions ---------------------------------------------------------------------------
@@ -1106,11 +1106,13 @@ cdef class HostCalls:
         return _OK if fit == FITS else self._vm.refuse_header_limit(fit)
 
 
-# -- header-map writes within bounds ------------------------------------------------------------
-# `headers.HeaderMap.add` and `set` held to a filter's limits, for the two host calls above: in
-# their usual cases (ASCII text, a regular name there once or not at all) on the map's fields here,
-# since a Python frame per call is what those calls cost; for the rest (a pseudo-header added, a
-# name there more than once) through the map's own methods, where its rules live.
+# -- header maps, as the host calls read and write them ----------------------------------------
+# `headers.HeaderMap`'s lookup, and its add and set held to a filter's limits, for the host calls
+# above: on the map's fields here, since a Python frame per call is what those calls cost (a
+# filter reads and sets several headers a request). Only the usual cases are here (ASCII text, a
+# regular name there once or not at all); the rest (a pseudo-header added, a name there more than
+# once) goes through the map's own methods, where its rules live. `tests/test_abi_headermap.py`
+# holds these to the Python methods.
 
 cdef enum:
     FITS = 0
@@ -1127,14 +1129,43 @@ cdef inline Py_ssize_t _utf8_len(str text) except -1:
     return PyBytes_GET_SIZE(PyUnicode_AsEncodedString(text, "utf-8", "surrogateescape"))
 
 
-cdef inline list _names_of(object hmap):
+cdef list _names_of(object hmap):
+    """`HeaderMap._index()`: the names of the entries, in order, made once and kept in the map."""
     names = hmap._names
-    return hmap._index() if names is None else names
+    if names is not None:
+        return <list>names
+    cdef list items = hmap._items
+    cdef list made = []
+    for item in items:
+        made.append((<tuple>item)[0])
+    hmap._names = made
+    return made
 
 
-cdef inline Py_ssize_t _size_of(object hmap) except -1:
+cdef Py_ssize_t _size_of(object hmap) except -1:
+    """`HeaderMap.byte_size()`: bytes of the names and values, measured once and kept in the map."""
     cdef Py_ssize_t size = hmap._size
-    return hmap.byte_size() if size < 0 else size
+    if size >= 0:
+        return size
+    size = 0
+    for item in <list>hmap._items:
+        size += _utf8_len((<tuple>item)[0]) + _utf8_len((<tuple>item)[1])
+    hmap._size = size
+    return size
+
+
+cdef object _header_get(object hmap, str name):
+    """`HeaderMap.get(name)`: the first value of `name`, or None (proxy_get_header_map_value)."""
+    name = name.lower()
+    cdef list items = hmap._items
+    cdef Py_ssize_t n = PyList_GET_SIZE(items), i
+    if n and <str>(<tuple>PyList_GET_ITEM(items, 0))[0] == name:
+        return (<tuple>PyList_GET_ITEM(items, 0))[1]  # `:method`, `:status`
+    cdef list names = _names_of(hmap)
+    for i in range(n):
+        if <str>PyList_GET_ITEM(names, i) == name:
+            return (<tuple>PyList_GET_ITEM(items, i))[1]
+    return None
 
 
 cdef int _add_within(object hmap, str name, str value, Py_ssize_t max_entries, Py_ssize_t max_bytes) except -1:
@@ -1204,6 +1235,11 @@ cdef int _set_within(object hmap, str name, str value, Py_ssize_t max_entries, P
     names.append(name)
     hmap._size = size
     return FITS
+
+
+def header_get(hmap, str name):
+    """`_header_get` for Python callers (tests): what HeaderMap.get(name) answers."""
+    return _header_get(hmap, name)
 
 
 def header_add_within(hmap, str name, str value, Py_ssize_t max_entries, Py_ssize_t max_bytes):

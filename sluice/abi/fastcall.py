@@ -541,6 +541,8 @@ the filter's header-map limits): the base of
 `hostcalls.ProxyHostCalls`."""
 return_bytes = _fastcall.return_bytes
 """The returned-buffer protocol (reference 4.2) on `vm.memory` with `vm.allocator`."""
+header_get = _fastcall.header_get
+"""header_get(hmap, name): what `HeaderMap.get(name)` answers, compiled (proxy_get_header_map_value)."""
 header_add_within = _fastcall.header_add_within
 """header_add_within(hmap, name, value, max_entries, max_bytes): `HeaderMap.add` unless the map
 would then hold more than `max_entries` entries or `max_bytes` bytes; answers HEADER_FITS (added),
