@@ -13,7 +13,7 @@ from forwarding import DATA, call, compile_forwarder
 from hosting import FilterRig, closed_port
 
 from sluice import abi
-from sluice.abi.headers import serialize_pairs
+from sluice.abi.fastcall import serialize_pairs
 from sluice.abi.types import WasmResult
 
 OK = WasmResult.OK

@@ -7,7 +7,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sluice.abi import HeaderMap, fastcall
-from sluice.abi.headers import deserialize_pairs, serialize_pairs
+from sluice.abi.fastcall import serialize_pairs
+from sluice.abi.headers import deserialize_pairs
 
 NAMES = st.sampled_from([":method", ":path", ":status", "host", "x-a", "X-A", "x-b", "via", "é-x"])
 VALUES = st.text(max_size=5)
@@ -76,6 +77,18 @@ def test_pairs_round_trip(pairs: list[tuple[str, str]]) -> None:
     assert deserialize_pairs(serialize_pairs(clean)) == clean
     as_bytes = [(k.encode(), v.encode()) for k, v in clean]
     assert serialize_pairs(as_bytes) == serialize_pairs(clean)
+
+
+def test_pairs_wire_layout() -> None:
+    """The bytes proxy_get_header_map_pairs hands a filter: count, the lengths, then each text and
+    its NUL; a byte that is not UTF-8 (kept as a surrogate escape) goes back out as that byte."""
+    data = serialize_pairs([(":path", "/é"), ("x-raw", "\udcff")])
+    assert data == (
+        (2).to_bytes(4, "little") + b"".join(n.to_bytes(4, "little") for n in (5, 3, 5, 1))
+        + b":path\0/\xc3\xa9\0x-raw\0\xff\0"
+    )
+    assert deserialize_pairs(data) == [(":path", "/é"), ("x-raw", "\udcff")]
+    assert serialize_pairs([]) == b""
 
 
 @settings(max_examples=300, deadline=None)

@@ -74,6 +74,7 @@ cdef extern from "Python.h":
     int PyGC_Disable()
     void _set_size "Py_SET_SIZE"(object o, Py_ssize_t size)
     bint PyUnicode_IS_ASCII(object text)
+    void* PyUnicode_DATA(object text)
     Py_ssize_t PyUnicode_GET_LENGTH(object text)
 
 cdef enum:
@@ -1077,6 +1078,29 @@ cdef class HostCalls:
             return (<StreamCore>ctx)._header_map(mtype, True)
         return ctx.header_map(mtype, True) if ctx is not None else None
 
+    def proxy_get_header_map_pairs(self, long long mtype, long long out_ptr, long long out_size):
+        if mtype > 7:
+            return _BAD_ARGUMENT
+        ctx = self._acting()
+        if isinstance(ctx, StreamCore):
+            hmap = (<StreamCore>ctx)._header_map(mtype, False)
+        else:
+            hmap = ctx.header_map(mtype, False) if ctx is not None else None
+        data = _serialize_pairs(hmap._items) if hmap is not None else b""
+        return return_result(self._vm, self._memory, data, out_ptr, out_size)
+
+    def proxy_remove_header_map_value(self, long long mtype, long long kptr, long long klen):
+        if mtype > 7:
+            return _BAD_ARGUMENT
+        key = self._text(kptr, klen)
+        if key is None:
+            return _INVALID_MEMORY_ACCESS
+        hmap = self._writable_map(mtype)
+        if hmap is None:
+            return _BAD_ARGUMENT
+        hmap.remove(key)
+        return _OK
+
     def proxy_add_header_map_value(self, long long mtype, long long kptr, long long klen, long long vptr,
                                    long long vlen):
         if mtype > 7:
@@ -1235,6 +1259,58 @@ cdef int _set_within(object hmap, str name, str value, Py_ssize_t max_entries, P
     names.append(name)
     hmap._size = size
     return FITS
+
+
+cdef inline object _wire(object part):
+    """A name or value as the pairs format carries it: bytes as they are, an ASCII str as itself
+    (its characters are its bytes), any other str encoded (UTF-8, surrogateescape)."""
+    if type(part) is bytes or PyUnicode_IS_ASCII(part):
+        return part
+    return PyUnicode_AsEncodedString(part, "utf-8", "surrogateescape")
+
+
+cdef inline void _put_u32(char* at, Py_ssize_t value) noexcept:
+    cdef uint32_t v = <uint32_t>value
+    at[0] = <char>(v & 0xFF)
+    at[1] = <char>((v >> 8) & 0xFF)
+    at[2] = <char>((v >> 16) & 0xFF)
+    at[3] = <char>((v >> 24) & 0xFF)
+
+
+cdef bytes _serialize_pairs(object items):
+    """The proxy-wasm pairs format (reference 4.1): u32 count, (u32 key_len, u32 value_len) each,
+    then key NUL value NUL each; no pairs give no bytes."""
+    cdef list parts = []
+    for name, value in items:
+        parts.append(_wire(name))
+        parts.append(_wire(value))
+    cdef Py_ssize_t n = PyList_GET_SIZE(parts), i, size, total = 4 + 5 * n
+    if n == 0:
+        return b""
+    for part in parts:
+        total += PyBytes_GET_SIZE(part) if type(part) is bytes else PyUnicode_GET_LENGTH(part)
+    cdef bytes out = PyBytes_FromStringAndSize(NULL, total)
+    cdef char* buf = PyBytes_AS_STRING(out)
+    cdef char* data = buf + 4 + 4 * n
+    _put_u32(buf, n // 2)
+    for i in range(n):
+        part = <object>PyList_GET_ITEM(parts, i)
+        if type(part) is bytes:
+            size = PyBytes_GET_SIZE(part)
+            memcpy(data, PyBytes_AS_STRING(part), size)
+        else:
+            size = PyUnicode_GET_LENGTH(part)
+            memcpy(data, PyUnicode_DATA(part), size)  # ASCII: one byte per character
+        _put_u32(buf + 4 + 4 * i, size)
+        data[size] = 0
+        data += size + 1
+    return out
+
+
+def serialize_pairs(items):
+    """Encode (name, value) pairs, str or bytes, in the pairs format: u32 count, (u32 key_len,
+    u32 value_len) each, then key NUL value NUL each (empty for no pairs)."""
+    return _serialize_pairs(items)
 
 
 def header_get(hmap, str name):

@@ -536,11 +536,15 @@ _fastcall.init(
 _fastcall.set_constants(tuple(LogLevel), tuple(WasmResult))
 
 HostCalls = _fastcall.HostCalls
-"""The compiled host functions (proxy_log, reading a header value, adding or replacing one within
-the filter's header-map limits): the base of
+"""The compiled host functions (proxy_log, reading a header value or a whole map, removing a
+header, adding or replacing one within the filter's header-map limits): the base of
 `hostcalls.ProxyHostCalls`."""
 return_bytes = _fastcall.return_bytes
 """The returned-buffer protocol (reference 4.2) on `vm.memory` with `vm.allocator`."""
+serialize_pairs = _fastcall.serialize_pairs
+"""serialize_pairs(items): (name, value) pairs, str or bytes, in the proxy-wasm pairs format
+(reference 4.1: u32 count, (u32 key_len, u32 value_len) each, then key NUL value NUL each), in C:
+proxy_get_header_map_pairs answers with it."""
 header_get = _fastcall.header_get
 """header_get(hmap, name): what `HeaderMap.get(name)` answers, compiled (proxy_get_header_map_value)."""
 header_add_within = _fastcall.header_add_within

@@ -12,7 +12,6 @@ import operator
 import struct
 from collections.abc import Iterable, Iterator
 from itertools import chain
-from typing import cast
 
 MAX_PAIRS = 1024
 MAX_PAIRS_BYTES = 1 << 20
@@ -186,35 +185,12 @@ class HeaderMap:
         clone._items = list(self._items)
         return clone
 
-    # -- wire format -------------------------------------------------------------------------
-    def serialize(self) -> bytes:
-        return serialize_pairs(self._items)
-
+    # -- wire format (the host call that serializes a map is compiled: fastcall.serialize_pairs) ------
     @classmethod
     def deserialize(cls, data: bytes) -> HeaderMap:
         clone = cls()
         clone._items = [(k.lower(), v) for k, v in deserialize_pairs(data)]
         return clone
-
-
-def serialize_pairs(items: Iterable[tuple[str, str]] | Iterable[tuple[bytes, bytes]]) -> bytes:
-    """Encode pairs: u32 count, (u32 key_len, u32 value_len) each, then key NUL value NUL each.
-
-    In one pass over the text: the keys and values are joined with their NULs and encoded at once
-    (an ASCII map, the usual case, then has its lengths without any per-header encoding)."""
-    flat: list[str | bytes] = list(chain.from_iterable(items))
-    if not flat:
-        return b""
-    head = f"<{len(flat) + 1}I"
-    try:
-        text = "\0".join(cast(list[str], flat))
-    except TypeError:  # bytes among them
-        pass
-    else:
-        if text.isascii():
-            return struct.pack(head, len(flat) // 2, *map(len, flat)) + text.encode("ascii") + b"\0"
-    raw = [x if isinstance(x, bytes) else _enc(x) for x in flat]
-    return struct.pack(head, len(raw) // 2, *map(len, raw)) + b"\0".join(raw) + b"\0"
 
 
 def deserialize_pairs_bytes(data: bytes) -> list[tuple[bytes, bytes]]:

@@ -17,8 +17,8 @@ from typing import Any
 
 from . import wasi
 from .api import LocalReply
-from .fastcall import HostCalls, HostFunction, HostTrap, LinearMemory, NoMemory
-from .headers import HeaderMap, deserialize_pairs, serialize_pairs
+from .fastcall import HostCalls, HostFunction, HostTrap, LinearMemory, NoMemory, serialize_pairs
+from .headers import HeaderMap, deserialize_pairs
 from .properties import split_path
 from .types import StreamType, WasmResult
 from .vm import WasmVM
@@ -45,8 +45,9 @@ def _text(data: bytes) -> str:
 
 
 class ProxyHostCalls(HostCalls):
-    """Implementations of `env.*` for one VM: the hottest (proxy_log, reading, adding and
-    replacing a header value) are the compiled `fastcall.HostCalls`'s, the rest are here."""
+    """Implementations of `env.*` for one VM: the hottest (proxy_log, reading a header value or a
+    whole map, removing, adding and replacing a header) are the compiled `fastcall.HostCalls`'s,
+    the rest are here."""
 
     def __init__(self, vm: WasmVM) -> None:
         super().__init__(vm)
@@ -113,13 +114,6 @@ class ProxyHostCalls(HostCalls):
         ctx = self.vm.acting()
         return ctx.header_map(mtype, write) if ctx is not None else None
 
-    def proxy_get_header_map_pairs(self, mtype: int, out_ptr: int, out_size: int) -> int:
-        if mtype > 7:
-            return BAD_ARGUMENT
-        hmap = self._map(mtype)
-        data = hmap.serialize() if hmap is not None else b""
-        return self.vm.return_bytes(data, out_ptr, out_size)
-
     def proxy_set_header_map_pairs(self, mtype: int, ptr: int, size: int) -> int:
         if mtype > 7:
             return BAD_ARGUMENT
@@ -130,18 +124,6 @@ class ProxyHostCalls(HostCalls):
         if hmap is None:
             return BAD_ARGUMENT
         return self.vm.replace_headers(hmap, data)
-
-    def proxy_remove_header_map_value(self, mtype: int, kptr: int, klen: int) -> int:
-        if mtype > 7:
-            return BAD_ARGUMENT
-        key = self._mem.read(kptr, klen)
-        if key is None:
-            return INVALID_MEMORY_ACCESS
-        hmap = self._map(mtype, write=True)
-        if hmap is None:
-            return BAD_ARGUMENT
-        hmap.remove(_dec(key))
-        return OK
 
     def proxy_get_header_map_size(self, mtype: int, out: int) -> int:
         if mtype > 7:

@@ -13,7 +13,8 @@ from typing import Any
 
 from . import protobuf
 from .api import NodeInfo, PluginSpec, StreamInfo
-from .headers import HeaderMap, serialize_pairs
+from .fastcall import serialize_pairs
+from .headers import HeaderMap
 
 Value = str | bytes | int | bool | dict[str, str] | None
 
