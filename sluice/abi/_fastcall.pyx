@@ -1078,6 +1078,42 @@ cdef class HostCalls:
             return (<StreamCore>ctx)._header_map(mtype, True)
         return ctx.header_map(mtype, True) if ctx is not None else None
 
+    cdef inline object _bytes(self, long long ptr, long long size):
+        """A copy of [ptr, ptr+size) as bytes, or None when out of bounds."""
+        cdef Memory mem = self._memory
+        if mem is None or not mem._fits(ptr, size):
+            return None
+        return PyBytes_FromStringAndSize(<char*>(mem._base + ptr), size)
+
+    def proxy_get_shared_data(self, long long kptr, long long klen, long long out_ptr, long long out_size,
+                              long long out_cas):
+        key = self._bytes(kptr, klen)
+        if key is None:
+            return _INVALID_MEMORY_ACCESS
+        entry = self._vm.get_shared(key)
+        if entry is None:
+            return _NOT_FOUND
+        value, cas = entry
+        cdef Memory mem = self._memory
+        cdef uint32_t cas32 = <uint32_t>(<unsigned long long>(cas & 0xFFFFFFFF))
+        if not mem._fits(out_cas, 4):
+            return _INVALID_MEMORY_ACCESS
+        memcpy(mem._base + out_cas, &cas32, 4)
+        return return_result(self._vm, mem, value if type(value) is bytes else bytes(value), out_ptr, out_size)
+
+    def proxy_set_shared_data(self, long long kptr, long long klen, long long vptr, long long vlen, long long cas):
+        key = self._bytes(kptr, klen)
+        value = self._bytes(vptr, vlen)
+        if key is None or value is None:
+            return _INVALID_MEMORY_ACCESS
+        return self._vm.set_shared(key, value, cas)
+
+    def proxy_increment_metric(self, long long metric_id, long long offset):
+        return self._vm.metrics.increment(metric_id, offset)
+
+    def proxy_record_metric(self, long long metric_id, long long value):
+        return self._vm.metrics.record(metric_id, value)
+
     def proxy_get_header_map_pairs(self, long long mtype, long long out_ptr, long long out_size):
         if mtype > 7:
             return _BAD_ARGUMENT

@@ -537,7 +537,8 @@ _fastcall.set_constants(tuple(LogLevel), tuple(WasmResult))
 
 HostCalls = _fastcall.HostCalls
 """The compiled host functions (proxy_log, reading a header value or a whole map, removing a
-header, adding or replacing one within the filter's header-map limits): the base of
+header, adding or replacing one within the filter's header-map limits, getting and setting shared
+data, incrementing and recording a metric): the base of
 `hostcalls.ProxyHostCalls`."""
 return_bytes = _fastcall.return_bytes
 """The returned-buffer protocol (reference 4.2) on `vm.memory` with `vm.allocator`."""

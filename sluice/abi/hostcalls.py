@@ -46,8 +46,8 @@ def _text(data: bytes) -> str:
 
 class ProxyHostCalls(HostCalls):
     """Implementations of `env.*` for one VM: the hottest (proxy_log, reading a header value or a
-    whole map, removing, adding and replacing a header) are the compiled `fastcall.HostCalls`'s,
-    the rest are here."""
+    whole map, removing, adding and replacing a header, shared data, counters) are the compiled
+    `fastcall.HostCalls`'s, the rest are here."""
 
     def __init__(self, vm: WasmVM) -> None:
         super().__init__(vm)
@@ -270,25 +270,7 @@ class ProxyHostCalls(HostCalls):
     def proxy_grpc_close(self, *_: int) -> int:
         return UNIMPLEMENTED
 
-    # -- 1.8 shared data ---------------------------------------------------------------------------
-    def proxy_get_shared_data(self, kptr: int, klen: int, out_ptr: int, out_size: int, out_cas: int) -> int:
-        key = self._mem.read(kptr, klen)
-        if key is None:
-            return INVALID_MEMORY_ACCESS
-        entry = self.vm.get_shared(key)
-        if entry is None:
-            return NOT_FOUND
-        value, cas = entry
-        if not self._mem.write_u32(out_cas, cas):
-            return INVALID_MEMORY_ACCESS
-        return self.vm.return_bytes(value, out_ptr, out_size)
-
-    def proxy_set_shared_data(self, kptr: int, klen: int, vptr: int, vlen: int, cas: int) -> int:
-        kv = self._mem.read(kptr, klen), self._mem.read(vptr, vlen)
-        if kv[0] is None or kv[1] is None:
-            return INVALID_MEMORY_ACCESS
-        return self.vm.set_shared(kv[0], kv[1], cas)
-
+    # -- 1.8 shared data: get and set are compiled (`fastcall.HostCalls`) -------------------------
     # -- 1.9 shared queues -------------------------------------------------------------------------
     def proxy_register_shared_queue(self, nptr: int, nlen: int, out_token: int) -> int:
         name = self._mem.read(nptr, nlen)
@@ -333,12 +315,6 @@ class ProxyHostCalls(HostCalls):
         if isinstance(metric_id, WasmResult):
             return metric_id
         return OK if self._mem.write_u32(out_id, metric_id) else INVALID_MEMORY_ACCESS
-
-    def proxy_increment_metric(self, metric_id: int, offset: int) -> int:
-        return self.vm.metrics.increment(metric_id, offset)
-
-    def proxy_record_metric(self, metric_id: int, value: int) -> int:
-        return self.vm.metrics.record(metric_id, value)
 
     def proxy_get_metric(self, metric_id: int, out: int) -> int:
         value = self.vm.metrics.get(metric_id)
