@@ -1137,8 +1137,9 @@ cdef class HostCalls:
         hmap.remove(key)
         return _OK
 
-    def proxy_add_header_map_value(self, long long mtype, long long kptr, long long klen, long long vptr,
-                                   long long vlen):
+    cdef object _header_write(self, long long mtype, long long kptr, long long klen, long long vptr,
+                              long long vlen, bint replace):
+        """An add (or, `replace`, a replace) of a header value in map `mtype`, within the limits."""
         if mtype > 7:
             return _BAD_ARGUMENT
         key = self._text(kptr, klen)
@@ -1148,22 +1149,21 @@ cdef class HostCalls:
         hmap = self._writable_map(mtype)
         if hmap is None:
             return _BAD_ARGUMENT
-        cdef int fit = _add_within(hmap, key, value, self._vm.max_headers, self._vm.max_header_bytes)
-        return _OK if fit == FITS else self._vm.refuse_header_limit(fit)
+        cdef VMCore vm = self._vm
+        cdef int fit
+        if replace:
+            fit = _set_within(hmap, key.lower(), value, vm.max_headers, vm.max_header_bytes)
+        else:
+            fit = _add_within(hmap, key, value, vm.max_headers, vm.max_header_bytes)
+        return _OK if fit == FITS else vm.refuse_header_limit(fit)
+
+    def proxy_add_header_map_value(self, long long mtype, long long kptr, long long klen, long long vptr,
+                                   long long vlen):
+        return self._header_write(mtype, kptr, klen, vptr, vlen, False)
 
     def proxy_replace_header_map_value(self, long long mtype, long long kptr, long long klen, long long vptr,
                                        long long vlen):
-        if mtype > 7:
-            return _BAD_ARGUMENT
-        key = self._text(kptr, klen)
-        value = self._text(vptr, vlen)
-        if key is None or value is None:
-            return _INVALID_MEMORY_ACCESS
-        hmap = self._writable_map(mtype)
-        if hmap is None:
-            return _BAD_ARGUMENT
-        cdef int fit = _set_within(hmap, key.lower(), value, self._vm.max_headers, self._vm.max_header_bytes)
-        return _OK if fit == FITS else self._vm.refuse_header_limit(fit)
+        return self._header_write(mtype, kptr, klen, vptr, vlen, True)
 
 
 # -- header maps, as the host calls read and write them ----------------------------------------
@@ -1282,19 +1282,7 @@ cdef int _set_within(object hmap, str name, str value, Py_ssize_t max_entries, P
         items[first] = (name, value)
         hmap._size = size
         return FITS
-    if n >= max_entries:
-        return TOO_MANY
-    size += _utf8_len(name) + _utf8_len(value)
-    if size > max_bytes:
-        return TOO_LARGE
-    if PyUnicode_GET_LENGTH(name) and name[0] == ":":
-        hmap.add(name, value)  # pseudo-headers go in front
-        return FITS
-    hmap.writes = hmap.writes + 1
-    items.append((name, value))
-    names.append(name)
-    hmap._size = size
-    return FITS
+    return _add_within(hmap, name, value, max_entries, max_bytes)  # not there: an add
 
 
 cdef inline object _wire(object part):
