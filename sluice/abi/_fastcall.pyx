@@ -1108,10 +1108,11 @@ cdef class HostCalls:
             return _INVALID_MEMORY_ACCESS
         return self._vm.set_shared(key, value, cas)
 
-    def proxy_increment_metric(self, long long metric_id, long long offset):
+    # The arguments as the trampoline made them (an i64 may carry any u64): no C conversion.
+    def proxy_increment_metric(self, metric_id, offset):
         return self._vm.metrics.increment(metric_id, offset)
 
-    def proxy_record_metric(self, long long metric_id, long long value):
+    def proxy_record_metric(self, metric_id, value):
         return self._vm.metrics.record(metric_id, value)
 
     def proxy_get_header_map_pairs(self, long long mtype, long long out_ptr, long long out_size):
