@@ -3,6 +3,7 @@ and the same answers (its name index must never go stale), and the pairs wire fo
 
 from __future__ import annotations
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -89,6 +90,10 @@ def test_pairs_wire_layout() -> None:
     )
     assert deserialize_pairs(data) == [(":path", "/é"), ("x-raw", "\udcff")]
     assert serialize_pairs([]) == b""
+    # Bytes-like parts are their bytes; anything else is refused, never read as text.
+    assert serialize_pairs([(bytearray(b"k"), memoryview(b"v"))]) == serialize_pairs([("k", "v")])
+    with pytest.raises(TypeError):
+        serialize_pairs([(1, b"")])
 
 
 @settings(max_examples=300, deadline=None)

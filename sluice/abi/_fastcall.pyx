@@ -880,6 +880,9 @@ cdef class Memory:
 
     def read(self, long long ptr, long long length):
         """A copy of [ptr, ptr+length) as bytes, or None when out of bounds."""
+        return self._read(ptr, length)
+
+    cdef inline object _read(self, long long ptr, long long length):
         if not self._fits(ptr, length):
             return None
         return PyBytes_FromStringAndSize(<char*>(self._base + ptr), length)
@@ -893,6 +896,9 @@ cdef class Memory:
         return True
 
     def write_u32(self, long long ptr, value):
+        return self._write_u32(ptr, value)
+
+    cdef inline bint _write_u32(self, long long ptr, object value) except -1:
         cdef uint32_t v = <uint32_t>(<unsigned long long>(value & 0xFFFFFFFF))
         if not self._fits(ptr, 4):
             return False
@@ -1071,19 +1077,17 @@ cdef class HostCalls:
             return _NOT_FOUND
         return value  # the context's error answer
 
-    cdef object _writable_map(self, long long mtype):
-        """Map `mtype` of the acting context if it may be written now, else None."""
+    cdef object _map(self, long long mtype, bint write):
+        """Map `mtype` of the acting context if it exists and may be used this way now, else None."""
         ctx = self._acting()
         if isinstance(ctx, StreamCore):
-            return (<StreamCore>ctx)._header_map(mtype, True)
-        return ctx.header_map(mtype, True) if ctx is not None else None
+            return (<StreamCore>ctx)._header_map(mtype, write)
+        return ctx.header_map(mtype, write) if ctx is not None else None
 
     cdef inline object _bytes(self, long long ptr, long long size):
         """A copy of [ptr, ptr+size) as bytes, or None when out of bounds."""
         cdef Memory mem = self._memory
-        if mem is None or not mem._fits(ptr, size):
-            return None
-        return PyBytes_FromStringAndSize(<char*>(mem._base + ptr), size)
+        return None if mem is None else mem._read(ptr, size)
 
     def proxy_get_shared_data(self, long long kptr, long long klen, long long out_ptr, long long out_size,
                               long long out_cas):
@@ -1095,10 +1099,8 @@ cdef class HostCalls:
             return _NOT_FOUND
         value, cas = entry
         cdef Memory mem = self._memory
-        cdef uint32_t cas32 = <uint32_t>(<unsigned long long>(cas & 0xFFFFFFFF))
-        if not mem._fits(out_cas, 4):
+        if not mem._write_u32(out_cas, cas):
             return _INVALID_MEMORY_ACCESS
-        memcpy(mem._base + out_cas, &cas32, 4)
         return return_result(self._vm, mem, value if type(value) is bytes else bytes(value), out_ptr, out_size)
 
     def proxy_set_shared_data(self, long long kptr, long long klen, long long vptr, long long vlen, long long cas):
@@ -1118,11 +1120,7 @@ cdef class HostCalls:
     def proxy_get_header_map_pairs(self, long long mtype, long long out_ptr, long long out_size):
         if mtype > 7:
             return _BAD_ARGUMENT
-        ctx = self._acting()
-        if isinstance(ctx, StreamCore):
-            hmap = (<StreamCore>ctx)._header_map(mtype, False)
-        else:
-            hmap = ctx.header_map(mtype, False) if ctx is not None else None
+        hmap = self._map(mtype, False)
         data = _serialize_pairs(hmap._items) if hmap is not None else b""
         return return_result(self._vm, self._memory, data, out_ptr, out_size)
 
@@ -1132,7 +1130,7 @@ cdef class HostCalls:
         key = self._text(kptr, klen)
         if key is None:
             return _INVALID_MEMORY_ACCESS
-        hmap = self._writable_map(mtype)
+        hmap = self._map(mtype, True)
         if hmap is None:
             return _BAD_ARGUMENT
         hmap.remove(key)
@@ -1147,7 +1145,7 @@ cdef class HostCalls:
         value = self._text(vptr, vlen)
         if key is None or value is None:
             return _INVALID_MEMORY_ACCESS
-        hmap = self._writable_map(mtype)
+        hmap = self._map(mtype, True)
         if hmap is None:
             return _BAD_ARGUMENT
         cdef VMCore vm = self._vm
@@ -1287,11 +1285,16 @@ cdef int _set_within(object hmap, str name, str value, Py_ssize_t max_entries, P
 
 
 cdef inline object _wire(object part):
-    """A name or value as the pairs format carries it: bytes as they are, an ASCII str as itself
-    (its characters are its bytes), any other str encoded (UTF-8, surrogateescape)."""
-    if type(part) is bytes or PyUnicode_IS_ASCII(part):
+    """A name or value as the pairs format carries it: exactly `bytes` (what the writer below
+    copies), or an ASCII str (its characters are its bytes); any other str is encoded (UTF-8,
+    surrogateescape), any other bytes-like copied, anything else refused (TypeError)."""
+    if type(part) is bytes:
         return part
-    return PyUnicode_AsEncodedString(part, "utf-8", "surrogateescape")
+    if isinstance(part, str):
+        return part if PyUnicode_IS_ASCII(part) else PyUnicode_AsEncodedString(part, "utf-8", "surrogateescape")
+    if isinstance(part, (bytes, bytearray, memoryview)):
+        return bytes(part)
+    raise TypeError(f"a header name or value must be str or bytes, not {type(part).__name__}")
 
 
 cdef inline void _put_u32(char* at, Py_ssize_t value) noexcept:
