@@ -21,7 +21,8 @@ the peer is nginx `proxy_pass` with an upstream keep-alive pool (one worker). Ta
 
 Every target runs from the start, pinned to one core (the proxy core); the upstream and wrk share
 the other. Targets not being measured are stopped (SIGSTOP) so they take no CPU. Rounds are
-interleaved (round 1: every target once, round 2: ...) and the median of the rounds is reported,
+interleaved (round 1: every target once, round 2: ...) and the median of the rounds is reported
+(the ratios and differences at the end are taken within each round, then their median and range),
 with the proxy process's own CPU time per request (user + system, from /proc; nginx: master +
 worker), which is steadier than req/s on a shared machine, and its two parts: the system time is
 the kernel's socket work, and it grows per request as the proxy's own (user) time does, since a
@@ -45,7 +46,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import wasmtime
@@ -450,31 +451,48 @@ def main() -> int:
               f"{median(target_runs, 'p99_ms'):6.2f}ms {median(target_runs, 'cpu_us'):7.1f}us "
               f"{median(target_runs, 'user_us'):5.1f}us {median(target_runs, 'sys_us'):5.1f}us  {note}")
 
-    def ratio(a: str, b: str, label: str, target: str) -> None:
-        if a in runs and b in runs:
-            value = median(runs[a], "rps") / median(runs[b], "rps")
-            print(f"{label:44s} {value:5.2f}   ({target})")
+    # Each figure below is taken round by round (the two targets ran minutes apart at most, on the
+    # same machine load) and the median of those is reported, with the range: on a shared machine
+    # a ratio of two medians mixes rounds that other work slowed differently.
+    def paired(a: str, b: str, of: Callable[[dict[str, float], dict[str, float]], float]) -> list[float] | None:
+        if a not in runs or b not in runs:
+            return None
+        return [of(x, y) for x, y in zip(runs[a], runs[b], strict=True)]
 
-    def added(a: str, b: str, label: str, target: str) -> None:
-        if a in runs and b in runs:
-            value = median(runs[a], "cpu_us") - median(runs[b], "cpu_us")
-            print(f"{label:44s} {value:5.1f} us ({target})")
+    def show(label: str, values: list[float] | None, unit: str, target: str) -> None:
+        if values is None:
+            return
+        middle, low, high = statistics.median(values), min(values), max(values)
+        if unit == "%":
+            figure = f"{middle:5.1%}    [{low:.1%} .. {high:.1%}]"
+        elif unit == "us":
+            figure = f"{middle:5.1f} us [{low:.1f} .. {high:.1f}]"
+        else:
+            figure = f"{middle:5.2f}    [{low:.2f} .. {high:.2f}]"
+        print(f"{label:46s} {figure:26s} ({target})")
+
+    def rps_ratio(x: dict[str, float], y: dict[str, float]) -> float:
+        return x["rps"] / y["rps"]
+
+    def cpu_added(x: dict[str, float], y: dict[str, float]) -> float:
+        return x["cpu_us"] - y["cpu_us"]
 
     print()
-    ratio("sluice", "nginx+log", "sluice (log on) / nginx proxy_pass (log on)", "target >= 0.40, moonshot 0.55")
-    ratio("sluice-nolog", "nginx", "sluice (log off) / nginx (log off)", "for reference")
-    if "sluice" in runs and "nginx+log" in runs:
-        value = median(runs["sluice"], "p99_ms") / median(runs["nginx+log"], "p99_ms")
-        print(f"{'p99 sluice / p99 nginx (log on)':44s} {value:5.2f}   (target <= 2)")
-    ratio("sluice+3", "sluice", "sluice+3 / sluice (both log on)", "target >= 0.50, moonshot 0.75")
-    if "sluice" in runs and "sluice-nolog" in runs:
-        value = 1 - median(runs["sluice"], "rps") / median(runs["sluice-nolog"], "rps")
-        print(f"{'throughput lost to the access log':44s} {value:5.1%}   (target <= 10%)")
-    added("sluice+noop", "sluice", "CPU added by a no-op filter", "target <= 5 us")
-    added("sluice+as", "sluice", "CPU added by the AssemblyScript headers filter", "target <= 25 us")
-    if "sluice+3" in runs and "sluice" in runs:
-        value = (median(runs["sluice+3"], "cpu_us") - median(runs["sluice"], "cpu_us")) / 3
-        print(f"{'CPU added per built-in filter (mean of 3)':44s} {value:5.1f} us (target <= 15 us, moonshot 8)")
+    print(f"per round, median [range] of {args.rounds} rounds:")
+    show("sluice (log on) / nginx proxy_pass (log on)", paired("sluice", "nginx+log", rps_ratio), "",
+         "target >= 0.40, moonshot 0.55")
+    show("sluice (log off) / nginx (log off)", paired("sluice-nolog", "nginx", rps_ratio), "", "for reference")
+    show("p99 sluice / p99 nginx (log on)", paired("sluice", "nginx+log", lambda x, y: x["p99_ms"] / y["p99_ms"]),
+         "", "target <= 2")
+    show("sluice+3 / sluice (both log on)", paired("sluice+3", "sluice", rps_ratio), "",
+         "target >= 0.50, moonshot 0.75")
+    show("throughput lost to the access log", paired("sluice", "sluice-nolog", lambda x, y: 1 - x["rps"] / y["rps"]),
+         "%", "target <= 10%")
+    show("CPU added by a no-op filter", paired("sluice+noop", "sluice", cpu_added), "us", "target <= 5 us")
+    show("CPU added by the AssemblyScript headers filter", paired("sluice+as", "sluice", cpu_added), "us",
+         "target <= 25 us")
+    show("CPU added per built-in filter (mean of 3)",
+         paired("sluice+3", "sluice", lambda x, y: cpu_added(x, y) / 3), "us", "target <= 15 us, moonshot 8")
     if args.json:
         args.json.write_text(json.dumps(runs, indent=2))
     return 0
