@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -255,6 +256,21 @@ def test_access_log_json_lines(tmp_path: Path) -> None:
         assert denied["local_reply"] is not None
 
     run(main())
+
+
+def test_format_time_reuses_nothing_stale() -> None:
+    """The texts it keeps (the last millisecond, the last second) never leak into another instant:
+    every instant below, in any order, reads as strftime and the milliseconds say."""
+    second = 1_700_000_000
+    instants = [second * 10**9 + 123_456_789, second * 10**9 + 123_999_999, second * 10**9 + 124_000_000,
+                second * 10**9 + 999_000_000, (second + 1) * 10**9, (second + 1) * 10**9 + 7_000_000,
+                second * 10**9 + 123_456_789, (second - 86_400) * 10**9 + 1_000_000, 0]
+    for ns in instants + instants[::-1]:
+        ms = ns // 1_000_000
+        expected = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ms // 1000)) + f".{ms % 1000:03d}Z"
+        assert format_time(ns) == expected, ns
+    assert format_time(second * 10**9 + 124_000_000) == "2023-11-14T22:13:20.124Z"
+    assert format_time(0) == "1970-01-01T00:00:00.000Z"
 
 
 def test_access_record_helpers() -> None:
